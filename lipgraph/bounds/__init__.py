@@ -1,0 +1,1 @@
+"""Bound algorithms over the IR: per-node constants, AutoLip, SeqLip, lower bounds."""

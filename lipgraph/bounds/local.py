@@ -1,0 +1,63 @@
+"""Pass: compute every node's local constant from the op table (or the user's constants)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import networkx as nx
+
+from .. import ir
+from ..ops import RULES, BoundContext, LocalConstant
+
+
+@dataclass(frozen=True)
+class UserConstant:
+    """A Lipschitz constant supplied by the user for a module or node.
+
+    ``certified=True`` states that the user holds a proof; otherwise the value
+    is reported as an unverified assumption and anything built on it is not
+    certified.
+    """
+
+    value: float
+    certified: bool = False
+
+
+def _match(n: ir.IRNode, constants: Mapping[str, float | UserConstant]) -> float | UserConstant | None:
+    for key in (n.name, n.source, n.attrs.get("module_path", ""), n.origin):
+        if key and key in constants:
+            return constants[key]
+    return None
+
+
+def local_constants(
+    g: nx.DiGraph,
+    ctx: BoundContext,
+    constants: Mapping[str, float | UserConstant] | None = None,
+    progress: Callable[[int, int, ir.IRNode], None] | None = None,
+) -> dict[str, tuple[LocalConstant, float]]:
+    """name -> (LocalConstant, seconds) for every node, in graph order."""
+    constants = constants or {}
+    out: dict[str, tuple[LocalConstant, float]] = {}
+    order = list(ir.nodes(g))
+    for i, n in enumerate(order):
+        t0 = time.perf_counter()
+        user = _match(n, constants) if n.op not in ("input", "output", "constant") else None
+        if user is not None:
+            uc = user if isinstance(user, UserConstant) else UserConstant(float(user))
+            lc = LocalConstant([float(uc.value)] * len(n.inputs), uc.certified, "user-supplied",
+                               reason=None if uc.certified else "user-supplied constant, not verified")
+        else:
+            rule = RULES.get(n.op)
+            if rule is None:
+                lc = LocalConstant([math.inf] * len(n.inputs), True, "no-rule",
+                                   reason=f"no rule for op {n.op!r} at node {n.name!r} ({n.source})")
+            else:
+                lc = rule.lipschitz(n, ctx)
+        out[n.name] = (lc, time.perf_counter() - t0)
+        if progress is not None:
+            progress(i + 1, len(order), n)
+    return out

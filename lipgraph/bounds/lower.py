@@ -1,0 +1,103 @@
+"""Empirical lower bound: the largest Jacobian spectral norm found by search.
+
+For a map ``f`` differentiable at ``x``, ``||J_f(x)||_2 <= L(f)``, so any value
+found is a valid lower bound (an *attained* value, not a bound from above).
+The search draws random points around the example input, estimates
+``||J(x)||_2`` by power iteration on ``J^T J`` (one jvp and one vjp per step),
+and runs gradient ascent on ``x`` for ``||J(x) v||`` (useful for smooth
+activations; for ReLU networks the random restarts do the work).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.func import jvp, vjp
+
+
+@dataclass
+class LowerBound:
+    value: float
+    seconds: float
+    points: int
+    method: str = "jacobian-ascent"
+
+
+def _flat_fn(f: Callable[..., object], shapes: Sequence[tuple[int, ...]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    sizes = [math.prod(s) for s in shapes]
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(z, sizes)
+        out = f(*[p.reshape(s) for p, s in zip(parts, shapes, strict=True)])
+        leaves = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        return torch.cat([o.reshape(-1) for o in leaves])
+
+    return g
+
+
+def jacobian_norm(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, iters: int = 30,
+                  v: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+    """||J_g(z)||_2 by power iteration (returns the attained ||J v|| and the last v)."""
+    if v is None:
+        v = torch.randn_like(z)
+    v = v / v.norm()
+    sigma = 0.0
+    for _ in range(iters):
+        _, jv = jvp(g, (z,), (v,))
+        _, pull = vjp(g, z)
+        (w,) = pull(jv)
+        wn = w.norm()
+        if wn == 0:
+            return 0.0, v
+        v = w / wn
+    _, jv = jvp(g, (z,), (v,))
+    sigma = float(jv.detach().norm())
+    return sigma, v
+
+
+def lower_bound(
+    f: Callable[..., object],
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    restarts: int = 8,
+    ascent_steps: int = 10,
+    power_iters: int = 20,
+    radius: float = 1.0,
+    seed: int = 0,
+    time_budget: float | None = 60.0,
+) -> LowerBound:
+    """Largest ``||J_f(x)||_2`` found around ``example_inputs`` (an attained value: a lower bound)."""
+    t0 = time.perf_counter()
+    shapes = [tuple(x.shape) for x in example_inputs]
+    g = _flat_fn(f, shapes)
+    base = torch.cat([x.detach().reshape(-1) for x in example_inputs]).to(torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    scale = float(base.std()) if base.numel() > 1 and float(base.std()) > 0 else 1.0
+    best, points = 0.0, 0
+    for r in range(restarts):
+        if time_budget is not None and time.perf_counter() - t0 > time_budget:
+            break
+        noise = torch.randn(base.shape, generator=gen).to(base.device)
+        z = base + (0.0 if r == 0 else radius * scale) * noise
+        v = None
+        step = 0.1 * scale
+        for _ in range(ascent_steps + 1):
+            sigma, v = jacobian_norm(g, z, power_iters, v)
+            points += 1
+            best = max(best, sigma)
+            if time_budget is not None and time.perf_counter() - t0 > time_budget:
+                break
+            zz = z.detach().requires_grad_(True)
+            _, jv = jvp(g, (zz,), (v.detach(),))
+            obj = jv.norm()
+            if not obj.requires_grad:
+                break
+            (grad,) = torch.autograd.grad(obj, zz, allow_unused=True)
+            if grad is None or float(grad.norm()) == 0.0:
+                break
+            z = (zz + step * grad / grad.norm()).detach()
+    return LowerBound(best, time.perf_counter() - t0, points)

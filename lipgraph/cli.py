@@ -1,0 +1,183 @@
+"""Command line: ``lipgraph analyze MODEL --input-shape 1,3,224,224 [--json out.json] [--png out.png]``.
+
+MODEL is ``path/file.py:Name``, ``package.module:Name`` (a class or a
+zero-argument factory, e.g. ``torchvision.models:resnet18``) or an ``.onnx``
+file. Errors in the input are reported in one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import InputShapeError, LipgraphError, ModelLoadError
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"1,3,224,224"`` -> [(1,3,224,224)]; several inputs separated by ``;``."""
+    shapes = []
+    for part in text.split(";"):
+        part = part.strip().strip("()[]")
+        try:
+            dims = tuple(int(d) for d in part.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            raise InputShapeError(f"bad --input-shape {text!r}: expected integers like 1,3,224,224") from None
+        if not dims or any(d <= 0 for d in dims):
+            raise InputShapeError(f"bad --input-shape {text!r}: every dimension must be a positive integer")
+        shapes.append(dims)
+    return shapes
+
+
+def load_model(spec: str) -> Any:
+    """Load ``file.py:Name`` / ``package.module:Name`` (class or zero-argument factory) or an ONNX path."""
+    if spec.endswith(".onnx"):
+        if not os.path.exists(spec):
+            raise ModelLoadError(f"no such file: {spec}")
+        return spec
+    if ":" not in spec:
+        raise ModelLoadError(
+            f"bad model spec {spec!r}: use path/file.py:Name, package.module:Name (e.g. torchvision.models:resnet18) "
+            "or a .onnx file"
+        )
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.exists():
+            raise ModelLoadError(f"no such file: {where}")
+        mod_name = f"_lipgraph_user_{path.stem}"
+        s = importlib.util.spec_from_file_location(mod_name, path)
+        if s is None or s.loader is None:
+            raise ModelLoadError(f"cannot import {where}")
+        module = importlib.util.module_from_spec(s)
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            sys.modules[mod_name] = module
+            s.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - the user's file failed; say so in one line
+            raise ModelLoadError(f"importing {where} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ModelLoadError(f"cannot import module {where!r}: {exc}") from exc
+    obj = getattr(module, name, None)
+    if obj is None:
+        raise ModelLoadError(f"{where} has no attribute {name!r}")
+    try:
+        model = obj()
+    except TypeError as exc:
+        raise ModelLoadError(f"{spec} must be a class or factory callable without arguments: {exc}") from exc
+    import torch.nn as nn  # noqa: PLC0415
+
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+class _Progress:
+    """A one-line progress indicator on stderr (only on a terminal, or when forced)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if done < total and now - self.last < 0.2:
+            return
+        self.last = now
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r{stage}: {done}/{total} nodes{end}")
+        sys.stderr.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lipgraph", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("analyze", help="bound the Lipschitz constant of a model")
+    a.add_argument("model", help="path/file.py:Name, package.module:Name, or model.onnx")
+    a.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (several inputs: ';'-separated)")
+    a.add_argument("--method", default="auto", choices=["auto", "autolip", "seqlip"])
+    a.add_argument("--device", default=None, help="cpu (default) or cuda")
+    a.add_argument("--json", dest="json_path", help="write the report as JSON to this file ('-' for stdout)")
+    a.add_argument("--png", help="render the annotated graph as PNG")
+    a.add_argument("--svg", help="render the annotated graph as SVG")
+    a.add_argument("--dot", help="write the annotated graph as DOT")
+    a.add_argument("--depth", type=int, default=None, help="collapse modules deeper than this in the rendering")
+    a.add_argument("--no-lower", action="store_true", help="skip the empirical lower bound (Jacobian ascent)")
+    a.add_argument("--lower-budget", type=float, default=20.0, help="seconds for the lower-bound search")
+    a.add_argument("--power-iterations", type=int, default=100, help="power-method steps for estimates")
+    a.add_argument("--rows", type=int, default=60, help="node rows to print (0: none, -1: all)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
+    return p
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    import lipgraph  # noqa: PLC0415
+
+    model = load_model(args.model)
+    example: Any = None
+    if args.input_shape:
+        torch.manual_seed(args.seed)
+        shapes = parse_shapes(args.input_shape)
+        example = [torch.randn(s) for s in shapes]
+        example = example[0] if len(example) == 1 else tuple(example)
+    elif not isinstance(model, str):
+        raise InputShapeError("--input-shape is required for a PyTorch model (e.g. --input-shape 1,3,224,224)")
+    progress = _Progress(args.progress or sys.stderr.isatty())
+    t0 = time.perf_counter()
+    report = lipgraph.analyze(
+        model, example, method=args.method, device=args.device, lower=not args.no_lower,
+        lower_budget=args.lower_budget, power_iterations=args.power_iterations, progress=progress,
+    )
+    elapsed = time.perf_counter() - t0
+    if args.json_path == "-":
+        print(report.to_json())
+    else:
+        if args.rows != 0:
+            print(report.table(None if args.rows < 0 else args.rows))
+            print()
+        print(report.summary())
+        print(f"analysed in {elapsed:.1f}s")
+        if args.json_path:
+            Path(args.json_path).write_text(report.to_json())
+            print(f"wrote {args.json_path}")
+    for path in (args.png, args.svg, args.dot):
+        if path:
+            out = report.render(path, depth=args.depth)
+            print(f"wrote {out}", file=sys.stderr if args.json_path == "-" else sys.stdout)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "analyze":
+            return _analyze(args)
+    except LipgraphError as exc:
+        print(f"lipgraph: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lipgraph: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - never a bare traceback from the CLI
+        print(f"lipgraph: internal error: {type(exc).__name__}: {exc} (please report this with the model)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Frontends translate a model into the IR (:mod:`lipgraph.ir`)."""

@@ -1,0 +1,677 @@
+"""Canonicalisation table: every spelling of an op in PyTorch -> one IR op kind.
+
+Handlers have the exact signature of the PyTorch function, method or module
+they translate, so arguments bind as in PyTorch. A handler receives, for each
+tensor argument, either a :class:`Var` (a value that depends on the model input)
+or the concrete constant, and returns a :class:`Canon`: the op kind, its
+inputs (``Var`` s, or constant tensors that become ``constant`` nodes), attrs
+and params. Returning ``None`` means "no rule": the call stays executable as an
+``opaque`` node whose constant is an honest ``inf``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.registry import as_tuple
+
+
+@dataclass(frozen=True)
+class Var:
+    """A traced value that depends on the model input: a tensor, or a tuple of tensors."""
+
+    name: str
+    shape: Any  # tuple for tensors, list of tuples for tuple values
+    is_tuple: bool = False
+
+
+@dataclass
+class Canon:
+    op: str
+    inputs: list[Any]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def is_var(x: Any) -> bool:
+    return isinstance(x, Var)
+
+
+def _t(x: Any) -> torch.Tensor:
+    return x.detach() if isinstance(x, torch.Tensor) else torch.tensor(x)
+
+
+def _params(**kw: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+
+
+# --- activations -------------------------------------------------------------------
+
+
+def _act(kind: str, **attrs_from: str) -> Callable[..., Canon]:
+    def handler(input, *args, **kwargs):  # noqa: A002 - PyTorch's name
+        return Canon(kind, [input], {k: v for k, v in kwargs.items() if k in attrs_from})
+
+    return handler
+
+
+def relu_like(kind: str):
+    def handler(input, inplace=False):  # noqa: A002
+        return Canon(kind, [input])
+
+    return handler
+
+
+def leaky_relu(input, negative_slope=0.01, inplace=False):  # noqa: A002
+    return Canon("leaky_relu", [input], {"negative_slope": float(negative_slope)})
+
+
+def elu(input, alpha=1.0, inplace=False):  # noqa: A002
+    return Canon("elu", [input], {"alpha": float(alpha)})
+
+
+def celu(input, alpha=1.0, inplace=False):  # noqa: A002
+    return Canon("celu", [input], {"alpha": float(alpha)})
+
+
+def gelu(input, approximate="none"):  # noqa: A002
+    return Canon("gelu", [input], {"approximate": approximate})
+
+
+def softplus(input, beta=1.0, threshold=20.0):  # noqa: A002
+    return Canon("softplus", [input], {"beta": float(beta), "threshold": float(threshold)})
+
+
+def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):  # noqa: A002
+    return Canon("hardtanh", [input], {"min_val": float(min_val), "max_val": float(max_val)})
+
+
+def relu6(input, inplace=False):  # noqa: A002
+    return Canon("relu6", [input])
+
+
+def clamp(input, min=None, max=None):  # noqa: A002
+    lo = -float("inf") if min is None else float(min)
+    hi = float("inf") if max is None else float(max)
+    return Canon("hardtanh", [input], {"min_val": lo, "max_val": hi})
+
+
+def prelu(input, weight):  # noqa: A002
+    if is_var(weight):
+        return Canon("mul_var", [input, weight])
+    return Canon("prelu", [input], params={"weight": _t(weight)})
+
+
+def softmax(input, dim=None, _stacklevel=3, dtype=None):  # noqa: A002
+    return Canon("softmax", [input], {"dim": _dim(dim, input)})
+
+
+def log_softmax(input, dim=None, _stacklevel=3, dtype=None):  # noqa: A002
+    return Canon("log_softmax", [input], {"dim": _dim(dim, input)})
+
+
+def _dim(dim, v: Var) -> int:
+    nd = len(v.shape)
+    if dim is None:
+        dim = 0 if nd in (0, 1, 3) else 1  # PyTorch's legacy implicit choice
+    return dim % nd
+
+
+# --- affine ops ------------------------------------------------------------------------
+
+
+def linear(input, weight, bias=None):  # noqa: A002
+    if is_var(weight) or is_var(bias):
+        return None
+    return Canon("linear", [input], params=_params(weight=weight, bias=bias))
+
+
+def _conv(ndim: int):
+    def handler(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: A002
+        if is_var(weight) or is_var(bias):
+            return None
+        attrs = {
+            "ndim": ndim,
+            "stride": as_tuple(stride, ndim),
+            "padding": padding if isinstance(padding, str) else as_tuple(padding, ndim),
+            "dilation": as_tuple(dilation, ndim),
+            "groups": int(groups),
+            "padding_mode": "zeros",
+        }
+        return Canon("conv", [input], attrs, _params(weight=weight, bias=bias))
+
+    return handler
+
+
+def _conv_transpose(ndim: int):
+    def handler(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):  # noqa: A002
+        if is_var(weight) or is_var(bias):
+            return None
+        attrs = {
+            "ndim": ndim,
+            "stride": as_tuple(stride, ndim),
+            "padding": as_tuple(padding, ndim),
+            "output_padding": as_tuple(output_padding, ndim),
+            "dilation": as_tuple(dilation, ndim),
+            "groups": int(groups),
+        }
+        return Canon("conv_transpose", [input], attrs, _params(weight=weight, bias=bias))
+
+    return handler
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):  # noqa: A002
+    if training or running_mean is None or running_var is None:
+        return None  # batch statistics: the output depends on the whole batch
+    return Canon(
+        "batch_norm",
+        [input],
+        {"eps": float(eps)},
+        _params(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias),
+    )
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # noqa: A002
+    return Canon(
+        "layer_norm", [input], {"normalized_shape": tuple(normalized_shape), "eps": float(eps)},
+        _params(weight=weight, bias=bias),
+    )
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: A002
+    return Canon("group_norm", [input], {"num_groups": int(num_groups), "eps": float(eps)},
+                 _params(weight=weight, bias=bias))
+
+
+# --- pooling ------------------------------------------------------------------------------
+
+
+def _max_pool(ndim: int):
+    def handler(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):  # noqa: A002
+        if return_indices:
+            return None
+        k = as_tuple(kernel_size, ndim)
+        attrs = {
+            "ndim": ndim,
+            "kernel_size": k,
+            "stride": as_tuple(stride, ndim) if stride not in (None, [], ()) else k,
+            "padding": as_tuple(padding, ndim),
+            "dilation": as_tuple(dilation, ndim),
+            "ceil_mode": bool(ceil_mode),
+        }
+        return Canon("max_pool", [input], attrs)
+
+    return handler
+
+
+def _avg_pool(ndim: int):
+    def handler(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,  # noqa: A002
+                divisor_override=None):
+        k = as_tuple(kernel_size, ndim)
+        attrs = {
+            "ndim": ndim,
+            "kernel_size": k,
+            "stride": as_tuple(stride, ndim) if stride not in (None, [], ()) else k,
+            "padding": as_tuple(padding, ndim),
+            "ceil_mode": bool(ceil_mode),
+            "count_include_pad": bool(count_include_pad),
+            "divisor_override": divisor_override,
+        }
+        return Canon("avg_pool", [input], attrs)
+
+    return handler
+
+
+def _adaptive_size(output_size, v: Var, ndim: int) -> tuple[int, ...]:
+    spatial = v.shape[-ndim:]
+    size = output_size if isinstance(output_size, (list, tuple)) else [output_size] * ndim
+    return tuple(int(s) if s is not None else int(spatial[i]) for i, s in enumerate(size))
+
+
+def _adaptive_avg(ndim: int):
+    def handler(input, output_size):  # noqa: A002
+        return Canon("adaptive_avg_pool", [input], {"ndim": ndim, "output_size": _adaptive_size(output_size, input, ndim)})
+
+    return handler
+
+
+def _adaptive_max(ndim: int):
+    def handler(input, output_size, return_indices=False):  # noqa: A002
+        if return_indices:
+            return None
+        return Canon("adaptive_max_pool", [input], {"ndim": ndim, "output_size": _adaptive_size(output_size, input, ndim)})
+
+    return handler
+
+
+def _reduce(kind: str):
+    def handler(input, dim=None, keepdim=False, *, dtype=None, **_):  # noqa: A002
+        if isinstance(dim, (list, tuple)) and len(dim) == 0:
+            dim = None
+        if dim is not None:
+            nd = len(input.shape)
+            dim = dim % nd if isinstance(dim, int) else tuple(d % nd for d in dim)
+        return Canon(kind, [input], {"dim": dim, "keepdim": bool(keepdim)})
+
+    return handler
+
+
+# --- dropout and friends ---------------------------------------------------------------
+
+
+def dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002
+    if training and p > 0:
+        return None
+    return Canon("identity", [input])
+
+
+def stochastic_depth(input, p, mode, training=True):  # noqa: A002
+    if training and p > 0:
+        return None
+    return Canon("identity", [input])
+
+
+def identity(input, *args, **kwargs):  # noqa: A002
+    return Canon("identity", [input])
+
+
+def to_dtype(input, *args, **kwargs):  # noqa: A002
+    dtype = kwargs.get("dtype")
+    for a in args:
+        if isinstance(a, torch.dtype):
+            dtype = a
+        elif isinstance(a, torch.Tensor):
+            dtype = a.dtype
+    return Canon("identity", [input], {"dtype": dtype} if dtype is not None else {})
+
+
+# --- shapes -----------------------------------------------------------------------------------
+# Reshape-like calls are recorded with their *traced* output shape (the IR is
+# specialised to the example input's shape), so every spelling maps to one op.
+
+
+def reshape_like(input, *args, **kwargs):  # noqa: A002
+    return Canon("reshape", [input], {"shape": None})  # shape filled from the traced output
+
+
+def permute(input, *dims):  # noqa: A002
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    nd = len(input.shape)
+    return Canon("permute", [input], {"dims": tuple(d % nd for d in dims)})
+
+
+def transpose(input, dim0, dim1):  # noqa: A002
+    nd = len(input.shape)
+    dims = list(range(nd))
+    a, b = dim0 % nd, dim1 % nd
+    dims[a], dims[b] = dims[b], dims[a]
+    return Canon("permute", [input], {"dims": tuple(dims)})
+
+
+def t(input):  # noqa: A002
+    return Canon("permute", [input], {"dims": tuple(reversed(range(len(input.shape))))})
+
+
+def expand(input, *sizes):  # noqa: A002
+    return Canon("expand", [input], {"shape": None})
+
+
+def repeat(input, *repeats):  # noqa: A002
+    if len(repeats) == 1 and isinstance(repeats[0], (list, tuple)):
+        repeats = tuple(repeats[0])
+    return Canon("repeat", [input], {"repeats": tuple(int(r) for r in repeats)})
+
+
+def flip(input, *dims):  # noqa: A002
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    return Canon("flip", [input], {"dims": tuple(dims)})
+
+
+def roll(input, shifts, dims=None):  # noqa: A002
+    return Canon("roll", [input], {"shifts": shifts, "dims": dims})
+
+
+def pad(input, pad, mode="constant", value=None):  # noqa: A002
+    return Canon("pad", [input], {"pad": tuple(pad), "mode": mode, "value": value})
+
+
+def pixel_shuffle(input, upscale_factor):  # noqa: A002
+    return Canon("pixel_shuffle", [input], {"factor": int(upscale_factor)})
+
+
+def pixel_unshuffle(input, downscale_factor):  # noqa: A002
+    return Canon("pixel_shuffle", [input], {"factor": int(downscale_factor), "inverse": True})
+
+
+def channel_shuffle(input, groups):  # noqa: A002
+    return Canon("channel_shuffle", [input], {"groups": int(groups)})
+
+
+def cat(tensors, dim=0, *, out=None):
+    first = next((x for x in tensors if is_var(x)), None)
+    nd = len(first.shape) if first is not None else 1
+    return Canon("cat", list(tensors), {"dim": dim % nd})
+
+
+def stack(tensors, dim=0, *, out=None):
+    first = next((x for x in tensors if is_var(x)), None)
+    nd = len(first.shape) + 1 if first is not None else 1
+    return Canon("stack", list(tensors), {"dim": dim % nd})
+
+
+def split(tensor, split_size_or_sections, dim=0):
+    return Canon("split", [tensor], {"dim": dim % len(tensor.shape), "sizes": None})
+
+
+def chunk(input, chunks, dim=0):  # noqa: A002
+    return Canon("split", [input], {"dim": dim % len(input.shape), "sizes": None})
+
+
+def unbind(input, dim=0):  # noqa: A002
+    return Canon("unbind", [input], {"dim": dim % len(input.shape)})
+
+
+def getitem(obj, index):
+    if is_var(obj) and obj.is_tuple:
+        return Canon("tuple_getitem", [obj], {"index": index})
+    if _contains_var(index):
+        return None  # data-dependent indexing
+    return Canon("getitem", [obj], {"index": index})
+
+
+def _contains_var(x: Any) -> bool:
+    if is_var(x):
+        return True
+    if isinstance(x, (list, tuple)):
+        return any(_contains_var(y) for y in x)
+    return False
+
+
+def getattr_(obj, name):
+    if name == "T":
+        return t(obj)
+    if name == "mT":
+        return transpose(obj, -2, -1)
+    return None
+
+
+# --- arithmetic ---------------------------------------------------------------------------------
+
+
+def _const(x: Any) -> torch.Tensor:
+    return _t(x)
+
+
+def add(input, other, *, alpha=1, out=None):  # noqa: A002
+    return _lincomb(input, other, 1.0, float(alpha))
+
+
+def sub(input, other, *, alpha=1, out=None):  # noqa: A002
+    return _lincomb(input, other, 1.0, -float(alpha))
+
+
+def rsub(input, other, alpha=1):  # noqa: A002
+    return _lincomb(input, other, -float(alpha), 1.0)
+
+
+def _lincomb(a: Any, b: Any, ca: float, cb: float) -> Canon:
+    """ca * a + cb * b, with variables as inputs and constants folded into ``const``."""
+    inputs, coeffs, const = [], [], None
+    for x, c in ((a, ca), (b, cb)):
+        if is_var(x):
+            inputs.append(x)
+            coeffs.append(c)
+        else:
+            term = _const(x) * c if c != 1 else _const(x)
+            const = term if const is None else const + term
+    params = {"const": const} if const is not None else {}
+    return Canon("add", inputs, {"coeffs": coeffs}, params)
+
+
+def neg(input):  # noqa: A002
+    return Canon("add", [input], {"coeffs": [-1.0]})
+
+
+def mul(input, other, *, out=None):  # noqa: A002
+    if is_var(input) and is_var(other):
+        return Canon("mul_var", [input, other])
+    var, const = (input, other) if is_var(input) else (other, input)
+    return Canon("scale", [var], {"divide": False}, {"const": _const(const)})
+
+
+def div(input, other, *, rounding_mode=None, out=None):  # noqa: A002
+    if rounding_mode is not None:
+        return None
+    if is_var(other):
+        return Canon("div_var", [input, other]) if is_var(input) else None
+    return Canon("scale", [input], {"divide": True}, {"const": _const(other)})
+
+
+def matmul(input, other, *, out=None):  # noqa: A002
+    if is_var(input) and is_var(other):
+        return Canon("matmul_var", [input, other])
+    if is_var(input):
+        return Canon("matmul_const", [input], {"left": False}, {"const": _const(other)})
+    return Canon("matmul_const", [other], {"left": True}, {"const": _const(input)})
+
+
+def sdpa(query, key, value, *args, **kwargs):
+    return Canon("matmul_var", [query, key])
+
+
+# --- the tables ----------------------------------------------------------------------------------
+
+FUNCTIONS: dict[Any, Callable[..., Canon | None]] = {}
+METHODS: dict[str, Callable[..., Canon | None]] = {}
+MODULES: dict[type, Callable[..., Canon | None]] = {}
+
+
+def _fn(handler: Callable[..., Canon | None], *targets: Any) -> None:
+    for t_ in targets:
+        FUNCTIONS[t_] = handler
+
+
+def _method(handler: Callable[..., Canon | None], *names: str) -> None:
+    for n in names:
+        METHODS[n] = handler
+
+
+for _kind in ("relu", "sigmoid", "tanh", "silu", "mish", "hardswish", "hardsigmoid", "selu", "abs"):
+    _h = relu_like(_kind)
+    _targets = [getattr(m, _kind) for m in (F, torch) if hasattr(m, _kind)]
+    _targets += [getattr(m, _kind + "_") for m in (F, torch) if hasattr(m, _kind + "_")]
+    _fn(_h, *_targets)
+    _method(_h, _kind, _kind + "_")
+
+_fn(leaky_relu, F.leaky_relu, F.leaky_relu_)
+_fn(elu, F.elu, F.elu_)
+_fn(celu, F.celu, torch.celu)
+_fn(gelu, F.gelu)
+_fn(softplus, F.softplus)
+_fn(hardtanh, F.hardtanh, F.hardtanh_)
+_fn(relu6, F.relu6)
+_fn(clamp, torch.clamp, torch.clip)
+_method(clamp, "clamp", "clamp_", "clip")
+_fn(prelu, F.prelu, torch.prelu)
+_fn(softmax, F.softmax, torch.softmax)
+_method(softmax, "softmax")
+_fn(log_softmax, F.log_softmax, torch.log_softmax)
+_method(log_softmax, "log_softmax")
+_fn(linear, F.linear, torch._C._nn.linear)
+for _n in (1, 2, 3):
+    _fn(_conv(_n), getattr(F, f"conv{_n}d"), getattr(torch, f"conv{_n}d"))
+    _fn(_conv_transpose(_n), getattr(F, f"conv_transpose{_n}d"), getattr(torch, f"conv_transpose{_n}d"))
+    _fn(_max_pool(_n), getattr(F, f"max_pool{_n}d"), getattr(torch, f"max_pool{_n}d"))
+    _fn(_avg_pool(_n), getattr(F, f"avg_pool{_n}d"))
+    _fn(_adaptive_avg(_n), getattr(F, f"adaptive_avg_pool{_n}d"))
+    _fn(_adaptive_max(_n), getattr(F, f"adaptive_max_pool{_n}d"))
+_fn(batch_norm, F.batch_norm)
+_fn(layer_norm, F.layer_norm)
+_fn(group_norm, F.group_norm)
+_fn(_reduce("mean"), torch.mean)
+_fn(_reduce("sum"), torch.sum)
+_method(_reduce("mean"), "mean")
+_method(_reduce("sum"), "sum")
+_fn(dropout, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+_fn(identity, torch.clone, torch.detach)
+_method(identity, "contiguous", "clone", "detach")
+_method(to_dtype, "to", "type_as", "float")
+_fn(reshape_like, torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten)
+_method(reshape_like, "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+        "squeeze_", "unsqueeze_")
+_fn(permute, torch.permute)
+_method(permute, "permute")
+_fn(transpose, torch.transpose, torch.swapaxes)
+_method(transpose, "transpose", "swapaxes")
+_fn(t, torch.t)
+_method(t, "t")
+_method(expand, "expand", "expand_as")
+_fn(lambda input, size: Canon("expand", [input], {"shape": None}), torch.broadcast_to)
+_method(repeat, "repeat")
+_fn(flip, torch.flip)
+_method(flip, "flip")
+_fn(roll, torch.roll)
+_method(roll, "roll")
+_fn(pad, F.pad)
+_fn(pixel_shuffle, F.pixel_shuffle, torch.pixel_shuffle)
+_fn(pixel_unshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
+_fn(channel_shuffle, F.channel_shuffle, torch.channel_shuffle)
+_fn(cat, torch.cat, torch.concat, torch.concatenate)
+_fn(stack, torch.stack)
+_fn(split, torch.split)
+_method(split, "split")
+_fn(chunk, torch.chunk)
+_method(chunk, "chunk")
+_fn(unbind, torch.unbind)
+_method(unbind, "unbind")
+_fn(getitem, operator.getitem)
+_fn(getattr_, builtins.getattr)
+_fn(add, operator.add, operator.iadd, torch.add)
+_method(add, "add", "add_")
+_fn(sub, operator.sub, operator.isub, torch.sub, torch.subtract)
+_method(sub, "sub", "sub_", "subtract")
+_fn(rsub, torch.rsub)
+_fn(neg, operator.neg, torch.neg)
+_method(neg, "neg")
+_fn(mul, operator.mul, operator.imul, torch.mul, torch.multiply)
+_method(mul, "mul", "mul_", "multiply")
+_fn(div, operator.truediv, operator.itruediv, torch.div, torch.true_divide, torch.divide)
+_method(div, "div", "div_", "true_divide", "divide")
+_fn(matmul, operator.matmul, torch.matmul, torch.mm, torch.bmm)
+_method(matmul, "matmul", "mm", "bmm")
+_fn(sdpa, F.scaled_dot_product_attention)
+_fn(lambda x, y: None, torch.einsum)
+
+try:  # torchvision's wrapped helpers, when torchvision is installed
+    import torchvision.ops as _tvops
+
+    _fn(stochastic_depth, _tvops.stochastic_depth)
+except ImportError:  # pragma: no cover - torchvision is optional
+    pass
+
+
+# --- modules --------------------------------------------------------------------------------------
+
+
+def _module(types: tuple[type, ...], handler: Callable[..., Canon | None]) -> None:
+    for ty in types:
+        MODULES[ty] = handler
+
+
+_module((nn.ReLU,), lambda m, x: Canon("relu", [x]))
+_module((nn.ReLU6,), lambda m, x: Canon("relu6", [x]))
+_module((nn.LeakyReLU,), lambda m, x: leaky_relu(x, m.negative_slope))
+_module((nn.ELU,), lambda m, x: elu(x, m.alpha))
+_module((nn.CELU,), lambda m, x: celu(x, m.alpha))
+_module((nn.SELU,), lambda m, x: Canon("selu", [x]))
+_module((nn.GELU,), lambda m, x: gelu(x, m.approximate))
+_module((nn.SiLU,), lambda m, x: Canon("silu", [x]))
+_module((nn.Mish,), lambda m, x: Canon("mish", [x]))
+_module((nn.Sigmoid,), lambda m, x: Canon("sigmoid", [x]))
+_module((nn.Tanh,), lambda m, x: Canon("tanh", [x]))
+_module((nn.Softplus,), lambda m, x: softplus(x, m.beta, m.threshold))
+_module((nn.Hardtanh,), lambda m, x: hardtanh(x, m.min_val, m.max_val))  # ReLU6 subclasses Hardtanh
+_module((nn.ReLU6,), lambda m, x: Canon("relu6", [x]))
+_module((nn.Hardswish,), lambda m, x: Canon("hardswish", [x]))
+_module((nn.Hardsigmoid,), lambda m, x: Canon("hardsigmoid", [x]))
+_module((nn.PReLU,), lambda m, x: prelu(x, m.weight))
+_module((nn.Softmax,), lambda m, x: softmax(x, m.dim))
+_module((nn.LogSoftmax,), lambda m, x: log_softmax(x, m.dim))
+_module((nn.Identity,), lambda m, x, *a, **k: Canon("identity", [x]))
+_module((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout),
+        lambda m, x: dropout(x, m.p, m.training))
+_module((nn.Flatten, nn.Unflatten), lambda m, x: Canon("reshape", [x], {"shape": None}))
+_module((nn.Linear,), lambda m, x: linear(x, m.weight, m.bias))
+_module((nn.LayerNorm,), lambda m, x: layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps))
+_module((nn.GroupNorm,), lambda m, x: group_norm(x, m.num_groups, m.weight, m.bias, m.eps))
+
+
+def _conv_module(m: nn.Module, x: Var) -> Canon | None:
+    ndim = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)] if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) \
+        else len(m.kernel_size)
+    c = _conv(ndim)(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+    if c is not None and m.padding_mode != "zeros":
+        c.attrs["padding_mode"] = m.padding_mode
+        c.attrs["pad_reversed"] = tuple(m._reversed_padding_repeated_twice)
+    return c
+
+
+def _conv_transpose_module(m: nn.Module, x: Var, output_size=None) -> Canon | None:
+    ndim = len(m.kernel_size)
+    if output_size is not None:
+        return None
+    return _conv_transpose(ndim)(x, m.weight, m.bias, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+
+
+def _bn_module(m: nn.Module, x: Var) -> Canon | None:
+    if m.training or not m.track_running_stats:
+        return None
+    return batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+
+def _pool_module(kind: str):
+    def handler(m: nn.Module, x: Var) -> Canon | None:
+        ndim = int(type(m).__name__[-2])
+        if kind == "max":
+            return _max_pool(ndim)(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
+        if kind == "avg":
+            return _avg_pool(ndim)(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                                   getattr(m, "divisor_override", None))
+        if kind == "adaptive_avg":
+            return _adaptive_avg(ndim)(x, m.output_size)
+        return _adaptive_max(ndim)(x, m.output_size, m.return_indices)
+
+    return handler
+
+
+_module((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv_module)
+_module((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_transpose_module)
+_module((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _bn_module)
+_module((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), _pool_module("max"))
+_module((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), _pool_module("avg"))
+_module((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), _pool_module("adaptive_avg"))
+_module((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), _pool_module("adaptive_max"))
+_module((nn.PixelShuffle,), lambda m, x: pixel_shuffle(x, m.upscale_factor))
+_module((nn.ChannelShuffle,), lambda m, x: channel_shuffle(x, m.groups))
+
+
+def module_handler(m: nn.Module) -> Callable[..., Canon | None] | None:
+    """The handler of a module type (exact type first, then its bases)."""
+    for ty in type(m).__mro__:
+        if ty in MODULES:
+            return MODULES[ty]
+    return None
+
+
+#: Modules kept as one node, with a dedicated honest rule (tracing through them adds noise).
+ATTENTION_MODULES: tuple[type, ...] = (nn.MultiheadAttention,)

@@ -1,0 +1,137 @@
+"""The graph IR: a ``networkx.DiGraph`` of canonical ops, and its interpreter.
+
+Each graph node ``n`` stores one :class:`IRNode` under ``G.nodes[n]["ir"]``
+(also reachable as :func:`node`). An edge ``u -> v`` exists when ``u`` feeds
+``v``; ``v``'s argument order is ``IRNode.inputs`` (a name may repeat) and the
+edge's ``positions`` attribute lists where ``u`` appears. Graph attributes:
+``inputs`` (input node names, in order), ``output`` (the name of the single
+``output`` node), ``order`` (a fixed topological order, for determinism),
+``name`` (the model's name) and ``frontend``.
+
+The IR is executable: :func:`execute` runs every node's rule ``forward``, so a
+frontend's translation can be checked against the original model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class IRNode:
+    """One op of the IR.
+
+    ``op``: canonical kind (a key of :data:`lipgraph.ops.RULES`).
+    ``inputs``: names of the tensor-valued nodes it reads, in argument order.
+    ``attrs``: static attributes (ints, floats, strings, shapes).
+    ``params``: constant tensors (weights, running stats, constant operands).
+    ``source``: where it came from (module path such as ``layer1.0.conv1``, or
+    the function for functional calls); ``origin``: the module class or
+    function name as written by the user (``Conv2d``, ``torch.relu``).
+    ``in_shapes`` / ``out_shape``: shapes on the example input (``out_shape``
+    is a list of shapes for tuple-valued ops such as ``split``).
+    """
+
+    name: str
+    op: str
+    inputs: list[str] = field(default_factory=list)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: str = ""
+    origin: str = ""
+    in_shapes: list[Any] = field(default_factory=list)
+    out_shape: Any = None
+
+    @property
+    def module_path(self) -> str:
+        """The dotted module path (empty for top-level functional calls)."""
+        return self.attrs.get("module_path", "")
+
+
+def new_graph(name: str, frontend: str) -> nx.DiGraph:
+    g = nx.DiGraph(name=name, frontend=frontend, inputs=[], output=None, order=[])
+    return g
+
+
+def add_node(g: nx.DiGraph, n: IRNode) -> IRNode:
+    """Append ``n`` (its inputs must already be in ``g``) and wire its edges."""
+    if n.name in g:
+        raise ValueError(f"duplicate IR node name {n.name!r}")
+    for src in n.inputs:
+        if src not in g:
+            raise ValueError(f"IR node {n.name!r} reads unknown node {src!r}")
+    g.add_node(n.name, ir=n)
+    for pos, src in enumerate(n.inputs):
+        if g.has_edge(src, n.name):
+            g.edges[src, n.name]["positions"].append(pos)
+        else:
+            g.add_edge(src, n.name, positions=[pos])
+    g.graph["order"].append(n.name)
+    if n.op == "input":
+        g.graph["inputs"].append(n.name)
+    elif n.op == "output":
+        g.graph["output"] = n.name
+    return n
+
+
+def node(g: nx.DiGraph, name: str) -> IRNode:
+    return g.nodes[name]["ir"]
+
+
+def nodes(g: nx.DiGraph) -> Iterator[IRNode]:
+    """All IR nodes in the graph's fixed topological order."""
+    for name in g.graph["order"]:
+        yield g.nodes[name]["ir"]
+
+
+def execute(g: nx.DiGraph, *inputs: torch.Tensor, keep: bool = False) -> Any:
+    """Run the IR on ``inputs``; returns the model output (same structure).
+
+    With ``keep=True`` returns ``(output, values)`` where ``values`` maps every
+    node name to its value (used by the lower-bound search and by tests).
+    """
+    from .ops import RULES  # noqa: PLC0415 - the rules import the IR's types
+
+    names = g.graph["inputs"]
+    if len(inputs) != len(names):
+        raise ValueError(f"the model takes {len(names)} input(s), got {len(inputs)}")
+    values: dict[str, Any] = dict(zip(names, inputs, strict=True))
+    users_left = {n: g.out_degree(n) for n in g.nodes}
+    result = None
+    for name in g.graph["order"]:
+        ir = g.nodes[name]["ir"]
+        if ir.op == "input":
+            continue
+        rule = RULES.get(ir.op)
+        if rule is None:
+            raise KeyError(f"no rule to execute op {ir.op!r} of node {name!r}")
+        args = [values[i] for i in ir.inputs]
+        out = rule.forward(ir, *args)
+        if ir.op == "output":
+            result = out
+        values[name] = out
+        if not keep:
+            for src in set(ir.inputs):
+                users_left[src] -= 1
+                if users_left[src] == 0 and src not in names:
+                    values.pop(src, None)
+    return (result, values) if keep else result
+
+
+def predecessors_in_order(g: nx.DiGraph, name: str) -> Sequence[str]:
+    return node(g, name).inputs
+
+
+def summary(g: nx.DiGraph) -> dict[str, int]:
+    """Op kind -> count, for quick inspection."""
+    counts: dict[str, int] = {}
+    for n in nodes(g):
+        counts[n.op] = counts.get(n.op, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,29 @@
+"""Op rules: one rule per canonical op kind, all registered in :data:`RULES`."""
+
+from . import activations, linear, normalization, pooling, structural  # noqa: F401 - registration
+from .activations import ELEMENTWISE_ACTIVATIONS, slope_interval
+from .registry import (
+    INF,
+    RULES,
+    BoundContext,
+    LocalConstant,
+    OpRule,
+    exact,
+    get_rule,
+    not_lipschitz,
+    register_rule,
+)
+
+__all__ = [
+    "ELEMENTWISE_ACTIVATIONS",
+    "INF",
+    "RULES",
+    "BoundContext",
+    "LocalConstant",
+    "OpRule",
+    "exact",
+    "get_rule",
+    "not_lipschitz",
+    "register_rule",
+    "slope_interval",
+]

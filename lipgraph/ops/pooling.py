@@ -1,0 +1,186 @@
+"""Pooling and reductions.
+
+Pooling over a d-dimensional window acts separably on each spatial axis, so
+its linear pieces are Kronecker products of 1-D matrices built from PyTorch's
+own 1-D op (the same index arithmetic: padding, ceil mode, clipped windows):
+
+* average pooling is linear, ``A = A_1 (x) ... (x) A_d`` per channel, so
+  ``||A|| = prod_k ||A_k||`` (exact, float64 SVD of the small 1-D matrices);
+* max pooling is piecewise linear: every Jacobian selects one input per
+  window, ``J^T J`` is diagonal with the number of windows that chose each
+  input, and an input can win every window that contains it. So
+  ``L = sqrt(max_p #windows containing p) = sqrt(prod_k max count_k)``
+  (exact). Non-overlapping pools give 1; kernel 3, stride 2 in 2-D gives 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import norms
+from .registry import BoundContext, LocalConstant, as_tuple, register_rule
+
+_MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_AMAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+_AAVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
+def _spatial(node) -> tuple[int, ...]:
+    nd = node.attrs["ndim"]
+    return tuple(node.in_shapes[0][-nd:])
+
+
+def _basis(n: int) -> torch.Tensor:
+    """n one-hot signals of length n, shaped (batch=n, channels=1, length=n)."""
+    return torch.eye(n, dtype=torch.float64)[:, None, :]
+
+
+def pool_1d_matrix(kind: str, length: int, attrs: dict, axis: int) -> torch.Tensor:
+    """The (out x in) matrix of the 1-D average / window-membership op along one axis."""
+    e = _basis(length)
+    if kind == "avg":
+        k, s, p = (as_tuple(attrs[x], attrs["ndim"])[axis] for x in ("kernel_size", "stride", "padding"))
+        y = F.avg_pool1d(e, k, s, p, attrs.get("ceil_mode", False), attrs.get("count_include_pad", True))
+    elif kind == "adaptive":
+        y = F.adaptive_avg_pool1d(e, as_tuple(attrs["output_size"], attrs["ndim"])[axis])
+    else:
+        raise ValueError(kind)
+    return y[:, 0, :].T.contiguous()
+
+
+def max_window_counts(length: int, attrs: dict, axis: int) -> int:
+    """Max over input positions of the number of max-pool windows containing it (1 axis)."""
+    nd = attrs["ndim"]
+    k, s, p, d = (as_tuple(attrs[x], nd)[axis] for x in ("kernel_size", "stride", "padding", "dilation"))
+    out = F.max_pool1d(torch.zeros(1, 1, length), k, s, p, d, attrs.get("ceil_mode", False)).shape[-1]
+    counts = [0] * length
+    for i in range(out):
+        for j in range(k):
+            idx = i * s - p + j * d
+            if 0 <= idx < length:
+                counts[idx] += 1
+    return max(counts) if counts else 0
+
+
+# --- max pooling -----------------------------------------------------------------
+
+
+def max_pool_forward(node, x):
+    a = node.attrs
+    return _MAX[a["ndim"]](x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], a.get("ceil_mode", False))
+
+
+def max_pool_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """Max pooling: L = sqrt(max_p #windows containing p) = sqrt(prod_axes max count) (exact)."""
+    count = math.prod(max_window_counts(n, node.attrs, ax) for ax, n in enumerate(_spatial(node)))
+    r = norms.sqrt_count(count)
+    return LocalConstant([r.upper], True, "window-count", lower=r.lower)
+
+
+register_rule("max_pool", max_pool_forward, max_pool_lipschitz)
+
+
+def adaptive_max_pool_forward(node, x):
+    return _AMAX[node.attrs["ndim"]](x, node.attrs["output_size"])
+
+
+def adaptive_max_pool_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """Adaptive max pooling, windows [floor(i n/m), ceil((i+1) n/m)): L = sqrt(max window count) (exact)."""
+    count = 1
+    for ax, n in enumerate(_spatial(node)):
+        member = pool_1d_matrix("adaptive", n, node.attrs, ax) > 0
+        count *= int(member.sum(dim=0).max())
+    r = norms.sqrt_count(count)
+    return LocalConstant([r.upper], True, "window-count", lower=r.lower)
+
+
+register_rule("adaptive_max_pool", adaptive_max_pool_forward, adaptive_max_pool_lipschitz)
+
+
+# --- average pooling -------------------------------------------------------------
+
+
+def avg_pool_forward(node, x):
+    a = node.attrs
+    args = [x, a["kernel_size"], a["stride"], a["padding"], a.get("ceil_mode", False), a.get("count_include_pad", True)]
+    if a["ndim"] > 1:
+        args.append(a.get("divisor_override"))
+    return _AVG[a["ndim"]](*args)
+
+
+def avg_pool_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """Average pooling is linear and separable: L = prod_axes ||A_axis||_2 (exact, float64 SVD);
+    with divisor_override D: L = prod_axes ||B_axis|| / D, B the 0/1 window-membership matrices."""
+    a = node.attrs
+    mats = [pool_1d_matrix("avg", n, a, ax) for ax, n in enumerate(_spatial(node))]
+    divisor = a.get("divisor_override")
+    if divisor:
+        mats = [(m > 0).to(torch.float64) for m in mats]
+    r = norms.window_norm(mats)
+    scale = 1.0 / float(divisor) if divisor else 1.0
+    return LocalConstant([r.upper * scale], True, r.method, lower=(r.lower or 0.0) * scale)
+
+
+register_rule("avg_pool", avg_pool_forward, avg_pool_lipschitz, affine=True)
+
+
+def adaptive_avg_pool_forward(node, x):
+    return _AAVG[node.attrs["ndim"]](x, node.attrs["output_size"])
+
+
+def adaptive_avg_pool_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """Adaptive average pooling is linear and separable: L = prod_axes ||A_axis||_2 (exact, SVD)."""
+    mats = [pool_1d_matrix("adaptive", n, node.attrs, ax) for ax, n in enumerate(_spatial(node))]
+    r = norms.window_norm(mats)
+    return LocalConstant([r.upper], True, r.method, lower=r.lower)
+
+
+register_rule("adaptive_avg_pool", adaptive_avg_pool_forward, adaptive_avg_pool_lipschitz, affine=True)
+
+
+# --- reductions --------------------------------------------------------------------
+
+
+def _reduced_count(node) -> int:
+    shape = node.in_shapes[0]
+    dims = node.attrs.get("dim")
+    if dims is None:
+        return math.prod(shape)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return math.prod(shape[d] for d in dims)
+
+
+def mean_forward(node, x):
+    dim = node.attrs.get("dim")
+    if dim is None:
+        return x.mean()
+    return x.mean(dim=dim, keepdim=node.attrs.get("keepdim", False))
+
+
+def mean_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """Mean over n entries: each output averages a disjoint block, L = 1/sqrt(n) (exact)."""
+    v = 1.0 / math.sqrt(max(_reduced_count(node), 1))
+    return LocalConstant([v], True, "exact", lower=v)
+
+
+register_rule("mean", mean_forward, mean_lipschitz, affine=True)
+
+
+def sum_forward(node, x):
+    dim = node.attrs.get("dim")
+    if dim is None:
+        return x.sum()
+    return x.sum(dim=dim, keepdim=node.attrs.get("keepdim", False))
+
+
+def sum_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """Sum over n entries: L = sqrt(n) (exact, the all-ones row has norm sqrt(n))."""
+    v = math.sqrt(max(_reduced_count(node), 1))
+    return LocalConstant([v], True, "exact", lower=v)
+
+
+register_rule("sum", sum_forward, sum_lipschitz, affine=True)

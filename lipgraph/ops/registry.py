@@ -1,0 +1,188 @@
+"""The one table of op rules.
+
+Every canonical op kind of the IR has exactly one :class:`OpRule`. A rule knows
+how to *run* the op (so the IR is executable) and how to bound it (its partial
+Lipschitz constants with respect to each input, in the l2 norm). Adding an op
+touches one place: define a rule and decorate it with :func:`register_rule`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+INF = math.inf
+
+#: Relative margin added to constants computed numerically in float64 (SVD,
+#: eigenvalue certificates) to cover floating-point rounding. Float64 LAPACK
+#: singular values are accurate to ~1e-15 relative; 1e-9 is ample.
+ROUNDING_MARGIN = 1e-9
+
+
+@dataclass
+class LocalConstant:
+    """A node's Lipschitz behaviour with respect to its tensor inputs.
+
+    ``partials[i]`` bounds ``sup ||d_i f||_2``, the Lipschitz constant of the op
+    in its i-th input with the others fixed. ``combine`` says how partials
+    compose with the inputs' own constants in AutoLip:
+
+    * ``"sum"``: ``L = sum_i partials[i] * L_i`` (add, sub, any op: triangle inequality),
+    * ``"l2"``:  ``L = sqrt(sum_i (partials[i] * L_i)^2)`` (concatenation / stack:
+      the outputs occupy disjoint coordinates).
+
+    ``certified`` is true only when every partial is a proven upper bound (up
+    to :data:`ROUNDING_MARGIN`). ``lower`` optionally carries a value known to
+    be attained or estimated from below (e.g. power method), for intervals.
+    """
+
+    partials: list[float]
+    certified: bool
+    method: str
+    combine: str = "sum"
+    reason: str | None = None
+    lower: float | None = None
+
+    @property
+    def value(self) -> float:
+        """The node's own constant as a map of all its inputs jointly."""
+        if not self.partials:
+            return 0.0
+        if self.combine == "l2":
+            return math.sqrt(sum(p * p for p in self.partials))
+        return sum(self.partials)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "partials": [_json_float(p) for p in self.partials],
+            "value": _json_float(self.value),
+            "certified": self.certified,
+            "method": self.method,
+            "combine": self.combine,
+            "reason": self.reason,
+            "lower": _json_float(self.lower) if self.lower is not None else None,
+        }
+
+
+def _json_float(x: float) -> float | str:
+    if math.isinf(x):
+        return "inf"
+    if math.isnan(x):
+        return "nan"
+    return float(x)
+
+
+def exact(value: float, method: str, n_inputs: int = 1, combine: str = "sum") -> LocalConstant:
+    """A constant known in closed form: certified, every partial equal to ``value``."""
+    return LocalConstant([float(value)] * n_inputs, True, method, combine, lower=float(value))
+
+
+def not_lipschitz(reason: str, n_inputs: int = 1) -> LocalConstant:
+    """An honest ``inf``: the op has no finite global Lipschitz constant (or no sound rule)."""
+    return LocalConstant([INF] * n_inputs, True, "not-lipschitz", reason=reason)
+
+
+@dataclass
+class BoundContext:
+    """What a rule may use while bounding: the device and the norm settings."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    power_iterations: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """One op kind: how to run it and how to bound it.
+
+    ``forward(node, *inputs)`` evaluates the op on tensors (``node`` gives attrs
+    and params). ``lipschitz(node, ctx)`` returns a :class:`LocalConstant`.
+    ``slope`` is, for elementwise activations, the interval containing every
+    derivative (used by SeqLip); ``None`` for other ops. ``affine`` marks ops
+    that are affine maps of their variable inputs (used to find linear chains
+    and affine regions). ``doc`` is the rule's formula, shown in reports.
+    """
+
+    kind: str
+    forward: Callable[..., Any]
+    lipschitz: Callable[[Any, BoundContext], LocalConstant]
+    slope: tuple[float, float] | None = None
+    affine: bool = False
+    doc: str = ""
+
+
+RULES: dict[str, OpRule] = {}
+
+
+def register_rule(
+    kind: str,
+    forward: Callable[..., Any],
+    lipschitz: Callable[[Any, BoundContext], LocalConstant] | None = None,
+    *,
+    slope: tuple[float, float] | None = None,
+    affine: bool = False,
+    doc: str | None = None,
+    replace: bool = False,
+) -> OpRule:
+    """Register the rule for op ``kind``; the single entry point for new ops.
+
+    ``lipschitz`` may be omitted for an elementwise op with a ``slope``
+    interval, whose constant is then ``max(|a|, |b|)``.
+    """
+    if kind in RULES and not replace:
+        raise ValueError(f"an op rule for {kind!r} is already registered (pass replace=True)")
+    if lipschitz is None:
+        if slope is None:
+            raise ValueError("a rule needs either a lipschitz function or a slope interval")
+        bound = max(abs(slope[0]), abs(slope[1]))
+
+        def lipschitz(node: Any, ctx: BoundContext, _b: float = bound) -> LocalConstant:
+            return exact(_b, "slope-bound")
+
+    rule = OpRule(kind, forward, lipschitz, slope, affine, doc if doc is not None else (lipschitz.__doc__ or ""))
+    RULES[kind] = rule
+    return rule
+
+
+def rule(kind: str, *, slope: tuple[float, float] | None = None, affine: bool = False):
+    """Decorator form: ``@rule("relu", slope=(0, 1))`` on a class with ``forward``/``lipschitz``."""
+
+    def deco(cls: type) -> type:
+        lip = getattr(cls, "lipschitz", None)
+        register_rule(
+            kind,
+            cls.forward,
+            lip,
+            slope=slope,
+            affine=affine,
+            doc=(cls.__doc__ or "").strip(),
+        )
+        return cls
+
+    return deco
+
+
+def get_rule(kind: str) -> OpRule | None:
+    return RULES.get(kind)
+
+
+def scalar_or_tensor_absmax(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().abs().max()) if value.numel() else 0.0
+    return abs(float(value))
+
+
+def as_tuple(v: Any, n: int) -> tuple[int, ...]:
+    if isinstance(v, (list, tuple)):
+        if len(v) == 1 and n > 1:
+            return tuple(int(v[0]) for _ in range(n))
+        return tuple(int(x) for x in v)
+    return tuple(int(v) for _ in range(n))
+
+
+def prod(xs: Sequence[int]) -> int:
+    return math.prod(int(x) for x in xs)

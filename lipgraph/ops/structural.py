@@ -1,0 +1,324 @@
+"""Structural ops: graph inputs/outputs, constants, sums, concatenation, shape
+changes, indexing, and the honest ``inf`` rules (products of variables, opaque
+calls).
+
+Shape ops are selections: every output entry is one input entry (or a
+constant). Such a 0/1 matrix ``P`` has ``P^T P = diag(count)``, so
+``||P|| = sqrt(max_p count_p)`` exactly: 1 for reshape/permute/slicing, the
+square root of the number of copies for expand/repeat/reflect padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from .registry import BoundContext, LocalConstant, exact, not_lipschitz, register_rule
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape is not None else 0
+
+
+def selection_count(fn, in_shape) -> int:
+    """Max number of output entries that copy the same input entry of a selection op ``fn``."""
+    n = _numel(in_shape)
+    if n == 0:
+        return 0
+    code = torch.arange(1, n + 1, dtype=torch.float64).reshape(tuple(in_shape))
+    out = fn(code)
+    idx = out.flatten().round().long()
+    idx = idx[(idx >= 1) & (idx <= n)]
+    if idx.numel() == 0:
+        return 0
+    return int(torch.bincount(idx, minlength=n + 1).max())
+
+
+def _selection_constant(node, fn) -> LocalConstant:
+    c = selection_count(fn, node.in_shapes[0])
+    v = math.sqrt(c)
+    return LocalConstant([v], True, "selection-count", lower=v)
+
+
+# --- graph boundary and constants ---------------------------------------------
+
+
+def _no_forward(node, *xs):
+    raise RuntimeError("input nodes are bound by execute(), not run")
+
+
+register_rule("input", _no_forward, lambda node, ctx: exact(1.0, "input", 1), doc="A model input: L = 1 by definition.")
+
+
+def output_forward(node, *xs):
+    return pytree.tree_unflatten(list(xs), node.attrs["spec"])
+
+
+def output_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """The model output is the tuple of its output tensors: L = sqrt(sum_i L_i^2) (exact, disjoint coordinates)."""
+    return exact(1.0, "concatenation", len(node.inputs), combine="l2")
+
+
+register_rule("output", output_forward, output_lipschitz)
+
+
+def constant_forward(node):
+    return node.params["value"]
+
+
+register_rule("constant", constant_forward, lambda node, ctx: exact(0.0, "constant", 0),
+              doc="A tensor that does not depend on the input: L = 0.")
+
+
+# --- sums and concatenation ----------------------------------------------------------
+
+
+def add_forward(node, *xs):
+    coeffs = node.attrs.get("coeffs") or [1.0] * len(xs)
+    out = None
+    for c, x in zip(coeffs, xs, strict=True):
+        term = x if c == 1 else x * c
+        out = term if out is None else out + term
+    const = node.params.get("const")
+    if const is not None:
+        out = out + const if out is not None else const
+    return out
+
+
+def add_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """y = sum_i c_i x_i + b (add, sub, neg, +=, with broadcasting): partial_i = |c_i| sqrt(|y|/|x_i|),
+    where the square root counts the copies that broadcasting makes (exact per input, combined by the
+    triangle inequality)."""
+    coeffs = node.attrs.get("coeffs") or [1.0] * len(node.inputs)
+    out_n = _numel(node.out_shape)
+    partials = [abs(c) * math.sqrt(out_n / max(_numel(s), 1)) for c, s in zip(coeffs, node.in_shapes, strict=True)]
+    return LocalConstant(partials, True, "linear-combination")
+
+
+register_rule("add", add_forward, add_lipschitz, affine=True)
+
+
+def cat_forward(node, *xs):
+    return torch.cat(xs, dim=node.attrs["dim"])
+
+
+def stack_forward(node, *xs):
+    return torch.stack(xs, dim=node.attrs["dim"])
+
+
+def _concat_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """Concatenation / stack: inputs land on disjoint coordinates, L = sqrt(sum_i L_i^2) (exact)."""
+    return exact(1.0, "concatenation", len(node.inputs), combine="l2")
+
+
+register_rule("cat", cat_forward, _concat_lipschitz, affine=True)
+register_rule("stack", stack_forward, _concat_lipschitz, affine=True)
+
+
+def split_forward(node, x):
+    return tuple(torch.split(x, node.attrs["sizes"], dim=node.attrs["dim"]))
+
+
+register_rule("split", split_forward, lambda node, ctx: exact(1.0, "partition"), affine=True,
+              doc="split / chunk / unbind partition the input: L = 1 (exact).")
+
+
+def unbind_forward(node, x):
+    return tuple(torch.unbind(x, dim=node.attrs["dim"]))
+
+
+register_rule("unbind", unbind_forward, lambda node, ctx: exact(1.0, "partition"), affine=True,
+              doc="unbind partitions the input: L = 1 (exact).")
+
+
+def tuple_getitem_forward(node, x):
+    return x[node.attrs["index"]]
+
+
+register_rule("tuple_getitem", tuple_getitem_forward, lambda node, ctx: exact(1.0, "projection"), affine=True,
+              doc="One part of a tuple-valued op: a projection, L <= 1 (certified).")
+
+
+# --- shape ops (selections) ------------------------------------------------------------
+
+
+def reshape_forward(node, x):
+    return x.reshape(node.attrs["shape"])
+
+
+register_rule("reshape", reshape_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
+              doc="view/reshape/flatten/squeeze/unsqueeze reorder entries: L = 1 (exact).")
+
+
+def permute_forward(node, x):
+    return x.permute(node.attrs["dims"])
+
+
+register_rule("permute", permute_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
+              doc="permute/transpose reorder entries: L = 1 (exact).")
+
+
+def identity_forward(node, x):
+    dtype = node.attrs.get("dtype")
+    return x.to(dtype) if dtype is not None else x
+
+
+register_rule("identity", identity_forward, lambda node, ctx: exact(1.0, "identity"), affine=True,
+              doc="Identity, eval-mode dropout / stochastic depth, contiguous, clone, dtype casts: L = 1.")
+
+
+def getitem_forward(node, x):
+    return x[node.attrs["index"]]
+
+
+def getitem_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """x[index]: a selection, L = sqrt(max copies of one entry) (1 for slicing; exact)."""
+    index = node.attrs["index"]
+    return _selection_constant(node, lambda t: t[index])
+
+
+register_rule("getitem", getitem_forward, getitem_lipschitz, affine=True)
+
+
+def expand_forward(node, x):
+    return x.expand(node.attrs["shape"])
+
+
+register_rule("expand", expand_forward,
+              lambda node, ctx: _selection_constant(node, lambda t: t.expand(node.attrs["shape"])), affine=True,
+              doc="expand/broadcast copies each entry k times: L = sqrt(k) (exact).")
+
+
+def repeat_forward(node, x):
+    return x.repeat(node.attrs["repeats"])
+
+
+register_rule("repeat", repeat_forward,
+              lambda node, ctx: _selection_constant(node, lambda t: t.repeat(node.attrs["repeats"])), affine=True,
+              doc="repeat copies each entry k times: L = sqrt(k) (exact).")
+
+
+def flip_forward(node, x):
+    return torch.flip(x, node.attrs["dims"])
+
+
+register_rule("flip", flip_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
+              doc="flip reorders entries: L = 1 (exact).")
+
+
+def roll_forward(node, x):
+    return torch.roll(x, node.attrs["shifts"], node.attrs.get("dims"))
+
+
+register_rule("roll", roll_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
+              doc="roll reorders entries: L = 1 (exact).")
+
+
+def pad_forward(node, x):
+    a = node.attrs
+    if a["mode"] == "constant":
+        return F.pad(x, a["pad"], mode="constant", value=a.get("value") or 0.0)
+    return F.pad(x, a["pad"], mode=a["mode"])
+
+
+def pad_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """Constant padding (or cropping) keeps each entry at most once: L = 1; reflect/replicate/circular
+    copy border entries: L = sqrt(max copies) (exact)."""
+    a = node.attrs
+    if a["mode"] == "constant":
+        return exact(1.0, "selection")
+    return _selection_constant(node, lambda t: F.pad(t, a["pad"], mode=a["mode"]))
+
+
+register_rule("pad", pad_forward, pad_lipschitz, affine=True)
+
+
+def pixel_shuffle_forward(node, x):
+    r = node.attrs["factor"]
+    return F.pixel_shuffle(x, r) if node.attrs.get("inverse") is not True else F.pixel_unshuffle(x, r)
+
+
+register_rule("pixel_shuffle", pixel_shuffle_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
+              doc="pixel (un)shuffle reorders entries: L = 1 (exact).")
+
+
+def channel_shuffle_forward(node, x):
+    return F.channel_shuffle(x, node.attrs["groups"])
+
+
+register_rule("channel_shuffle", channel_shuffle_forward, lambda node, ctx: exact(1.0, "permutation"),
+              affine=True, doc="channel shuffle reorders entries: L = 1 (exact).")
+
+
+# --- products of variables and opaque calls -------------------------------------------
+
+
+def _product_rule(kind: str, fn, what: str) -> None:
+    def lipschitz(node, ctx: BoundContext) -> LocalConstant:
+        return not_lipschitz(
+            f"{what} of two input-dependent tensors is not globally Lipschitz "
+            f"(it grows with the inputs' magnitude), at node {node.name!r} ({node.source})",
+            len(node.inputs),
+        )
+
+    lipschitz.__doc__ = f"{what} of two variables: no global constant, L = inf (certified statement)."
+    register_rule(kind, fn, lipschitz)
+
+
+_product_rule("mul_var", lambda node, a, b: a * b, "the elementwise product")
+_product_rule("div_var", lambda node, a, b: a / b, "the quotient")
+_product_rule("matmul_var", lambda node, a, b: torch.matmul(a, b), "the matrix product")
+
+
+class _Arg:
+    """Placeholder for the i-th tensor input inside an opaque call's argument template."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+    def __repr__(self) -> str:
+        return f"<input {self.i}>"
+
+
+def fill_template(template: Any, xs) -> Any:
+    return pytree.tree_map(lambda a: xs[a.i] if isinstance(a, _Arg) else a, template)
+
+
+def opaque_forward(node, *xs):
+    a = node.attrs
+    args = fill_template(a["args"], xs)
+    kwargs = fill_template(a["kwargs"], xs)
+    return a["callable"](*args, **kwargs)
+
+
+def opaque_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """An op with no Lipschitz rule: L = inf (no silent 1). Supply a constant with
+    ``constants={...}`` or register a rule."""
+    return not_lipschitz(
+        f"no Lipschitz rule for {node.origin} at node {node.name!r} ({node.source}); "
+        f"pass constants={{{node.source!r}: L}} or register a rule",
+        len(node.inputs),
+    )
+
+
+register_rule("opaque", opaque_forward, opaque_lipschitz)
+
+ARG = _Arg
+
+
+def attention_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    """Dot-product attention multiplies two input-dependent tensors (queries and keys): L = inf."""
+    return not_lipschitz(
+        f"dot-product attention at node {node.name!r} ({node.source}) multiplies input-dependent queries and "
+        "keys, so it is not globally Lipschitz",
+        len(node.inputs),
+    )
+
+
+register_rule("attention", opaque_forward, attention_lipschitz)

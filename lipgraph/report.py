@@ -1,0 +1,209 @@
+"""The analysis report: per-node constants, the bounds of each method, JSON.
+
+JSON schema ``lipgraph.report/1`` (``Report.to_dict()``)::
+
+    {
+      "schema": "lipgraph.report/1",
+      "model": str, "frontend": "torch.fx" | "onnx", "input_shapes": [[int]], "device": str,
+      "upper": float | "inf",          # best upper bound on the l2 Lipschitz constant
+      "certified": bool,               # every constant behind "upper" is a proven bound
+      "upper_method": str,             # which entry of "bounds" gave "upper"
+      "lower": float | null,           # an attained value (empirical lower bound), if computed
+      "bounds": {name: {"value", "certified", "method", "seconds", "details"}},
+      "nodes": [{"name", "op", "source", "origin", "module_path", "in_shapes", "out_shape",
+                 "local": float|"inf", "local_lower": float|null, "partials": [...],
+                 "combine": "sum"|"l2", "certified": bool, "method": str, "reason": str|null,
+                 "cumulative": float|"inf", "cumulative_certified": bool}],
+      "segments": [{"nodes": [str], "autolip": float, "seqlip": float, "certified": bool, "method": str}],
+      "not_lipschitz": [{"node": str, "reason": str}],
+      "seconds": {"trace": float, "local": float, "autolip": float, ...}
+    }
+
+Non-finite floats are written as the strings "inf" / "nan" so the file is
+strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA = "lipgraph.report/1"
+
+
+def jf(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if math.isnan(x):
+        return "nan"
+    return float(x)
+
+
+@dataclass
+class BoundResult:
+    """One method's bound on the whole model."""
+
+    value: float
+    certified: bool
+    method: str
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["value"] = jf(self.value)
+        return d
+
+
+@dataclass
+class NodeReport:
+    name: str
+    op: str
+    source: str
+    origin: str
+    module_path: str
+    in_shapes: list[Any]
+    out_shape: Any
+    local: float
+    local_lower: float | None
+    partials: list[float]
+    combine: str
+    certified: bool
+    method: str
+    reason: str | None
+    cumulative: float
+    cumulative_certified: bool
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["local"] = jf(self.local)
+        d["local_lower"] = jf(self.local_lower)
+        d["partials"] = [jf(p) for p in self.partials]
+        d["cumulative"] = jf(self.cumulative)
+        d["in_shapes"] = [list(s) if isinstance(s, tuple) else s for s in self.in_shapes]
+        return d
+
+
+@dataclass
+class Report:
+    model: str
+    frontend: str
+    input_shapes: list[tuple[int, ...]]
+    device: str
+    bounds: dict[str, BoundResult]
+    nodes: list[NodeReport]
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    lower: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    graph: Any = None  # the IR (networkx.DiGraph); not serialised
+
+    @property
+    def best(self) -> tuple[str, BoundResult] | None:
+        """The tightest certified bound if any is finite, else the tightest of all."""
+        if not self.bounds:
+            return None
+        items = sorted(self.bounds.items(), key=lambda kv: (not kv[1].certified, kv[1].value))
+        cert = [kv for kv in items if kv[1].certified and math.isfinite(kv[1].value)]
+        if cert:
+            return cert[0]
+        return min(self.bounds.items(), key=lambda kv: (kv[1].value, not kv[1].certified))
+
+    @property
+    def upper(self) -> float:
+        b = self.best
+        return b[1].value if b else math.inf
+
+    @property
+    def certified(self) -> bool:
+        b = self.best
+        return bool(b and b[1].certified)
+
+    @property
+    def not_lipschitz(self) -> list[dict[str, str]]:
+        return [{"node": n.name, "reason": n.reason or ""} for n in self.nodes if math.isinf(n.local)]
+
+    def node(self, name: str) -> NodeReport:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        b = self.best
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "frontend": self.frontend,
+            "input_shapes": [list(s) for s in self.input_shapes],
+            "device": self.device,
+            "upper": jf(self.upper),
+            "certified": self.certified,
+            "upper_method": b[0] if b else None,
+            "lower": jf(self.lower),
+            "bounds": {k: v.to_dict() for k, v in self.bounds.items()},
+            "nodes": [n.to_dict() for n in self.nodes],
+            "segments": self.segments,
+            "not_lipschitz": self.not_lipschitz,
+            "seconds": self.seconds,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def summary(self) -> str:
+        """Totals as a few readable lines."""
+        lines = [f"model {self.model} ({self.frontend}), input {', '.join(map(str, self.input_shapes))}"]
+        for name, b in self.bounds.items():
+            tag = "certified" if b.certified else "estimate"
+            lines.append(f"  {name:<16} {fmt(b.value):>12}  {tag:<9}  ({b.method}, {b.seconds:.2f}s)")
+        if self.lower is not None:
+            lines.append(f"  {'lower':<16} {fmt(self.lower):>12}  attained  (Jacobian ascent)")
+        lo = fmt(self.lower) if self.lower is not None else "?"
+        tag = "certified" if self.certified else "NOT certified"
+        lines.append(f"Lipschitz constant in [{lo}, {fmt(self.upper)}]  ({tag})")
+        for item in self.not_lipschitz[:10]:
+            lines.append(f"  inf at {item['node']}: {item['reason']}")
+        return "\n".join(lines)
+
+    def table(self, max_rows: int | None = None) -> str:
+        """A per-node table: op, source, output shape, local constant, cumulative bound."""
+        head = f"{'node':<28} {'op':<18} {'source':<28} {'out shape':<20} {'local':>11} {'cumul.':>11}  how"
+        rows = [head, "-" * len(head)]
+        shown = self.nodes if max_rows is None else self.nodes[:max_rows]
+        for n in shown:
+            mark = "" if n.certified else "~"
+            rows.append(
+                f"{n.name[:28]:<28} {n.op[:18]:<18} {n.source[:28]:<28} {str(_shape(n.out_shape))[:20]:<20} "
+                f"{mark + fmt(n.local):>11} {fmt(n.cumulative):>11}  {n.method}"
+            )
+        if max_rows is not None and len(self.nodes) > max_rows:
+            rows.append(f"... {len(self.nodes) - max_rows} more nodes")
+        rows.append("(~ marks an estimate, not a certified bound)")
+        return "\n".join(rows)
+
+    def render(self, path: str, **kwargs: Any) -> str:
+        """Draw the annotated graph (format from the suffix: png, svg, pdf, dot)."""
+        from .render import render  # noqa: PLC0415 - optional dependency on graphviz
+
+        return render(self, path, **kwargs)
+
+
+def _shape(s: Any) -> Any:
+    return tuple(s) if isinstance(s, (list, tuple)) and all(isinstance(x, int) for x in s) else s
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e5 or abs(x) < 1e-3:
+        return f"{x:.3e}"
+    return f"{x:.4g}"
