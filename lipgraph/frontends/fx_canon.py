@@ -238,7 +238,8 @@ def _adaptive_size(output_size, v: Var, ndim: int) -> tuple[int, ...]:
 
 def _adaptive_avg(ndim: int):
     def handler(input, output_size):  # noqa: A002
-        return Canon("adaptive_avg_pool", [input], {"ndim": ndim, "output_size": _adaptive_size(output_size, input, ndim)})
+        size = _adaptive_size(output_size, input, ndim)
+        return Canon("adaptive_avg_pool", [input], {"ndim": ndim, "output_size": size})
 
     return handler
 
@@ -247,7 +248,8 @@ def _adaptive_max(ndim: int):
     def handler(input, output_size, return_indices=False):  # noqa: A002
         if return_indices:
             return None
-        return Canon("adaptive_max_pool", [input], {"ndim": ndim, "output_size": _adaptive_size(output_size, input, ndim)})
+        size = _adaptive_size(output_size, input, ndim)
+        return Canon("adaptive_max_pool", [input], {"ndim": ndim, "output_size": size})
 
     return handler
 
