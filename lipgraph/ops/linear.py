@@ -173,6 +173,15 @@ def matmul_const_lipschitz(node, ctx: BoundContext) -> LocalConstant:
     if w.ndim == 1:
         w = w[:, None] if not node.attrs.get("left") else w[None, :]
     r = norms.dense_norm(w)
+    x_shape, out_shape = node.in_shapes[0], node.out_shape
+    x_batch = math.prod(x_shape[:-2]) if len(x_shape) > 2 else 1
+    out_batch = math.prod(out_shape[:-2]) if len(out_shape) > 2 else 1
+    if w.ndim > 2 and x_batch < out_batch:
+        # x is broadcast over W's batch: each slice of x meets several W_b, so
+        # ||y||^2 <= sum_b ||W_b||^2 ||x||^2 (certified, no longer a max).
+        per = torch.linalg.matrix_norm(w.detach().double().reshape(-1, *w.shape[-2:]), ord=2)
+        v = float(per.square().sum().sqrt()) * (1 + 1e-9)
+        return LocalConstant([v], True, "svd-broadcast", lower=float(per.max()))
     return _from_norm(r)
 
 
