@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import inspect
 import linecache
+import operator
+import re
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -64,21 +67,116 @@ def _user_frame(exc: BaseException) -> str | None:
     return f"{best.filename}:{best.lineno}: {code}"
 
 
+_TRACE_HINT = (
+    "torch.fx cannot follow Python control flow or calls that depend on tensor values; "
+    "rewrite that line with tensor ops (torch.where, masking), or treat the module holding it as a "
+    "black box with constants={'module.path': L}"
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
 def _trace(model: nn.Module, leaf_paths: set[str], leaf_types: set[type]) -> fx.GraphModule:
     tracer = _Tracer(leaf_paths, leaf_types)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear error
         where = _user_frame(exc)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = (
-            "torch.fx cannot follow Python control flow or calls that depend on tensor values; "
-            "rewrite that line with tensor ops (torch.where, masking), or treat the module holding it as a "
-            "black box with constants={'module.path': L}"
-        )
         at = f" at {where}" if where else ""
-        raise TraceError(f"cannot trace {type(model).__name__}{at}: {msg}. {hint}") from exc
+        raise TraceError(f"cannot trace {type(model).__name__}{at}: {_first_line(exc)}. {_TRACE_HINT}") from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _export_frame(exc: BaseException) -> str | None:
+    """The user's ``file:line: code`` that torch.export names in its message ("The following call raised ...")."""
+    lines = str(exc).splitlines()
+    found = None
+    for i, line in enumerate(lines):
+        m = re.match(r'\s*File "([^"]+)", line (\d+)', line)
+        if m and "/torch/" not in m.group(1).replace("\\", "/"):
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            found = f"{m.group(1)}:{m.group(2)}: {code}"
+    return found or _user_frame(exc)
+
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: set[str],
+            fx_error: TraceError) -> fx.GraphModule:
+    """Fallback when torch.fx fails: ``torch.export`` specialises shape-dependent Python control flow
+    to the example input; data-dependent control flow still fails (re-raised with the user's line)."""
+    try:
+        ep = torch.export.export(model, inputs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - report both failures in one line
+        cause = fx_error.__cause__ or fx_error
+        where = _user_frame(cause) or _export_frame(exc)
+        at = f" at {where}" if where else ""
+        raise TraceError(
+            f"cannot trace {type(model).__name__}{at}: {_first_line(cause)} (torch.export also failed: "
+            f"{_first_line(exc)}). {_TRACE_HINT}"
+        ) from exc
+    gm = ep.module()
+    if leaf_paths:
+        for n in gm.graph.nodes:
+            for path, ty in (n.meta.get("nn_module_stack") or {}).values():
+                name = str(getattr(ty, "__name__", ty)).rsplit(".", 1)[-1]
+                if any(path == p or path.startswith(p + ".") or name == p for p in leaf_paths):
+                    raise TraceError(
+                        f"{fx_error} torch.export can trace the model but cannot keep module {path!r} as a "
+                        "black box for the constants given; rewrite the control flow instead"
+                    )
+    _rewrite_tuple_ops(gm)
+    return gm
+
+
+def _rewrite_tuple_ops(gm: fx.GraphModule) -> None:
+    """Replace ``getitem(native_batch_norm(...), 0)`` and the like by the plain function (F.batch_norm)."""
+    changed = False
+    for n in list(gm.graph.nodes):
+        entry = fx_canon.TUPLE_FIRST.get(n.target) if n.op == "call_function" else None
+        if entry is None:
+            continue
+        users = list(n.users)
+        if not all(u.target is operator.getitem and u.args[1] == 0 for u in users):
+            continue
+        fn, adapt = entry
+        args, kwargs = adapt(*n.args, **n.kwargs)
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(fn, args, kwargs)
+        new.meta = dict(n.meta)
+        for u in users:
+            u.replace_all_uses_with(new)
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(n)
+        changed = True
+    if changed:
+        gm.recompile()
+
+
+def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected: Any, model_name: str) -> None:
+    """The IR must compute the model's output on the example input (catches in-place writes through
+    views, Python-side state and other semantics a translation could miss)."""
+    with torch.no_grad():
+        got = ir.execute(g, *inputs)
+    exp_leaves = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
+    got_leaves = [x for x in pytree.tree_leaves(got) if isinstance(x, torch.Tensor)]
+    ok = len(exp_leaves) == len(got_leaves)
+    for e, o in zip(exp_leaves, got_leaves, strict=False):
+        if not ok:
+            break
+        if e.shape != o.shape:
+            ok = False
+        elif e.is_floating_point():
+            scale = float(e.abs().max()) if e.numel() else 0.0
+            ok = bool(torch.allclose(o.to(e.dtype), e, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True))
+        else:
+            ok = bool(torch.equal(o, e))
+    if not ok:
+        raise TraceError(
+            f"the traced graph of {model_name} does not reproduce the model's output on the example input "
+            "(an in-place write through a view, or state kept outside tensors?); please report this model"
+        )
 
 
 class _Recorder(fx.Interpreter):
@@ -100,17 +198,63 @@ class _Recorder(fx.Interpreter):
 
 
 def _is_tensor_value(v: Any) -> bool:
+    """A tensor, or a tuple/list holding at least one tensor (e.g. MultiheadAttention's ``(out, None)``)."""
     if isinstance(v, torch.Tensor):
         return True
-    if isinstance(v, (tuple, list)) and v and all(isinstance(x, torch.Tensor) for x in v):
-        return True
-    return False
+    return isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v)
 
 
 def _shape_of(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return tuple(v.shape)
-    return [tuple(x.shape) for x in v]
+    return [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in v]
+
+
+#: Calls that read only a tensor's metadata (shape, dtype, device), never its values.
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device", "is_contiguous", "nelement"})
+_SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"})
+_SHAPE_ATEN = frozenset({"sym_size", "sym_numel", "sym_stride", "sym_storage_offset"})
+
+
+def _reads_metadata_only(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in _SHAPE_METHODS
+    if n.op == "call_function":
+        if n.target is getattr and len(n.args) > 1:
+            return n.args[1] in _SHAPE_ATTRS
+        if isinstance(n.target, torch._ops.OpOverload):
+            return n.target.overloadpacket.__name__ in _SHAPE_ATEN
+        return n.target in (torch.numel,)
+    return False
+
+
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
+
+
+def _mutated_input(n: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The fx node an in-place call overwrites (``x += y``, ``relu(x, inplace=True)``, ``x.add_(y)``)."""
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if first is None:
+        return None
+    if n.op == "call_module":
+        return first if getattr(gm.get_submodule(n.target), "inplace", False) is True else None
+    if n.op == "call_method":
+        name = str(n.target)
+        return first if name.endswith("_") and not name.endswith("__") else None
+    if n.op != "call_function":
+        return None
+    if n.target in _INPLACE_OPERATORS:
+        return first
+    if isinstance(n.target, torch._ops.OpOverload):
+        args = n.target._schema.arguments
+        return first if args and args[0].alias_info is not None and args[0].alias_info.is_write else None
+    if n.kwargs.get("inplace") is True:
+        return first
+    try:
+        bound = inspect.signature(n.target).bind(*n.args, **n.kwargs)
+    except (TypeError, ValueError):
+        return None
+    return first if bound.arguments.get("inplace") is True else None
 
 
 def trace(
@@ -131,7 +275,12 @@ def trace(
     model.eval()
     try:
         leaf_paths = set(leaves)
-        gm = _trace(model, leaf_paths, set())
+        frontend = "torch.fx"
+        try:
+            gm = _trace(model, leaf_paths, set())
+        except TraceError as fx_error:
+            gm = _export(model, example_inputs, leaf_paths, fx_error)
+            frontend = "torch.export"
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(example_inputs):
             raise InputShapeError(
@@ -140,8 +289,13 @@ def trace(
             )
         recorder = _Recorder(gm)
         with torch.no_grad():
-            recorder.run(*example_inputs)
-        return _build(gm, recorder.env, type(model).__name__)
+            expected = recorder.run(*example_inputs)
+        out_spec = None
+        if frontend == "torch.export":
+            out_spec = gm.graph._codegen.pytree_info.out_spec  # Interpreter.run already applied it
+        g = _build(gm, recorder.env, type(model).__name__, frontend, out_spec)
+        _check_reproduces(g, example_inputs, expected, type(model).__name__)
+        return g
     finally:
         model.train(was_training)
 
@@ -152,7 +306,7 @@ def _source(n: fx.Node) -> tuple[str, str]:
     if not stack:
         return "", ""
     path, ty = list(stack.values())[-1]
-    return path, getattr(ty, "__name__", str(ty))
+    return path, str(getattr(ty, "__name__", ty)).rsplit(".", 1)[-1]
 
 
 def _origin(n: fx.Node, gm: fx.GraphModule) -> str:
@@ -161,6 +315,8 @@ def _origin(n: fx.Node, gm: fx.GraphModule) -> str:
     if n.op == "call_method":
         return f"Tensor.{n.target}"
     t = n.target
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t)
     mod = getattr(t, "__module__", None) or ""
     name = getattr(t, "__name__", str(t))
     if mod in ("_operator", "operator"):
@@ -172,8 +328,20 @@ def _origin(n: fx.Node, gm: fx.GraphModule) -> str:
     return f"{mod}.{name}" if mod else name
 
 
-def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str) -> nx.DiGraph:
-    g = ir.new_graph(model_name, "torch.fx")
+def _where(n: fx.Node) -> str:
+    """``file:line: code `` of the user's line that created ``n`` (from its stack trace), or ''."""
+    trace = (n.meta.get("stack_trace") or "").strip().splitlines()
+    for i in range(len(trace) - 1, -1, -1):
+        m = re.match(r'\s*File "([^"]+)", line (\d+)', trace[i])
+        if m and "/torch/" not in m.group(1).replace("\\", "/"):
+            code = trace[i + 1].strip() if i + 1 < len(trace) else ""
+            return f"at {m.group(1)}:{m.group(2)}: {code}: "
+    return ""
+
+
+def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str, frontend: str = "torch.fx",
+           out_spec: Any = None) -> nx.DiGraph:
+    g = ir.new_graph(model_name, frontend)
     var: dict[fx.Node, Var] = {}  # fx nodes that are input-dependent tensors
     const_nodes: dict[int, str] = {}  # id(tensor) -> IR constant node name
 
@@ -202,6 +370,8 @@ def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str) -> nx.D
             continue
         if n.op == "output":
             leaves, spec = pytree.tree_flatten(n.args[0])
+            if out_spec is not None:  # torch.export: the graph returns the flat outputs
+                spec = out_spec
             inputs = []
             for leaf in leaves:
                 if isinstance(leaf, fx.Node) and leaf in var:
@@ -213,8 +383,19 @@ def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str) -> nx.D
             ir.add_node(g, ir.IRNode("output", "output", inputs, {"spec": spec}, {}, "output", "output",
                                      shapes, shapes))
             continue
-        if n.op == "get_attr" or not depends(n) or not _is_tensor_value(env[n]):
+        if n.op == "get_attr" or not depends(n):
             continue  # folded: its value is substituted where it is used
+        if not _is_tensor_value(env[n]):
+            # A Python value computed from the input: fine when it only reads shapes (x.size(0)),
+            # unsound to freeze when it reads tensor values (x.item(), x.tolist()).
+            direct = [a for a in n.all_input_nodes if a in var]
+            if env[n] is not None and direct and not _reads_metadata_only(n):
+                raise TraceError(
+                    f"{model_name}: {_where(n)}reads tensor values into Python ({n.format_node()}); the result "
+                    "would be frozen to the example input's value. Keep the computation in tensor ops "
+                    "(e.g. use x.sum() instead of x.sum().item())"
+                )
+            continue
         value = env[n]
         path, owner = _source(n)
         origin = _origin(n, gm)
@@ -241,6 +422,9 @@ def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str) -> nx.D
         ir.add_node(g, ir.IRNode(n.name, canon.op, in_names, attrs, dict(canon.params), str(source), origin,
                                  in_shapes, out_shape))
         var[n] = Var(n.name, out_shape, is_tuple=not isinstance(value, torch.Tensor))
+        mutated = _mutated_input(n, gm)
+        if mutated is not None and mutated in var:
+            var[mutated] = var[n]  # later reads of the overwritten tensor see the new value
     if g.graph["output"] is None:
         raise TraceError(f"{model_name} has no output that depends on its input")
     return g

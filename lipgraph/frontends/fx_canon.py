@@ -677,3 +677,176 @@ def module_handler(m: nn.Module) -> Callable[..., Canon | None] | None:
 
 #: Modules kept as one node, with a dedicated honest rule (tracing through them adds noise).
 ATTENTION_MODULES: tuple[type, ...] = (nn.MultiheadAttention,)
+
+
+# --- aten overloads (graphs from torch.export) -----------------------------------------------------
+# ``torch.export`` graphs call ``torch.ops.aten.*`` overloads. Most share the
+# signature of the torch.* function they implement and reuse its handler; the
+# few that differ get a small adapter here.
+
+_aten = torch.ops.aten
+
+
+def _aten_fn(handler: Callable[..., Canon | None], *names: str) -> None:
+    """Map every tensor overload of each named aten op onto ``handler``."""
+    for name in names:
+        packet = getattr(_aten, name, None)
+        if packet is None:
+            continue
+        for overload in packet.overloads():
+            if "out" in overload:
+                continue
+            FUNCTIONS[getattr(packet, overload)] = handler
+
+
+def _aten_conv(ndim: int, transposed: bool):
+    if transposed:
+        return lambda input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1: \
+            _conv_transpose(ndim)(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: \
+        _conv(ndim)(input, weight, bias, stride, padding, dilation, groups)
+
+
+def aten_convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):  # noqa: A002
+    ndim = weight.dim() - 2
+    if transposed:
+        return _conv_transpose(ndim)(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return _conv(ndim)(input, weight, bias, stride, padding, dilation, groups)
+
+
+def aten_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):  # noqa: A002
+    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def aten_bn_no_training(input, weight, bias, running_mean, running_var, momentum, eps):  # noqa: A002
+    return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+
+
+def aten_elu(input, alpha=1.0, scale=1.0, input_scale=1.0):  # noqa: A002
+    if scale != 1 or input_scale != 1:
+        return None
+    return elu(input, alpha)
+
+
+def aten_reduce(kind: str, overload: str):
+    def handler(input, *args, dtype=None, **kwargs):  # noqa: A002
+        if overload == "default":  # aten.mean(self, *, dtype): every entry
+            return _reduce(kind)(input)
+        return _reduce(kind)(input, *args[:2], **{k: v for k, v in kwargs.items() if k in ("dim", "keepdim")})
+
+    return handler
+
+
+def aten_slice(input, dim=0, start=None, end=None, step=1):  # noqa: A002
+    nd = len(input.shape)
+    return getitem(input, (slice(None),) * (dim % nd) + (slice(start, end, step),))
+
+
+def aten_select(input, dim, index):  # noqa: A002
+    return getitem(input, (slice(None),) * (dim % len(input.shape)) + (index,))
+
+
+def aten_narrow(input, dim, start, length):  # noqa: A002
+    if isinstance(start, torch.Tensor):
+        start = int(start)
+    return aten_slice(input, dim, start, start + length)
+
+
+def aten_index(input, indices):  # noqa: A002
+    if _contains_var(list(indices)):
+        return None
+    return getitem(input, tuple(slice(None) if i is None else i for i in indices))
+
+
+def aten_pad_mode(mode: str):
+    return lambda input, padding: pad(input, padding, mode)  # noqa: A002
+
+
+_aten_fn(relu_like("relu"), "relu", "relu_")
+for _kind in ("sigmoid", "tanh", "silu", "mish", "hardswish", "hardsigmoid", "selu", "abs"):
+    _aten_fn(relu_like(_kind), _kind, _kind + "_")
+_aten_fn(lambda input, negative_slope=0.01: leaky_relu(input, negative_slope), "leaky_relu", "leaky_relu_")  # noqa: A002
+_aten_fn(aten_elu, "elu", "elu_")
+_aten_fn(celu, "celu", "celu_")
+_aten_fn(gelu, "gelu", "gelu_")
+_aten_fn(softplus, "softplus")
+_aten_fn(hardtanh, "hardtanh", "hardtanh_")
+_aten_fn(relu6, "relu6", "relu6_")
+_aten_fn(clamp, "clamp", "clamp_", "clip", "clip_")
+_aten_fn(prelu, "prelu", "_prelu_kernel")
+_aten_fn(lambda input, dim, *a: softmax(input, dim), "softmax", "_softmax", "_safe_softmax")  # noqa: A002
+_aten_fn(lambda input, dim, *a: log_softmax(input, dim), "log_softmax", "_log_softmax")  # noqa: A002
+_aten_fn(linear, "linear")
+for _n in (1, 2, 3):
+    _aten_fn(_aten_conv(_n, False), f"conv{_n}d")
+    _aten_fn(_aten_conv(_n, True), f"conv_transpose{_n}d")
+    _aten_fn(_max_pool(_n), f"max_pool{_n}d")
+    _aten_fn(_avg_pool(_n), f"avg_pool{_n}d")
+    _aten_fn(_adaptive_avg(_n), f"adaptive_avg_pool{_n}d", f"_adaptive_avg_pool{_n}d")
+    _aten_fn(_adaptive_max(_n), f"adaptive_max_pool{_n}d")
+    _aten_fn(aten_pad_mode("reflect"), f"reflection_pad{_n}d")
+    _aten_fn(aten_pad_mode("replicate"), f"replication_pad{_n}d")
+_aten_fn(aten_pad_mode("circular"), "_pad_circular")
+_aten_fn(aten_convolution, "convolution", "_convolution")
+_aten_fn(aten_batch_norm, "batch_norm")
+_aten_fn(aten_bn_no_training, "_native_batch_norm_legit_no_training")
+_aten_fn(lambda input, shape, weight=None, bias=None, eps=1e-5, *a: layer_norm(input, shape, weight, bias, eps),  # noqa: A002
+         "layer_norm")
+_aten_fn(lambda input, groups, weight=None, bias=None, eps=1e-5, *a: group_norm(input, groups, weight, bias, eps),  # noqa: A002
+         "group_norm")
+for _kind in ("mean", "sum"):
+    _packet = getattr(_aten, _kind)
+    for _ov in _packet.overloads():
+        if "out" not in _ov and _ov in ("default", "dim", "dim_IntList"):
+            FUNCTIONS[getattr(_packet, _ov)] = aten_reduce(_kind, _ov)
+_aten_fn(lambda input, p=0.5, train=False: dropout(input, p, train), "dropout", "dropout_",  # noqa: A002
+         "feature_dropout", "alpha_dropout")
+_aten_fn(identity, "clone", "contiguous", "alias", "detach", "lift_fresh_copy")
+_aten_fn(to_dtype, "_to_copy", "to")
+_aten_fn(reshape_like, "view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "squeeze_",
+         "unsqueeze", "unsqueeze_", "view_as", "reshape_as")
+_aten_fn(permute, "permute")
+_aten_fn(transpose, "transpose", "swapaxes")
+_aten_fn(t, "t")
+_aten_fn(lambda input, size, *, implicit=False: expand(input, size), "expand", "expand_as", "broadcast_to")  # noqa: A002
+_aten_fn(repeat, "repeat")
+_aten_fn(flip, "flip")
+_aten_fn(roll, "roll")
+_aten_fn(lambda input, padding, value=0.0: pad(input, padding, "constant", value), "constant_pad_nd")  # noqa: A002
+_aten_fn(pad, "pad")
+_aten_fn(pixel_shuffle, "pixel_shuffle")
+_aten_fn(pixel_unshuffle, "pixel_unshuffle")
+_aten_fn(channel_shuffle, "channel_shuffle", "native_channel_shuffle")
+_aten_fn(cat, "cat", "concat", "concatenate")
+_aten_fn(stack, "stack")
+_aten_fn(split, "split", "split_with_sizes")
+_aten_fn(chunk, "chunk")
+_aten_fn(unbind, "unbind")
+_aten_fn(aten_slice, "slice")
+_aten_fn(aten_select, "select")
+_aten_fn(aten_narrow, "narrow")
+_aten_fn(aten_index, "index")
+_aten_fn(add, "add", "add_")
+_aten_fn(sub, "sub", "sub_", "subtract")
+_aten_fn(rsub, "rsub")
+_aten_fn(neg, "neg", "neg_")
+_aten_fn(mul, "mul", "mul_", "multiply")
+_aten_fn(div, "div", "div_", "true_divide", "divide")
+_aten_fn(matmul, "matmul", "mm", "bmm")
+_aten_fn(sdpa, "scaled_dot_product_attention")
+_aten_fn(lambda *a, **k: None, "einsum")
+
+#: aten ops returning a tuple whose first entry is the op's result: (op, equivalent torch function, arg adapter).
+TUPLE_FIRST: dict[Any, tuple[Callable[..., Any], Callable[..., tuple[tuple, dict]]]] = {
+    _aten._native_batch_norm_legit_no_training.default: (
+        F.batch_norm,
+        lambda x, w, b, rm, rv, momentum, eps: ((x, rm, rv, w, b, False, momentum, eps), {}),
+    ),
+    _aten.native_layer_norm.default: (
+        F.layer_norm, lambda x, shape, w, b, eps: ((x, shape, w, b, eps), {}),
+    ),
+    _aten.max_pool2d_with_indices.default: (
+        F.max_pool2d, lambda x, k, s=(), p=0, d=1, c=False: ((x, k, s or None, p, d, c), {}),
+    ),
+    _aten.adaptive_max_pool2d.default: (F.adaptive_max_pool2d, lambda x, size: ((x, size), {})),
+}
