@@ -1,0 +1,551 @@
+"""SeqLip (Virmaux & Scaman 2018) on linear-chain segments, certified.
+
+For a chain ``f = M_K o s o ... o s o M_1`` (affine ``M_i = U_i S_i V_i^T``,
+elementwise activations with derivatives in ``[a_i, b_i]``) the Jacobian is
+``M_K D_{K-1} ... D_1 M_1`` with ``D_i = diag(d)``, ``d in [a_i, b_i]^n``, and
+
+    L(f) <= prod_{i=1}^{K-1} max_{d in [a_i,b_i]^n} || S~_{i+1} V_{i+1}^T diag(d) U_i S~_i ||
+
+with ``S~ = S`` for the first and last layer and ``S^(1/2)`` inside
+(submultiplicativity; ``U_K`` and ``V_1^T`` are isometries). The inner
+objective ``d -> ||A diag(d) B||`` is convex (a norm of a linear function of
+``d``), so its maximum over the box is attained at a vertex: the maximum over
+``{a_i, b_i}^n`` is the exact maximum over the box. Every *certified* value
+here is an upper bound on that maximum:
+
+* :func:`enumerate_max`: all ``2^n`` vertices (split into a table of the low
+  bits and an outer loop on the high bits; a Frobenius prefilter skips
+  patterns that cannot beat the best). Exact.
+* :func:`branch_and_bound`: best-first over partial assignments with the bound
+  of :func:`_node_bound`; returns the exact maximum when the search finishes,
+  else the largest open upper bound (certified, not exact) at the time budget.
+* :func:`greedy_max` and :func:`seqlip_estimate` (top-k singular vectors) are
+  *estimates*: values attained by some pattern, possibly below the maximum, so
+  a product of them may fall below the true Lipschitz constant. Never used as
+  certified values.
+
+Rounding: SVDs are float64 and backward stable; the computed factors reproduce
+each ``M_i`` to ``O(n eps ||M_i||)``, so the computed chain product is within
+``O(K n eps) prod_i ||M_i||`` of the exact one. Certified chain values are
+therefore inflated to ``v (1 + m) + m * prod_i ||M_i|| max|s_i'|`` with
+``m = ROUNDING_MARGIN = 1e-9`` (ample for ``n <= 4096``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+
+from ..ops import BoundContext, LocalConstant
+from ..ops.registry import ROUNDING_MARGIN
+from ..report import BoundResult
+from . import autolip as autolip_mod
+from .chains import MAX_DENSE, Segment, find_segments, group_dims, group_matrix
+
+#: Widths up to this are solved by plain enumeration of all 2^n patterns.
+ENUM_MAX_WIDTH = 16
+#: Seconds allowed to each inner maximisation in :func:`bound` (branch and bound stops there).
+INNER_BUDGET = 5.0
+#: Largest group materialised by :func:`bound` (``analyze``); SVDs of larger matrices take seconds.
+BOUND_MAX_DENSE = 2048
+#: Seconds for all segments of one model in :func:`bound`.
+TOTAL_BUDGET = 30.0
+#: Low bits tabulated by the enumeration (2^LO_BITS matrices per batch).
+LO_BITS = 11
+_DT = torch.float64
+
+
+@dataclass
+class InnerMax:
+    """Result of ``max_{d in {a,b}^n} ||A diag(d) B||``.
+
+    ``value``: the result (a certified upper bound when ``certified``, else an
+    estimate); ``lower``: a value attained by ``pattern``; ``exact``: the
+    maximum was found and proven.
+    """
+
+    value: float
+    lower: float
+    certified: bool
+    exact: bool
+    method: str
+    seconds: float = 0.0
+    nodes: int = 0
+    pattern: torch.Tensor | None = None
+
+
+def spectral_norms(x: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of each matrix in a batch ``(..., p, q)`` (float64, via the smaller Gram)."""
+    p, q = x.shape[-2], x.shape[-1]
+    if min(p, q) == 0:
+        return torch.zeros(x.shape[:-2], dtype=x.dtype)
+    if p == 1 or q == 1:
+        return x.flatten(-2).norm(dim=-1)
+    gram = x @ x.mT if p <= q else x.mT @ x
+    if gram.shape[-1] == 2:
+        a, b, d = gram[..., 0, 0], gram[..., 0, 1], gram[..., 1, 1]
+        lam = 0.5 * (a + d) + torch.sqrt(0.25 * (a - d) ** 2 + b * b)
+    else:
+        lam = torch.linalg.eigvalsh(gram)[..., -1]
+    return lam.clamp_min(0).sqrt()
+
+
+def _norm(x: torch.Tensor) -> float:
+    return float(spectral_norms(x)) if x.numel() else 0.0
+
+
+@contextmanager
+def _single_thread(enabled: bool = True) -> Iterator[None]:
+    """Run small dense linear algebra on one thread: on a loaded machine, thread start-up and
+    contention make 100x100 eigenproblems ~100x slower with several threads."""
+    old = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _masks(bits: int, start: int = 0, count: int | None = None) -> torch.Tensor:
+    idx = torch.arange(start, start + (count if count is not None else 2**bits), dtype=torch.int64)
+    return ((idx[:, None] >> torch.arange(bits)) & 1).to(_DT)
+
+
+def _enumerate_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
+                  base: torch.Tensor | None = None, deadline: float | None = None) -> InnerMax:
+    """Exact ``max_{d in {lo,hi}^n} ||base + A diag(d) B||`` by enumerating the 2^n vertices.
+
+    ``M(S) = base + lo A B + (hi - lo) sum_{j in S} a_j b_j^T``. The sums over the
+    low ``LO_BITS`` coordinates are tabulated once; the outer loop over the high
+    coordinates adds them to one matrix, and only patterns whose Frobenius norm
+    (``>= ||.||_2``) exceeds the best value so far get an eigenvalue solve.
+    Certified and exact (up to rounding). With ``deadline`` (a perf_counter
+    time) it may stop early and returns ``None``-free partial data as not exact.
+    """
+    t0 = time.perf_counter()
+    a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
+    p, n = a_mat.shape
+    q = b_mat.shape[1]
+    c0 = lo * (a_mat @ b_mat)
+    if base is not None:
+        c0 = c0 + base.to(_DT)
+    rank1 = (hi - lo) * torch.einsum("pj,jq->jpq", a_mat, b_mat).reshape(n, p * q)
+    nlo = min(n, LO_BITS)
+    nhi = n - nlo
+    table = _masks(nlo) @ rank1[:nlo]  # (2^nlo, p*q)
+    table_n2 = (table * table).sum(1)
+    best, best_pat, done = -1.0, None, True
+    for h in range(2**nhi):
+        if deadline is not None and h and time.perf_counter() > deadline:
+            done = False
+            break
+        hbits = _masks(nhi, h, 1)[0] if nhi else torch.zeros(0, dtype=_DT)
+        c = c0.reshape(-1) + (hbits @ rank1[nlo:] if nhi else 0.0)
+        fro2 = (c @ c) + 2.0 * (table @ c) + table_n2
+        cand = torch.nonzero(fro2 >= best * best * (1 - 1e-9) - 1e-300).flatten() if best >= 0 else \
+            torch.arange(table.shape[0])
+        if cand.numel() == 0:
+            continue
+        vals = spectral_norms((c[None, :] + table[cand]).reshape(-1, p, q))
+        k = int(torch.argmax(vals))
+        if float(vals[k]) > best:
+            best = float(vals[k])
+            lo_bits = _masks(nlo, int(cand[k]), 1)[0]
+            best_pat = torch.cat([lo_bits, hbits]).bool()
+    best = max(best, 0.0)
+    return InnerMax(best * (1 + ROUNDING_MARGIN), best, True, done, "enumeration" if done else "enumeration-partial",
+                    time.perf_counter() - t0, 2**n if done else 0, best_pat)
+
+
+def _alternating_completion(n_mat: torch.Tensor, a_r: torch.Tensor, b_r: torch.Tensor, h: float,
+                            iters: int = 2) -> tuple[float, torch.Tensor]:
+    """A good vertex for the free coordinates: t_j = sign((A^T u)_j (B v)_j) for the top singular pair
+    (u, v) of the current matrix, iterated. Returns the attained norm and t (a lower bound)."""
+    m = n_mat
+    t = torch.ones(a_r.shape[1], dtype=_DT)
+    best, best_t = -1.0, t
+    for _ in range(iters):
+        u, _, vh = torch.linalg.svd(m, full_matrices=False)
+        u0, v0 = u[:, 0], vh[0]
+        t = torch.sign((a_r.T @ u0) * (b_r @ v0))
+        t[t == 0] = 1.0
+        m = n_mat + h * (a_r * t) @ b_r
+        val = _norm(m)
+        if val > best:
+            best, best_t = val, t
+    return best, best_t
+
+
+def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
+                     budget: float = INNER_BUDGET, leaf_width: int = 10, max_nodes: int | None = None) -> InnerMax:
+    """``max_{d in {lo,hi}^n} ||A diag(d) B||`` by best-first branch and bound (certified).
+
+    Write ``d_j = c + h t_j``, ``c = (lo+hi)/2``, ``h = (hi-lo)/2``, ``t in {-1,1}^n``.
+    Coordinates are fixed in decreasing order of ``||a_j|| ||b_j||``. A node fixes
+    ``t_j`` for ``j < k`` and holds ``N = c A B + h sum_{j<k} t_j a_j b_j^T``; for
+    any free ``t_R in [-1,1]^R``
+
+        ||N + h A_R diag(t_R) B_R|| <= ||N|| + h min(||A_R|| ||B_R||, sum_{j in R} ||a_j|| ||b_j||)
+
+    (triangle inequality, submultiplicativity). Nodes with at most ``leaf_width``
+    free coordinates are solved exactly by :func:`enumerate_max`. The result is
+    the maximum found when the search completes (exact), else the largest open
+    bound when ``budget`` seconds are spent (a certified upper bound).
+    """
+    t0 = time.perf_counter()
+    deadline = t0 + budget
+    a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
+    p, n = a_mat.shape
+    q = b_mat.shape[1]
+    c, h = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    w = a_mat.norm(dim=0) * b_mat.norm(dim=1)
+    order = torch.argsort(w, descending=True)
+    a_mat, b_mat, w = a_mat[:, order], b_mat[order], w[order]
+    wsum = torch.cat([torch.flip(torch.cumsum(torch.flip(w, [0]), 0), [0]), torch.zeros(1, dtype=_DT)])
+    # ||A_R|| ||B_R|| for R = {k..n-1} at checkpoints (norms of column/row blocks decrease with k).
+    checks = sorted({0, *[min(n, 2**i) for i in range(int(math.log2(max(n, 1))) + 2)],
+                     *range(0, n + 1, max(1, n // 64))}) if n * p * q <= 2e7 else [0, n]
+    prod_norm = {k: _norm(a_mat[:, k:]) * _norm(b_mat[k:]) if k < n else 0.0 for k in checks}
+
+    def rad(k: int) -> float:
+        kk = max(x for x in checks if x <= k)
+        return h * min(prod_norm[kk], float(wsum[k]))
+
+    if max_nodes is None:
+        max_nodes = max(64, int(2e8 / (8 * p * q)))
+    n0 = c * (a_mat @ b_mat)
+    best, best_t = _alternating_completion(n0, a_mat, b_mat, h, iters=3)
+    heap: list[tuple[float, int, int, torch.Tensor, torch.Tensor]] = []
+    counter = 0
+    root_ub = _norm(n0) + rad(0)
+    heapq.heappush(heap, (-root_ub, counter, 0, n0, torch.zeros(0, dtype=_DT)))
+    nodes = 0
+    finished = True
+    while heap:
+        if -heap[0][0] <= best * (1 + 1e-12):
+            heap.clear()
+            break
+        if time.perf_counter() > deadline or len(heap) > max_nodes:
+            finished = False
+            break
+        neg_ub, _, k, nm, tfix = heapq.heappop(heap)
+        nodes += 1
+        if n - k <= leaf_width:
+            fixed = nm - c * (a_mat[:, k:] @ b_mat[k:])
+            r = _enumerate_max_impl(a_mat[:, k:], b_mat[k:], lo, hi, base=fixed)
+            if r.lower > best:
+                best = r.lower
+                best_t = torch.cat([tfix, r.pattern.to(_DT) * 2 - 1])
+            continue
+        for tk in (1.0, -1.0):
+            child = nm + (h * tk) * torch.outer(a_mat[:, k], b_mat[k])
+            tc = torch.cat([tfix, torch.tensor([tk], dtype=_DT)])
+            ub = min(_norm(child) + rad(k + 1), -neg_ub)  # a child's set lies inside its parent's
+            if ub <= best:
+                continue
+            if p * q * (n - k) <= 5e6:
+                val, tfree = _alternating_completion(child, a_mat[:, k + 1:], b_mat[k + 1:], h, iters=1)
+                if val > best:
+                    best, best_t = val, torch.cat([tc, tfree])
+            counter += 1
+            heapq.heappush(heap, (-ub, counter, k + 1, child, tc))
+    upper = best if finished or not heap else max(best, -heap[0][0])
+    pattern = torch.empty(n, dtype=torch.bool)
+    if best_t.numel() == n:
+        pattern[order] = best_t > 0
+    return InnerMax(upper * (1 + ROUNDING_MARGIN), best, True, finished, "branch-and-bound" if finished else
+                    f"branch-and-bound (stopped after {budget:g}s: certified bound, not exact)",
+                    time.perf_counter() - t0, nodes, pattern)
+
+
+def inner_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
+              budget: float = INNER_BUDGET) -> InnerMax:
+    """Certified ``max_{d in [lo,hi]^n} ||A diag(d) B||``: enumeration for n <= ENUM_MAX_WIDTH, else
+    branch and bound within ``budget`` seconds."""
+    if hi == lo:
+        v = abs(lo) * _norm(a_mat.to(_DT) @ b_mat.to(_DT))
+        return InnerMax(v * (1 + ROUNDING_MARGIN), v, True, True, "constant slope")
+    if a_mat.shape[1] <= ENUM_MAX_WIDTH:
+        return enumerate_max(a_mat, b_mat, lo, hi)
+    return branch_and_bound(a_mat, b_mat, lo, hi, budget)
+
+
+def _greedy_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float, max_iter: int = 1000) -> InnerMax:
+    """ESTIMATE (the published greedy SeqLip): start from d = hi everywhere and flip the single coordinate
+    that increases ``||A diag(d) B||`` most, until none does. Returns an attained value: it may be
+    below the maximum, so it is not certified."""
+    t0 = time.perf_counter()
+    a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
+    p, n = a_mat.shape
+    q = b_mat.shape[1]
+    rank1 = (hi - lo) * torch.einsum("pj,jq->jpq", a_mat, b_mat)
+    on = torch.ones(n, dtype=torch.bool)
+    m = hi * (a_mat @ b_mat)
+    cur = _norm(m)
+    chunk = max(1, int(2e7 // max(p * q, 1)))
+    for _ in range(max_iter):
+        sign = torch.where(on, -1.0, 1.0).to(_DT)
+        vals = torch.cat([spectral_norms(m[None] + sign[i:i + chunk, None, None] * rank1[i:i + chunk])
+                          for i in range(0, n, chunk)])
+        j = int(torch.argmax(vals))
+        if float(vals[j]) <= cur * (1 + 1e-12):
+            break
+        m = m + sign[j] * rank1[j]
+        on[j] = ~on[j]
+        cur = _norm(m)
+    return InnerMax(cur, cur, False, False, "greedy (estimate)", time.perf_counter() - t0, 0, on)
+
+
+def _small(a_mat: torch.Tensor, b_mat: torch.Tensor) -> bool:
+    return max(a_mat.shape[0], b_mat.shape[1]) <= 512
+
+
+def enumerate_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
+                  base: torch.Tensor | None = None, deadline: float | None = None) -> InnerMax:
+    with _single_thread(_small(a_mat, b_mat)):
+        return _enumerate_max_impl(a_mat, b_mat, lo, hi, base, deadline)
+
+
+def branch_and_bound(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
+                     budget: float = INNER_BUDGET, leaf_width: int = 10, max_nodes: int | None = None) -> InnerMax:
+    with _single_thread(_small(a_mat, b_mat)):
+        return _branch_and_bound_impl(a_mat, b_mat, lo, hi, budget, leaf_width, max_nodes)
+
+
+def greedy_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float, max_iter: int = 1000) -> InnerMax:
+    with _single_thread(_small(a_mat, b_mat)):
+        return _greedy_max_impl(a_mat, b_mat, lo, hi, max_iter)
+
+
+enumerate_max.__doc__ = _enumerate_max_impl.__doc__
+branch_and_bound.__doc__ = _branch_and_bound_impl.__doc__
+greedy_max.__doc__ = _greedy_max_impl.__doc__
+
+
+# --- chains -------------------------------------------------------------------------
+
+
+@dataclass
+class ChainBound:
+    """SeqLip on one chain of dense matrices: ``value`` (certified iff ``certified``), the per-activation
+    inner results, and ``autolip`` = prod ||M_i|| prod max|s_i'| for comparison."""
+
+    value: float
+    certified: bool
+    method: str
+    autolip: float
+    inner: list[InnerMax] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(m.to(_DT), full_matrices=False)
+    keep = s > s[0] * 1e-13 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    if not bool(keep.any()):
+        keep = torch.zeros_like(s, dtype=torch.bool)
+        keep[:1] = True
+    return u[:, keep], s[keep], vh[keep]
+
+
+def inner_factors(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The SeqLip pairs ``(A_i, B_i) = (S~_{i+1} V_{i+1}^T, U_i S~_i)`` for i = 0..K-2 (``V^T``, not ``V``)."""
+    svds = [_svd(m) for m in mats]
+    k = len(mats)
+    pairs = []
+    for i in range(k - 1):
+        u_i, s_i, _ = svds[i]
+        _, s_n, vh_n = svds[i + 1]
+        right = s_i if i == 0 else s_i.sqrt()
+        left = s_n if i + 1 == k - 1 else s_n.sqrt()
+        pairs.append((left[:, None] * vh_n, u_i * right[None, :]))
+    return pairs
+
+
+def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]],
+                 budget: float = INNER_BUDGET) -> ChainBound:
+    """Certified SeqLip bound on ``M_K D_{K-1} ... D_1 M_1`` over all ``D_i = diag([a_i, b_i]^n)``.
+
+    ``mats``: dense ``(out, in)`` matrices; ``slopes``: one interval per activation (``len(mats) - 1``).
+    Value ``prod_i inner_max_i``, inflated for rounding (see the module docstring); capped by the
+    dense AutoLip product ``prod ||M_i|| prod max(|a_i|, |b_i|)``, also certified.
+    """
+    t0 = time.perf_counter()
+    if len(slopes) != len(mats) - 1:
+        raise ValueError("need one slope interval per activation (len(mats) - 1)")
+    norms = [_norm(m.to(_DT)) for m in mats]
+    auto = math.prod(norms) * math.prod(max(abs(a), abs(b)) for a, b in slopes)
+    auto_cert = auto * (1 + ROUNDING_MARGIN) ** len(mats)
+    if len(mats) == 1:
+        return ChainBound(auto_cert, True, "dense SVD norm", auto_cert, [], time.perf_counter() - t0)
+    results = [inner_max(a_m, b_m, lo, hi, budget) for (a_m, b_m), (lo, hi) in zip(inner_factors(mats), slopes,
+                                                                                   strict=True)]
+    raw = math.prod(r.lower if r.exact else r.value for r in results)
+    value = raw * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * auto
+    exact = all(r.exact for r in results)
+    method = "SeqLip, exact inner maxima" if exact else "SeqLip, certified inner bounds (" + ", ".join(
+        sorted({r.method for r in results})) + ")"
+    if value > auto_cert:
+        value, method = auto_cert, method + "; capped by the dense AutoLip product"
+    return ChainBound(value, True, method, auto_cert, results, time.perf_counter() - t0)
+
+
+def seqlip_lower_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]],
+                       method: str = "greedy", topk: int | None = None) -> ChainBound:
+    """ESTIMATE of SeqLip (not certified): greedy inner maxima, optionally on the top-``topk`` singular
+    triplets of each matrix only (the published heuristic for large layers)."""
+    t0 = time.perf_counter()
+    if topk is not None:
+        mats = [(lambda usv: (usv[0][:, :topk] * usv[1][:topk]) @ usv[2][:topk])(_svd(m)) for m in mats]
+    norms = [_norm(m.to(_DT)) for m in mats]
+    auto = math.prod(norms) * math.prod(max(abs(a), abs(b)) for a, b in slopes)
+    if len(mats) == 1:
+        return ChainBound(auto, False, "estimate", auto, [], time.perf_counter() - t0)
+    res = [greedy_max(a_m, b_m, lo, hi) for (a_m, b_m), (lo, hi) in zip(inner_factors(mats), slopes, strict=True)]
+    label = f"greedy SeqLip{f' on top-{topk} singular vectors' if topk else ''} (ESTIMATE, not certified)"
+    return ChainBound(math.prod(r.value for r in res), False, label, auto, res, time.perf_counter() - t0)
+
+
+seqlip_estimate = seqlip_lower_chain
+
+
+# --- segments in the IR --------------------------------------------------------------
+
+
+def _members_autolip(seg: Segment, local: Mapping[str, LocalConstant]) -> tuple[float, bool]:
+    value, cert = 1.0, True
+    for n in seg.nodes:
+        lc = local[n]
+        value *= lc.partials[0] if lc.partials else 0.0
+        cert = cert and lc.certified
+    return value, cert
+
+
+def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant],
+                  budget: float = INNER_BUDGET, max_dense: int = MAX_DENSE,
+                  estimate: bool = False) -> dict[str, Any]:
+    """SeqLip on one segment; groups too large to materialise (``> max_dense`` entries) split the chain
+    and use the rule table's per-node norms (AutoLip) for that group and its neighbouring activations.
+    Returns the report dict ``{"nodes", "autolip", "seqlip", "certified", "method", ...}``."""
+    t0 = time.perf_counter()
+    auto, auto_cert = _members_autolip(seg, local)
+    mats = [group_matrix(g, grp, max_dense) for grp in seg.groups]
+    value, cert = 1.0, True
+    notes: list[str] = []
+    inner: list[dict[str, Any]] = []
+    run: list[torch.Tensor] = []
+    run_slopes: list[tuple[float, float]] = []
+    est_value: float | None = 1.0 if estimate else None
+
+    def flush() -> None:
+        nonlocal value, cert, est_value
+        if not run:
+            return
+        cb = seqlip_chain(run, run_slopes, budget)
+        value *= cb.value
+        cert = cert and cb.certified
+        notes.append(cb.method)
+        inner.extend({"width": r.pattern.numel() if r.pattern is not None else None, "value": r.value,
+                      "attained": r.lower, "exact": r.exact, "method": r.method, "seconds": r.seconds}
+                     for r in cb.inner)
+        if est_value is not None:
+            est_value *= seqlip_lower_chain(run, run_slopes).value
+        run.clear()
+        run_slopes.clear()
+
+    for i, (grp, m) in enumerate(zip(seg.groups, mats, strict=True)):
+        if m is None:
+            flush()
+            out_n, in_n = group_dims(g, grp)
+            gv, gc = 1.0, True
+            for n in grp:
+                gv *= local[n].partials[0]
+                gc = gc and local[n].certified
+            value *= gv
+            cert = cert and gc
+            if est_value is not None:
+                est_value *= gv
+            notes.append(f"group {grp[0]}..{grp[-1]} ({in_n}->{out_n} entries > {max_dense}) too large for "
+                         f"dense SeqLip: fallback to the rule table's per-node norms "
+                         f"({'certified' if gc else 'estimate'})")
+            continue
+        if run:
+            run_slopes.append(seg.slopes[i - 1])
+        run.append(m)
+    flush()
+    # Activations next to a group that was not materialised: their slope bound max(|a|, |b|), once each.
+    for j, (a, b) in enumerate(seg.slopes):
+        if mats[j] is None or mats[j + 1] is None:
+            value *= max(abs(a), abs(b))
+            if est_value is not None:
+                est_value *= max(abs(a), abs(b))
+    seq = min(value, auto) if cert and auto_cert else value
+    method = "; ".join(notes)
+    if cert and auto_cert and auto < value:
+        method += "; AutoLip product of the members is smaller"
+    out: dict[str, Any] = {
+        "nodes": list(seg.nodes), "autolip": auto, "seqlip": seq, "certified": bool(cert),
+        "method": method, "entry": seg.entry, "groups": [list(x) for x in seg.groups],
+        "slopes": [list(s) for s in seg.slopes], "inner": inner, "seconds": time.perf_counter() - t0,
+    }
+    if est_value is not None:
+        out["greedy_estimate"] = est_value
+    return out
+
+
+def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: BoundContext | None = None, *,
+          budget: float = INNER_BUDGET, max_dense: int = BOUND_MAX_DENSE, total_budget: float = TOTAL_BUDGET,
+          estimate: bool = False) -> tuple[BoundResult, list[dict[str, Any]], float]:
+    """AutoLip with each segment's SeqLip value in place of the product of its members.
+
+    Segments are processed in topological order; the bound at a segment's last
+    node becomes ``SeqLip(segment) * L(entry)`` (an AutoLip override, valid for
+    single-entry single-exit chains, see :mod:`lipgraph.bounds.chains`).
+    ``budget``: seconds per inner maximisation; ``total_budget``: seconds for
+    all segments (later segments are recorded as skipped and keep AutoLip);
+    ``max_dense``: largest group materialised. ``estimate=True`` adds the
+    greedy SeqLip estimate to each segment record. Returns
+    ``(BoundResult, segment dicts, seconds)``.
+    """
+    t0 = time.perf_counter()
+    segs = find_segments(g)
+    records: list[dict[str, Any]] = []
+    overrides: dict[str, autolip_mod.Cumulative] = {}
+    for seg in segs:
+        left = total_budget - (time.perf_counter() - t0)
+        if left <= 0:
+            auto, _ = _members_autolip(seg, local)
+            records.append({"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
+                            "method": f"skipped: SeqLip time budget ({total_budget:g}s) spent, AutoLip kept",
+                            "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
+            continue
+        rec = segment_bound(g, seg, local, min(budget, left), max_dense, estimate)
+        records.append(rec)
+        if not rec["certified"]:
+            continue
+        cum = autolip_mod.autolip(g, local, overrides)
+        entry = cum[seg.entry]
+        overrides[seg.last] = autolip_mod.Cumulative(rec["seqlip"] * entry.value, entry.certified)
+    cum = autolip_mod.autolip(g, local, overrides)
+    out = cum[g.graph["output"]]
+    secs = time.perf_counter() - t0
+    used = sum(1 for r in records if r["certified"])
+    result = BoundResult(out.value, out.certified,
+                         f"AutoLip with SeqLip on {used} linear-chain segment(s)", secs,
+                         {"segments": len(records)})
+    return result, records, secs
+
+
+__all__ = [
+    "ChainBound", "InnerMax", "bound", "branch_and_bound", "enumerate_max", "greedy_max", "inner_factors",
+    "inner_max", "segment_bound", "seqlip_chain", "seqlip_estimate", "seqlip_lower_chain", "spectral_norms",
+]
+

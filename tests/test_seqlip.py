@@ -1,0 +1,197 @@
+"""SeqLip: exactness of the inner maxima, soundness against brute force and lower bounds."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lipgraph
+from lipgraph.bounds import seqlip as S
+
+D = torch.float64
+
+
+def brute_force(w1: torch.Tensor, w2: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> float:
+    """max_{s in {lo,hi}^n} ||W2 diag(s) W1|| by listing every pattern."""
+    n = w1.shape[0]
+    return max(
+        float(torch.linalg.matrix_norm(w2 @ torch.diag(torch.tensor(s, dtype=D)) @ w1, ord=2))
+        for s in itertools.product([lo, hi], repeat=n)
+    )
+
+
+def seed_formula(w1: torch.Tensor, w2: torch.Tensor) -> float:
+    """The published code's 'exact' SeqLip: sqrt(s1 s2) max_s ||S2^(1/2) V2 diag(s) U1 S1^(1/2)||, with
+    numpy's ``vh.T`` = V where V^T belongs."""
+    u1, s1, _ = torch.linalg.svd(w1)
+    _, s2, vh2 = torch.linalg.svd(w2)
+    v2 = vh2.T  # the bug: V instead of V^T
+    a = torch.diag(s2.sqrt()) @ v2[: s2.numel()]
+    b = u1[:, : s1.numel()] @ torch.diag(s1.sqrt())
+    inner = brute_force(b, a)
+    return inner * float((s1[0] * s2[0]).sqrt())
+
+
+def mlp(w1: torch.Tensor, w2: torch.Tensor) -> nn.Module:
+    m = nn.Sequential(nn.Linear(w1.shape[1], w1.shape[0], bias=False), nn.ReLU(),
+                      nn.Linear(w2.shape[1], w2.shape[0], bias=False))
+    with torch.no_grad():
+        m[0].weight.copy_(w1)
+        m[2].weight.copy_(w2)
+    return m
+
+
+def test_seed_bug_network_constant_is_exactly_4():
+    # W1 invertible: every ReLU pattern is reached, so L = max_s ||W2 diag(s) W1|| = 4 (s = (1, 1)).
+    w1 = torch.tensor([[-1.0, 0.0], [-1.0, 2.0]], dtype=D)
+    w2 = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]], dtype=D)
+    assert brute_force(w1, w2) == pytest.approx(4.0, abs=1e-12)
+    assert seed_formula(w1, w2) < 3.41  # the published formula falls below the true constant
+    cb = S.seqlip_chain([w1, w2], [(0.0, 1.0)])
+    assert cb.certified and cb.inner[0].exact
+    assert 4.0 <= cb.value <= 4.0 * (1 + 1e-8)
+    rep = lipgraph.analyze(mlp(w1, w2).float(), torch.randn(1, 2), method="seqlip", lower=False)
+    seq = rep.bounds["autolip+seqlip"]
+    assert seq.certified and seq.value == pytest.approx(4.0, rel=1e-6)
+    assert rep.bounds["autolip"].value > 4.5
+
+
+@pytest.mark.parametrize("n", [3, 6, 10])
+def test_one_hidden_layer_exact_equals_brute_force(n):
+    g = torch.Generator().manual_seed(n)
+    w1 = torch.randn(n, n + 1, generator=g, dtype=D)  # input dim >= width: every pattern reachable
+    w2 = torch.randn(3, n, generator=g, dtype=D)
+    truth = brute_force(w1, w2)
+    cb = S.seqlip_chain([w1, w2], [(0.0, 1.0)])
+    assert cb.inner[0].exact and cb.inner[0].method == "enumeration"
+    assert truth <= cb.value <= truth * (1 + 1e-8)
+    (a, b), = S.inner_factors([w1, w2])
+    bb = S.branch_and_bound(a, b, 0.0, 1.0, leaf_width=2)
+    assert bb.exact and truth <= bb.value <= truth * (1 + 1e-8)
+
+
+def test_greedy_falls_below_the_true_constant():
+    g = torch.Generator().manual_seed(243)
+    w1 = torch.randn(6, 6, generator=g, dtype=D)
+    w2 = torch.randn(2, 6, generator=g, dtype=D)
+    truth = brute_force(w1, w2)
+    greedy = S.seqlip_lower_chain([w1, w2], [(0.0, 1.0)])
+    assert not greedy.certified and "ESTIMATE" in greedy.method
+    assert greedy.value < 0.95 * truth  # an estimate, not a bound
+    assert S.seqlip_chain([w1, w2], [(0.0, 1.0)]).value >= truth
+
+
+def test_enumeration_and_branch_and_bound_agree_and_budget_is_honest():
+    g = torch.Generator().manual_seed(1)
+    w = [torch.randn(18, 2, generator=g, dtype=D), torch.randn(18, 18, generator=g, dtype=D) / 4,
+         torch.randn(1, 18, generator=g, dtype=D)]
+    (a, b), _ = S.inner_factors(w)
+    ex = S.enumerate_max(a, b, 0.0, 1.0)
+    bb = S.branch_and_bound(a, b, 0.0, 1.0, budget=30)
+    assert ex.exact and bb.exact
+    assert bb.value == pytest.approx(ex.value, rel=1e-9)
+    # A wide layer with a tiny budget: not exact, but a certified value between the best pattern and AutoLip.
+    w = [torch.randn(60, 60, generator=g, dtype=D), torch.randn(5, 60, generator=g, dtype=D)]
+    (a, b), = S.inner_factors(w)
+    r = S.branch_and_bound(a, b, 0.0, 1.0, budget=0.2)
+    assert r.certified and not r.exact and "not exact" in r.method
+    assert r.lower <= r.value <= float(torch.linalg.matrix_norm(w[0], 2) * torch.linalg.matrix_norm(w[1], 2))
+
+
+def test_negative_slopes_use_box_vertices():
+    # GELU-like interval [a, b] with a < 0: the norm is convex in the diagonal, so vertices suffice.
+    g = torch.Generator().manual_seed(3)
+    w1, w2 = torch.randn(5, 7, generator=g, dtype=D), torch.randn(4, 5, generator=g, dtype=D)
+    lo, hi = -0.13, 1.13
+    cb = S.seqlip_chain([w1, w2], [(lo, hi)])
+    assert cb.value >= brute_force(w1, w2, lo, hi)
+    for _ in range(200):
+        d = lo + (hi - lo) * torch.rand(5, generator=g, dtype=D)
+        assert float(torch.linalg.matrix_norm(w2 @ torch.diag(d) @ w1, 2)) <= cb.value
+
+
+def _jacobian_lower(model: nn.Module, shape: tuple[int, ...], points: int = 64) -> float:
+    g = torch.Generator().manual_seed(0)
+    best = 0.0
+    for _ in range(points):
+        x = 2 * torch.randn(shape, generator=g, dtype=D)
+        j = torch.autograd.functional.jacobian(model, x).reshape(-1, x.numel())
+        best = max(best, float(torch.linalg.matrix_norm(j, 2)))
+    return best
+
+
+ACTS = {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.1), "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+        "gelu": nn.GELU}
+
+
+@pytest.mark.parametrize("depth", [2, 3, 5])
+@pytest.mark.parametrize("act", list(ACTS))
+def test_lower_le_seqlip_le_autolip(depth, act):
+    torch.manual_seed(depth * 7 + len(act))
+    widths = [4] + [8] * (depth - 1) + [3]
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < depth - 1:
+            layers.append(ACTS[act]())
+    model = nn.Sequential(*layers).double()
+    rep = lipgraph.analyze(model.float(), torch.randn(1, 4), method="seqlip", lower=False)
+    auto, seq = rep.bounds["autolip"].value, rep.bounds["autolip+seqlip"]
+    assert seq.certified
+    lower = _jacobian_lower(model.double(), (1, 4))
+    assert lower <= seq.value * (1 + 1e-6)
+    assert seq.value <= auto * (1 + 1e-9)
+    (segment,) = rep.segments
+    assert segment["certified"] and len(segment["groups"]) == depth
+
+
+def test_mlp_bound_matches_chain_and_report_json():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1))
+    rep = lipgraph.analyze(model, torch.randn(1, 2), method="seqlip", lower=False)
+    mats = [m.weight.detach().double() for m in model if isinstance(m, nn.Linear)]
+    cb = S.seqlip_chain(mats, [(0.0, 1.0)] * 2)
+    assert rep.bounds["autolip+seqlip"].value == pytest.approx(cb.value, rel=1e-9)
+    d = rep.to_dict()
+    seg = d["segments"][0]
+    assert {"nodes", "autolip", "seqlip", "certified", "method"} <= set(seg)
+    assert seg["seqlip"] < seg["autolip"]
+    assert rep.upper == pytest.approx(cb.value, rel=1e-9)
+
+
+def test_conv_segment_dense_and_fallback():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
+    model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 1, 6, 6)
+    g = lipgraph.trace(model, x)
+    from lipgraph.bounds.local import local_constants
+    from lipgraph.ops import BoundContext
+
+    local = {k: v[0] for k, v in local_constants(g, BoundContext()).items()}
+    res, segs, _ = S.bound(g, local, budget=2.0)
+    (seg,) = segs
+    assert seg["certified"] and "fallback" not in seg["method"]
+    assert res.value <= seg["autolip"] * (1 + 1e-6) or not all(local[n].certified for n in seg["nodes"])
+    assert _jacobian_lower(model.double(), (1, 1, 6, 6), 16) <= res.value * (1 + 1e-6)
+    _, segs_small, _ = S.bound(g, local, budget=1.0, max_dense=50)
+    assert "fallback" in segs_small[0]["method"]
+    assert segs_small[0]["seqlip"] >= seg["seqlip"] * (1 - 1e-9) or not segs_small[0]["certified"]
+
+
+def test_greedy_estimate_is_labelled_and_ordered():
+    g = torch.Generator().manual_seed(5)
+    mats = [torch.randn(12, 3, generator=g, dtype=D), torch.randn(12, 12, generator=g, dtype=D),
+            torch.randn(2, 12, generator=g, dtype=D)]
+    slopes = [(0.0, 1.0)] * 2
+    exact = S.seqlip_chain(mats, slopes)
+    est = S.seqlip_estimate(mats, slopes)
+    top = S.seqlip_estimate(mats, slopes, topk=2)
+    assert not est.certified and not top.certified and "top-2" in top.method
+    assert est.value <= exact.value
+    assert math.isfinite(top.value)
