@@ -850,3 +850,6 @@ TUPLE_FIRST: dict[Any, tuple[Callable[..., Any], Callable[..., tuple[tuple, dict
     ),
     _aten.adaptive_max_pool2d.default: (F.adaptive_max_pool2d, lambda x, size: ((x, size), {})),
 }
+
+_fn(aten_narrow, torch.narrow)
+_method(aten_narrow, "narrow")

@@ -1,0 +1,285 @@
+"""The PyTorch frontend: one vocabulary for every spelling, errors with the user's line, torch.export fallback."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import Fn
+
+import lipgraph
+from lipgraph import TraceError, analyze, execute, ir, trace
+
+
+def kinds(model: nn.Module, *xs: torch.Tensor) -> list[str]:
+    """The IR op kinds in order, after checking that the IR reproduces the model."""
+    g = trace(model, xs if len(xs) > 1 else xs[0])
+    with torch.no_grad():
+        expected = model(*[x.clone() for x in xs])
+        got = execute(g, *[x.clone() for x in xs])
+    torch.testing.assert_close(got, expected)
+    return [n.op for n in ir.nodes(g)]
+
+
+def same_kinds(models: list[nn.Module], *xs: torch.Tensor) -> list[str]:
+    first = kinds(models[0], *xs)
+    for m in models[1:]:
+        assert kinds(m, *xs) == first, type(m).__name__
+    return first
+
+
+# --- normalisation: every spelling, one op kind ---------------------------------------------
+
+
+class ReluModule(nn.Module):
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=inplace)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin(x))
+
+
+class ReluFn(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.lin(x))
+
+
+def test_relu_spellings() -> None:
+    torch.manual_seed(1)
+    models = [ReluModule(), ReluModule(inplace=True), ReluFn(F.relu), ReluFn(torch.relu), ReluFn(lambda t: t.relu()),
+              ReluFn(lambda t: F.relu(t, inplace=True)), ReluFn(lambda t: t.relu_()), ReluFn(torch.relu_)]
+    for m in models[1:]:
+        m.lin.load_state_dict(models[0].lin.state_dict())
+    assert same_kinds(models, torch.randn(3, 4)) == ["input", "linear", "relu", "output"]
+
+
+class AddSpelling(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        torch.manual_seed(2)
+        for p in self.parameters():
+            nn.init.normal_(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = self.a(x), self.b(x)
+        if self.how == "+":
+            return u + v
+        if self.how == "+=":
+            u += v
+            return u
+        if self.how == "torch.add":
+            return torch.add(u, v)
+        return u.add(v)
+
+
+def test_add_spellings() -> None:
+    ops = same_kinds([AddSpelling(h) for h in ("+", "+=", "torch.add", "method")], torch.randn(2, 4))
+    assert ops.count("add") == 1
+
+
+@pytest.mark.parametrize("group,expected", [
+    ([lambda t: t.view(2, -1), lambda t: t.reshape(2, 12), lambda t: t.flatten(1), lambda t: torch.flatten(t, 1),
+      lambda t: torch.reshape(t, (2, -1)), nn.Flatten()], "reshape"),
+    ([lambda t: torch.cat([t, t * 2], 1), lambda t: torch.concat([t, t * 2], dim=1),
+      lambda t: torch.concatenate((t, t * 2), 1)], "cat"),
+    ([lambda t: torch.stack([t, t * 2], 1), lambda t: torch.stack((t, t * 2), dim=-3)], "stack"),
+], ids=["reshape", "cat", "stack"])
+def test_shape_spellings(group, expected: str) -> None:
+    ops = same_kinds([Fn(f) if not isinstance(f, nn.Module) else nn.Sequential(f) for f in group],
+                     torch.randn(2, 3, 4))
+    assert expected in ops
+
+
+def test_split_spellings() -> None:
+    def first_two(parts):
+        return parts[0] - parts[1]
+
+    group = [lambda t: first_two(t.chunk(2, dim=1)), lambda t: first_two(torch.chunk(t, 2, 1)),
+             lambda t: first_two(t.split(3, dim=1)), lambda t: first_two(torch.split(t, [3, 3], dim=1))]
+    ops = same_kinds([Fn(f) for f in group], torch.randn(2, 6))
+    assert ops == ["input", "split", "tuple_getitem", "tuple_getitem", "add", "output"]
+    # unpacking spelling and plain indexing
+    assert kinds(Fn(lambda t: (lambda a, b: a - b)(*t.chunk(2, 1))), torch.randn(2, 6)) == ops
+    assert same_kinds([Fn(lambda t: t[:, 1:3]), Fn(lambda t: t.narrow(1, 1, 2))], torch.randn(2, 6)) == [
+        "input", "getitem", "output"]
+
+
+def test_ir_reproduces_output_and_bound_with_every_spelling() -> None:
+    x = torch.randn(2, 4)
+    bounds = {h: analyze(AddSpelling(h), x, lower=False).upper for h in ("+", "+=", "torch.add", "method")}
+    assert len(set(bounds.values())) == 1
+
+
+# --- regressions: values the frontend must not freeze -----------------------------------------------
+
+
+def test_attention_module_output_is_not_a_constant() -> None:
+    """nn.MultiheadAttention returns (out, None): it must stay a node (inf), not be folded to a constant."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y, _ = self.attn(x, x, x, need_weights=False)
+            return y
+
+    r = analyze(Block(), torch.randn(1, 5, 8), lower=False)
+    assert math.isinf(r.upper)
+    assert any("attention" in item["reason"] for item in r.not_lipschitz)
+
+
+def test_inplace_op_on_a_reused_tensor() -> None:
+    """relu(x, inplace=True) overwrites x: later reads of x see relu(x)."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x * 1.0
+            y = self.act(x)
+            return x + y  # = 2 relu(x)
+
+    x = torch.randn(10)
+    g = trace(M(), x)
+    torch.testing.assert_close(execute(g, x), 2 * torch.relu(x))
+
+
+def test_item_is_refused_with_the_line() -> None:
+    class M(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x.sum().item()
+
+    line = inspect.getsourcelines(M.forward)[1] + 1
+    with pytest.raises(TraceError, match=rf"test_trace.py:{line}.*x.sum\(\)"):
+        trace(M(), torch.randn(3))
+
+
+# --- untraceable models and the torch.export fallback ------------------------------------------------
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.lin(x)
+        return x
+
+
+class ShapeDependent(nn.Module):
+    """Python control flow on shapes: torch.fx fails, torch.export specialises it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(6, 5)
+        with torch.no_grad():
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.running_mean.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 4:
+            x = F.max_pool2d(x, 2)
+        y = F.relu(self.bn(self.conv(x)))
+        y = F.pad(y, (1, 1, 1, 1), mode="reflect")
+        y = F.avg_pool2d(y, 3, stride=2, padding=1, count_include_pad=False)
+        a, b = y.chunk(2, dim=1)
+        y = torch.cat([F.gelu(a), torch.sigmoid(b[:, :, 1:, :].mean(2, keepdim=True)).expand_as(a)], 1)
+        y = F.adaptive_avg_pool2d(y, 1).flatten(1)
+        y = self.ln(y.view(-1, 1, 4).transpose(1, 2).reshape(-1, 4)).reshape(y.shape[0], -1)
+        return self.fc(torch.cat([y, y[:, :2] - 0.5 * y[:, 2:]], 1)).softmax(-1)
+
+
+class ShapeDependentFx(ShapeDependent):
+    """The same function without the Python branch (traceable by torch.fx)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(x, 2)
+        y = F.relu(self.bn(self.conv(x)))
+        y = F.pad(y, (1, 1, 1, 1), mode="reflect")
+        y = F.avg_pool2d(y, 3, stride=2, padding=1, count_include_pad=False)
+        a, b = y.chunk(2, dim=1)
+        y = torch.cat([F.gelu(a), torch.sigmoid(b[:, :, 1:, :].mean(2, keepdim=True)).expand_as(a)], 1)
+        y = F.adaptive_avg_pool2d(y, 1).flatten(1)
+        y = self.ln(y.view(-1, 1, 4).transpose(1, 2).reshape(-1, 4)).reshape(y.shape[0], -1)
+        return self.fc(torch.cat([y, y[:, :2] - 0.5 * y[:, 2:]], 1)).softmax(-1)
+
+
+def test_data_dependent_control_flow_names_the_line() -> None:
+    line = inspect.getsourcelines(DataDependent.forward)[1] + 1
+    with pytest.raises(TraceError) as info:
+        trace(DataDependent(), torch.randn(2, 4))
+    msg = str(info.value)
+    assert f"test_trace.py:{line}" in msg and "if x.sum() > 0" in msg
+    assert "torch.where" in msg and "constants=" in msg  # the suggested fixes
+    assert "\n" not in msg  # one line for the CLI
+
+
+def test_shape_dependent_control_flow_uses_torch_export() -> None:
+    torch.manual_seed(3)
+    m = ShapeDependent().eval()
+    ref = ShapeDependentFx().eval()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 12, 12)
+    g = trace(m, x)
+    assert g.graph["frontend"] == "torch.export"
+    torch.testing.assert_close(execute(g, x), m(x))
+    # every aten op maps onto the same vocabulary as the fx spelling: no opaque node, same bound
+    g_fx = trace(ref, x)
+    assert g_fx.graph["frontend"] == "torch.fx"
+    assert "opaque" not in ir.summary(g)
+    kinds_export = {k: v for k, v in ir.summary(g).items() if k not in ("identity", "constant")}
+    kinds_fx = {k: v for k, v in ir.summary(g_fx).items() if k not in ("identity", "constant")}
+    assert kinds_export == kinds_fx
+    r, r_fx = analyze(m, x, lower=False), analyze(ref, x, lower=False)
+    assert math.isfinite(r.upper)
+    assert r.bounds["autolip"].value == pytest.approx(r_fx.bounds["autolip"].value, rel=1e-9)
+    # module paths survive torch.export
+    assert {"conv", "bn", "fc", "ln"} <= {n.module_path for n in r.nodes}
+
+
+def test_export_of_data_dependent_model_keeps_constants_leaf_error() -> None:
+    """A user constant on the module holding the branch makes it a leaf: fx then succeeds."""
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = DataDependent()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.inner(x))
+
+    r = analyze(Outer(), torch.randn(2, 4), constants={"inner": 3.0}, lower=False)
+    assert r.graph.graph["frontend"] == "torch.fx"
+    node = next(n for n in r.nodes if n.module_path == "inner")
+    assert node.local == 3.0 and not node.certified
+
+
+def test_wrong_number_of_inputs() -> None:
+    with pytest.raises(lipgraph.InputShapeError, match="2 example input"):
+        trace(nn.Linear(3, 3), (torch.randn(1, 3), torch.randn(1, 3)))
+    with pytest.raises(lipgraph.InputShapeError, match="failed at"):
+        trace(nn.Sequential(nn.Linear(3, 3)), torch.randn(1, 4))
