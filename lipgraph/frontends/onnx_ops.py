@@ -1,0 +1,780 @@
+"""ONNX op -> canonical IR op: the mapping table of the ONNX frontend.
+
+Each mapping ``fn(builder, node, inputs, attrs)`` receives the node's inputs
+as :class:`~lipgraph.frontends.onnx.Value` s (``None`` for absent optional
+inputs) and emits IR nodes of the kinds the rule table already knows, with
+exactly the attrs and params the PyTorch frontend gives their twins, so the
+same rules (forward and Lipschitz) run. Defaults that ONNX does not share with
+PyTorch (pool strides, ``count_include_pad``, HardSigmoid's alpha) are filled
+here. A mapping raises :class:`~lipgraph.frontends.onnx.Unsupported` (or
+returns ``None``) when it cannot express the node; the node then stays
+``opaque`` (an honest ``inf``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import onnx
+import torch
+
+from .onnx import Builder, Unsupported, Value
+
+Mapping = Callable[[Builder, onnx.NodeProto, list[Value | None], dict[str, Any]], Any]
+
+MAPPINGS: dict[str, Mapping] = {}
+
+#: Ops whose output depends only on the input's shape: folded to constants on the example input.
+SHAPE_ONLY = frozenset({"Shape", "Size"})
+#: Ops never folded even with constant inputs (random generators).
+NEVER_FOLD = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                        "Bernoulli"})
+
+
+def mapping(*ops: str) -> Callable[[Mapping], Mapping]:
+    def deco(fn: Mapping) -> Mapping:
+        for op in ops:
+            MAPPINGS[op] = fn
+        return fn
+
+    return deco
+
+
+def _var(v: Value | None) -> Value:
+    if v is None or not v.is_var:
+        raise Unsupported("expected an input-dependent first operand")
+    return v
+
+
+def _ints(v: Value | None) -> list[int] | None:
+    if v is None:
+        return None
+    if v.is_var:
+        raise Unsupported("shape-like operand depends on the input")
+    return [int(x) for x in v.value.reshape(-1).tolist()]
+
+
+def _scalar(v: Value | None, default: float) -> float:
+    if v is None or (not v.is_var and v.value.numel() == 0):
+        return default
+    if v.is_var:
+        raise Unsupported("scalar operand depends on the input")
+    return float(v.value.reshape(-1)[0])
+
+
+def _input_or_attr(b: Builder, ins: list[Value | None], idx: int, at: dict[str, Any], name: str,
+                   since: int) -> list[int] | None:
+    """An int-list that moved from an attribute to an input at opset ``since``."""
+    if b.opset >= since:
+        return _ints(ins[idx]) if len(ins) > idx else None
+    v = at.get(name)
+    return [int(x) for x in v] if v is not None else None
+
+
+# --- identity-like ----------------------------------------------------------------------------
+
+
+@mapping("Identity")
+def _identity(b, node, ins, at):
+    return b.emit("identity", [_var(ins[0])])
+
+
+@mapping("Dropout")
+def _dropout(b, node, ins, at):
+    x = _var(ins[0])
+    if len(ins) > 2 and ins[2] is not None and (ins[2].is_var or bool(ins[2].value.reshape(-1)[0])):
+        raise Unsupported("training-mode dropout")
+    out = b.emit("identity", [x])
+    mask = Value(None, torch.ones(x.shape, dtype=torch.bool))
+    return [out, mask]
+
+
+@mapping("Cast", "CastLike")
+def _cast(b, node, ins, at):
+    x = _var(ins[0])
+    if node.op_type == "Cast":
+        dtype = _np_to_torch(onnx.helper.tensor_dtype_to_np_dtype(int(at["to"])))
+    else:
+        dtype = ins[1].value.dtype if ins[1] is not None else x.value.dtype
+    if not (dtype.is_floating_point and x.value.dtype.is_floating_point):
+        raise Unsupported("a cast to or from a non-float type")
+    return b.emit("identity", [x], {"dtype": dtype} if dtype != x.value.dtype else {})
+
+
+def _np_to_torch(np_dtype: Any) -> torch.dtype:
+    import numpy as np  # noqa: PLC0415
+
+    return torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
+
+
+# --- activations ------------------------------------------------------------------------------------
+
+_SIMPLE = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softplus": "softplus", "Mish": "mish",
+           "HardSwish": "hardswish", "Abs": "abs"}
+
+
+@mapping(*_SIMPLE)
+def _simple(b, node, ins, at):
+    kind = _SIMPLE[node.op_type]
+    attrs = {"beta": 1.0, "threshold": 20.0} if kind == "softplus" else {}
+    return b.emit(kind, [_var(ins[0])], attrs)
+
+
+@mapping("LeakyRelu")
+def _leaky(b, node, ins, at):
+    return b.emit("leaky_relu", [_var(ins[0])], {"negative_slope": float(at.get("alpha", 0.01))})
+
+
+@mapping("Elu")
+def _elu(b, node, ins, at):
+    return b.emit("elu", [_var(ins[0])], {"alpha": float(at.get("alpha", 1.0))})
+
+
+@mapping("Celu")
+def _celu(b, node, ins, at):
+    return b.emit("celu", [_var(ins[0])], {"alpha": float(at.get("alpha", 1.0))})
+
+
+_SELU_ALPHA, _SELU_GAMMA = 1.6732632423543772, 1.0507009873554805
+
+
+@mapping("Selu")
+def _selu(b, node, ins, at):
+    """Default alpha/gamma: the ``selu`` rule; otherwise ``gamma * elu(x, alpha)`` (elu then scale)."""
+    x = _var(ins[0])
+    alpha, gamma = float(at.get("alpha", _SELU_ALPHA)), float(at.get("gamma", _SELU_GAMMA))
+    if math.isclose(alpha, _SELU_ALPHA, rel_tol=1e-6) and math.isclose(gamma, _SELU_GAMMA, rel_tol=1e-6):
+        return b.emit("selu", [x])
+    y = b.emit("elu", [x], {"alpha": alpha})
+    return b.emit("scale", [y], {"divide": False}, {"const": torch.tensor(gamma)})
+
+
+@mapping("Gelu")
+def _gelu(b, node, ins, at):
+    return b.emit("gelu", [_var(ins[0])], {"approximate": str(at.get("approximate", "none"))})
+
+
+@mapping("HardSigmoid")
+def _hardsigmoid(b, node, ins, at):
+    """PyTorch's (alpha=1/6, beta=1/2): the ``hardsigmoid`` rule; otherwise clamp(alpha x + beta, 0, 1)
+    as scale -> add -> hardtanh (ONNX's default is alpha=0.2)."""
+    x = _var(ins[0])
+    alpha, beta = float(at.get("alpha", 0.2)), float(at.get("beta", 0.5))
+    if math.isclose(alpha, 1 / 6, rel_tol=1e-6) and math.isclose(beta, 0.5, rel_tol=1e-7):
+        return b.emit("hardsigmoid", [x])
+    y = b.emit("scale", [x], {"divide": False}, {"const": torch.tensor(alpha, dtype=x.value.dtype)})
+    y = b.emit("add", [y], {"coeffs": [1.0]}, {"const": torch.tensor(beta, dtype=x.value.dtype)})
+    return b.emit("hardtanh", [y], {"min_val": 0.0, "max_val": 1.0})
+
+
+@mapping("PRelu")
+def _prelu(b, node, ins, at):
+    x = _var(ins[0])
+    slope = b.const(ins[1], "slope")
+    if slope.numel() == 1:
+        w = slope.reshape(1)
+    elif b.opset < 7 and slope.ndim == 1 and x.ndim > 1 and slope.numel() == x.shape[1]:
+        w = slope  # legacy PRelu: a 1-D slope is per channel
+    else:
+        full = (1,) * (x.ndim - slope.ndim) + tuple(slope.shape)
+        if x.ndim < 2 or any(s != 1 for i, s in enumerate(full) if i != 1) or full[1] != x.shape[1]:
+            raise Unsupported("a PRelu slope that is not per-channel")
+        w = slope.reshape(-1)
+    return b.emit("prelu", [x], params={"weight": w})
+
+
+@mapping("Clip")
+def _clip(b, node, ins, at):
+    x = _var(ins[0])
+    if b.opset < 11:
+        lo, hi = float(at.get("min", -math.inf)), float(at.get("max", math.inf))
+    else:
+        lo = _scalar(ins[1] if len(ins) > 1 else None, -math.inf)
+        hi = _scalar(ins[2] if len(ins) > 2 else None, math.inf)
+    if lo == -math.inf and hi == math.inf:
+        return b.emit("identity", [x])
+    if lo == 0.0 and hi == 6.0:
+        return b.emit("relu6", [x])
+    return b.emit("hardtanh", [x], {"min_val": lo, "max_val": hi})
+
+
+def _softmax_like(kind: str) -> Mapping:
+    def fn(b, node, ins, at):
+        x = _var(ins[0])
+        nd = max(x.ndim, 1)
+        if b.opset >= 13:
+            return b.emit(kind, [x], {"dim": int(at.get("axis", -1)) % nd})
+        axis = int(at.get("axis", 1)) % nd
+        if axis == nd - 1:
+            return b.emit(kind, [x], {"dim": axis})
+        # before opset 13: softmax over the input flattened to 2-D at ``axis``
+        shape = x.shape
+        flat = (math.prod(shape[:axis]), math.prod(shape[axis:]))
+        y = b.emit("reshape", [x], {"shape": flat})
+        y = b.emit(kind, [y], {"dim": 1})
+        return b.emit("reshape", [y], {"shape": shape})
+
+    return fn
+
+
+MAPPINGS["Softmax"] = _softmax_like("softmax")
+MAPPINGS["LogSoftmax"] = _softmax_like("log_softmax")
+
+
+# --- affine ops ------------------------------------------------------------------------------------
+
+
+@mapping("Gemm")
+def _gemm(b, node, ins, at):
+    """Y = alpha A' B' + beta C -> linear (weight alpha B'^T, bias beta C when C is per-output)."""
+    a_v, b_v = ins[0], ins[1]
+    c_v = ins[2] if len(ins) > 2 else None
+    alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
+    ta, tb = int(at.get("transA", 0)), int(at.get("transB", 0))
+    if a_v is None or b_v is None:
+        raise Unsupported("missing Gemm operand")
+    if b_v.is_var or not a_v.is_var or (c_v is not None and c_v.is_var):
+        return _gemm_general(b, a_v, b_v, c_v, alpha, beta, ta, tb)
+    x = a_v
+    if ta:
+        x = b.emit("permute", [x], {"dims": (1, 0)})
+    w = b_v.value
+    w = w if tb else w.t()  # (N, K)
+    weight = (w * alpha if alpha != 1.0 else w).contiguous()
+    n = weight.shape[0]
+    params = {"weight": weight}
+    extra = None
+    if c_v is not None and beta != 0.0:
+        c = c_v.value * beta if beta != 1.0 else c_v.value
+        if c.numel() == 1:
+            params["bias"] = c.reshape(1).expand(n).clone()
+        elif c.numel() == n and (c.ndim == 1 or c.shape[-1] == n):
+            params["bias"] = c.reshape(n).clone()
+        else:
+            extra = c
+    y = b.emit("linear", [x], params=params)
+    if extra is not None:
+        y = b.emit("add", [y], {"coeffs": [1.0]}, {"const": extra})
+    return y
+
+
+def _gemm_general(b: Builder, a_v: Value, b_v: Value, c_v: Value | None, alpha: float, beta: float, ta: int,
+                  tb: int) -> Value:
+    """Gemm with a variable B or C: transposes, a matmul (of two variables: inf), scale, add."""
+    ops = []
+    for v, t in ((a_v, ta), (b_v, tb)):
+        if t and v.is_var:
+            v = b.emit("permute", [v], {"dims": (1, 0)})
+        elif t:
+            v = Value(None, v.value.t())
+        ops.append(v)
+    a2, b2 = ops
+    if a2.is_var and b2.is_var:
+        y = b.emit("matmul_var", [a2, b2])
+    elif a2.is_var:
+        y = b.emit("matmul_const", [a2], {"left": False}, {"const": b2.value})
+    else:
+        y = b.emit("matmul_const", [b2], {"left": True}, {"const": a2.value})
+    if alpha != 1.0:
+        y = b.emit("scale", [y], {"divide": False}, {"const": torch.tensor(alpha, dtype=y.value.dtype)})
+    if c_v is None or beta == 0.0:
+        return y
+    if c_v.is_var:
+        return b.emit("add", [y, c_v], {"coeffs": [1.0, beta]})
+    return b.emit("add", [y], {"coeffs": [1.0]}, {"const": c_v.value * beta if beta != 1.0 else c_v.value})
+
+
+@mapping("MatMul")
+def _matmul(b, node, ins, at):
+    a_v, b_v = ins[0], ins[1]
+    if a_v.is_var and b_v.is_var:
+        return b.emit("matmul_var", [a_v, b_v])
+    if a_v.is_var:
+        w = b_v.value
+        if w.ndim == 2 and a_v.ndim >= 1:
+            return b.emit("linear", [a_v], params={"weight": w.t().contiguous()})
+        return b.emit("matmul_const", [a_v], {"left": False}, {"const": w})
+    return b.emit("matmul_const", [b_v], {"left": True}, {"const": a_v.value})
+
+
+def _spatial_pads(b: Builder, at: dict[str, Any], in_spatial: Sequence[int], kernel: Sequence[int],
+                  strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
+    """ONNX pads [b_1..b_n, e_1..e_n] after resolving ``auto_pad``."""
+    nd = len(in_spatial)
+    auto = str(at.get("auto_pad", "NOTSET"))
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for i in range(nd):
+            out = -(-in_spatial[i] // strides[i])
+            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - in_spatial[i], 0)
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        return begins + ends
+    if auto == "VALID":
+        return [0] * (2 * nd)
+    pads = [int(p) for p in at.get("pads", [0] * (2 * nd))]
+    if len(pads) != 2 * nd:
+        raise Unsupported("pads of the wrong length")
+    return pads
+
+
+def _fpad(pads: Sequence[int]) -> tuple[int, ...]:
+    """ONNX spatial pads [b..., e...] -> F.pad order (last dim first)."""
+    nd = len(pads) // 2
+    out: list[int] = []
+    for i in reversed(range(nd)):
+        out += [pads[i], pads[nd + i]]
+    return tuple(out)
+
+
+def _pool_geometry(x: Value, at: dict[str, Any], kernel: Sequence[int] | None = None):
+    nd = x.ndim - 2
+    if nd < 1:
+        raise Unsupported("pooling/conv needs (N, C, spatial...) input")
+    k = [int(v) for v in (kernel if kernel is not None else at["kernel_shape"])]
+    s = [int(v) for v in at.get("strides", [1] * nd)]
+    d = [int(v) for v in at.get("dilations", [1] * nd)]
+    return nd, k, s, d
+
+
+@mapping("Conv")
+def _conv(b, node, ins, at):
+    x = _var(ins[0])
+    weight = b.const(ins[1], "weight")
+    bias = b.const(ins[2], "bias") if len(ins) > 2 and ins[2] is not None else None
+    nd, k, s, d = _pool_geometry(x, at, weight.shape[2:])
+    pads = _spatial_pads(b, at, x.shape[2:], k, s, d)
+    if pads[:nd] != pads[nd:]:
+        x = b.emit("pad", [x], {"pad": _fpad(pads), "mode": "constant", "value": 0.0})
+        padding = (0,) * nd
+    else:
+        padding = tuple(pads[:nd])
+    attrs = {"ndim": nd, "stride": tuple(s), "padding": padding, "dilation": tuple(d),
+             "groups": int(at.get("group", 1)), "padding_mode": "zeros"}
+    params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+    return b.emit("conv", [x], attrs, params)
+
+
+@mapping("ConvTranspose")
+def _conv_transpose(b, node, ins, at):
+    x = _var(ins[0])
+    weight = b.const(ins[1], "weight")
+    bias = b.const(ins[2], "bias") if len(ins) > 2 and ins[2] is not None else None
+    nd, k, s, d = _pool_geometry(x, at, weight.shape[2:])
+    out_pad = [int(v) for v in at.get("output_padding", [0] * nd)]
+    in_sp = x.shape[2:]
+    natural = [s[i] * (in_sp[i] - 1) + out_pad[i] + (k[i] - 1) * d[i] + 1 for i in range(nd)]
+    auto = str(at.get("auto_pad", "NOTSET"))
+    if "output_shape" in at or auto in ("SAME_UPPER", "SAME_LOWER"):
+        target = [int(v) for v in at["output_shape"]][-nd:] if "output_shape" in at else [
+            in_sp[i] * s[i] for i in range(nd)]
+        total = [natural[i] - target[i] for i in range(nd)]
+        if any(t < 0 for t in total):
+            raise Unsupported("ConvTranspose output_shape larger than the natural size")
+        if auto == "SAME_UPPER":
+            pads = [t // 2 for t in total] + [t - t // 2 for t in total]
+        else:
+            pads = [t - t // 2 for t in total] + [t // 2 for t in total]
+    elif auto == "VALID":
+        pads = [0] * (2 * nd)
+    else:
+        pads = [int(v) for v in at.get("pads", [0] * (2 * nd))]
+    common = [min(pads[i], pads[nd + i]) for i in range(nd)]
+    attrs = {"ndim": nd, "stride": tuple(s), "padding": tuple(common), "output_padding": tuple(out_pad),
+             "dilation": tuple(d), "groups": int(at.get("group", 1))}
+    params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+    y = b.emit("conv_transpose", [x], attrs, params)
+    if any(pads[i] != pads[nd + i] for i in range(nd)):
+        index: list[Any] = [slice(None), slice(None)]
+        for i in range(nd):
+            lo, hi = pads[i] - common[i], pads[nd + i] - common[i]
+            index.append(slice(lo, y.shape[2 + i] - hi))
+        y = b.emit("getitem", [y], {"index": tuple(index)})
+    return y
+
+
+@mapping("BatchNormalization")
+def _batch_norm(b, node, ins, at):
+    x = _var(ins[0])
+    if int(at.get("training_mode", 0)) or (b.opset < 7 and not int(at.get("is_test", 1 if b.opset >= 6 else 0))):
+        raise Unsupported("training-mode BatchNormalization")
+    scale, bias, mean, var = (b.const(v, "statistic") for v in ins[1:5])
+    c = x.shape[1] if x.ndim > 1 else 1
+    if any(t.numel() != c for t in (scale, bias, mean, var)):
+        raise Unsupported("BatchNormalization with non per-channel statistics")
+    params = {"running_mean": mean.reshape(c), "running_var": var.reshape(c), "weight": scale.reshape(c),
+              "bias": bias.reshape(c)}
+    return b.emit("batch_norm", [x], {"eps": float(at.get("epsilon", 1e-5))}, params)
+
+
+@mapping("InstanceNormalization")
+def _instance_norm(b, node, ins, at):
+    x = _var(ins[0])
+    scale, bias = b.const(ins[1], "scale"), b.const(ins[2], "bias")
+    return b.emit("instance_norm", [x], {"eps": float(at.get("epsilon", 1e-5))},
+                  {"weight": scale.reshape(-1), "bias": bias.reshape(-1)})
+
+
+@mapping("LayerNormalization")
+def _layer_norm(b, node, ins, at):
+    x = _var(ins[0])
+    axis = int(at.get("axis", -1)) % x.ndim
+    shape = tuple(x.shape[axis:])
+    params = {}
+    for key, v in (("weight", ins[1] if len(ins) > 1 else None), ("bias", ins[2] if len(ins) > 2 else None)):
+        if v is not None:
+            params[key] = b.const(v, key).expand(shape).contiguous()
+    return b.emit("layer_norm", [x], {"normalized_shape": shape, "eps": float(at.get("epsilon", 1e-5))}, params)
+
+
+# --- arithmetic ----------------------------------------------------------------------------------------
+
+
+def _legacy_broadcast(b: Builder, at: dict[str, Any], x: Value, c: torch.Tensor) -> torch.Tensor:
+    """Opset < 7 ``broadcast=1, axis=k``: align the constant's dims at axis k of x."""
+    if b.opset >= 7 or not int(at.get("broadcast", 0)) or "axis" not in at:
+        return c
+    axis = int(at["axis"]) % x.ndim
+    return c.reshape(tuple(c.shape) + (1,) * (x.ndim - axis - c.ndim))
+
+
+def _operands(b: Builder, at: dict[str, Any], ins: list[Value | None]) -> tuple[Value, Value]:
+    a, c = ins[0], ins[1]
+    if a is None or c is None:
+        raise Unsupported("missing operand")
+    if a.is_var and not c.is_var:
+        c = Value(None, _legacy_broadcast(b, at, a, c.value))
+    return a, c
+
+
+def _fuse_bias(b: Builder, x: Value, const: torch.Tensor) -> Value | None:
+    """MatMul + Add(bias) from the exporter: fold the bias into the preceding linear node."""
+    from .. import ir  # noqa: PLC0415
+
+    n = ir.node(b.g, x.node)
+    if n.op != "linear" or "bias" in n.params or b.g.out_degree(n.name) != 0:
+        return None
+    out_name = next((o for o, v in b.env.items() if v.node == n.name), None)
+    if out_name is None or b.uses.get(out_name, 0) != 1:
+        return None
+    nout = n.params["weight"].shape[0]
+    if const.numel() != nout or const.ndim < 1 or const.shape[-1] != nout or const.dtype != x.value.dtype:
+        return None
+    n.params["bias"] = const.reshape(nout).clone()
+    return Value(n.name, x.value + n.params["bias"])
+
+
+@mapping("Add", "Sub")
+def _add_sub(b, node, ins, at):
+    a, c = _operands(b, at, ins)
+    sign = -1.0 if node.op_type == "Sub" else 1.0
+    if a.is_var and c.is_var:
+        return b.emit("add", [a, c], {"coeffs": [1.0, sign]})
+    if a.is_var:
+        if sign > 0:
+            fused = _fuse_bias(b, a, c.value)
+            if fused is not None:
+                return fused
+        return b.emit("add", [a], {"coeffs": [1.0]}, {"const": c.value * sign if sign < 0 else c.value})
+    return b.emit("add", [c], {"coeffs": [sign]}, {"const": a.value})
+
+
+@mapping("Sum", "Mean")
+def _sum(b, node, ins, at):
+    present = [v for v in ins if v is not None]
+    w = 1.0 / len(present) if node.op_type == "Mean" else 1.0
+    vars_ = [v for v in present if v.is_var]
+    consts = [v.value for v in present if not v.is_var]
+    params = {}
+    if consts:
+        total = consts[0]
+        for t in consts[1:]:
+            total = total + t
+        params["const"] = total * w if w != 1.0 else total
+    if len(vars_) == 1 and not consts and w == 1.0:
+        return b.emit("identity", vars_)
+    return b.emit("add", vars_, {"coeffs": [w] * len(vars_)}, params)
+
+
+@mapping("Neg")
+def _neg(b, node, ins, at):
+    return b.emit("add", [_var(ins[0])], {"coeffs": [-1.0]})
+
+
+@mapping("Mul")
+def _mul(b, node, ins, at):
+    a, c = _operands(b, at, ins)
+    if a.is_var and c.is_var:
+        return b.emit("mul_var", [a, c])
+    var, const = (a, c) if a.is_var else (c, a)
+    return b.emit("scale", [var], {"divide": False}, {"const": const.value})
+
+
+@mapping("Div")
+def _div(b, node, ins, at):
+    a, c = _operands(b, at, ins)
+    if a.is_var and c.is_var:
+        return b.emit("div_var", [a, c])
+    if not a.is_var:
+        raise Unsupported("a constant divided by a variable")
+    if not c.value.dtype.is_floating_point:
+        raise Unsupported("integer division")
+    return b.emit("scale", [a], {"divide": True}, {"const": c.value})
+
+
+# --- shapes -----------------------------------------------------------------------------------------------
+
+
+@mapping("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(b, node, ins, at):
+    x = _var(ins[0])
+    shape = _reshaped(b, node, x, ins, at)
+    return b.emit("reshape", [x], {"shape": tuple(shape)})
+
+
+def _reshaped(b: Builder, node: onnx.NodeProto, x: Value, ins: list[Value | None], at: dict[str, Any]) -> list[int]:
+    s = list(x.shape)
+    op = node.op_type
+    if op == "Reshape":
+        target = _ints(ins[1]) if b.opset >= 5 else [int(v) for v in at["shape"]]
+        if target is None:
+            raise Unsupported("Reshape without a shape")
+        if not int(at.get("allowzero", 0)):
+            target = [s[i] if t == 0 else t for i, t in enumerate(target)]
+        try:
+            return list(torch.empty(s, dtype=torch.int8).reshape(target).shape)
+        except RuntimeError as exc:
+            from ..errors import InputShapeError  # noqa: PLC0415
+
+            raise InputShapeError(f"ONNX Reshape {node.name!r} cannot reshape {tuple(s)} to {target}: "
+                                  "is the example input shape right for this model?") from exc
+    if op == "Flatten":
+        axis = int(at.get("axis", 1)) % (len(s) + 1) if s else 0
+        return [math.prod(s[:axis]), math.prod(s[axis:])]
+    if op == "Squeeze":
+        axes = _input_or_attr(b, ins, 1, at, "axes", 13)
+        if not axes:
+            return [d for d in s if d != 1]
+        axes = {a % len(s) for a in axes}
+        return [d for i, d in enumerate(s) if i not in axes]
+    axes = _input_or_attr(b, ins, 1, at, "axes", 13) or []
+    n = len(s) + len(axes)
+    axes = sorted(a % n for a in axes)
+    out, it = [], iter(s)
+    for i in range(n):
+        out.append(1 if i in axes else next(it))
+    return out
+
+
+@mapping("Transpose")
+def _transpose(b, node, ins, at):
+    x = _var(ins[0])
+    perm = at.get("perm")
+    dims = tuple(int(p) % x.ndim for p in perm) if perm else tuple(reversed(range(x.ndim)))
+    return b.emit("permute", [x], {"dims": dims})
+
+
+@mapping("Expand")
+def _expand(b, node, ins, at):
+    x = _var(ins[0])
+    shape = tuple(torch.broadcast_shapes(x.shape, tuple(_ints(ins[1]) or [])))
+    if shape == x.shape:
+        return b.emit("identity", [x])
+    return b.emit("expand", [x], {"shape": shape})
+
+
+@mapping("Tile")
+def _tile(b, node, ins, at):
+    x = _var(ins[0])
+    return b.emit("repeat", [x], {"repeats": tuple(_ints(ins[1]) or [])})
+
+
+@mapping("Concat")
+def _concat(b, node, ins, at):
+    present = [v for v in ins if v is not None]
+    first = next(v for v in present if v.is_var)
+    dim = int(at.get("axis", 1 if b.opset < 4 else 0)) % first.ndim
+    return b.emit("cat", present, {"dim": dim})
+
+
+@mapping("Split")
+def _split(b, node, ins, at):
+    x = _var(ins[0])
+    dim = int(at.get("axis", 0)) % x.ndim
+    n_out = len(node.output)
+    sizes = _input_or_attr(b, ins, 1, at, "split", 13)
+    if not sizes:
+        length = x.shape[dim]
+        if b.opset >= 18 and "num_outputs" in at:
+            n_out = int(at["num_outputs"])
+            chunk = -(-length // n_out)
+            sizes = [min(chunk, length - i * chunk) for i in range(n_out)]
+        else:
+            sizes = [length // n_out] * n_out
+    parts = b.emit("split", [x], {"dim": dim, "sizes": list(sizes)})
+    return [b.emit("tuple_getitem", [parts], {"index": i}) for i in range(len(sizes))]
+
+
+@mapping("Slice")
+def _slice(b, node, ins, at):
+    x = _var(ins[0])
+    if b.opset < 10:
+        starts, ends = [int(v) for v in at["starts"]], [int(v) for v in at["ends"]]
+        axes = [int(v) for v in at["axes"]] if "axes" in at else None
+        steps = None
+    else:
+        starts, ends = _ints(ins[1]), _ints(ins[2])
+        axes = _ints(ins[3]) if len(ins) > 3 else None
+        steps = _ints(ins[4]) if len(ins) > 4 else None
+    if starts is None or ends is None:
+        raise Unsupported("Slice without starts/ends")
+    axes = axes or list(range(len(starts)))
+    steps = steps or [1] * len(starts)
+    index: list[Any] = [slice(None)] * x.ndim
+    for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
+        if sp <= 0:
+            raise Unsupported("Slice with a negative step")
+        index[ax % x.ndim] = slice(st, en, sp)
+    return b.emit("getitem", [x], {"index": tuple(index)})
+
+
+@mapping("Gather")
+def _gather(b, node, ins, at):
+    x = _var(ins[0])
+    idx = b.const(ins[1], "indices").to(torch.int64)
+    axis = int(at.get("axis", 0)) % x.ndim
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    key: Any = int(idx) if idx.ndim == 0 else idx
+    return b.emit("getitem", [x], {"index": (slice(None),) * axis + (key,)})
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+@mapping("Pad")
+def _pad(b, node, ins, at):
+    x = _var(ins[0])
+    mode = _PAD_MODES.get(str(at.get("mode", "constant")))
+    if mode is None:
+        raise Unsupported("unknown pad mode")
+    if b.opset < 11:
+        pads = [int(v) for v in at.get("pads", at.get("paddings", []))]
+        value = float(at.get("value", 0.0))
+        axes = None
+    else:
+        pads = _ints(ins[1]) or []
+        value = _scalar(ins[2] if len(ins) > 2 else None, 0.0)
+        axes = _ints(ins[3]) if len(ins) > 3 else None
+    axes = [a % x.ndim for a in axes] if axes else list(range(x.ndim))
+    k = len(axes)
+    per_dim = {ax: (pads[i], pads[k + i]) for i, ax in enumerate(axes)}
+    fpad: list[int] = []
+    last_nonzero = -1
+    for d in reversed(range(x.ndim)):
+        fpad += list(per_dim.get(d, (0, 0)))
+        if per_dim.get(d, (0, 0)) != (0, 0):
+            last_nonzero = len(fpad)
+    fpad = fpad[:max(last_nonzero, 0)]
+    if not fpad:
+        return b.emit("identity", [x])
+    return b.emit("pad", [x], {"pad": tuple(fpad), "mode": mode, "value": value if mode == "constant" else None})
+
+
+# --- pooling and reductions --------------------------------------------------------------------------------
+
+
+def _pool_pads(b: Builder, x: Value, at: dict[str, Any], k: list[int], s: list[int], d: list[int],
+               fill: float) -> tuple[Value, tuple[int, ...]]:
+    """Symmetric pads PyTorch accepts (<= half the effective kernel) stay in the op; others become a pad node."""
+    nd = len(k)
+    pads = _spatial_pads(b, at, x.shape[2:], k, s, d)
+    sym = pads[:nd] == pads[nd:]
+    fits = all(pads[i] <= ((k[i] - 1) * d[i] + 1) // 2 for i in range(nd))
+    if sym and fits:
+        return x, tuple(pads[:nd])
+    if int(at.get("ceil_mode", 0)):
+        raise Unsupported("ceil_mode with padding PyTorch cannot express")
+    return b.emit("pad", [x], {"pad": _fpad(pads), "mode": "constant", "value": fill}), (0,) * nd
+
+
+@mapping("MaxPool")
+def _max_pool(b, node, ins, at):
+    x = _var(ins[0])
+    if len(node.output) > 1 and node.output[1] and b.uses.get(node.output[1], 0):
+        raise Unsupported("MaxPool indices")
+    if int(at.get("storage_order", 0)):
+        pass  # only affects the indices output
+    nd, k, s, d = _pool_geometry(x, at)
+    x2, padding = _pool_pads(b, x, at, k, s, d, -math.inf)
+    attrs = {"ndim": nd, "kernel_size": tuple(k), "stride": tuple(s), "padding": padding, "dilation": tuple(d),
+             "ceil_mode": bool(int(at.get("ceil_mode", 0)))}
+    return b.emit("max_pool", [x2], attrs)
+
+
+@mapping("AveragePool")
+def _avg_pool(b, node, ins, at):
+    """avg_pool; padding PyTorch cannot express becomes a zero pad node, and when the padding is
+    excluded from the count (ONNX's default) the result is rescaled by the constant k / count."""
+    x = _var(ins[0])
+    nd, k, s, d = _pool_geometry(x, at)
+    if any(v != 1 for v in d):
+        raise Unsupported("dilated AveragePool")
+    include = bool(int(at.get("count_include_pad", 0)))
+    ceil = bool(int(at.get("ceil_mode", 0)))
+    x2, padding = _pool_pads(b, x, at, k, s, d, 0.0)
+    padded = x2 is not x
+    attrs = {"ndim": nd, "kernel_size": tuple(k), "stride": tuple(s), "padding": padding, "ceil_mode": ceil,
+             "count_include_pad": include or padded, "divisor_override": None}
+    y = b.emit("avg_pool", [x2], attrs)
+    if padded and not include:
+        from ..ops.pooling import _AVG  # noqa: PLC0415
+
+        pads = _spatial_pads(b, at, x.shape[2:], k, s, d)
+        ones = torch.nn.functional.pad(torch.ones((1, 1) + x.shape[2:], dtype=torch.float64), _fpad(pads))
+        frac = _AVG[nd](ones, tuple(k), tuple(s), 0, ceil, True)
+        y = b.emit("scale", [y], {"divide": True}, {"const": frac.to(y.value.dtype)})
+    return y
+
+
+@mapping("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(b, node, ins, at):
+    x = _var(ins[0])
+    nd = x.ndim - 2
+    if nd < 1:
+        raise Unsupported("global pooling needs spatial dims")
+    kind = "adaptive_avg_pool" if node.op_type == "GlobalAveragePool" else "adaptive_max_pool"
+    return b.emit(kind, [x], {"ndim": nd, "output_size": (1,) * nd})
+
+
+def _reduce(kind: str) -> Mapping:
+    def fn(b, node, ins, at):
+        x = _var(ins[0])
+        since = 13 if node.op_type == "ReduceSum" else 18
+        axes = _input_or_attr(b, ins, 1, at, "axes", since)
+        keep = bool(int(at.get("keepdims", 1)))
+        if not axes:
+            if int(at.get("noop_with_empty_axes", 0)):
+                return b.emit("identity", [x])
+            axes = list(range(x.ndim))
+        dims = tuple(sorted({a % x.ndim for a in axes}))
+        return b.emit(kind, [x], {"dim": dims, "keepdim": keep})
+
+    return fn
+
+
+MAPPINGS["ReduceMean"] = _reduce("mean")
+MAPPINGS["ReduceSum"] = _reduce("sum")
+
+
+@mapping("DepthToSpace")
+def _depth_to_space(b, node, ins, at):
+    x = _var(ins[0])
+    if str(at.get("mode", "DCR")) != "CRD" or x.ndim != 4:
+        raise Unsupported("DepthToSpace in DCR mode")
+    return b.emit("pixel_shuffle", [x], {"factor": int(at["blocksize"])})
+
+
+__all__ = ["MAPPINGS", "SHAPE_ONLY", "NEVER_FOLD", "mapping"]
