@@ -74,7 +74,8 @@ def lower_bound(
     t0 = time.perf_counter()
     shapes = [tuple(x.shape) for x in example_inputs]
     g = _flat_fn(f, shapes)
-    base = torch.cat([x.detach().reshape(-1) for x in example_inputs]).to(torch.float32)
+    dtype = example_inputs[0].dtype if example_inputs[0].is_floating_point() else torch.float32
+    base = torch.cat([x.detach().reshape(-1) for x in example_inputs]).to(dtype)  # the model's own dtype
     gen = torch.Generator().manual_seed(seed)
     scale = float(base.std()) if base.numel() > 1 and float(base.std()) > 0 else 1.0
     best, points = 0.0, 0
