@@ -51,7 +51,7 @@ from . import autolip as autolip_mod
 from .chains import MAX_DENSE, Segment, find_segments, group_dims, group_matrix
 
 #: Widths up to this are solved by plain enumeration of all 2^n patterns.
-ENUM_MAX_WIDTH = 16
+ENUM_MAX_WIDTH = 12
 #: Seconds allowed to each inner maximisation in :func:`bound` (branch and bound stops there).
 INNER_BUDGET = 5.0
 #: Largest group materialised by :func:`bound` (``analyze``); SVDs of larger matrices take seconds.
@@ -96,6 +96,23 @@ def spectral_norms(x: torch.Tensor) -> torch.Tensor:
     else:
         lam = torch.linalg.eigvalsh(gram)[..., -1]
     return lam.clamp_min(0).sqrt()
+
+
+def _norms_above(x: torch.Tensor, best: float) -> torch.Tensor:
+    """Spectral norms of a batch, exact where they may exceed ``best``: with ``G = X X^T``,
+    ``||X||^4 = lambda_max(G)^2 <= ||G^2||_F = (sum lambda_i^4)^(1/2)``; only matrices whose bound
+    exceeds ``best`` get an eigenvalue solve, the others get their (smaller) bound's floor ``-1``."""
+    p, q = x.shape[-2], x.shape[-1]
+    if min(p, q) <= 2 or best <= 0:
+        return spectral_norms(x)
+    gram = x @ x.mT if p <= q else x.mT @ x
+    g2 = gram @ gram
+    ub = (g2 * g2).sum((-2, -1)).sqrt().sqrt().sqrt()
+    out = torch.full(x.shape[:-2], -1.0, dtype=x.dtype)
+    keep = ub >= best * (1 - 1e-9)
+    if bool(keep.any()):
+        out[keep] = torch.linalg.eigvalsh(gram[keep])[..., -1].clamp_min(0).sqrt()
+    return out
 
 
 def _norm(x: torch.Tensor) -> float:
@@ -155,7 +172,7 @@ def _enumerate_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi:
             torch.arange(table.shape[0])
         if cand.numel() == 0:
             continue
-        vals = spectral_norms((c[None, :] + table[cand]).reshape(-1, p, q))
+        vals = _norms_above((c[None, :] + table[cand]).reshape(-1, p, q), best)
         k = int(torch.argmax(vals))
         if float(vals[k]) > best:
             best = float(vals[k])
@@ -220,13 +237,42 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
         kk = max(x for x in checks if x <= k)
         return h * min(prod_norm[kk], float(wsum[k]))
 
+    # Quadratic (AM-GM) bound: P_k = sum_{j>=k} a_j a_j^T / g_j, Q_k = sum_{j>=k} g_j b_j b_j^T, at checkpoints
+    # (P_k, Q_k shrink as k grows, so an earlier checkpoint is still valid).
+    quad = p + q <= 1024 and n * (p * p + q * q) <= 5e7
+    if quad:
+        an, bn = a_mat.norm(dim=0).clamp_min(1e-300), b_mat.norm(dim=1).clamp_min(1e-300)
+        gammas = [an / bn, torch.full_like(an, max(_norm(a_mat), 1e-300) / max(_norm(b_mat), 1e-300))]
+        qchecks = list(range(n + 1)) if n * (p * p + q * q) <= 1e7 else checks
+        pq: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for gm in gammas:
+            pa = torch.einsum("pj,qj->jpq", a_mat, a_mat) / gm[:, None, None]
+            qb = torch.einsum("jp,jq->jpq", b_mat, b_mat) * gm[:, None, None]
+            pa = torch.flip(torch.cumsum(torch.flip(pa, [0]), 0), [0])
+            qb = torch.flip(torch.cumsum(torch.flip(qb, [0]), 0), [0])
+            for k in qchecks:
+                pk = pa[k] if k < n else torch.zeros(p, p, dtype=_DT)
+                qk = qb[k] if k < n else torch.zeros(q, q, dtype=_DT)
+                pq.setdefault(k, []).append((pk, qk))
+
+    def node_ub(k: int, nm: torch.Tensor) -> float:
+        """max_{t_R in [-1,1]^R} ||N + h A_R diag(t_R) B_R|| <= min of: the triangle bound, and for
+        |p_j q_j| <= (p_j^2 / g_j + g_j q_j^2) / 2 (any g_j > 0), 2 lambda_max([[h P/2, N/2], [N^T/2, h Q/2]])."""
+        best_ub = _norm(nm) + rad(k)
+        if quad:
+            kk = max(x for x in pq if x <= k)
+            for pk, qk in pq[kk]:
+                z = torch.cat([torch.cat([0.5 * h * pk, 0.5 * nm], 1), torch.cat([0.5 * nm.T, 0.5 * h * qk], 1)], 0)
+                best_ub = min(best_ub, 2.0 * float(torch.linalg.eigvalsh(z)[-1]))
+        return best_ub
+
     if max_nodes is None:
         max_nodes = max(64, int(2e8 / (8 * p * q)))
     n0 = c * (a_mat @ b_mat)
     best, best_t = _alternating_completion(n0, a_mat, b_mat, h, iters=3)
     heap: list[tuple[float, int, int, torch.Tensor, torch.Tensor]] = []
     counter = 0
-    root_ub = _norm(n0) + rad(0)
+    root_ub = node_ub(0, n0)
     heapq.heappush(heap, (-root_ub, counter, 0, n0, torch.zeros(0, dtype=_DT)))
     nodes = 0
     finished = True
@@ -249,7 +295,7 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
         for tk in (1.0, -1.0):
             child = nm + (h * tk) * torch.outer(a_mat[:, k], b_mat[k])
             tc = torch.cat([tfix, torch.tensor([tk], dtype=_DT)])
-            ub = min(_norm(child) + rad(k + 1), -neg_ub)  # a child's set lies inside its parent's
+            ub = min(node_ub(k + 1, child), -neg_ub)  # a child's set lies inside its parent's
             if ub <= best:
                 continue
             if p * q * (n - k) <= 5e6:
@@ -274,6 +320,14 @@ def inner_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
     if hi == lo:
         v = abs(lo) * _norm(a_mat.to(_DT) @ b_mat.to(_DT))
         return InnerMax(v * (1 + ROUNDING_MARGIN), v, True, True, "constant slope")
+    if a_mat.shape[0] == 1 and b_mat.shape[1] == 1:
+        # Rank one on both sides: |sum_j d_j x_j| with x_j = a_j b_j is maximised coordinatewise (exact).
+        x = (a_mat[0].to(_DT) * b_mat[:, 0].to(_DT))
+        pos = float(torch.maximum(lo * x, hi * x).sum())
+        neg = float(-torch.minimum(lo * x, hi * x).sum())
+        v = max(pos, neg)
+        pat = (hi * x >= lo * x) if pos >= neg else (hi * x <= lo * x)
+        return InnerMax(v * (1 + ROUNDING_MARGIN), v, True, True, "closed form (rank one)", 0.0, 0, pat)
     if a_mat.shape[1] <= ENUM_MAX_WIDTH:
         return enumerate_max(a_mat, b_mat, lo, hi)
     return branch_and_bound(a_mat, b_mat, lo, hi, budget)
