@@ -131,20 +131,19 @@ def read_model(path: str) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path} is not a valid ONNX model: it has no graph (empty or not an ONNX file?)")
     external = _external_tensors(model)
-    if external:
-        base = p.parent
-        for t in external:
-            info = {e.key: e.value for e in t.external_data}
-            loc = info.get("location", "")
-            if not loc or not (base / loc).is_file():
-                raise ModelLoadError(
-                    f"tensor {t.name!r} of {path} stores its data in the external file {loc!r}, "
-                    f"which is missing (expected at {base / loc}); copy it next to the model"
-                )
-        try:
-            edh.load_external_data_for_model(model, str(base))
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"loading the external data of {path} failed: {exc}") from exc
+    base = p.parent
+    for t in external:
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or not (base / loc).is_file():
+            raise ModelLoadError(
+                f"tensor {t.name!r} of {path} stores its data in the external file {loc!r}, "
+                f"which is missing (expected at {base / loc}); copy it next to the model"
+            )
+    try:  # fills the types of values (graph outputs too) that the file leaves out
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001, S110 - inference is best effort; the checker and the run decide
+        pass
     opset = default_opset(model)
     newest = onnx.defs.onnx_opset_version()
     if opset > newest:
@@ -152,11 +151,17 @@ def read_model(path: str) -> onnx.ModelProto:
             f"{path} uses ONNX opset {opset}, newer than the installed onnx {onnx.__version__} knows "
             f"(up to {newest}); upgrade onnx"
         )
-    try:
-        onnx.checker.check_model(model)
+    try:  # with external data, the checker reads the file itself (and handles models over 2 GB)
+        onnx.checker.check_model(str(p) if external else model)
     except Exception as exc:  # noqa: BLE001 - ValidationError and friends
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path} is not a valid ONNX model: {first}") from exc
+        if "Field 'shape' of 'type' is required" not in first:  # an output type left open: harmless
+            raise ModelLoadError(f"{path} is not a valid ONNX model: {first}") from exc
+    if external:
+        try:
+            edh.load_external_data_for_model(model, str(base))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"loading the external data of {path} failed: {exc}") from exc
     if model.functions:
         try:
             from onnx import inliner  # noqa: PLC0415
@@ -225,6 +230,7 @@ class Builder:
         self.opsets = {o.domain or "": int(o.version) for o in model.opset_import}
         self.g = ir.new_graph(name, "onnx")
         self.env: dict[str, Value] = {}
+        self.produced: dict[str, str] = {}  # IR node -> the ONNX value it computes
         self.const_nodes: dict[int, str] = {}
         self.uses: dict[str, int] = {}
         for n in model.graph.node:
@@ -350,7 +356,20 @@ class Builder:
             outs = [result] if isinstance(result, Value) else list(result)
         for i, o in enumerate(node.output):
             if o:
-                self.env[o] = outs[i] if i < len(outs) and outs[i] is not None else Value(None, None)
+                v = outs[i] if i < len(outs) and outs[i] is not None else Value(None, None)
+                self.env[o] = v
+                if v.node is not None:
+                    self.produced.setdefault(v.node, o)
+
+    def single_use(self, ir_name: str) -> bool:
+        """Whether the ONNX value computed by IR node ``ir_name`` is read exactly once (by the current node)."""
+        out = self.produced.get(ir_name)
+        return out is not None and self.uses.get(out, 0) == 1 and self.g.out_degree(ir_name) == 0
+
+    def drop(self, ir_name: str) -> None:
+        """Remove a node that a fused pattern replaced (it must have no consumers left)."""
+        self.g.remove_node(ir_name)
+        self.g.graph["order"].remove(ir_name)
 
     def fold(self, node: onnx.NodeProto, ins: list[Value | None]) -> list[Value]:
         """Evaluate a node whose result does not depend on the input values (a constant)."""

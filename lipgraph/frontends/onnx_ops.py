@@ -20,6 +20,7 @@ from typing import Any
 import onnx
 import torch
 
+from .. import ir
 from .onnx import Builder, Unsupported, Value
 
 Mapping = Callable[[Builder, onnx.NodeProto, list[Value | None], dict[str, Any]], Any]
@@ -452,19 +453,32 @@ def _operands(b: Builder, at: dict[str, Any], ins: list[Value | None]) -> tuple[
 
 def _fuse_bias(b: Builder, x: Value, const: torch.Tensor) -> Value | None:
     """MatMul + Add(bias) from the exporter: fold the bias into the preceding linear node."""
-    from .. import ir  # noqa: PLC0415
-
     n = ir.node(b.g, x.node)
-    if n.op != "linear" or "bias" in n.params or b.g.out_degree(n.name) != 0:
-        return None
-    out_name = next((o for o, v in b.env.items() if v.node == n.name), None)
-    if out_name is None or b.uses.get(out_name, 0) != 1:
+    if n.op != "linear" or "bias" in n.params or not b.single_use(n.name):
         return None
     nout = n.params["weight"].shape[0]
     if const.numel() != nout or const.ndim < 1 or const.shape[-1] != nout or const.dtype != x.value.dtype:
         return None
     n.params["bias"] = const.reshape(nout).clone()
     return Value(n.name, x.value + n.params["bias"])
+
+
+def _fused_activation(b: Builder, a: Value, c: Value) -> Value | None:
+    """Exporters decompose SiLU as x * sigmoid(x) and Mish as x * tanh(softplus(x)): map them back to
+    the ``silu`` / ``mish`` rules (the product of two variables would be an inf)."""
+    for x, other in ((a, c), (c, a)):
+        n = ir.node(b.g, other.node)
+        if n.op == "sigmoid" and n.inputs == [x.node] and b.single_use(n.name):
+            b.drop(n.name)
+            return b.emit("silu", [x])
+        if n.op == "tanh" and b.single_use(n.name):
+            p = ir.node(b.g, n.inputs[0])
+            if (p.op == "softplus" and p.inputs == [x.node] and p.attrs.get("beta", 1.0) == 1.0
+                    and b.uses.get(b.produced.get(p.name, ""), 0) == 1):
+                b.drop(n.name)
+                b.drop(p.name)
+                return b.emit("mish", [x])
+    return None
 
 
 @mapping("Add", "Sub")
@@ -508,7 +522,7 @@ def _neg(b, node, ins, at):
 def _mul(b, node, ins, at):
     a, c = _operands(b, at, ins)
     if a.is_var and c.is_var:
-        return b.emit("mul_var", [a, c])
+        return _fused_activation(b, a, c) or b.emit("mul_var", [a, c])
     var, const = (a, c) if a.is_var else (c, a)
     return b.emit("scale", [var], {"divide": False}, {"const": const.value})
 

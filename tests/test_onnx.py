@@ -1,0 +1,533 @@
+"""ONNX frontend: parity with the PyTorch path and onnxruntime, op mappings, clear errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+import lipgraph
+from lipgraph import cli, ir
+from lipgraph.errors import InputShapeError, ModelLoadError
+
+REL = 1e-4
+PI = 30  # power iterations where convolutions appear (same seed and operator on both paths)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def export(model: nn.Module, x: torch.Tensor, path: Path, *, dynamo: bool = False, **kw) -> Path:
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, verbose=False, **kw)
+    return path
+
+
+def ort_run(path: Path, *xs: torch.Tensor) -> list[np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs, strict=True)}
+    return sess.run(None, feeds)
+
+
+def assert_matches_ort(path: Path, *xs: torch.Tensor, atol: float = 1e-5) -> nx.DiGraph:
+    g = lipgraph.trace(path, xs[0] if len(xs) == 1 else xs)
+    ours = ir.execute(g, *xs)
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    theirs = ort_run(path, *xs)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert tuple(a.shape) == b.shape
+        np.testing.assert_allclose(a.detach().numpy(), b, atol=atol, rtol=1e-5)
+    return g
+
+
+def bound(model, x, **kw) -> float:
+    r = lipgraph.analyze(model, x, lower=False, method="autolip", **kw)
+    return r.bounds["autolip"].value
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-30)
+
+
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """The PyTorch model with every Conv followed by BatchNorm fused, as the exporters do."""
+    from torch.fx.experimental.optimization import fuse  # noqa: PLC0415
+
+    return fuse(model.eval())
+
+
+def save(tmp: Path, name: str, nodes, inputs, outputs, inits=(), opset: int = 18, domains=()) -> Path:
+    graph = helper.make_graph(nodes, name, inputs, outputs, list(inits))
+    ops = [helper.make_opsetid("", opset), *[helper.make_opsetid(d, 1) for d in domains]]
+    m = helper.make_model(graph, opset_imports=ops, ir_version=8 if opset < 21 else 10)
+    path = tmp / f"{name}.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+def vi(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def init(name: str, a) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(a, dtype=np.float32), name)
+
+
+def iinit(name: str, a) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(a, dtype=np.int64), name)
+
+
+# --- PyTorch test models ------------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    """Conv/BN/ReLU, a residual add, concat, max and average pooling, flatten, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.branch_a = nn.Conv2d(4, 4, 3, padding=1)
+        self.branch_b = nn.Conv2d(4, 2, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.avg = nn.AvgPool2d(2)
+        self.head = nn.Linear(6 * 2 * 2, 5)
+        with torch.no_grad():
+            self.stem[1].running_var.uniform_(0.5, 2.0)
+            self.stem[1].running_mean.uniform_(-1, 1)
+            self.stem[1].weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.branch_a(x)
+        x = torch.cat([x, self.branch_b(x)], dim=1)
+        x = self.avg(self.pool(x))
+        return self.head(torch.flatten(x, 1))
+
+
+class GapNet(nn.Module):
+    """Strided conv, global average pooling, BatchNorm1d on features, a two-branch sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.bn = nn.BatchNorm1d(6)
+        self.fc1 = nn.Linear(6, 4)
+        self.fc2 = nn.Linear(6, 4)
+        with torch.no_grad():
+            self.bn.running_var.uniform_(0.3, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(torch.flatten(self.gap(F.relu(self.conv(x))), 1))
+        return self.fc1(h) - 0.5 * torch.tanh(self.fc2(h))
+
+
+def activations_mlp() -> nn.Module:
+    acts = [nn.LeakyReLU(0.2), nn.ELU(0.5), nn.SELU(), nn.CELU(0.7), nn.GELU(), nn.Sigmoid(), nn.Hardsigmoid(),
+            nn.Hardswish(), nn.Softplus(), nn.Mish(), nn.ReLU6(), nn.Tanh(), nn.PReLU(16)]
+    layers: list[nn.Module] = [nn.Linear(8, 16)]
+    for a in acts:
+        layers += [a, nn.Linear(16, 16)]
+    layers += [nn.Linear(16, 4), nn.Softmax(dim=-1)]
+    m = nn.Sequential(*layers)
+    with torch.no_grad():
+        m[-3].weight.uniform_(0.1, 2.0)  # PReLU slopes, some above 1
+    return m
+
+
+class Misc(nn.Module):
+    """LayerNorm, a Linear on 3-D input, constant arithmetic, transpose, split, cat, slicing,
+    padding, mean, a constant matmul and two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("w", torch.randn(8, 6))
+
+    def forward(self, x: torch.Tensor):
+        y = self.fc(self.ln(x))
+        y = (y * 0.5 - 1.0) / 2.0
+        y = y.transpose(1, 2)
+        a, b = torch.split(y, [3, 5], dim=1)
+        z = torch.cat([b, a], dim=1)[:, 1:7]
+        z = F.pad(z, (1, 2))
+        z = z.mean(dim=1)
+        z = z @ self.w
+        return torch.softmax(z, dim=-1), z
+
+
+MODELS = {
+    "cnn": (SmallCNN, (1, 3, 8, 8)),
+    "gap": (GapNet, (2, 3, 9, 9)),
+    "acts": (activations_mlp, (3, 8)),
+    "misc": (Misc, (1, 5, 8)),
+}
+
+
+# --- parity with the PyTorch path and onnxruntime ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torchscript_export_parity(name: str, tmp_path: Path) -> None:
+    """Same bound from the PyTorch model (with Conv+BN fused, as the exporter does) and its export;
+    the ONNX IR computes what onnxruntime computes."""
+    factory, shape = MODELS[name]
+    model = factory().eval()
+    x = torch.randn(shape)
+    path = export(model, x, tmp_path / f"{name}.onnx")
+    assert_matches_ort(path, x)
+    assert_matches_ort(path, torch.randn(shape))  # another input, same specialised graph
+    ref = bound(fuse_conv_bn(model), x, power_iterations=PI)
+    got = bound(str(path), x, power_iterations=PI)
+    assert math.isfinite(ref)
+    assert rel(ref, got) < REL, (ref, got)
+
+
+def test_unfused_export_keeps_batchnorm_and_the_same_bound(tmp_path: Path) -> None:
+    """Without constant folding the exporter keeps BatchNormalization: the ONNX IR then has the very
+    nodes of the PyTorch IR, and node-wise constants agree."""
+    model = SmallCNN().eval()
+    x = torch.randn(1, 3, 8, 8)
+    path = export(model, x, tmp_path / "cnn.onnx", do_constant_folding=False)
+    g = assert_matches_ort(path, x)
+    assert ir.summary(g)["batch_norm"] == 1
+    r_pt = lipgraph.analyze(model, x, lower=False, method="autolip", power_iterations=PI)
+    r_ox = lipgraph.analyze(str(path), x, lower=False, method="autolip", power_iterations=PI)
+    assert rel(r_pt.bounds["autolip"].value, r_ox.bounds["autolip"].value) < REL
+    for op in ("conv", "batch_norm", "linear", "max_pool", "avg_pool"):
+        a = sorted(n.local for n in r_pt.nodes if n.op == op)
+        b = sorted(n.local for n in r_ox.nodes if n.op == op)
+        assert len(a) == len(b) and all(rel(u, v) < REL for u, v in zip(a, b, strict=True)), op
+    # the fused bound can only be smaller: ||BN o conv|| <= ||BN|| ||conv||
+    fused = bound(fuse_conv_bn(model), x, power_iterations=PI)
+    assert fused <= r_pt.bounds["autolip"].value * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("name", ["cnn", "misc"])
+def test_dynamo_export_parity(name: str, tmp_path: Path) -> None:
+    factory, shape = MODELS[name]
+    model = factory().eval()
+    x = torch.randn(shape)
+    path = export(model, x, tmp_path / f"{name}.onnx", dynamo=True)
+    g = assert_matches_ort(path, x)
+    ref = bound(fuse_conv_bn(model), x, power_iterations=PI)
+    got = bound(str(path), x, power_iterations=PI)
+    assert rel(ref, got) < REL, (ref, got)
+    # module hierarchy from the exporter's metadata, as in the PyTorch IR
+    paths = {n.module_path for n in ir.nodes(g) if n.op in ("conv", "linear", "layer_norm")}
+    expected = {"cnn": {"stem.0", "stem.1", "branch_a", "branch_b", "head"}, "misc": {"ln", "fc", ""}}[name]
+    assert paths <= expected and len(paths) >= 3, paths
+
+
+def test_module_paths_from_torchscript_names(tmp_path: Path) -> None:
+    model = SmallCNN().eval()
+    x = torch.randn(1, 3, 8, 8)
+    g_pt = lipgraph.trace(model, x)
+    g_ox = lipgraph.trace(export(model, x, tmp_path / "cnn.onnx", do_constant_folding=False), x)
+    for op in ("conv", "batch_norm", "linear", "max_pool", "avg_pool"):
+        pt = sorted(n.module_path for n in ir.nodes(g_pt) if n.op == op)
+        ox = sorted(n.module_path for n in ir.nodes(g_ox) if n.op == op)
+        assert pt == ox, (op, pt, ox)
+    r = lipgraph.analyze(str(tmp_path / "cnn.onnx"), x, lower=False, method="autolip", power_iterations=5)
+    assert r.frontend == "onnx"
+
+
+def test_report_render_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = SmallCNN().eval()
+    x = torch.randn(1, 3, 8, 8)
+    path = export(model, x, tmp_path / "cnn.onnx")
+    r = lipgraph.analyze(str(path), lower=False, method="autolip", power_iterations=5)  # static: no input needed
+    assert r.input_shapes == [(1, 3, 8, 8)]
+    dot = r.render(str(tmp_path / "g.dot"))
+    assert "stem" in Path(dot).read_text()
+    out = tmp_path / "r.json"
+    rc = cli.main(["analyze", str(path), "--no-lower", "--method", "autolip", "--power-iterations", "5", "--json",
+                   str(out), "--rows", "0"])
+    assert rc == 0 and '"frontend": "onnx"' in out.read_text()
+    rc = cli.main(["analyze", str(path), "--input-shape", "1,3,9,9", "--no-lower"])
+    assert rc == 2
+    assert "example input has shape (1, 3, 9, 9)" in capsys.readouterr().err
+
+
+def test_dynamic_dimensions_take_the_given_shape(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    x = torch.randn(5, 4)
+    path = tmp_path / "dyn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    with pytest.raises(InputShapeError, match="dynamic dimensions"):
+        lipgraph.trace(str(path))
+    g = assert_matches_ort(path, torch.randn(7, 4))
+    assert ir.node(g, "x").out_shape == (7, 4)
+    g2 = lipgraph.trace(str(path), [(2, 4)])  # a shape instead of a tensor
+    assert ir.node(g2, "x").out_shape == (2, 4)
+    assert rel(bound(model, x), bound(str(path), x)) < 1e-9
+
+
+# --- individual op mappings (hand-built graphs, checked against onnxruntime) --------------------------
+
+rng = np.random.default_rng(0)
+W34 = rng.standard_normal((3, 4)).astype(np.float32)
+CONV_W = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
+
+
+def _svd(a: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64), 2))
+
+
+def _case(name: str, tmp: Path):
+    """(path, input, expected bound or None) for one hand-built graph."""
+    Y = vi("y", None)  # noqa: N806
+    if name == "gemm_alpha_beta_transB":
+        n = helper.make_node("Gemm", ["x", "W", "C"], ["y"], alpha=2.0, beta=0.5, transB=1)
+        p = save(tmp, name, [n], [vi("x", [2, 4])], [Y], [init("W", W34), init("C", [1.0, 2.0, 3.0])])
+        return p, torch.randn(2, 4), 2 * _svd(W34)
+    if name == "gemm_transA_full_C":
+        n = helper.make_node("Gemm", ["x", "W", "C"], ["y"], transA=1)
+        p = save(tmp, name, [n], [vi("x", [3, 2])], [Y], [init("W", W34), init("C", np.ones((2, 4)))])
+        return p, torch.randn(3, 2), _svd(W34)
+    if name == "matmul_const_left":
+        n = helper.make_node("MatMul", ["W", "x"], ["y"])
+        p = save(tmp, name, [n], [vi("x", [4, 5])], [Y], [init("W", W34)])
+        return p, torch.randn(4, 5), _svd(W34)
+    if name == "hardsigmoid_onnx_default":
+        n = helper.make_node("HardSigmoid", ["x"], ["y"])
+        return save(tmp, name, [n], [vi("x", [2, 5])], [Y]), torch.randn(2, 5) * 4, 0.2
+    if name == "clip_opset9":
+        n = helper.make_node("Clip", ["x"], ["y"], min=-0.5, max=0.7)
+        return save(tmp, name, [n], [vi("x", [2, 5])], [Y], opset=9), torch.randn(2, 5), 1.0
+    if name == "clip_opset13":
+        n = helper.make_node("Clip", ["x", "lo", "hi"], ["y"])
+        p = save(tmp, name, [n], [vi("x", [2, 5])], [Y], [init("lo", -0.5), init("hi", 0.7)], opset=13)
+        return p, torch.randn(2, 5), 1.0
+    if name == "selu_custom":
+        n = helper.make_node("Selu", ["x"], ["y"], alpha=2.0, gamma=1.5)
+        return save(tmp, name, [n], [vi("x", [2, 5])], [Y]), torch.randn(2, 5), 3.0
+    if name == "prelu_per_channel":
+        n = helper.make_node("PRelu", ["x", "s"], ["y"])
+        p = save(tmp, name, [n], [vi("x", [1, 3, 4, 4])], [Y], [init("s", np.array([0.1, 1.5, -2.0])[:, None, None])])
+        return p, torch.randn(1, 3, 4, 4), 2.0
+    if name == "conv_asymmetric_pads":
+        n = helper.make_node("Conv", ["x", "W"], ["y"], pads=[0, 1, 1, 0], strides=[2, 1])
+        p = save(tmp, name, [n], [vi("x", [1, 3, 7, 6])], [Y], [init("W", CONV_W)])
+        return p, torch.randn(1, 3, 7, 6), None
+    if name == "conv_same_upper":
+        n = helper.make_node("Conv", ["x", "W", "B"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2])
+        p = save(tmp, name, [n], [vi("x", [1, 3, 6, 6])], [Y], [init("W", CONV_W), init("B", [0.5, -1])])
+        return p, torch.randn(1, 3, 6, 6), None
+    if name == "conv_transpose_output_shape":
+        n = helper.make_node("ConvTranspose", ["x", "W"], ["y"], strides=[2, 2], output_shape=[10, 9])
+        p = save(tmp, name, [n], [vi("x", [1, 2, 5, 5])], [Y], [init("W", CONV_W)])
+        return p, torch.randn(1, 2, 5, 5), None
+    if name == "maxpool_same_upper":
+        n = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")
+        return save(tmp, name, [n], [vi("x", [1, 2, 6, 6])], [Y]), torch.randn(1, 2, 6, 6), 2.0
+    if name == "avgpool_asym_exclude_pad":
+        n = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[0, 0, 1, 1])
+        return save(tmp, name, [n], [vi("x", [1, 2, 4, 4])], [Y]), torch.randn(1, 2, 4, 4), None
+    if name == "avgpool_ceil_include_pad":
+        n = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1],
+                             ceil_mode=1, count_include_pad=1)
+        return save(tmp, name, [n], [vi("x", [1, 2, 5, 5])], [Y]), torch.randn(1, 2, 5, 5), None
+    if name == "global_pools":
+        n1 = helper.make_node("GlobalAveragePool", ["x"], ["a"])
+        n2 = helper.make_node("GlobalMaxPool", ["x"], ["b"])
+        n3 = helper.make_node("Concat", ["a", "b"], ["y"], axis=1)
+        return save(tmp, name, [n1, n2, n3], [vi("x", [1, 2, 4, 4])], [Y]), torch.randn(1, 2, 4, 4), None
+    if name == "pad_reflect_axes_opset18":
+        n = helper.make_node("Pad", ["x", "p", "", "ax"], ["y"], mode="reflect")
+        p = save(tmp, name, [n], [vi("x", [1, 2, 4, 5])], [Y], [iinit("p", [1, 2, 2, 0]), iinit("ax", [2, 3])])
+        return p, torch.randn(1, 2, 4, 5), None
+    if name == "pad_constant_opset9":
+        n = helper.make_node("Pad", ["x"], ["y"], pads=[0, 0, 1, 2, 0, 0, 3, 0], value=1.5)
+        return save(tmp, name, [n], [vi("x", [1, 2, 4, 5])], [Y], opset=9), torch.randn(1, 2, 4, 5), 1.0
+    if name == "split_slice_opset11":
+        n1 = helper.make_node("Split", ["x"], ["a", "b"], axis=1, split=[1, 3])
+        n2 = helper.make_node("Slice", ["b", "st", "en", "ax", "sp"], ["c"])
+        n3 = helper.make_node("Sub", ["a", "c"], ["y"])
+        inits = [iinit("st", [-3]), iinit("en", [100]), iinit("ax", [1]), iinit("sp", [2])]
+        p = save(tmp, name, [n1, n2, n3], [vi("x", [2, 4, 6])], [Y], inits, opset=11)
+        return p, torch.randn(2, 4, 6), None
+    if name == "split_num_outputs_opset18":
+        n = helper.make_node("Split", ["x"], ["a", "b", "c"], axis=-1, num_outputs=3)
+        p = save(tmp, name, [n], [vi("x", [2, 7])], [vi("a", None), vi("b", None), vi("c", None)])
+        return p, torch.randn(2, 7), math.sqrt(3)  # three outputs, AutoLip's l2 combination
+    if name == "squeeze_unsqueeze_opset11":
+        n1 = helper.make_node("Unsqueeze", ["x"], ["a"], axes=[0, 3])
+        n2 = helper.make_node("Squeeze", ["a"], ["y"], axes=[0])
+        return save(tmp, name, [n1, n2], [vi("x", [2, 3])], [Y], opset=11), torch.randn(2, 3), 1.0
+    if name == "squeeze_unsqueeze_opset13":
+        n1 = helper.make_node("Unsqueeze", ["x", "ax"], ["a"])
+        n2 = helper.make_node("Squeeze", ["a"], ["y"])
+        p = save(tmp, name, [n1, n2], [vi("x", [2, 3])], [Y], [iinit("ax", [0, 3])], opset=13)
+        return p, torch.randn(2, 3), 1.0
+    if name == "reducemean_opset13":
+        n = helper.make_node("ReduceMean", ["x"], ["y"], axes=[1, 2], keepdims=0)
+        return save(tmp, name, [n], [vi("x", [2, 3, 4])], [Y], opset=13), torch.randn(2, 3, 4), 1 / math.sqrt(12)
+    if name == "reducemean_opset18":
+        n = helper.make_node("ReduceMean", ["x", "ax"], ["y"])
+        p = save(tmp, name, [n], [vi("x", [2, 3, 4])], [Y], [iinit("ax", [-1])])
+        return p, torch.randn(2, 3, 4), 0.5
+    if name == "softmax_opset11_axis1":
+        n = helper.make_node("Softmax", ["x"], ["y"], axis=1)
+        return save(tmp, name, [n], [vi("x", [2, 3, 4])], [Y], opset=11), torch.randn(2, 3, 4), 0.5
+    if name == "sum_sub_const_div":
+        n1 = helper.make_node("Sum", ["x", "x", "c"], ["a"])
+        n2 = helper.make_node("Sub", ["c", "a"], ["b"])
+        n3 = helper.make_node("Div", ["b", "d"], ["y"])
+        p = save(tmp, name, [n1, n2, n3], [vi("x", [2, 3])], [Y], [init("c", [1, 2, 3]), init("d", [2, 4, -8])])
+        return p, torch.randn(2, 3), 2 * 0.5
+    if name == "gather_expand_tile_flatten":
+        n1 = helper.make_node("Gather", ["x", "i"], ["a"], axis=1)
+        n2 = helper.make_node("Expand", ["a", "s"], ["b"])
+        n3 = helper.make_node("Tile", ["b", "r"], ["c"])
+        n4 = helper.make_node("Flatten", ["c"], ["y"], axis=2)
+        inits = [iinit("i", [2, 0]), iinit("s", [2, 2, 3]), iinit("r", [1, 2, 1])]
+        p = save(tmp, name, [n1, n2, n3, n4], [vi("x", [1, 3, 3])], [Y], inits)
+        return p, torch.randn(1, 3, 3), 2.0
+    if name == "layernorm_axis":
+        n = helper.make_node("LayerNormalization", ["x", "g", "bb"], ["y"], axis=-2, epsilon=1e-3)
+        p = save(tmp, name, [n], [vi("x", [2, 3, 4])], [Y], [init("g", rng.uniform(0.5, 2, (3, 4))),
+                                                               init("bb", np.zeros((3, 4)))])
+        return p, torch.randn(2, 3, 4), None
+    if name == "shape_arithmetic_reshape":
+        n1 = helper.make_node("Shape", ["x"], ["s"])
+        n2 = helper.make_node("Gather", ["s", "zero"], ["b"], axis=0)
+        n3 = helper.make_node("Unsqueeze", ["b", "zax"], ["b1"])
+        n4 = helper.make_node("Concat", ["b1", "m1"], ["shp"], axis=0)
+        n5 = helper.make_node("Reshape", ["x", "shp"], ["y"])
+        inits = [iinit("zero", 0), iinit("zax", [0]), iinit("m1", [-1])]
+        p = save(tmp, name, [n1, n2, n3, n4, n5], [vi("x", ["n", 3, 4])], [Y], inits)
+        return p, torch.randn(2, 3, 4), 1.0
+    if name == "dropout_identity_cast":
+        n1 = helper.make_node("Dropout", ["x", "r"], ["a"])
+        n2 = helper.make_node("Identity", ["a"], ["b"])
+        n3 = helper.make_node("Cast", ["b"], ["y"], to=TensorProto.FLOAT)
+        return save(tmp, name, [n1, n2, n3], [vi("x", [2, 3])], [Y], [init("r", 0.3)], opset=13), torch.randn(2, 3), 1.0
+    raise KeyError(name)
+
+
+CASES = [
+    "gemm_alpha_beta_transB", "gemm_transA_full_C", "matmul_const_left", "hardsigmoid_onnx_default", "clip_opset9",
+    "clip_opset13", "selu_custom", "prelu_per_channel", "conv_asymmetric_pads", "conv_same_upper",
+    "conv_transpose_output_shape", "maxpool_same_upper", "avgpool_asym_exclude_pad", "avgpool_ceil_include_pad",
+    "global_pools", "pad_reflect_axes_opset18", "pad_constant_opset9", "split_slice_opset11",
+    "split_num_outputs_opset18", "squeeze_unsqueeze_opset11", "squeeze_unsqueeze_opset13", "reducemean_opset13",
+    "reducemean_opset18", "softmax_opset11_axis1", "sum_sub_const_div", "gather_expand_tile_flatten",
+    "layernorm_axis", "shape_arithmetic_reshape", "dropout_identity_cast",
+]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_op_mapping_matches_onnxruntime(name: str, tmp_path: Path) -> None:
+    path, x, expected = _case(name, tmp_path)
+    g = assert_matches_ort(path, x)
+    assert "opaque" not in ir.summary(g), ir.summary(g)
+    r = lipgraph.analyze(str(path), x, lower=False, method="autolip", power_iterations=PI)
+    value = r.bounds["autolip"].value
+    assert math.isfinite(value)
+    if expected is not None:
+        assert value == pytest.approx(expected, rel=1e-6)
+    else:  # an upper bound: at least the norm of one Jacobian (the IR is piecewise linear here)
+        f = lambda z: ir.execute(g, z)  # noqa: E731
+        jx = torch.autograd.functional.jacobian(lambda z: f(z).reshape(-1), x, vectorize=True)
+        assert value >= float(torch.linalg.matrix_norm(jx.reshape(-1, x.numel()), ord=2)) * (1 - 2e-2)
+
+
+# --- honest inf and clear errors ------------------------------------------------------------------------
+
+
+def test_op_without_rule_is_inf_naming_node_and_op(tmp_path: Path) -> None:
+    n1 = helper.make_node("Relu", ["x"], ["a"], name="first")
+    n2 = helper.make_node("Erf", ["a"], ["y"], name="my_erf")
+    path = save(tmp_path, "erf", [n1, n2], [vi("x", [2, 3])], [vi("y", None)])
+    x = torch.randn(2, 3)
+    assert_matches_ort(path, x)  # still executable (ONNX reference evaluator)
+    r = lipgraph.analyze(str(path), x, lower=False, method="autolip")
+    assert math.isinf(r.upper)
+    (bad,) = r.not_lipschitz
+    assert bad["node"] == "my_erf" and "Erf" in bad["reason"]
+
+
+def test_non_default_domain_is_a_clear_error(tmp_path: Path) -> None:
+    n = helper.make_node("Frobnicate", ["x"], ["y"], name="weird", domain="com.example")
+    path = save(tmp_path, "custom", [n], [vi("x", [2, 3])], [vi("y", None)], domains=["com.example"])
+    with pytest.raises(ModelLoadError, match=r"'weird' \(com\.example\.Frobnicate\)"):
+        lipgraph.trace(str(path))
+
+
+def test_malformed_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such file"):
+        lipgraph.trace(str(tmp_path / "nope.onnx"))
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"\x00\xffnot a protobuf at all" * 10)
+    with pytest.raises(ModelLoadError, match="garbage.onnx"):
+        lipgraph.trace(str(bad))
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
+        lipgraph.trace(str(empty))
+    # a node reading a value nobody produces
+    n = helper.make_node("Relu", ["ghost"], ["y"])
+    g = helper.make_graph([n], "broken", [vi("x", [2])], [vi("y", None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(m, str(tmp_path / "broken.onnx"))
+    with pytest.raises(ModelLoadError, match="ghost"):
+        lipgraph.trace(str(tmp_path / "broken.onnx"))
+    rc = cli.main(["analyze", str(bad), "--no-lower"])
+    assert rc == 2
+
+
+def test_external_data(tmp_path: Path) -> None:
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    n = helper.make_node("MatMul", ["x", "W"], ["y"])
+    g = helper.make_graph([n], "ext", [vi("x", [1, 64])], [vi("y", None)], [init("W", w)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "ext.onnx"
+    onnx.save(m, str(path), save_as_external_data=True, location="ext.bin", size_threshold=0)
+    x = torch.randn(1, 64)
+    assert_matches_ort(path, x)
+    assert bound(str(path), x) == pytest.approx(_svd(w), rel=1e-6)
+    (tmp_path / "ext.bin").unlink()
+    with pytest.raises(ModelLoadError, match=r"'W'.*ext\.bin.*missing"):
+        lipgraph.trace(str(path))
+
+
+def test_wrong_inputs(tmp_path: Path) -> None:
+    n = helper.make_node("Relu", ["x"], ["y"])
+    path = save(tmp_path, "relu", [n], [vi("x", [2, 3])], [vi("y", None)])
+    with pytest.raises(InputShapeError, match=r"'x'.*\(2, 3\).*\(3, 2\)"):
+        lipgraph.trace(str(path), torch.randn(3, 2))
+    with pytest.raises(InputShapeError, match="takes 1 input"):
+        lipgraph.trace(str(path), (torch.randn(2, 3), torch.randn(2, 3)))
+    # a shape that fits the declared dims but not the graph's constants
+    n = helper.make_node("Reshape", ["x", "s"], ["y"])
+    path = save(tmp_path, "reshape", [n], [vi("x", ["n", 3])], [vi("y", None)], [iinit("s", [2, 3])])
+    with pytest.raises(InputShapeError, match="Reshape"):
+        lipgraph.trace(str(path), torch.randn(4, 3))
+
+
+def test_newer_opset_than_onnx_knows(tmp_path: Path) -> None:
+    n = helper.make_node("Relu", ["x"], ["y"])
+    g = helper.make_graph([n], "future", [vi("x", [2])], [vi("y", None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", onnx.defs.onnx_opset_version() + 5)])
+    path = tmp_path / "future.onnx"
+    onnx.save(m, str(path))
+    with pytest.raises(ModelLoadError, match="newer than the installed onnx"):
+        lipgraph.trace(str(path))
