@@ -107,6 +107,20 @@ def analyze(
             result, segments, seconds["seqlip"] = extra
             bounds["autolip+seqlip"] = result
 
+    # --- affine regions (lipgraph.bounds.affine): each maximal linear region bounded as one operator; the
+    # exits' folded values enter AutoLip as overrides. "autolip" above stays the plain product.
+    if method == "auto":
+        from .bounds import affine as affine_mod  # noqa: PLC0415
+
+        aff = affine_mod.fold(g, local, ctx)
+        cum_aff = autolip_mod.autolip(g, local, aff.overrides)
+        seconds["affine"] = aff.seconds
+        bounds["autolip+affine"] = BoundResult(
+            cum_aff[out].value, cum_aff[out].certified,
+            "AutoLip with maximal affine regions folded into single operators (sum_e ||J_e|| L(e) at exits)",
+            seconds["local"] + aff.seconds, aff.details,
+        )
+
     lower_value = None
     if lower:
         t0 = time.perf_counter()

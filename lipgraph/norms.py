@@ -5,18 +5,52 @@ proven upper bound (``certified``) or an estimate, and carries a ``lower``
 value (a norm actually attained, up to rounding) when one is known.
 
 All norm computations live in this module so that improving them touches one
-place.
+place. See ``docs/norms.md`` for the mathematics; in short:
+
+* dense matrices: float64 SVD when small; otherwise the float64 Gram matrix
+  ``G = W W^T``, a Lanczos estimate ``theta`` of ``lambda_max(G)`` and a
+  Cholesky factorisation of ``c I - G`` with ``c = theta (1 + delta)``: its
+  success proves ``||W||^2 <= c`` (rounding accounted for, below);
+* convolutions: a zero-padded (strided, dilated, grouped) convolution is a
+  restriction of a circular one on a torus of size ``N >= n + pad`` (divisible
+  by the stride), whose norm is ``max_f ||B(f)||_2`` over the Fourier blocks
+  ``B(f)`` of its polyphase form (Sedghi et al. 2019, with strides: each
+  block is ``c_out x c_in s^d``). The block maxima are certified with the same
+  estimate + batched Cholesky test; blocks that fail it get an exact float64
+  eigenvalue decomposition.
+
+Rounding. Weights are converted to float64 / complex128 exactly. The
+certified values add explicit bounds for (a) the rounding in forming the
+blocks, ``||B_hat - B|| <= c1 u ||sum_k |W_k| ||_F``; (b) forming the Gram
+matrices, ``||H_hat - B B^H|| <= 4 (m + 2) u ||B||_F^2``; (c) Cholesky:
+success of floating-point Cholesky on ``M = (c - e - a) I - H_hat`` with
+``a = 8 (n + 2) n u c`` proves ``M + E`` positive definite for
+``||E|| <= a`` (Demmel 1989, Rump 2006), hence ``lambda_max(H_hat) < c - e``;
+and (d) LAPACK eigenvalues, accurate to ``p(n) u ||H||``, covered by the
+relative ``ROUNDING_MARGIN`` (1e-9, far above ``64 n u`` for any n < 1e5).
+``u = 2^-53`` is the float64 unit roundoff.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .ops.registry import ROUNDING_MARGIN, BoundContext
+
+U64 = 2.0**-53
+#: Relative slack of the Cholesky certificate on lambda_max (0.2% on sigma^2, i.e. <= 0.1% on sigma).
+CHOLESKY_DELTA = 2e-3
+#: Matrices whose smaller side is at most this size get a direct float64 SVD.
+DENSE_SVD_MAX = 512
+#: Power steps from the Fourier warm start used for the attained (lower) value of a convolution.
+WARM_ITERATIONS = 2
+#: Complex entries per chunk of Fourier blocks (memory bound, ~128 MB in complex128).
+CHUNK_ENTRIES = 1 << 23
 
 
 @dataclass
@@ -25,21 +59,148 @@ class NormResult:
     certified: bool
     method: str
     lower: float | None = None
+    details: dict = field(default_factory=dict)
 
 
-def dense_norm(w: torch.Tensor) -> NormResult:
-    """||W||_2 of a dense matrix (batched: max over leading dims) by float64 SVD.
+# --- certified lambda_max of batches of PSD matrices ----------------------------------------------
 
-    Certified: LAPACK's singular values are backward stable, |sigma_hat - sigma|
-    <= c * eps64 * ||W||; the result is inflated by ``ROUNDING_MARGIN`` (1e-9).
+
+@dataclass
+class PsdMax:
+    """``upper`` bounds ``max_b lambda_max(H_b)`` of the exact Gram matrices; ``estimate`` is the largest
+    Rayleigh quotient found; ``index`` the block attaining it."""
+
+    upper: float
+    estimate: float
+    index: int
+    exact_blocks: int
+
+
+def _rayleigh_power(h: torch.Tensor, iters: int, seed: int = 0) -> torch.Tensor:
+    """Batched power iteration on PSD ``h`` (b, n, n) in single precision (an estimate only):
+    the Rayleigh quotients (b,)."""
+    low = h.to(torch.complex64 if h.is_complex() else torch.float32)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(h.shape[0], h.shape[-1], 1, generator=gen)
+    if h.is_complex():
+        v = v + 1j * torch.randn(h.shape[0], h.shape[-1], 1, generator=gen)
+    v = v.to(device=h.device, dtype=low.dtype)
+    for _ in range(iters):
+        w = low @ v
+        nrm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+        v = w / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
+    return (v.mH @ (low @ v)).real[:, 0, 0].to(torch.float64)
+
+
+def lanczos_max(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, device: torch.device,
+                steps: int = 80, seed: int = 0) -> float:
+    """Largest Ritz value of a symmetric PSD operator after ``steps`` Lanczos steps with full
+    re-orthogonalisation (float64). An estimate from below of lambda_max, not a certificate."""
+    steps = min(steps, n)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    q = q / q.norm()
+    qs = torch.zeros(steps, n, dtype=torch.float64, device=device)
+    alpha = torch.zeros(steps, dtype=torch.float64)
+    beta = torch.zeros(steps, dtype=torch.float64)
+    k = 0
+    for k in range(steps):
+        qs[k] = q
+        w = matvec(q)
+        a = torch.dot(q, w)
+        w = w - qs[: k + 1].T @ (qs[: k + 1] @ w)
+        w = w - qs[: k + 1].T @ (qs[: k + 1] @ w)
+        alpha[k] = a
+        b = w.norm()
+        if k + 1 == steps or float(b) <= 1e-12 * max(float(a), 1e-300):
+            break
+        beta[k] = b
+        q = w / b
+    m = k + 1
+    t = torch.diag(alpha[:m]) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
+    return float(torch.linalg.eigvalsh(t).max())
+
+
+def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None = None,
+                    delta: float = CHOLESKY_DELTA, power_iters: int = 12) -> PsdMax:
+    """Certified upper bound on ``max_b lambda_max(H_b)`` for Hermitian PSD ``H_b = B_b B_b^H``, given the
+    computed ``h`` (b, n, n) and ``gram_error >= max_b ||h_b - H_b||_2``.
+
+    Estimate ``theta`` (power iteration, or ``estimate``), then one batched Cholesky of
+    ``(c - e - a) I - h`` with ``c = theta (1 + delta)``: blocks where it succeeds have
+    ``lambda_max(H_b) <= c`` (rounding term ``a``, see the module docstring). Blocks where it fails get a
+    float64 eigendecomposition, ``lambda_max(H_b) <= lambda_hat (1 + ROUNDING_MARGIN) + e``.
+    Result: ``max(c, those)`` (certified; within ``delta`` of the true maximum).
     """
-    w64 = w.detach().to(torch.float64).cpu()
+    b, n = h.shape[0], h.shape[-1]
+    if b == 0:
+        return PsdMax(0.0, 0.0, 0, 0)
+    lam = _rayleigh_power(h, power_iters)
+    best = int(torch.argmax(lam))
+    theta = float(lam[best])
+    if estimate is not None and estimate > theta:
+        theta = estimate
+    if theta <= 0.0:
+        theta = float(h.diagonal(dim1=-2, dim2=-1).real.sum(-1).max())
+    if theta <= 0.0:
+        return PsdMax(gram_error, 0.0, best, 0)
+    c = theta * (1.0 + delta) + gram_error
+    a = 8.0 * (n + 2) * n * U64 * c * (2.0 if h.is_complex() else 1.0)
+    shift = c - gram_error - a
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    _, info = torch.linalg.cholesky_ex(shift * eye - h)
+    failed = torch.nonzero(info != 0).flatten()
+    upper, n_exact = c, 0
+    if failed.numel():
+        n_exact = int(failed.numel())
+        ev = torch.linalg.eigvalsh(h[failed])[:, -1]
+        k = int(torch.argmax(ev))
+        top = float(ev[k])
+        upper = max(upper, top * (1.0 + ROUNDING_MARGIN) + gram_error)
+        if top > theta:
+            theta, best = top, int(failed[k])
+    return PsdMax(upper, theta, best, n_exact)
+
+
+# --- dense matrices --------------------------------------------------------------------------------
+
+
+def _gram_err(w: torch.Tensor, inner: int) -> float:
+    """Bound on ||fl(W W^H) - W W^H||_2 <= 4 (m + 2) u ||W||_F^2 (m = inner dimension)."""
+    return 4.0 * (inner + 2) * U64 * float((w.abs() ** 2).sum())
+
+
+def dense_norm(w: torch.Tensor, device: torch.device | str | None = None) -> NormResult:
+    """||W||_2 of a dense matrix (batched: max over leading dims), certified.
+
+    Smaller side <= ``DENSE_SVD_MAX``: float64 SVD (backward stable, ``|sigma_hat - sigma| <= c u ||W||``),
+    inflated by ``ROUNDING_MARGIN``. Larger: float64 Gram matrix of the smaller side, Lanczos estimate,
+    Cholesky certificate (:func:`certify_psd_max`); ``sqrt`` of the certified ``lambda_max``.
+    """
+    dev = torch.device(device) if device is not None else w.device
+    w64 = w.detach().to(device=dev, dtype=torch.float64)
     if w64.ndim == 1:
         w64 = w64[None, :]
     if w64.numel() == 0:
         return NormResult(0.0, True, "svd", 0.0)
-    s = float(torch.linalg.matrix_norm(w64, ord=2).max())
-    return NormResult(s * (1 + ROUNDING_MARGIN), True, "svd", s)
+    w64 = w64.reshape(-1, w64.shape[-2], w64.shape[-1])
+    rows, cols = w64.shape[-2:]
+    if min(rows, cols) <= DENSE_SVD_MAX:
+        s = float(torch.linalg.matrix_norm(w64, ord=2).max())
+        return NormResult(s * (1 + ROUNDING_MARGIN), True, "svd", s)
+    best_upper, best_lower = 0.0, 0.0
+    for wb in w64:
+        a = wb if rows <= cols else wb.T
+        h = a @ a.T
+        err = _gram_err(a, a.shape[1])
+        theta = lanczos_max(lambda v, h=h: h @ v, h.shape[0], dev)
+        r = certify_psd_max(h[None], err, estimate=theta)
+        best_upper = max(best_upper, math.sqrt(r.upper) * (1 + ROUNDING_MARGIN))
+        best_lower = max(best_lower, math.sqrt(max(r.estimate, 0.0)))
+    return NormResult(best_upper, True, "gram-lanczos-cholesky", best_lower)
+
+
+# --- power method (estimates from below) -----------------------------------------------------------
 
 
 def power_method(
@@ -48,30 +209,50 @@ def power_method(
     ctx: BoundContext,
     iterations: int | None = None,
     dtype: torch.dtype = torch.float32,
+    x0: torch.Tensor | None = None,
+    tol: float | None = None,
+    exact_op: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Largest singular value of the linear map ``op`` by the autograd power method.
 
     Iterates ``x <- A^T A x / ||A^T A x||`` with ``A^T A x = grad_x 0.5||A x||^2``
-    (one forward and one backward pass per step). Returns ``||A x||`` for the
-    final unit ``x``: a value the operator attains, so an *estimate from below*,
-    never a certificate.
+    (one forward and one backward pass per step), from ``x0`` or a seeded random
+    start; stops early when ``tol`` is given and the relative change of
+    ``||A x||`` falls below it. Returns the largest ``||A x||`` seen for unit ``x``:
+    a value the operator attains, so an *estimate from below*, never a certificate. With
+    ``exact_op`` (the same map in float64) the returned value is ``||A x|| / ||x||`` for the final
+    ``x`` evaluated in float64, so float32 rounding cannot push it above the true norm.
     """
     iterations = ctx.power_iterations if iterations is None else iterations
-    gen = torch.Generator(device="cpu").manual_seed(ctx.seed)
-    x = torch.randn(tuple(in_shape), generator=gen, dtype=dtype).to(ctx.device)
-    x = x / x.norm()
-    sigma = 0.0
+    if x0 is None:
+        gen = torch.Generator(device="cpu").manual_seed(ctx.seed)
+        x = torch.randn(tuple(in_shape), generator=gen, dtype=dtype).to(ctx.device)
+    else:
+        x = x0.detach().to(device=ctx.device, dtype=dtype).reshape(tuple(in_shape))
+    nx = x.norm()
+    if nx == 0:
+        return 0.0
+    x = x / nx
+    best, prev = 0.0, 0.0
     for _ in range(iterations):
         x = x.detach().requires_grad_(True)
         y = op(x)
+        sigma = float(y.detach().norm())
+        best = max(best, sigma)
         (g,) = torch.autograd.grad(0.5 * (y * y).sum(), x)
         gn = g.norm()
         if gn == 0:
-            return 0.0
+            return best
         x = g / gn
+        if tol is not None and prev > 0 and abs(sigma - prev) <= tol * sigma:
+            break
+        prev = sigma
     with torch.no_grad():
-        sigma = float(op(x).norm())
-    return sigma
+        if exact_op is not None:
+            x64 = x.detach().to(torch.float64)
+            return float(exact_op(x64).norm() / x64.norm())
+        best = max(best, float(op(x).norm()))
+    return best
 
 
 def linear_op_estimate(
@@ -82,13 +263,344 @@ def linear_op_estimate(
     return NormResult(s, False, "power-method", s)
 
 
-def conv_norm(forward_no_bias: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int],
-              ctx: BoundContext, weight: torch.Tensor | None = None, attrs: dict | None = None) -> NormResult:
-    """Norm of a convolution at the traced input size.
+# --- convolutions ----------------------------------------------------------------------------------
 
-    Currently the autograd power method (an estimate from below).
+
+@dataclass
+class ConvGeometry:
+    """A convolution ``y[o] = sum_k W_k x[o s + k dil - pad_l]`` per spatial axis, on input size ``n``.
+
+    ``mode`` is ``"zeros"`` (out-of-range entries are 0) or ``"circular"`` (indices mod n).
     """
-    return linear_op_estimate(forward_no_bias, in_shape, ctx)
+
+    spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad_l: tuple[int, ...]
+    pad_r: tuple[int, ...]
+    groups: int = 1
+    mode: str = "zeros"
+
+    @property
+    def out(self) -> tuple[int, ...]:
+        return tuple(
+            (n + pl + pr - d * (k - 1) - 1) // s + 1
+            for n, k, s, d, pl, pr in zip(self.spatial, self.kernel, self.stride, self.dilation, self.pad_l,
+                                           self.pad_r, strict=True)
+        )
+
+    def min_torus(self) -> tuple[int, ...]:
+        """Smallest torus on which the zero-padded conv is a restriction of the circular one:
+        ``N >= n + max(pad_l, pad_r)`` (no wrapped index lands on the signal), ``N > (out - 1) s``
+        (distinct output positions), ``s | N`` (polyphase)."""
+        sizes = []
+        for n, s, pl, pr, o in zip(self.spatial, self.stride, self.pad_l, self.pad_r, self.out, strict=True):
+            m = max(n + max(pl, pr), (o - 1) * s + 1, 1)
+            sizes.append(-(-m // s) * s)
+        return tuple(sizes)
+
+
+def _pairs(v, nd: int) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * nd
+    v = tuple(int(x) for x in v)
+    return v * nd if len(v) == 1 else v
+
+
+def geometry_from_attrs(attrs: dict, weight: torch.Tensor, spatial: Sequence[int]) -> ConvGeometry:
+    """ConvGeometry of a ``conv`` IR node (padding may be an int tuple, ``"same"`` or ``"valid"``)."""
+    nd = attrs["ndim"]
+    kernel = tuple(weight.shape[2:])
+    stride, dil = _pairs(attrs["stride"], nd), _pairs(attrs["dilation"], nd)
+    pad = attrs["padding"]
+    if pad == "valid":
+        pl = pr = (0,) * nd
+    elif pad == "same":
+        total = [d * (k - 1) for d, k in zip(dil, kernel, strict=True)]
+        pl = tuple(t // 2 for t in total)
+        pr = tuple(t - t // 2 for t in total)
+    else:
+        pl = pr = _pairs(pad, nd)
+    return ConvGeometry(tuple(spatial), kernel, stride, dil, pl, pr, int(attrs["groups"]),
+                        "circular" if attrs.get("padding_mode", "zeros") == "circular" else "zeros")
+
+
+@dataclass
+class CircularNorm:
+    upper: float
+    estimate: float
+    torus: tuple[int, ...]
+    top: tuple[int, tuple[int, ...]] | None  # (group, frequency) of the largest block
+    blocks: int
+    exact_blocks: int
+
+
+def _phase_tables(geom: ConvGeometry, torus: Sequence[int], device: torch.device) -> list[torch.Tensor]:
+    """Per axis, T[k, r, f] = [r == (k dil - pad_l) mod s] exp(2 pi i f q_k / M), q_k = floor((k dil - pad_l) / s),
+    M = N / s. The last axis keeps f in [0, M // 2] (conjugate symmetry of real kernels)."""
+    tables = []
+    nd = len(torus)
+    for ax in range(nd):
+        k_n, s, d, pl = geom.kernel[ax], geom.stride[ax], geom.dilation[ax], geom.pad_l[ax]
+        m = torus[ax] // s
+        nf = m // 2 + 1 if ax == nd - 1 else m
+        t = torch.zeros(k_n, s, nf, dtype=torch.complex128)
+        f = torch.arange(nf, dtype=torch.int64)
+        for k in range(k_n):
+            off = k * d - pl
+            r, q = off % s, off // s
+            ang = 2 * math.pi * ((f * q) % m).to(torch.float64) / m
+            t[k, r] = torch.polar(torch.ones_like(ang), ang)
+        tables.append(t.to(device))
+    return tables
+
+
+def fourier_blocks(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], device: torch.device,
+                   first_axis: slice | None = None) -> torch.Tensor:
+    """Polyphase Fourier blocks of the circular strided conv on ``torus``: shape
+    (groups, F_1, ..., F_d, c_out/g, c_in/g * prod(s)), complex128. ``first_axis`` restricts axis-0 frequencies."""
+    nd = len(torus)
+    g = geom.groups
+    w64 = w.detach().to(device=device, dtype=torch.float64)
+    co, cig = w64.shape[0] // g, w64.shape[1]
+    t = w64.reshape(g, co, cig, *w64.shape[2:]).to(torch.complex128)
+    tables = _phase_tables(geom, torus, device)
+    if first_axis is not None:
+        tables[0] = tables[0][:, :, first_axis]
+    # contract each kernel axis with its table: (g, co, ci, K1..Kd) -> (g, co, ci, s1, F1, ..., sd, Fd)
+    for ax in range(nd):
+        t = torch.tensordot(t, tables[ax], dims=([3 + 2 * ax], [0]))  # K_ax axis sits at 3 + 2*ax... see below
+        # tensordot appends (s, F) at the end; move them back next to the previous axes
+        t = t.movedim((-2, -1), (3 + 2 * ax, 4 + 2 * ax)) if ax < nd - 1 else t
+    # now (g, co, ci, s1, F1, ..., sd, Fd); order -> (g, F1..Fd, co, ci, s1..sd)
+    s_axes = [3 + 2 * ax for ax in range(nd)]
+    f_axes = [4 + 2 * ax for ax in range(nd)]
+    t = t.permute(0, *f_axes, 1, 2, *s_axes)
+    fs = t.shape[1: 1 + nd]
+    return t.reshape(g, *fs, co, cig * math.prod(geom.stride)).contiguous()
+
+
+def _abs_sum_frob(w: torch.Tensor) -> float:
+    """||sum_k |W_k| ||_F (W as c_out x c_in/g x kernel), for the block rounding bound."""
+    a = w.detach().to(torch.float64).abs()
+    return float(a.reshape(a.shape[0], a.shape[1], -1).sum(-1).norm())
+
+
+def circular_conv_norm(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int],
+                       device: torch.device | None = None) -> CircularNorm:
+    """Certified ``||Sub_s C||`` of the circular strided conv on ``torus`` (each ``N_j`` divisible by ``s_j``):
+    ``max_f ||B(f)||_2`` over the polyphase Fourier blocks, by :func:`certify_psd_max` in chunks, plus the
+    block-rounding term. Exact for the circular op (up to ``CHOLESKY_DELTA``)."""
+    dev = device if device is not None else w.device
+    nd = len(torus)
+    g = geom.groups
+    co, cols = w.shape[0] // g, w.shape[1] * math.prod(geom.stride)
+    # constant blocks (all taps in one phase cell, e.g. 1x1 kernels): one dense block per group
+    offs = [[(k * d - pl) // s for k in range(kn)] for kn, d, pl, s in
+            zip(geom.kernel, geom.dilation, geom.pad_l, geom.stride, strict=True)]
+    constant = all(len(set(o)) == 1 for o in offs)
+    tor = tuple(torus)
+    if constant:
+        tor = tuple(s for s in geom.stride)  # M = 1: a single frequency
+    m0 = tor[0] // geom.stride[0]
+    per_f0 = g * math.prod(t // s for t, s in zip(tor[1:], geom.stride[1:], strict=True)) * co * cols
+    if nd == 1:
+        per_f0 = g * co * cols
+    step = max(1, CHUNK_ENTRIES // max(per_f0, 1))
+    if nd == 1:
+        m0 = m0 // 2 + 1
+    e_blk = 4.0 * (sum(geom.kernel) + 8 * nd) * U64 * _abs_sum_frob(w)
+    best_upper, best_est, top, n_blocks, n_exact = 0.0, 0.0, None, 0, 0
+    for start in range(0, m0, step):
+        sl = slice(start, min(m0, start + step))
+        blk = fourier_blocks(w, geom, tor, dev, sl)
+        shape_f = blk.shape[1: 1 + nd]
+        b = blk.reshape(-1, co, cols).contiguous()
+        n_blocks += b.shape[0]
+        if min(co, cols) == 1:
+            v = torch.view_as_real(b).square().sum((-3, -2, -1))
+            k = int(torch.argmax(v))
+            upper = float(v[k]) * (1 + ROUNDING_MARGIN) + 4.0 * (max(co, cols) + 2) * U64 * float(v[k])
+            est = float(v[k])
+        else:
+            bh = b.mH.contiguous()  # a materialised conjugate transpose keeps batched matmul on the fast path
+            h = b @ bh if co <= cols else bh @ b
+            inner = cols if co <= cols else co
+            err = 4.0 * (inner + 2) * U64 * float(torch.view_as_real(b).square().sum((-3, -2, -1)).max())
+            r = certify_psd_max(h, err, estimate=best_est if best_est > 0 else None)
+            upper, est, k, n_exact = r.upper, r.estimate, r.index, n_exact + r.exact_blocks
+        if est >= best_est:
+            idx = list(torch.unravel_index(torch.tensor(k), (g, *shape_f)))
+            top = (int(idx[0]), tuple(int(i) + (start if a == 0 else 0) for a, i in enumerate(idx[1:])))
+            best_est = est
+        best_upper = max(best_upper, upper)
+    sigma_up = math.sqrt(best_upper) * (1 + ROUNDING_MARGIN) + e_blk
+    return CircularNorm(sigma_up, math.sqrt(max(best_est, 0.0)), tor, top, n_blocks, n_exact)
+
+
+def _warm_start(w: torch.Tensor, geom: ConvGeometry, cn: CircularNorm, device: torch.device) -> torch.Tensor | None:
+    """A real input (1, c_in, *n) built from the top singular vector of the largest Fourier block:
+    ``x[m s + r] = Re(v_r exp(2 pi i f m / M))``, cropped to the signal."""
+    if cn.top is None:
+        return None
+    grp, freq = cn.top
+    nd = len(geom.spatial)
+    sl = tuple(slice(f, f + 1) for f in freq)
+    blk = fourier_blocks(w, geom, cn.torus, device, sl[0])
+    b = blk[(grp, 0, *[slice(f, f + 1) for f in freq[1:]])].reshape(blk.shape[-2], blk.shape[-1])
+    _, _, vh = torch.linalg.svd(b)
+    v = vh[0].conj().reshape(w.shape[1], *geom.stride)  # (c_in/g, s1..sd)
+    x = v
+    for ax in range(nd):
+        m = cn.torus[ax] // geom.stride[ax]
+        ph = torch.polar(torch.ones(m, dtype=torch.float64, device=device),
+                         2 * math.pi * (freq[ax] * torch.arange(m, device=device) % m).to(torch.float64) / m)
+        # x: (c, N_1..N_ax-1, s_ax, ..., s_d); insert the m axis before s_ax, then flatten to m * s + r
+        x = x.unsqueeze(1 + ax) * ph.reshape([m if i == 1 + ax else 1 for i in range(x.ndim + 1)])
+        shape = list(x.shape)
+        x = x.reshape(*shape[: 1 + ax], shape[1 + ax] * shape[2 + ax], *shape[3 + ax:])
+    x = x.real
+    crop = tuple(slice(0, n) for n in geom.spatial)
+    full = torch.zeros(w.shape[1] * geom.groups, *geom.spatial, dtype=torch.float64, device=device)
+    full[grp * w.shape[1]:(grp + 1) * w.shape[1]] = x[(slice(None), *crop)]
+    return full[None]
+
+
+def _pad_copies(n: int, pl: int, pr: int, mode: str) -> int:
+    """Max number of copies of one entry made by 1-D ``mode`` padding (reflect / replicate)."""
+    code = torch.arange(1, n + 1, dtype=torch.float64).reshape(1, 1, n)
+    idx = F.pad(code, (pl, pr), mode=mode).round().long().flatten()
+    return int(torch.bincount(idx).max())
+
+
+def conv_operator_norm(w: torch.Tensor, geom: ConvGeometry, device: torch.device | None = None,
+                       extra_tori: int = 0) -> tuple[float, CircularNorm, float]:
+    """Certified upper bound on the norm of the conv ``geom`` (zero or circular padding) with kernel ``w``.
+
+    zeros: ``||A|| <= ||Sub_s C_N||`` for any valid torus ``N`` (:meth:`ConvGeometry.min_torus`, and
+    ``extra_tori`` more, each ``+s`` larger per axis; the minimum is kept). circular: the op is
+    ``Sel o Sub_s C_n`` on its own torus ``n``; exact when ``s | n`` and outputs do not wrap, else
+    ``||C_n (stride 1)|| * sqrt(max output multiplicity)``. Returns (upper, best CircularNorm, factor).
+    """
+    dev = device if device is not None else w.device
+    if geom.mode == "circular":
+        n, s, out = geom.spatial, geom.stride, geom.out
+        if all(ni % si == 0 and (oi - 1) * si < ni for ni, si, oi in zip(n, s, out, strict=True)):
+            cn = circular_conv_norm(w, geom, n, dev)
+            return cn.upper, cn, 1.0
+        g1 = ConvGeometry(n, geom.kernel, (1,) * len(n), geom.dilation, geom.pad_l, geom.pad_r, geom.groups,
+                          "circular")
+        mult = 1
+        for ni, si, oi in zip(n, s, out, strict=True):
+            mult *= int(torch.bincount(torch.arange(oi) * si % ni).max())
+        cn = circular_conv_norm(w, g1, n, dev)
+        return cn.upper * math.sqrt(mult), cn, math.sqrt(mult)
+    base = geom.min_torus()
+    best: CircularNorm | None = None
+    for j in range(extra_tori + 1):
+        tor = tuple(b + j * s for b, s in zip(base, geom.stride, strict=True))
+        cn = circular_conv_norm(w, geom, tor, dev)
+        if best is None or cn.upper < best.upper:
+            best = cn
+        if best.blocks == 1:  # constant blocks: the torus does not matter
+            break
+    assert best is not None
+    return best.upper, best, 1.0
+
+
+def _extra_tori(geom: ConvGeometry) -> int:
+    """Also try a few larger tori when the signal is small (cheap, and the sampled frequencies differ)."""
+    m = math.prod(t // s for t, s in zip(geom.min_torus(), geom.stride, strict=True))
+    return 3 if m <= 256 else (1 if m <= 1024 else 0)
+
+
+def _conv64(weight: torch.Tensor, attrs: dict, transposed: bool,
+            device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The conv (or transposed conv) node without bias, in float64 (for attained values)."""
+    w = weight.detach().to(device=device, dtype=torch.float64)
+    nd, a = attrs["ndim"], attrs
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if transposed:
+            fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+            return fn(x, w, None, a["stride"], a["padding"], a["output_padding"], a["groups"], a["dilation"])
+        fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+        if a.get("padding_mode", "zeros") != "zeros":
+            return fn(F.pad(x, a["pad_reversed"], mode=a["padding_mode"]), w, None, a["stride"], 0, a["dilation"],
+                      a["groups"])
+        return fn(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+
+    return run
+
+
+def conv_norm(forward_no_bias: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int],
+              ctx: BoundContext, weight: torch.Tensor | None = None, attrs: dict | None = None,
+              out_shape: Sequence[int] | None = None, transposed: bool = False, lower: bool = True) -> NormResult:
+    """Norm of a convolution (or transposed convolution) at the traced input size: an interval.
+
+    ``upper``: certified, from the Fourier blocks of a circular conv that the op restricts
+    (:func:`conv_operator_norm`); reflect / replicate padding: ``||conv_valid|| * ||P||``, with
+    ``||P|| = prod_axes sqrt(max copies)`` the norm of the padding operator. A transposed conv is the
+    adjoint of the conv with the same weight on the transposed op's *output* size (same norm).
+    ``lower``: the autograd power method on the real op, warm-started from the top Fourier mode
+    (``WARM_ITERATIONS`` steps): a value the operator attains (skipped with ``lower=False``).
+    """
+    if weight is None or attrs is None:
+        return linear_op_estimate(forward_no_bias, in_shape, ctx)
+    dev = ctx.device
+    nd = attrs["ndim"]
+    spatial = tuple(out_shape[-nd:]) if transposed and out_shape is not None else tuple(in_shape[-nd:])
+    mode = attrs.get("padding_mode", "zeros")
+    factor = 1.0
+    if mode in ("reflect", "replicate"):
+        pr_ = attrs["pad_reversed"]  # (last axis l, r, ..., first axis l, r)
+        pads = [(pr_[2 * (nd - 1 - ax)], pr_[2 * (nd - 1 - ax) + 1]) for ax in range(nd)]
+        for ax in range(nd):
+            factor *= math.sqrt(_pad_copies(spatial[ax], pads[ax][0], pads[ax][1], mode))
+        padded = tuple(n + a + b for n, (a, b) in zip(spatial, pads, strict=True))
+        geom = geometry_from_attrs({**attrs, "padding": (0,) * nd, "padding_mode": "zeros"}, weight, padded)
+    else:
+        geom = geometry_from_attrs(attrs if not transposed else {**attrs, "padding_mode": "zeros"}, weight, spatial)
+    upper, cn, f2 = conv_operator_norm(weight, geom, dev, _extra_tori(geom))
+    upper *= factor
+    method = "fourier-" + ("circular" if geom.mode == "circular" else "torus") + "x".join(map(str, cn.torus))
+    if factor != 1.0:
+        method += f"*pad{factor:.3g}"
+    details = {"torus": cn.torus, "blocks": cn.blocks, "exact_blocks": cn.exact_blocks, "circular": cn.upper,
+               "estimate": cn.estimate * f2 * factor}
+    if not lower:
+        return NormResult(upper, True, method, None, details)
+    # lower: warm-started power method on the real operator
+    x0 = None
+    try:
+        x0 = _warm_start(weight, geom, cn, dev)
+        if x0 is not None and mode in ("reflect", "replicate"):
+            crop = tuple(slice(a, a + n) for n, (a, _) in zip(spatial, pads, strict=True))
+            x0 = x0[(slice(None), slice(None), *crop)]
+        if x0 is not None and transposed:
+            a = attrs
+            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+            x0 = conv(x0, weight.detach().to(device=dev, dtype=torch.float64), None, a["stride"], a["padding"],
+                      a["dilation"], a["groups"])
+        if x0 is not None:
+            full = torch.zeros(tuple(in_shape), dtype=x0.dtype, device=x0.device)
+            if len(in_shape) == nd + 2 and tuple(full.shape[1:]) == tuple(x0.shape[1:]):
+                full[0] = x0[0]
+                x0 = full
+            elif len(in_shape) == nd + 1 and tuple(full.shape) == tuple(x0.shape[1:]):
+                x0 = x0[0]
+            else:
+                x0 = None
+    except (RuntimeError, ValueError, IndexError):
+        x0 = None
+    low = power_method(forward_no_bias, in_shape, ctx, iterations=WARM_ITERATIONS if x0 is not None else None,
+                       x0=x0.to(torch.float32) if x0 is not None else None,
+                       exact_op=_conv64(weight, attrs, transposed, dev))
+    return NormResult(upper, True, method, low, details)
+
+
+# --- diagonal and selection operators --------------------------------------------------------------
 
 
 def diagonal_norm(scale: torch.Tensor) -> NormResult:

@@ -28,8 +28,9 @@ def linear_forward(node, x):
 
 
 def linear_lipschitz(node, ctx: BoundContext) -> LocalConstant:
-    """y = W x + b over the last dimension: L = ||W||_2 (float64 SVD, certified)."""
-    return _from_norm(norms.dense_norm(node.params["weight"]))
+    """y = W x + b over the last dimension: L = ||W||_2 (certified: float64 SVD, or Gram + Lanczos + Cholesky
+    certificate for large W; see lipgraph.norms.dense_norm)."""
+    return _from_norm(norms.dense_norm(node.params["weight"], ctx.device))
 
 
 register_rule("linear", linear_forward, linear_lipschitz, affine=True)
@@ -58,10 +59,12 @@ def conv_forward(node, x):
 
 
 def conv_lipschitz(node, ctx: BoundContext) -> LocalConstant:
-    """y = conv(x) + b: L = ||conv||_2 at the traced input size (see lipgraph.norms.conv_norm)."""
+    """y = conv(x) + b: L = ||conv||_2 at the traced input size, an interval [power-method value,
+    certified Fourier bound] (see lipgraph.norms.conv_norm)."""
     shape = node.in_shapes[0]
     return _from_norm(
-        norms.conv_norm(lambda x: conv_apply(node, x, bias=False), shape, ctx, node.params["weight"], node.attrs)
+        norms.conv_norm(lambda x: conv_apply(node, x, bias=False), shape, ctx, node.params["weight"], node.attrs,
+                        out_shape=node.out_shape)
     )
 
 
@@ -81,11 +84,13 @@ def conv_transpose_forward(node, x):
 
 
 def conv_transpose_lipschitz(node, ctx: BoundContext) -> LocalConstant:
-    """y = conv_transpose(x) + b: L = ||conv^T||_2 at the traced input size (see lipgraph.norms.conv_norm)."""
+    """y = conv_transpose(x) + b: L = ||conv^T||_2 = ||conv|| on the output size, an interval [power-method
+    value, certified Fourier bound] (see lipgraph.norms.conv_norm)."""
     shape = node.in_shapes[0]
     return _from_norm(
         norms.conv_norm(
-            lambda x: conv_transpose_apply(node, x, bias=False), shape, ctx, node.params["weight"], node.attrs
+            lambda x: conv_transpose_apply(node, x, bias=False), shape, ctx, node.params["weight"], node.attrs,
+            out_shape=node.out_shape, transposed=True,
         )
     )
 

@@ -1,0 +1,395 @@
+"""Pass: fold maximal affine regions into single linear operators.
+
+A *region* is a connected set of affine nodes (rules with ``affine=True``:
+conv, BatchNorm, linear, constant scales, average pooling, adds, reshapes, ...)
+with no nonlinearity inside. Its *entries* are the non-region nodes it reads,
+its *exits* the region nodes read from outside. For an exit ``v`` the value is
+an affine function of the entries, ``v = sum_e J_{e->v} e + b``, so
+
+    L(v) <= sum_e ||J_{e->v}|| L(e)                                    (certified)
+
+(triangle inequality; with one entry, ``L(v) <= ||J|| L(e)``). This replaces
+AutoLip's product of member norms by the norm of each partial map as a whole.
+``||J_{e->v}||`` is computed, tightest first:
+
+1. *materialised*: when the smaller of (entry size, exit size) is at most
+   ``MATERIALIZE_MAX``, the Jacobian is formed exactly in float64 (``torch.func``
+   over the basis of the smaller side) and its norm certified by
+   :func:`lipgraph.norms.dense_norm`; a relative margin ``EVAL_MARGIN`` (1e-7)
+   of the region's AutoLip product covers the float64 evaluation error;
+2. *folded*: along a path, per-channel scales (eval BatchNorm, constant
+   channel scales) fold into the neighbouring conv / linear weight
+   (``diag(s) W`` or ``W diag(s)``), and a pointwise (1x1, stride 1,
+   unpadded) conv or linear composes exactly with its neighbour; the folded
+   operator's norm is certified by :mod:`lipgraph.norms`;
+3. otherwise AutoLip inside the region (sum over paths of products).
+
+The folded cumulative values are applied as ``overrides`` to
+:func:`lipgraph.bounds.autolip.autolip` (which keeps the smaller value at each
+exit), computed in graph order so that folds compound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+from torch.func import jvp, vjp
+
+from .. import ir, norms
+from ..ops import RULES, BoundContext, LocalConstant
+from ..ops.registry import ROUNDING_MARGIN
+from .autolip import Cumulative, combine
+
+#: Materialise a partial map when its smaller side has at most this many entries.
+MATERIALIZE_MAX = 2048
+#: ... and the Jacobian has at most this many entries.
+MATERIALIZE_ENTRIES = 1 << 23
+#: Relative margin (of the region's AutoLip product) for float64 evaluation error of a materialised map.
+EVAL_MARGIN = 1e-7
+_SKIP = ("input", "output", "constant")
+
+
+@dataclass
+class Region:
+    """A maximal connected set of affine nodes, with its entries and exits (names, graph order)."""
+
+    nodes: list[str]
+    entries: list[str]
+    exits: list[str]
+
+
+@dataclass
+class Partial:
+    """``||J_{entry->exit}|| <= norm`` (certified or not), how, and the AutoLip product it replaces."""
+
+    entry: str
+    exit: str
+    norm: float
+    certified: bool
+    method: str
+    autolip: float
+
+
+@dataclass
+class AffineResult:
+    regions: list[Region]
+    partials: list[Partial]
+    overrides: dict[str, Cumulative]
+    cumulative: dict[str, Cumulative]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _foldable(n: ir.IRNode, lc: LocalConstant | None) -> bool:
+    rule = RULES.get(n.op)
+    if rule is None or not rule.affine or n.op in _SKIP or lc is None:
+        return False
+    if lc.method == "user-supplied" or not all(math.isfinite(p) for p in lc.partials):
+        return False
+    return True
+
+
+def find_regions(g: nx.DiGraph, local: Mapping[str, LocalConstant]) -> list[Region]:
+    """Maximal connected (ignoring direction) sets of affine nodes with at least one conv, linear or
+    BatchNorm (regions of pure reshapes gain nothing)."""
+    order = {name: i for i, name in enumerate(g.graph["order"])}
+    members = {n.name for n in ir.nodes(g) if _foldable(n, local.get(n.name))}
+    sub = g.subgraph(members).to_undirected(as_view=True)
+    regions = []
+    for comp in nx.connected_components(sub):
+        names = sorted(comp, key=order.__getitem__)
+        if not any(ir.node(g, x).op in ("conv", "conv_transpose", "linear", "batch_norm", "matmul_const",
+                                         "avg_pool", "adaptive_avg_pool") for x in names):
+            continue
+        entries = sorted({p for x in names for p in g.predecessors(x) if p not in comp}, key=order.__getitem__)
+        exits = [x for x in names if any(s not in comp for s in g.successors(x))]
+        regions.append(Region(names, entries, exits))
+    return regions
+
+
+# --- symbolic forms along a path ------------------------------------------------------------------
+
+
+@dataclass
+class _Form:
+    """The partial map entry -> node: ``kind`` in ident / diag / conv / linear / num."""
+
+    kind: str
+    value: float = 1.0  # for num: a bound; otherwise a scalar factor
+    scale: torch.Tensor | None = None  # diag: per-channel factors (channel axis ``axis``)
+    axis: int = 1
+    weight: torch.Tensor | None = None
+    node: ir.IRNode | None = None  # conv / linear: the (first) node whose geometry is used
+    certified: bool = True
+    how: str = ""
+
+
+def _bn_or_channel_scale(n: ir.IRNode) -> tuple[torch.Tensor, int] | None:
+    """Per-channel factors of a BatchNorm, or of a constant scale broadcast along one axis."""
+    from ..ops.linear import batch_norm_scale  # noqa: PLC0415
+
+    if n.op == "batch_norm":
+        return batch_norm_scale(n), 1
+    if n.op == "scale":
+        c = n.params["const"].detach().to(torch.float64)
+        if n.attrs.get("divide"):
+            if bool((c == 0).any()):
+                return None
+            c = 1.0 / c
+        shape = tuple(n.in_shapes[0])
+        if tuple(n.out_shape) != shape:
+            return None
+        if c.numel() == 1:
+            return c.reshape(1), -1
+        cs = [i for i, d in enumerate(c.shape) if d != 1]
+        if len(cs) == 1:
+            axis = cs[0] - c.ndim + len(shape)
+            return c.flatten(), axis
+    return None
+
+
+def _is_pointwise_conv(n: ir.IRNode) -> bool:
+    a = n.attrs
+    w = n.params["weight"]
+    return (n.op == "conv" and all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in a["stride"])
+            and a["padding"] != "same" and (a["padding"] == "valid" or all(p == 0 for p in a["padding"]))
+            and a["groups"] == 1 and a.get("padding_mode", "zeros") == "zeros")
+
+
+def _form_bound(f: _Form, ctx: BoundContext, cache: dict) -> tuple[float, bool, str]:
+    if f.kind == "num":
+        return f.value, f.certified, f.how
+    if f.kind == "ident":
+        return abs(f.value), True, "identity"
+    if f.kind == "diag":
+        assert f.scale is not None
+        return abs(f.value) * float(f.scale.abs().max()), True, "diagonal"
+    key = id(f)
+    if key not in cache:
+        assert f.node is not None and f.weight is not None
+        n = f.node
+        if f.kind == "linear":
+            r = norms.dense_norm(f.weight, ctx.device)
+            cache[key] = (r.upper, r.certified, "folded-" + r.method)
+        else:
+            r = norms.conv_norm(lambda x: x, n.in_shapes[0], ctx, f.weight, n.attrs, out_shape=n.out_shape,
+                                transposed=n.op == "conv_transpose", lower=False)
+            cache[key] = (r.upper, r.certified, "folded-" + r.method)
+    up, cert, how = cache[key]
+    return abs(f.value) * up, cert, how
+
+
+def _step(n: ir.IRNode, f: _Form, index: int, lc: LocalConstant, ctx: BoundContext, cache: dict) -> _Form:
+    """The form of entry -> n from the form of entry -> (n's single reachable input, argument ``index``)."""
+    ch = _bn_or_channel_scale(n) if n.op in ("batch_norm", "scale") else None
+    if ch is not None:
+        s, axis = ch
+        if s.numel() == 1:
+            factor = abs(float(s)) if f.kind == "num" else float(s)
+            return dataclasses.replace(f, value=f.value * factor)
+        nd = len(n.in_shapes[0])
+        axis = axis % nd
+        if f.kind == "ident":
+            return _Form("diag", f.value, s, axis)
+        if f.kind == "diag" and f.axis == axis and f.scale is not None and f.scale.numel() == s.numel():
+            return _Form("diag", f.value, f.scale * s, axis)
+        if (f.kind == "conv" and f.node is not None and f.weight is not None
+                and axis == (1 if nd == f.node.attrs["ndim"] + 2 else 0)):
+            w = f.weight * s.reshape(-1, *([1] * (f.weight.ndim - 1))).to(f.weight)
+            return dataclasses.replace(f, weight=w)
+        if f.kind == "linear" and axis == nd - 1 and f.weight is not None:
+            return dataclasses.replace(f, weight=f.weight * s[:, None].to(f.weight))
+    if n.op in ("conv", "linear"):
+        w = n.params["weight"].detach().to(torch.float64)
+        nd = len(n.in_shapes[0])
+        if f.kind == "ident":
+            return _Form("conv" if n.op == "conv" else "linear", f.value, weight=w, node=n)
+        if f.kind == "diag" and f.scale is not None:
+            if n.op == "conv" and f.axis == (1 if nd == n.attrs["ndim"] + 2 else 0) and n.attrs["groups"] == 1:
+                sw = w * f.scale.reshape(1, -1, *([1] * (w.ndim - 2))).to(w)
+                return _Form("conv", f.value, weight=sw, node=n)
+            if n.op == "linear" and f.axis == nd - 1:
+                return _Form("linear", f.value, weight=w * f.scale[None, :].to(w), node=n)
+        if f.kind == "linear" and n.op == "linear" and f.weight is not None:
+            return _Form("linear", f.value, weight=w @ f.weight, node=f.node)
+        if f.kind == "conv" and f.weight is not None and f.node is not None:
+            if _is_pointwise_conv(n) and f.node.attrs["groups"] == 1:  # 1x1 after a conv: mix output channels
+                wc = torch.einsum("om,m...->o...", w.reshape(w.shape[0], w.shape[1]), f.weight)
+                return dataclasses.replace(f, weight=wc, node=_retarget(f.node, n))
+            if _is_pointwise_conv(f.node) and n.attrs["groups"] == 1:  # conv after a 1x1: mix input channels
+                w1 = f.weight.reshape(f.weight.shape[0], f.weight.shape[1])
+                wc = torch.einsum("om...,mi->oi...", w, w1)
+                return _Form("conv", f.value, weight=wc, node=n)
+    # no exact fold: a number
+    b, cert, how = _form_bound(f, ctx, cache)
+    part = lc.partials[index] if index < len(lc.partials) else math.inf
+    return _Form("num", part * b, certified=cert and lc.certified, how=how)
+
+
+def _retarget(first: ir.IRNode, last: ir.IRNode) -> ir.IRNode:
+    """Geometry of ``first`` (spatial conv), output channels of ``last`` (a 1x1 after it)."""
+    return dataclasses.replace(first, out_shape=tuple(last.out_shape))
+
+
+def _fold_partial(g: nx.DiGraph, region: Region, members: list[str], entry: str, exit_: str,
+                  local: Mapping[str, LocalConstant], ctx: BoundContext, cache: dict) -> tuple[float, bool, str]:
+    """Bound on ||J_{entry -> exit}|| by path folding (see the module docstring)."""
+    forms: dict[str, _Form] = {entry: _Form("ident")}
+    for name in members:
+        n = ir.node(g, name)
+        lc = local[name]
+        reach = [(i, u) for i, u in enumerate(n.inputs) if u in forms]
+        if not reach:
+            continue
+        if len(reach) == 1 and len(set(n.inputs) & set(forms)) == 1 and n.inputs.count(reach[0][1]) == 1:
+            forms[name] = _step(n, forms[reach[0][1]], reach[0][0], lc, ctx, cache)
+            continue
+        terms = []
+        cert = lc.certified
+        for i, u in reach:
+            b, c, _ = _form_bound(forms[u], ctx, cache)
+            terms.append(lc.partials[i] * b)
+            cert = cert and c
+        val = math.sqrt(sum(t * t for t in terms)) if lc.combine == "l2" else sum(terms)
+        forms[name] = _Form("num", val, certified=cert, how="autolip-in-region")
+    return _form_bound(forms[exit_], ctx, cache)
+
+
+# --- materialised partial maps ----------------------------------------------------------------------
+
+
+def _numel(shape: Any) -> int:
+    return math.prod(shape) if isinstance(shape, (tuple, list)) and all(isinstance(s, int) for s in shape) else -1
+
+
+def _as64(n: ir.IRNode) -> ir.IRNode:
+    params = {k: (v.detach().to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in n.params.items()}
+    attrs = dict(n.attrs)
+    if attrs.get("dtype") is not None:
+        attrs["dtype"] = None
+    return dataclasses.replace(n, params=params, attrs=attrs)
+
+
+def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
+                 ctx: BoundContext) -> float | None:
+    """Norm of the exact float64 Jacobian of entry -> exit (others fixed), or None when too large."""
+    e_node, x_node = ir.node(g, entry), ir.node(g, exit_)
+    n_in, n_out = _numel(e_node.out_shape), _numel(x_node.out_shape)
+    if n_in <= 0 or n_out <= 0 or min(n_in, n_out) > MATERIALIZE_MAX or n_in * n_out > MATERIALIZE_ENTRIES:
+        return None
+    nodes64 = [_as64(ir.node(g, m)) for m in members]
+    shape = tuple(e_node.out_shape)
+    dev = ctx.device
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        vals: dict[str, Any] = {entry: x.reshape(shape)}
+        for n in nodes64:
+            args = []
+            for u in n.inputs:
+                if u in vals:
+                    args.append(vals[u])
+                else:  # another entry or a constant: its value does not enter the partial derivative
+                    un = ir.node(g, u)
+                    if un.op == "constant":
+                        args.append(un.params["value"].detach().to(torch.float64).to(dev))
+                    else:
+                        args.append(torch.zeros(un.out_shape, dtype=torch.float64, device=dev))
+            vals[n.name] = RULES[n.op].forward(n, *args)
+        return vals[exit_].reshape(-1)
+
+    x0 = torch.zeros(n_in, dtype=torch.float64, device=dev)
+    try:
+        if n_in <= n_out:
+            basis = torch.eye(n_in, dtype=torch.float64, device=dev)
+            cols = torch.vmap(lambda v: jvp(run, (x0,), (v,))[1])(basis)  # (n_in, n_out) = J^T
+            jac = cols
+        else:
+            _, pull = vjp(run, x0)
+            basis = torch.eye(n_out, dtype=torch.float64, device=dev)
+            jac = torch.vmap(lambda u: pull(u)[0])(basis)  # (n_out, n_in) = J
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError, IndexError):
+        return None
+    return norms.dense_norm(jac, dev).upper
+
+
+def _autolip_partial(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
+                     local: Mapping[str, LocalConstant]) -> float:
+    """AutoLip product bound of entry -> exit inside the region (what folding replaces)."""
+    val: dict[str, float] = {entry: 1.0}
+    for name in members:
+        n = ir.node(g, name)
+        if not any(u in val for u in n.inputs):
+            continue
+        lc = local[name]
+        terms = [lc.partials[i] * val.get(u, 0.0) for i, u in enumerate(n.inputs)]
+        val[name] = math.sqrt(sum(t * t for t in terms)) if lc.combine == "l2" else sum(terms)
+    return val.get(exit_, 0.0)
+
+
+# --- the pass ------------------------------------------------------------------------------------------
+
+
+def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: BoundContext,
+         materialize: bool = True) -> AffineResult:
+    """Bound every region exit by ``sum_e ||J_{e->v}|| L(e)`` and return the AutoLip overrides."""
+    t0 = time.perf_counter()
+    regions = find_regions(g, local)
+    cache: dict = {}
+    terms: dict[str, list[Partial]] = {}
+    partials: list[Partial] = []
+    for reg in regions:
+        comp = set(reg.nodes)
+        for v in reg.exits:
+            anc = nx.ancestors(g, v)
+            members = [m for m in reg.nodes if (m in anc or m == v)]
+            for e in reg.entries:
+                if e not in anc or ir.node(g, e).op == "constant":
+                    continue
+                desc = nx.descendants(g, e)
+                path_members = [m for m in members if m in desc and m in comp]
+                auto = _autolip_partial(g, path_members, e, v, local)
+                if auto == 0.0:
+                    continue
+                got = None
+                if materialize:
+                    mat = _materialize(g, path_members, e, v, ctx)
+                    if mat is not None:
+                        cert = all(local[m].certified for m in path_members)
+                        got = Partial(e, v, mat + EVAL_MARGIN * auto, cert, "materialised-jacobian", auto)
+                if got is None:
+                    b, cert, how = _fold_partial(g, reg, path_members, e, v, local, ctx, cache)
+                    got = Partial(e, v, b, cert, how, auto)
+                if got.norm > auto:  # folding never needs to be worse than the product
+                    got = Partial(e, v, auto * (1 + ROUNDING_MARGIN), all(local[m].certified for m in path_members),
+                                  "autolip-in-region", auto)
+                terms.setdefault(v, []).append(got)
+                partials.append(got)
+    # graph-order AutoLip with the exits replaced, so that folds compound
+    cum: dict[str, Cumulative] = {}
+    overrides: dict[str, Cumulative] = {}
+    for n in ir.nodes(g):
+        if n.op == "input":
+            cum[n.name] = Cumulative(1.0, True)
+            continue
+        if n.op == "constant":
+            cum[n.name] = Cumulative(0.0, True)
+            continue
+        cum[n.name] = combine(local[n.name], [cum[i] for i in n.inputs])
+        if n.name in terms:
+            used = [p for p in terms[n.name] if cum[p.entry].value != 0.0]
+            val = sum(p.norm * cum[p.entry].value for p in used)
+            cert = all(p.certified and cum[p.entry].certified for p in used)
+            o = Cumulative(val, cert)
+            if o.value <= cum[n.name].value or not cum[n.name].certified:
+                cum[n.name] = o
+                overrides[n.name] = o
+    return AffineResult(regions, partials, overrides, cum, time.perf_counter() - t0,
+                        {"regions": len(regions), "partials": len(partials)})
