@@ -146,7 +146,8 @@ def _enumerate_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi:
     coordinates adds them to one matrix, and only patterns whose Frobenius norm
     (``>= ||.||_2``) exceeds the best value so far get an eigenvalue solve.
     Certified and exact (up to rounding). With ``deadline`` (a perf_counter
-    time) it may stop early and returns ``None``-free partial data as not exact.
+    time) it may stop early: the result is then the best pattern seen, an
+    estimate (``certified=False``).
     """
     t0 = time.perf_counter()
     a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
@@ -179,8 +180,11 @@ def _enumerate_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi:
             lo_bits = _masks(nlo, int(cand[k]), 1)[0]
             best_pat = torch.cat([lo_bits, hbits]).bool()
     best = max(best, 0.0)
-    return InnerMax(best * (1 + ROUNDING_MARGIN), best, True, done, "enumeration" if done else "enumeration-partial",
-                    time.perf_counter() - t0, 2**n if done else 0, best_pat)
+    if not done:  # the best pattern seen so far: attained, not a bound
+        return InnerMax(best, best, False, False, "enumeration stopped at the deadline (estimate, not certified)",
+                        time.perf_counter() - t0, 0, best_pat)
+    return InnerMax(best * (1 + ROUNDING_MARGIN), best, True, True, "enumeration", time.perf_counter() - t0, 2**n,
+                    best_pat)
 
 
 def _alternating_completion(n_mat: torch.Tensor, a_r: torch.Tensor, b_r: torch.Tensor, h: float,
