@@ -420,7 +420,7 @@ def build_view(report: Any, depth: int | None = None, fold: int | None = 4) -> V
         kind = op if op in ("input", "output") else "node"
         path = ".".join(model.path[n])
         origin = model.ir[n].origin
-        title = op if kind == "node" else (f"input {n}" if kind == "input" else "output")
+        title = op if kind == "node" else "output" if kind == "output" else n if n.startswith("input") else f"input {n}"
         note = origin if origin and origin.lower().replace("_", "") != op.replace("_", "") else ""
         if kind != "node":
             note = ""
@@ -694,8 +694,10 @@ def to_dot(
         node_attr={"fontname": FONT, "fontsize": "11", "margin": "0.08,0.04", "penwidth": "1.2"},
         edge_attr={"color": "#666666", "arrowsize": "0.7"},
     )
-    if view.size > LIMIT_LAYOUT_BOXES:
-        dot.graph_attr.update(nslimit="4", nslimit1="4", mclimit="0.5", searchsize="20", remincross="false")
+    if view.size > 2 * LIMIT_LAYOUT_BOXES:  # DenseNet-121 unfolded: 433 boxes, 55k virtual nodes
+        dot.graph_attr.update(nslimit="0.5", nslimit1="0.5", mclimit="0.2", searchsize="20", remincross="false")
+    elif view.size > LIMIT_LAYOUT_BOXES:
+        dot.graph_attr.update(nslimit="2", nslimit1="2", mclimit="0.5", searchsize="30", remincross="false")
     by_key = {b.key: b for b in view.boxes}
 
     def emit(g: Any, c: Cluster, level: int, base: str) -> None:
@@ -744,7 +746,7 @@ def dot_program() -> str | None:
     return shutil.which("dot")
 
 
-def run_dot(source: str, fmt: str, out: str, *, timeout: float = 60.0, dpi: int = 96) -> None:
+def run_dot(source: str, fmt: str, out: str, *, timeout: float = 120.0, dpi: int = 96) -> None:
     """Lay out ``source`` with the system ``dot`` into ``out`` (``fmt``: png, svg, pdf), time-boxed."""
     exe = dot_program()
     if exe is None:
@@ -793,7 +795,7 @@ def render(
     fold: int | None = 4,
     modules: bool = True,
     timings: bool = True,
-    timeout: float = 60.0,
+    timeout: float = 120.0,
     dpi: int = 96,
     max_png_boxes: int = MAX_PNG_BOXES,
     rankdir: str = "TB",

@@ -368,6 +368,21 @@ def test_resnet18_renders_with_depth(tmp_path: Path) -> None:
     assert r.render(str(tmp_path / "r18_full.svg")).endswith(".svg")
 
 
+def test_onnx_model_renders_with_its_modules(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    model, x = ResMLP().eval(), torch.randn(1, 8)
+    path = tmp_path / "resmlp.onnx"
+    try:
+        torch.onnx.export(model, (x,), str(path), dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - no exporter in this torch build
+        pytest.skip(f"ONNX export unavailable: {exc}")
+    r = lipgraph.analyze(str(path), x, method="autolip", lower=False)
+    blocks = [b for b in R.build_view(r, depth=2).boxes if b.kind == "module"]
+    assert [b.title for b in blocks] == ["blocks.0", "blocks.1"]
+    assert all(b.local == pytest.approx(1.5, rel=1e-6) for b in blocks)
+    assert "cluster_m_blocks" in R.to_dot(r)
+
+
 def test_cli_flags(tmp_path: Path) -> None:
     src = tmp_path / "m.py"
     src.write_text(
