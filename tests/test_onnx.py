@@ -463,6 +463,18 @@ def test_op_without_rule_is_inf_naming_node_and_op(tmp_path: Path) -> None:
     assert math.isinf(r.upper)
     (bad,) = r.not_lipschitz
     assert bad["node"] == "my_erf" and "Erf" in bad["reason"]
+    # Erf runs in torch, so the IR stays differentiable for the lower-bound search
+    r = lipgraph.analyze(str(path), x, lower=True, lower_budget=1.0, method="autolip")
+    assert r.lower is not None and 0 < r.lower <= 2 / math.sqrt(math.pi) * 1.001
+
+
+def test_reference_evaluator_op_refuses_autograd_clearly(tmp_path: Path) -> None:
+    n = helper.make_node("Shrink", ["x"], ["y"], name="shrinker", lambd=0.5)
+    path = save(tmp_path, "shrink", [n], [vi("x", [2, 3])], [vi("y", None)])
+    x = torch.randn(2, 3)
+    assert_matches_ort(path, x)
+    with pytest.raises(lipgraph.LipgraphError, match=r"'shrinker' \(Shrink\).*no-lower"):
+        lipgraph.analyze(str(path), x, lower=True, lower_budget=1.0, method="autolip")
 
 
 def test_non_default_domain_is_a_clear_error(tmp_path: Path) -> None:

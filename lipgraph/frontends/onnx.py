@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import ir
-from ..errors import InputShapeError, ModelLoadError
+from ..errors import InputShapeError, LipgraphError, ModelLoadError
 from ..ops import RULES, structural
 
 try:
@@ -393,15 +393,33 @@ class Builder:
                 args.append(None if v is None else v.value)
         opsets = self.opsets
         n_out = len(node.output)
+        where = _describe(node)
 
         def run(*xs: Any, _node: onnx.NodeProto = node) -> Any:
+            if any(isinstance(x, torch.Tensor) and (x.requires_grad or _wrapped(x)) for x in xs):
+                raise LipgraphError(
+                    f"ONNX {where} runs only through the ONNX reference evaluator (numpy), which cannot be "
+                    "differentiated: skip the lower-bound search (lower=False, --no-lower)"
+                )
             outs = run_reference(_node, list(xs), opsets)
             ts = [_to_torch(o) for o in outs]
             return ts[0] if n_out == 1 else tuple(ts)
 
+        from . import onnx_ops  # noqa: PLC0415
+
         origin = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
+        impl = onnx_ops.torch_impl(node, _attrs(node)) if node.domain in DEFAULT_DOMAINS and n_out == 1 else None
+        out = None
+        if impl is not None:  # a torch version keeps the IR differentiable (lower bounds)
+            try:
+                out = self.emit("opaque", var_in, {"callable": impl, "args": args, "kwargs": {}},
+                                origin=f"ONNX {origin}")
+            except InputShapeError:
+                self.cur_count = 0
         try:
-            out = self.emit("opaque", var_in, {"callable": run, "args": args, "kwargs": {}}, origin=f"ONNX {origin}")
+            if out is None:
+                out = self.emit("opaque", var_in, {"callable": run, "args": args, "kwargs": {}},
+                                origin=f"ONNX {origin}")
         except InputShapeError as exc:
             why = str(exc.__cause__ or exc).strip().splitlines()
             raise ModelLoadError(
@@ -411,6 +429,14 @@ class Builder:
         if n_out == 1:
             return [out]
         return [self.emit("tuple_getitem", [out], {"index": i}) for i in range(n_out)]
+
+
+def _wrapped(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a functorch-wrapped tensor (inside jvp/vmap), which has no numpy view."""
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+        return False
 
 
 def _constant_value(node: onnx.NodeProto) -> torch.Tensor:

@@ -791,4 +791,39 @@ def _depth_to_space(b, node, ins, at):
     return b.emit("pixel_shuffle", [x], {"factor": int(at["blocksize"])})
 
 
-__all__ = ["MAPPINGS", "SHAPE_ONLY", "NEVER_FOLD", "mapping"]
+# --- torch versions of ops without a rule -------------------------------------------------------------------
+# They stay ``opaque`` (an honest inf), but run in torch, so the IR remains differentiable for the
+# lower-bound search; any other op runs through the ONNX reference evaluator.
+
+_UNARY = {"Erf": torch.erf, "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Reciprocal": torch.reciprocal,
+          "Sin": torch.sin, "Cos": torch.cos, "Sign": torch.sign, "Floor": torch.floor, "Ceil": torch.ceil,
+          "Softsign": torch.nn.functional.softsign, "Sinh": torch.sinh, "Cosh": torch.cosh, "Atan": torch.atan}
+
+
+def torch_impl(node: onnx.NodeProto, at: dict[str, Any]) -> Callable[..., torch.Tensor] | None:
+    """A torch function computing ``node`` from its inputs (in ONNX order), or None."""
+    op = node.op_type
+    if op in _UNARY:
+        fn = _UNARY[op]
+        return lambda x: fn(x)
+    if op == "Pow":
+        return lambda x, y: torch.pow(x, y.to(x.dtype) if isinstance(y, torch.Tensor) and y.is_floating_point()
+                                      else y)
+    if op in ("Max", "Min"):
+        pick = torch.maximum if op == "Max" else torch.minimum
+
+        def fold(*xs: torch.Tensor) -> torch.Tensor:
+            out = xs[0]
+            for x in xs[1:]:
+                out = pick(out, x)
+            return out
+
+        return fold
+    if op == "LRN" and int(at["size"]) % 2 == 1:  # odd windows: PyTorch's and ONNX's windows agree
+        size, alpha = int(at["size"]), float(at.get("alpha", 1e-4))
+        beta, bias = float(at.get("beta", 0.75)), float(at.get("bias", 1.0))
+        return lambda x: torch.nn.functional.local_response_norm(x, size, alpha, beta, bias)
+    return None
+
+
+__all__ = ["MAPPINGS", "SHAPE_ONLY", "NEVER_FOLD", "mapping", "torch_impl"]
