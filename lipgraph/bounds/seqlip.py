@@ -53,11 +53,11 @@ from .chains import MAX_DENSE, Segment, find_segments, group_dims, group_matrix
 #: Widths up to this are solved by plain enumeration of all 2^n patterns.
 ENUM_MAX_WIDTH = 12
 #: Seconds allowed to each inner maximisation in :func:`bound` (branch and bound stops there).
-INNER_BUDGET = 5.0
+INNER_BUDGET = 2.0
 #: Largest group materialised by :func:`bound` (``analyze``); SVDs of larger matrices take seconds.
 BOUND_MAX_DENSE = 2048
 #: Seconds for all segments of one model in :func:`bound`.
-TOTAL_BUDGET = 30.0
+TOTAL_BUDGET = 10.0
 #: Low bits tabulated by the enumeration (2^LO_BITS matrices per batch).
 LO_BITS = 11
 _DT = torch.float64
@@ -429,10 +429,11 @@ def inner_factors(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Te
 
 
 def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]],
-                 budget: float = INNER_BUDGET) -> ChainBound:
+                 budget: float = INNER_BUDGET, deadline: float | None = None) -> ChainBound:
     """Certified SeqLip bound on ``M_K D_{K-1} ... D_1 M_1`` over all ``D_i = diag([a_i, b_i]^n)``.
 
-    ``mats``: dense ``(out, in)`` matrices; ``slopes``: one interval per activation (``len(mats) - 1``).
+    ``mats``: dense ``(out, in)`` matrices; ``slopes``: one interval per activation (``len(mats) - 1``);
+    ``budget``: seconds per inner maximum, shortened to end by ``deadline`` (perf_counter) if given.
     Value ``prod_i inner_max_i``, inflated for rounding (see the module docstring); capped by the
     dense AutoLip product ``prod ||M_i|| prod max(|a_i|, |b_i|)``, also certified.
     """
@@ -444,8 +445,10 @@ def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]],
     auto_cert = auto * (1 + ROUNDING_MARGIN) ** len(mats)
     if len(mats) == 1:
         return ChainBound(auto_cert, True, "dense SVD norm", auto_cert, [], time.perf_counter() - t0)
-    results = [inner_max(a_m, b_m, lo, hi, budget) for (a_m, b_m), (lo, hi) in zip(inner_factors(mats), slopes,
-                                                                                   strict=True)]
+    results = []
+    for (a_m, b_m), (lo, hi) in zip(inner_factors(mats), slopes, strict=True):
+        b_i = budget if deadline is None else max(0.05, min(budget, deadline - time.perf_counter()))
+        results.append(inner_max(a_m, b_m, lo, hi, b_i))
     raw = math.prod(r.lower if r.exact else r.value for r in results)
     value = raw * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * auto
     exact = all(r.exact for r in results)
@@ -489,7 +492,7 @@ def _members_autolip(seg: Segment, local: Mapping[str, LocalConstant]) -> tuple[
 
 def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant],
                   budget: float = INNER_BUDGET, max_dense: int = MAX_DENSE,
-                  estimate: bool = False) -> dict[str, Any]:
+                  estimate: bool = False, deadline: float | None = None) -> dict[str, Any]:
     """SeqLip on one segment; groups too large to materialise (``> max_dense`` entries) split the chain
     and use the rule table's per-node norms (AutoLip) for that group and its neighbouring activations.
     Returns the report dict ``{"nodes", "autolip", "seqlip", "certified", "method", ...}``."""
@@ -507,7 +510,7 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
         nonlocal value, cert, est_value
         if not run:
             return
-        cb = seqlip_chain(run, run_slopes, budget)
+        cb = seqlip_chain(run, run_slopes, budget, deadline)
         value *= cb.value
         cert = cert and cb.certified
         notes.append(cb.method)
@@ -585,7 +588,7 @@ def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: BoundContext |
                             "method": f"skipped: SeqLip time budget ({total_budget:g}s) spent, AutoLip kept",
                             "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
             continue
-        rec = segment_bound(g, seg, local, min(budget, left), max_dense, estimate)
+        rec = segment_bound(g, seg, local, budget, max_dense, estimate, t0 + total_budget)
         records.append(rec)
         if not rec["certified"]:
             continue
