@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -156,7 +157,7 @@ def test_mlp_bound_matches_chain_and_report_json():
     mats = [m.weight.detach().double() for m in model if isinstance(m, nn.Linear)]
     cb = S.seqlip_chain(mats, [(0.0, 1.0)] * 2)
     assert rep.bounds["autolip+seqlip"].value == pytest.approx(cb.value, rel=1e-9)
-    d = rep.to_dict()
+    d = json.loads(json.dumps(rep.to_dict()))
     seg = d["segments"][0]
     assert {"nodes", "autolip", "seqlip", "certified", "method"} <= set(seg)
     assert seg["seqlip"] < seg["autolip"]
