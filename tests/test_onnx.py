@@ -197,6 +197,20 @@ def test_torchscript_export_parity(name: str, tmp_path: Path) -> None:
     assert rel(ref, got) < REL, (ref, got)
 
 
+@pytest.mark.parametrize("opset", [13, 17])
+def test_older_opsets_decomposed_gelu_and_layernorm(opset: int, tmp_path: Path) -> None:
+    """Before opset 20 (17) the exporter spells GELU (LayerNorm) with Erf/Tanh, Pow, Sqrt and products;
+    the patterns map back to the gelu / layer_norm rules, so no inf and the same bound."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.LayerNorm(4), nn.Linear(4, 3),
+                          nn.GELU(approximate="tanh")).eval()
+    x = torch.randn(2, 4)
+    path = export(model, x, tmp_path / f"g{opset}.onnx", opset_version=opset)
+    g = assert_matches_ort(path, x)
+    kinds = ir.summary(g)
+    assert kinds["gelu"] == 2 and kinds["layer_norm"] == 1 and "opaque" not in kinds and "mul_var" not in kinds
+    assert rel(bound(model, x), bound(str(path), x)) < REL
+
+
 def test_unfused_export_keeps_batchnorm_and_the_same_bound(tmp_path: Path) -> None:
     """Without constant folding the exporter keeps BatchNormalization: the ONNX IR then has the very
     nodes of the PyTorch IR, and node-wise constants agree."""

@@ -478,7 +478,125 @@ def _fused_activation(b: Builder, a: Value, c: Value) -> Value | None:
                 b.drop(n.name)
                 b.drop(p.name)
                 return b.emit("mish", [x])
+    return _fused_gelu(b, a, c)
+
+
+def _node_if(b: Builder, name: str | None, op: str, uses: int = 1, origin: str | None = None) -> ir.IRNode | None:
+    """The IR node ``name`` if it has kind ``op`` (and ``origin``), and its ONNX value is read ``uses`` times."""
+    if name is None or name not in b.g:
+        return None
+    n = ir.node(b.g, name)
+    if n.op != op or (origin is not None and n.origin != origin):
+        return None
+    if b.uses.get(b.produced.get(name, ""), 0) != uses:
+        return None
+    return n
+
+
+def _is_const(n: ir.IRNode, value: float, key: str = "const") -> bool:
+    c = n.params.get(key)
+    return c is not None and c.numel() == 1 and math.isclose(float(c), value, rel_tol=1e-5)
+
+
+def _fused_gelu(b: Builder, a: Value, c: Value) -> Value | None:
+    """Exporters before opset 20 spell GELU as x * (1 + erf(x / sqrt 2)) [* 0.5]: map the product to
+    ``2 * gelu(x)`` (the trailing ``* 0.5`` stays a scale)."""
+    for x, other in ((a, c), (c, a)):
+        add = _node_if(b, other.node, "add")
+        if add is None or add.attrs.get("coeffs") != [1.0] or not _is_const(add, 1.0):
+            continue
+        erf = _node_if(b, add.inputs[0], "opaque", origin="ONNX Erf")
+        div = _node_if(b, erf.inputs[0] if erf else None, "scale")
+        if erf is None or div is None or div.inputs != [x.node]:
+            continue
+        c0 = div.params["const"]
+        if c0.numel() != 1 or float(c0) == 0.0:
+            continue
+        k = float(c0) if div.attrs.get("divide") else 1.0 / float(c0)
+        if abs(k - math.sqrt(2)) > 1e-5:
+            continue
+        for n in (add, erf, div):
+            b.drop(n.name)
+        y = b.emit("gelu", [x], {"approximate": "none"})
+        return b.emit("scale", [y], {"divide": False}, {"const": torch.tensor(2.0, dtype=x.value.dtype)})
+    for x, other in ((a, c), (c, a)):
+        y = _fused_gelu_tanh(b, x, other)
+        if y is not None:
+            return y
     return None
+
+
+def _fused_gelu_tanh(b: Builder, x: Value, other: Value) -> Value | None:
+    """x * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) -> ``2 * gelu(x, 'tanh')``."""
+    add1 = _node_if(b, other.node, "add")
+    if add1 is None or add1.attrs.get("coeffs") != [1.0] or not _is_const(add1, 1.0):
+        return None
+    tanh = _node_if(b, add1.inputs[0], "tanh")
+    s1 = _node_if(b, tanh.inputs[0] if tanh else None, "scale")
+    if s1 is None or s1.attrs.get("divide") or not _is_const(s1, math.sqrt(2 / math.pi)):
+        return None
+    inner = _node_if(b, s1.inputs[0], "add")
+    if inner is None or inner.attrs.get("coeffs") != [1.0, 1.0] or "const" in inner.params:
+        return None
+    cube_scale = next((ir.node(b.g, i) for i in inner.inputs if i != x.node), None)
+    if sorted(inner.inputs) != sorted([x.node, cube_scale.name if cube_scale else ""]):
+        return None
+    s2 = _node_if(b, cube_scale.name, "scale")
+    if s2 is None or s2.attrs.get("divide") or not _is_const(s2, 0.044715):
+        return None
+    cube = _node_if(b, s2.inputs[0], "mul_var")
+    if cube is None:
+        return None
+    square_name = next((i for i in cube.inputs if i != x.node), None)
+    square = _node_if(b, square_name, "mul_var")
+    if square is None or square.inputs != [x.node, x.node] or sorted(cube.inputs) != sorted([x.node, square.name]):
+        return None
+    for n in (add1, tanh, s1, inner, s2, cube, square):
+        b.drop(n.name)
+    y = b.emit("gelu", [x], {"approximate": "tanh"})
+    return b.emit("scale", [y], {"divide": False}, {"const": torch.tensor(2.0, dtype=x.value.dtype)})
+
+
+def _fused_layer_norm(b: Builder, a: Value, c: Value) -> Value | None:
+    """Exporters before opset 17 spell LayerNorm as (x - mean) / sqrt(mean((x - mean)^2) + eps):
+    map the quotient to ``layer_norm`` (the affine part that follows stays scale and add)."""
+    sub = _node_if(b, a.node, "add", uses=2)
+    sqrt = _node_if(b, c.node, "opaque", origin="ONNX Sqrt")
+    if sub is None or sqrt is None or sub.attrs.get("coeffs") != [1.0, -1.0] or "const" in sub.params:
+        return None
+    x_name, mean_name = sub.inputs
+    mean = _node_if(b, mean_name, "mean")
+    eps_add = _node_if(b, sqrt.inputs[0], "add")
+    var = _node_if(b, eps_add.inputs[0] if eps_add else None, "mean")
+    pow_ = _node_if(b, var.inputs[0] if var else None, "opaque", origin="ONNX Pow")
+    if None in (mean, eps_add, var, pow_) or mean.inputs != [x_name] or pow_.inputs != [sub.name]:
+        return None
+    exponent = pow_.attrs["args"][1]
+    if not isinstance(exponent, torch.Tensor) or exponent.numel() != 1 or float(exponent) != 2.0:
+        return None
+    eps = eps_add.params.get("const")
+    if eps_add.attrs.get("coeffs") != [1.0] or eps is None or eps.numel() != 1 or float(eps) <= 0:
+        return None
+    x_shape = ir.node(b.g, x_name).out_shape
+    nd = len(x_shape)
+    dims = mean.attrs.get("dim")
+    dims = tuple(sorted(d % nd for d in ((dims,) if isinstance(dims, int) else dims)))
+    if dims != tuple(range(nd - len(dims), nd)) or var.attrs.get("dim") != mean.attrs.get("dim"):
+        return None
+    if not (mean.attrs.get("keepdim") and var.attrs.get("keepdim")):
+        return None
+    for n in (sqrt, eps_add, var, pow_, sub, mean):
+        b.drop(n.name)
+    x = Value(x_name, _values_of(b, x_name))
+    shape = tuple(x_shape[nd - len(dims):])
+    return b.emit("layer_norm", [x], {"normalized_shape": shape, "eps": float(eps)})
+
+
+def _values_of(b: Builder, name: str) -> torch.Tensor:
+    out = b.produced.get(name)
+    if out is not None and out in b.env:
+        return b.env[out].value
+    return b.env[name].value  # a graph input
 
 
 @mapping("Add", "Sub")
@@ -531,7 +649,7 @@ def _mul(b, node, ins, at):
 def _div(b, node, ins, at):
     a, c = _operands(b, at, ins)
     if a.is_var and c.is_var:
-        return b.emit("div_var", [a, c])
+        return _fused_layer_norm(b, a, c) or b.emit("div_var", [a, c])
     if not a.is_var:
         raise Unsupported("a constant divided by a variable")
     if not c.value.dtype.is_floating_point:
