@@ -337,10 +337,11 @@ def inner_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
     return branch_and_bound(a_mat, b_mat, lo, hi, budget)
 
 
-def _greedy_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float, max_iter: int = 1000) -> InnerMax:
+def _greedy_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float, max_iter: int = 1000,
+                     budget: float = 20.0) -> InnerMax:
     """ESTIMATE (the published greedy SeqLip): start from d = hi everywhere and flip the single coordinate
-    that increases ``||A diag(d) B||`` most, until none does. Returns an attained value: it may be
-    below the maximum, so it is not certified."""
+    that increases ``||A diag(d) B||`` most, until none does (or ``budget`` seconds pass). Returns an
+    attained value: it may be below the maximum, so it is not certified."""
     t0 = time.perf_counter()
     a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
     p, n = a_mat.shape
@@ -351,6 +352,8 @@ def _greedy_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: fl
     cur = _norm(m)
     chunk = max(1, int(2e7 // max(p * q, 1)))
     for _ in range(max_iter):
+        if time.perf_counter() - t0 > budget:
+            break
         sign = torch.where(on, -1.0, 1.0).to(_DT)
         vals = torch.cat([spectral_norms(m[None] + sign[i:i + chunk, None, None] * rank1[i:i + chunk])
                           for i in range(0, n, chunk)])
@@ -379,9 +382,10 @@ def branch_and_bound(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: fl
         return _branch_and_bound_impl(a_mat, b_mat, lo, hi, budget, leaf_width, max_nodes)
 
 
-def greedy_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float, max_iter: int = 1000) -> InnerMax:
+def greedy_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float, max_iter: int = 1000,
+               budget: float = 20.0) -> InnerMax:
     with _single_thread(_small(a_mat, b_mat)):
-        return _greedy_max_impl(a_mat, b_mat, lo, hi, max_iter)
+        return _greedy_max_impl(a_mat, b_mat, lo, hi, max_iter, budget)
 
 
 enumerate_max.__doc__ = _enumerate_max_impl.__doc__
