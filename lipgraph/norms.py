@@ -77,8 +77,8 @@ class PsdMax:
 
 
 def _rayleigh_power(h: torch.Tensor, iters: int, seed: int = 0) -> torch.Tensor:
-    """Batched power iteration on PSD ``h`` (b, n, n) in single precision (an estimate only):
-    the Rayleigh quotients (b,)."""
+    """Batched power iteration on PSD ``h`` (b, n, n) in single precision: Rayleigh quotients (b,).
+    An estimate from below of each lambda_max (it only guides the certificate)."""
     low = h.to(torch.complex64 if h.is_complex() else torch.float32)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn(h.shape[0], h.shape[-1], 1, generator=gen)
@@ -121,45 +121,63 @@ def lanczos_max(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, device: 
     return float(torch.linalg.eigvalsh(t).max())
 
 
+def _cholesky_passes(h: torch.Tensor, c: float, gram_error: float) -> torch.Tensor:
+    """Per block: True when floating-point Cholesky of ``(c - e - a) I - h`` succeeds, which proves
+    ``lambda_max(H) <= c`` for the exact ``H`` with ``||h - H|| <= e`` (``a``: Cholesky rounding,
+    ``8 (n + 2) n u c``, doubled for complex; see the module docstring)."""
+    n = h.shape[-1]
+    a = 8.0 * (n + 2) * n * U64 * c * (2.0 if h.is_complex() else 1.0)
+    m = -h
+    m.diagonal(dim1=-2, dim2=-1).add_(c - gram_error - a)
+    _, info = torch.linalg.cholesky_ex(m)
+    return info == 0
+
+
 def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None = None,
                     delta: float = CHOLESKY_DELTA, power_iters: int = 12) -> PsdMax:
     """Certified upper bound on ``max_b lambda_max(H_b)`` for Hermitian PSD ``H_b = B_b B_b^H``, given the
     computed ``h`` (b, n, n) and ``gram_error >= max_b ||h_b - H_b||_2``.
 
-    Estimate ``theta`` (power iteration, or ``estimate``), then one batched Cholesky of
-    ``(c - e - a) I - h`` with ``c = theta (1 + delta)``: blocks where it succeeds have
-    ``lambda_max(H_b) <= c`` (rounding term ``a``, see the module docstring). Blocks where it fails get a
-    float64 eigendecomposition, ``lambda_max(H_b) <= lambda_hat (1 + ROUNDING_MARGIN) + e``.
-    Result: ``max(c, those)`` (certified; within ``delta`` of the true maximum).
+    Estimate ``theta`` (batched power iteration, or ``estimate`` when larger); test ``c = theta (1 + delta)``
+    on every block with one batched Cholesky (:func:`_cholesky_passes`). If some block fails, its
+    ``lambda_max`` exceeds ``c`` (up to rounding), so the maximum is bracketed: ``c`` grows until the
+    failing blocks pass (x1.01, 1.05, 1.25, then doubling), then bisects (testing only those blocks)
+    until ``hi / lo <= 1 + delta``.
+    Result ``hi``: certified, and within ``delta`` of the true maximum (plus rounding).
     """
-    b, n = h.shape[0], h.shape[-1]
-    if b == 0:
+    if h.shape[0] == 0:
         return PsdMax(0.0, 0.0, 0, 0)
     lam = _rayleigh_power(h, power_iters)
     best = int(torch.argmax(lam))
-    theta = float(lam[best])
-    if estimate is not None and estimate > theta:
-        theta = estimate
+    theta = max(float(lam[best]), estimate or 0.0, 0.0)
     if theta <= 0.0:
-        theta = float(h.diagonal(dim1=-2, dim2=-1).real.sum(-1).max())
-    if theta <= 0.0:
-        return PsdMax(gram_error, 0.0, best, 0)
-    c = theta * (1.0 + delta) + gram_error
-    a = 8.0 * (n + 2) * n * U64 * c * (2.0 if h.is_complex() else 1.0)
-    shift = c - gram_error - a
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
-    _, info = torch.linalg.cholesky_ex(shift * eye - h)
-    failed = torch.nonzero(info != 0).flatten()
-    upper, n_exact = c, 0
+        theta = max(float(h.diagonal(dim1=-2, dim2=-1).real.sum(-1).max()), 1e-300)
+    hi = theta * (1.0 + delta) + gram_error
+    ok = _cholesky_passes(h, hi, gram_error)
+    failed = torch.nonzero(~ok).flatten()
+    tests = 1
     if failed.numel():
-        n_exact = int(failed.numel())
-        ev = torch.linalg.eigvalsh(h[failed])[:, -1]
-        k = int(torch.argmax(ev))
-        top = float(ev[k])
-        upper = max(upper, top * (1.0 + ROUNDING_MARGIN) + gram_error)
-        if top > theta:
-            theta, best = top, int(failed[k])
-    return PsdMax(upper, theta, best, n_exact)
+        lo = hi
+        sub = h[failed]
+        for grow in (1.01, 1.05, 1.25, *([2.0] * 2000)):
+            hi = lo * grow
+            ok = _cholesky_passes(sub, hi, gram_error)
+            tests += 1
+            if bool(ok.all()):
+                break
+        while hi > lo * (1.0 + delta):
+            mid = math.sqrt(lo * hi)
+            ok = _cholesky_passes(sub, mid, gram_error)
+            tests += 1
+            if bool(ok.all()):
+                hi = mid
+            else:
+                lo = mid
+                sub = sub[~ok]
+                failed = failed[~ok]
+        best = int(failed[0])
+        theta = lo
+    return PsdMax(hi, theta, best, tests)
 
 
 # --- dense matrices --------------------------------------------------------------------------------
@@ -534,11 +552,36 @@ def _conv64(weight: torch.Tensor, attrs: dict, transposed: bool,
     return run
 
 
+#: Convolutions with at most this many inputs per sample (and a matrix of at most 2^24 entries) are
+#: materialised exactly and get a dense certified norm.
+SMALL_CONV_INPUTS = 4096
+
+
+def _small_conv_norm(weight: torch.Tensor, attrs: dict, transposed: bool, in_shape: Sequence[int],
+                     device: torch.device) -> NormResult | None:
+    """Exact matrix of a small conv: the float64 conv of each basis vector (every output entry is one
+    weight, so the matrix is exact), then :func:`dense_norm`. None when too large."""
+    nd = attrs["ndim"]
+    per = tuple(in_shape[-(nd + 1):])
+    n_in = math.prod(per)
+    if n_in > SMALL_CONV_INPUTS:
+        return None
+    run = _conv64(weight, attrs, transposed, device)
+    n_out = math.prod(run(torch.zeros(1, *per, dtype=torch.float64, device=device)).shape)
+    if n_in * n_out > 1 << 24:
+        return None
+    basis = torch.eye(n_in, dtype=torch.float64, device=device).reshape(n_in, *per)
+    mat = run(basis).reshape(n_in, -1)
+    r = dense_norm(mat, device)
+    return NormResult(r.upper, True, "materialised-" + r.method, r.lower, {"matrix": (n_out, n_in)})
+
+
 def conv_norm(forward_no_bias: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int],
               ctx: BoundContext, weight: torch.Tensor | None = None, attrs: dict | None = None,
               out_shape: Sequence[int] | None = None, transposed: bool = False, lower: bool = True) -> NormResult:
     """Norm of a convolution (or transposed convolution) at the traced input size: an interval.
 
+    Small ops (``SMALL_CONV_INPUTS``) are materialised exactly (:func:`_small_conv_norm`). Otherwise
     ``upper``: certified, from the Fourier blocks of a circular conv that the op restricts
     (:func:`conv_operator_norm`); reflect / replicate padding: ``||conv_valid|| * ||P||``, with
     ``||P|| = prod_axes sqrt(max copies)`` the norm of the padding operator. A transposed conv is the
@@ -562,6 +605,9 @@ def conv_norm(forward_no_bias: Callable[[torch.Tensor], torch.Tensor], in_shape:
         geom = geometry_from_attrs({**attrs, "padding": (0,) * nd, "padding_mode": "zeros"}, weight, padded)
     else:
         geom = geometry_from_attrs(attrs if not transposed else {**attrs, "padding_mode": "zeros"}, weight, spatial)
+    exact = _small_conv_norm(weight, attrs, transposed, in_shape, dev)
+    if exact is not None:
+        return exact
     upper, cn, f2 = conv_operator_norm(weight, geom, dev, _extra_tori(geom))
     upper *= factor
     method = "fourier-" + ("circular" if geom.mode == "circular" else "torus") + "x".join(map(str, cn.torus))

@@ -1,0 +1,155 @@
+"""Side-by-side: the seed paper's per-layer norms (autograd power method run to convergence, Virmaux &
+Scaman 2018) against lipgraph's certified norms, per layer and for the whole model, in one run.
+
+    .venv/bin/python bench/bench_norms.py --models resnet50 --res 224 --out bench/results/norms.txt
+
+Per conv / linear layer: the power-method value (float32, stopped when the relative change of the
+estimate is below ``--tol`` or after ``--max-iter`` steps) and its time; lipgraph's certified upper bound,
+its attained lower value and its time; the ratio certified / power. Whole model: AutoLip with the
+power-method constants (not a certificate), AutoLip with the certified constants, and the affine-region
+fold (``lipgraph.bounds.affine``), with times. Weights are torchvision's random initialisation (no
+download); ``--bn-stats`` draws BatchNorm statistics like a trained network's (gamma in [0.2, 2],
+running_var in [0.1, 4]) so that folding BatchNorm into convolutions matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lipgraph  # noqa: E402
+from lipgraph import ir, norms  # noqa: E402
+from lipgraph.bounds import affine, autolip  # noqa: E402
+from lipgraph.bounds.local import local_constants  # noqa: E402
+from lipgraph.ops import BoundContext, LocalConstant  # noqa: E402
+from lipgraph.ops.linear import conv_apply, conv_transpose_apply  # noqa: E402
+
+
+def _op(n: ir.IRNode):
+    if n.op == "conv":
+        return lambda x: conv_apply(n, x, bias=False)
+    if n.op == "conv_transpose":
+        return lambda x: conv_transpose_apply(n, x, bias=False)
+    return lambda x: torch.nn.functional.linear(x, n.params["weight"])
+
+
+def _bn_stats(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.weight.data = 0.2 + 1.8 * torch.rand(m.weight.shape, generator=gen)
+            m.running_var = 0.1 + 3.9 * torch.rand(m.running_var.shape, generator=gen)
+
+
+def run(name: str, res: int, args: argparse.Namespace, out: list[str]) -> None:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    if args.bn_stats:
+        _bn_stats(model, 0)
+    x = torch.randn(1, 3, res, res)
+    g = lipgraph.trace(model, x)
+    ctx = BoundContext(device=torch.device(args.device), power_iterations=args.max_iter)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        out.append(line)
+
+    say(f"\n## {name} at {res}x{res}  (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {args.device})")
+    say(f"{'layer':<26} {'weight':<20} {'in':>9} {'power':>9} {'it':>4} {'t_pow':>7} "
+        f"{'certified':>10} {'lower':>9} {'t_cert':>7} {'cert/pow':>9}")
+    power_local: dict[str, LocalConstant] = {}
+    t_pow_total = t_cert_layers = 0.0
+    ratios = []
+    layers = [n for n in ir.nodes(g) if n.op in ("conv", "conv_transpose", "linear")]
+    cert_local = {}
+    for n in layers:
+        t0 = time.perf_counter()
+        p = norms.power_method(_op(n), n.in_shapes[0], ctx, iterations=args.max_iter, tol=args.tol)
+        tp = time.perf_counter() - t0
+        iters = _LAST_ITERS.get("n", 0)
+        t0 = time.perf_counter()
+        lc = lipgraph.ops.RULES[n.op].lipschitz(n, ctx)
+        tc = time.perf_counter() - t0
+        cert_local[n.name] = lc
+        t_pow_total += tp
+        t_cert_layers += tc
+        power_local[n.name] = LocalConstant([p], False, "power-method")
+        ratios.append(lc.value / p)
+        say(f"{n.name[:26]:<26} {str(tuple(n.params['weight'].shape)):<20} {'x'.join(map(str, n.in_shapes[0][2:])):>9} "
+            f"{p:9.4f} {iters:4d} {tp:7.2f} {lc.value:10.4f} {lc.lower or 0:9.4f} {tc:7.2f} {lc.value / p:9.4f}")
+    # whole model: certified local constants for every node (conv/linear included), then AutoLip
+    t0 = time.perf_counter()
+    full = local_constants(g, ctx)
+    t_local = time.perf_counter() - t0
+    local = {k: v[0] for k, v in full.items()}
+    cum = autolip.autolip(g, local)
+    outn = g.graph["output"]
+    mixed = {k: power_local.get(k, v) for k, v in local.items()}
+    cum_pow = autolip.autolip(g, mixed)
+    t0 = time.perf_counter()
+    aff = affine.fold(g, local, ctx)
+    t_aff = time.perf_counter() - t0
+    cum_aff = autolip.autolip(g, local, aff.overrides)
+    say(f"layers: {len(layers)}; certified/power per layer: min {min(ratios):.4f}, median "
+        f"{sorted(ratios)[len(ratios) // 2]:.4f}, max {max(ratios):.4f}; "
+        f"layers within 1%: {sum(r <= 1.01 for r in ratios)}/{len(ratios)}")
+    say(f"{'whole model':<40} {'value':>12} {'seconds':>9}")
+    say(f"{'AutoLip, power method (seed paper)':<40} {cum_pow[outn].value:12.5g} {t_pow_total:9.1f}  (estimate)")
+    say(f"{'AutoLip, certified (lipgraph)':<40} {cum[outn].value:12.5g} {t_local:9.1f}  "
+        f"(certified={cum[outn].certified}; conv/linear layers alone {t_cert_layers:.1f}s)")
+    say(f"{'AutoLip + affine folding (lipgraph)':<40} {cum_aff[outn].value:12.5g} {t_local + t_aff:9.1f}  "
+        f"(certified={cum_aff[outn].certified}; fold pass {t_aff:.1f}s, {len(aff.regions)} regions)")
+    say(f"speed-up (power method / certified AutoLip): {t_pow_total / max(t_local, 1e-9):.1f}x")
+
+
+_LAST_ITERS: dict[str, int] = {}
+_orig_power = norms.power_method
+
+
+def _counting_power(op, in_shape, ctx, iterations=None, dtype=torch.float32, x0=None, tol=None, exact_op=None):
+    """norms.power_method, counting the steps it takes (for the table)."""
+    count = {"n": 0}
+
+    def counted(x):
+        count["n"] += 1
+        return op(x)
+
+    v = _orig_power(counted, in_shape, ctx, iterations, dtype, x0, tol, exact_op)
+    _LAST_ITERS["n"] = max(count["n"] - 1, 0)
+    return v
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet50"])
+    ap.add_argument("--res", nargs="+", type=int, default=[224])
+    ap.add_argument("--max-iter", type=int, default=100)
+    ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bn-stats", action="store_true")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    norms.power_method = _counting_power  # type: ignore[assignment]
+    out: list[str] = [f"# bench_norms: {' '.join(sys.argv[1:])}", f"# {time.strftime('%Y-%m-%d %H:%M')}"]
+    for name in args.models:
+        for res in args.res:
+            run(name, res, args, out)
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
