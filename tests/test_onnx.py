@@ -477,6 +477,9 @@ def test_op_without_rule_is_inf_naming_node_and_op(tmp_path: Path) -> None:
     assert math.isinf(r.upper)
     (bad,) = r.not_lipschitz
     assert bad["node"] == "my_erf" and "Erf" in bad["reason"]
+    # a user constant for the node (by its ONNX name) replaces the inf, as an unverified assumption
+    r = lipgraph.analyze(str(path), x, lower=False, method="autolip", constants={"my_erf": 1.2})
+    assert r.upper == pytest.approx(1.2) and not r.certified
     # Erf runs in torch, so the IR stays differentiable for the lower-bound search
     r = lipgraph.analyze(str(path), x, lower=True, lower_budget=1.0, method="autolip")
     assert r.lower is not None and 0 < r.lower <= 2 / math.sqrt(math.pi) * 1.001
