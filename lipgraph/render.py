@@ -158,6 +158,7 @@ class Box:
     clusters: tuple[str, ...] = ()
     reason: str | None = None
     method: str = ""
+    best: str = ""  # output box: the best bound when tighter than the AutoLip cumulative
 
 
 @dataclass
@@ -224,6 +225,8 @@ class _Model:
             if self.op[n] in ("input", "output"):
                 self.path[n] = ()
         self.cls = self._classes()
+        #: module paths with something inside them (drawn as clusters)
+        self.containers = {p[:k] for p in self.path.values() for k in range(1, len(p))}
         self.succ = {n: sorted(g.successors(n), key=self.pos.__getitem__) for n in self.order}
 
     def _classes(self) -> dict[tuple[str, ...], str]:
@@ -433,6 +436,10 @@ def build_view(report: Any, depth: int | None = None, fold: int | None = 4) -> V
         ))
         box_of[n] = boxes[-1].key
     boxes.sort(key=lambda b: model.pos[b.members[0]])
+    best = report.best
+    for b in boxes:
+        if b.kind == "output" and best is not None and best[1].value < b.cumulative:
+            b.best = f"{'≤' if best[1].certified else '≈'} {num(best[1].value)} ({best[0]})"
 
     edges: list[tuple[str, str]] = []
     seen_edges: set[tuple[str, str]] = set()
@@ -452,12 +459,8 @@ def build_view(report: Any, depth: int | None = None, fold: int | None = 4) -> V
 
 def _container_chain(model: _Model, path: tuple[str, ...]) -> tuple[str, ...]:
     """The module clusters (dotted paths, outermost first) a box at ``path`` is drawn in."""
-    containers = model.__dict__.setdefault("_containers", _containers(model))
+    containers = model.containers
     return tuple(".".join(path[:k]) for k in range(1, len(path) + 1) if path[:k] in containers)
-
-
-def _containers(model: _Model) -> set[tuple[str, ...]]:
-    return {model.path[n][:k] for n in model.visible for k in range(1, len(model.path[n]))}
 
 
 def _clusters(view: View, model: _Model, report: Any) -> None:
@@ -560,7 +563,8 @@ def _box_label(b: Box, base: str = "") -> str:
     dim = "#dddddd" if fc == "white" else "#505050"
     title = b.title
     if b.kind in ("module", "fold"):
-        title = " … ".join(_relative(p, base) or p for p in b.title.split(" … "))
+        if len(title) > 30:  # long paths: as seen inside the enclosing cluster
+            title = " … ".join(_relative(p, base) or p for p in b.title.split(" … "))
     head = f"<b>{_esc(title, 46)}</b>"
     if b.note:
         head += f'  <font point-size="9" color="{dim}">{_esc(b.note, 40)}</font>'
@@ -575,7 +579,11 @@ def _box_label(b: Box, base: str = "") -> str:
     cum = f'<font point-size="9" color="{ccol}">cumul. {crel} {num(b.cumulative)}</font>'
     if b.kind == "output":
         crel = "=" if math.isinf(b.cumulative) else crel
-        rows.append(f'<tr><td colspan="2">model L {crel} <b>{num(b.cumulative)}</b></td></tr>')
+        if b.best:
+            rows.append(f'<tr><td colspan="2"><font point-size="9">AutoLip {crel} {num(b.cumulative)}</font></td></tr>')
+            rows.append(f'<tr><td colspan="2">model L <b>{_esc(b.best)}</b></td></tr>')
+        else:
+            rows.append(f'<tr><td colspan="2">model L {crel} <b>{num(b.cumulative)}</b></td></tr>')
     elif inf:
         rows.append('<tr><td colspan="2"><b><font color="#ff5a5a">NOT LIPSCHITZ  (L = ∞)</font></b></td></tr>')
         for line in _wrap(b.reason or "no finite bound", 46, 3):
@@ -605,13 +613,15 @@ def _box_attrs(b: Box, base: str = "") -> dict[str, str]:
         "fillcolor": fill,
         "fontcolor": _font_color(fill),
         "style": ",".join(style),
-        "shape": {"input": "invhouse", "output": "house", "fold": "box3d"}.get(b.kind, "box"),
+        "shape": {"input": "invhouse", "fold": "box3d"}.get(b.kind, "box"),
     }
     if b.kind == "fold":
         attrs["style"] = ",".join(s for s in style if s != "rounded")
         attrs["margin"] = "0.2,0.1"
     if b.kind == "module":
         attrs["peripheries"] = "2"
+    if b.kind == "output":
+        attrs["penwidth"] = "2"
     if inf:
         attrs.update(color=INF_BORDER, penwidth="3")
     return attrs

@@ -14,6 +14,7 @@ import torch.nn as nn
 import lipgraph
 from lipgraph import render as R
 from lipgraph.cli import main as cli_main
+from lipgraph.report import BoundResult
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("LIPGRAPH_UPDATE_GOLDEN") == "1"
@@ -273,6 +274,10 @@ def test_segment_cluster_and_hidden_segments(mlp_report: lipgraph.Report) -> Non
     r = _with_segment(mlp_report)
     dot = R.to_dot(r)
     assert "cluster_seg_0" in dot and "SeqLip ≤ 1.5" in dot and "∏ L = 3" in dot and "-50%" in dot
+    r.bounds = {**r.bounds, "autolip+seqlip": BoundResult(1.5, True, "test", 0.0)}
+    out = next(b for b in R.build_view(r).boxes if b.kind == "output")
+    assert out.best == "≤ 1.5 (autolip+seqlip)" and out.cumulative == pytest.approx(3.0, rel=1e-6)
+    assert "best certified: <b>1.5</b> (autolip+seqlip)" in R.to_dot(r)
     r2 = _with_segment(_analyze(ResMLP()))
     view = R.build_view(r2, depth=2)
     assert view.segments_hidden == 1 and any("segment" in n for n in view.notes)
