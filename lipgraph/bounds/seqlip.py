@@ -195,8 +195,16 @@ def _alternating_completion(n_mat: torch.Tensor, a_r: torch.Tensor, b_r: torch.T
     t = torch.ones(a_r.shape[1], dtype=_DT)
     best, best_t = -1.0, t
     for _ in range(iters):
-        u, _, vh = torch.linalg.svd(m, full_matrices=False)
-        u0, v0 = u[:, 0], vh[0]
+        if min(m.shape) <= 256:
+            u, _, vh = torch.linalg.svd(m, full_matrices=False)
+            u0, v0 = u[:, 0], vh[0]
+        else:  # top singular pair by power iteration (only a heuristic completion: any pair is sound)
+            v0 = torch.ones(m.shape[1], dtype=_DT) / math.sqrt(m.shape[1])
+            for _ in range(30):
+                v0 = m.T @ (m @ v0)
+                v0 = v0 / v0.norm().clamp_min(1e-300)
+            u0 = m @ v0
+            u0 = u0 / u0.norm().clamp_min(1e-300)
         t = torch.sign((a_r.T @ u0) * (b_r @ v0))
         t[t == 0] = 1.0
         m = n_mat + h * (a_r * t) @ b_r
