@@ -196,3 +196,16 @@ def test_greedy_estimate_is_labelled_and_ordered():
     assert not est.certified and not top.certified and "top-2" in top.method
     assert est.value <= exact.value
     assert math.isfinite(top.value)
+
+
+@pytest.mark.parametrize("slope", [(0.0, 1.0), (0.1, 1.0), (-0.13, 1.13), (0.0, 0.25)])
+def test_branch_and_bound_matches_enumeration_for_any_interval(slope):
+    g = torch.Generator().manual_seed(7)
+    for p, q in ((1, 5), (4, 3), (7, 7)):
+        a = torch.randn(p, 12, generator=g, dtype=D)
+        b = torch.randn(12, q, generator=g, dtype=D)
+        ex = S.enumerate_max(a, b, *slope)
+        bb = S.branch_and_bound(a, b, *slope, budget=20, leaf_width=3)
+        root = S.branch_and_bound(a, b, *slope, budget=0.0, leaf_width=3)  # stops at once: still a bound
+        assert bb.exact and bb.value == pytest.approx(ex.value, rel=1e-8)
+        assert root.value >= ex.lower
