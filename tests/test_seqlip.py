@@ -209,3 +209,15 @@ def test_branch_and_bound_matches_enumeration_for_any_interval(slope):
         root = S.branch_and_bound(a, b, *slope, budget=0.0, leaf_width=3)  # stops at once: still a bound
         assert bb.exact and bb.value == pytest.approx(ex.value, rel=1e-8)
         assert root.value >= ex.lower
+
+
+def test_a_failing_segment_keeps_autolip(monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("cannot materialise")
+
+    monkeypatch.setattr(S, "group_matrix", boom)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    rep = lipgraph.analyze(model, torch.randn(1, 3), method="seqlip", lower=False)
+    (seg,) = rep.segments
+    assert not seg["certified"] and "failed" in seg["method"]
+    assert rep.bounds["autolip+seqlip"].value == pytest.approx(rep.bounds["autolip"].value)

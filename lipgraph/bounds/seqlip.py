@@ -600,7 +600,13 @@ def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: BoundContext |
                             "method": f"skipped: SeqLip time budget ({total_budget:g}s) spent, AutoLip kept",
                             "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
             continue
-        rec = segment_bound(g, seg, local, budget, max_dense, estimate, t0 + total_budget)
+        try:
+            rec = segment_bound(g, seg, local, budget, max_dense, estimate, t0 + total_budget)
+        except Exception as exc:  # noqa: BLE001 - a segment SeqLip cannot handle keeps its AutoLip bound
+            auto, _ = _members_autolip(seg, local)
+            rec = {"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
+                   "method": f"SeqLip failed ({type(exc).__name__}: {exc}); AutoLip kept", "entry": seg.entry,
+                   "groups": [list(x) for x in seg.groups]}
         records.append(rec)
         if not rec["certified"]:
             continue
