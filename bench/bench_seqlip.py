@@ -91,21 +91,56 @@ def ratios(out: list[str]) -> None:
                f"ratio {row['autolip'] / row['seqlip']:.2f}  (certified, B&B 5s per inner maximum)")
 
 
+def plot_widths(results: Path, png: Path) -> None:
+    """docs/seqlip_bench_width.png from the width table of ``results``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, tuple[list[int], list[float], list[bool]]] = {}
+    for line in results.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0].isdigit():
+            xs, ys, ok = series.setdefault(parts[1], ([], [], []))
+            xs.append(int(parts[0]))
+            ys.append(max(float(parts[2]), 1e-3))
+            ok.append(parts[3] == "True")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys, ok) in series.items():
+        line = ax.semilogy(xs, ys, "o-", label=name)[0]
+        miss = [(x, y) for x, y, k in zip(xs, ys, ok, strict=True) if not k]
+        ax.semilogy([m[0] for m in miss], [m[1] for m in miss], "x", color=line.get_color(), markersize=12)
+    ax.axhline(60, color="gray", ls=":", label="60 s (x: not finished)")
+    ax.set_xlabel("width n (W1, W2 random n x n)")
+    ax.set_ylabel("seconds to the exact inner maximum")
+    ax.set_title("Exact SeqLip inner maximum vs width (1 thread)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=float, default=60.0, help="seconds allowed per exact solve")
     ap.add_argument("--skip-ratios", action="store_true")
+    ap.add_argument("--plot-only", action="store_true", help="redraw docs/seqlip_bench_width.png from the results")
     args = ap.parse_args()
+    path = ROOT / "bench" / "results" / "seqlip.txt"
+    png = ROOT / "docs" / "seqlip_bench_width.png"
+    if args.plot_only:
+        plot_widths(path, png)
+        return
     torch.set_num_threads(1)
     out = [f"# bench_seqlip  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, "
            f"1 torch thread, shared 2-core machine (load varies)"]
     width_timing(args.limit, out)
     if not args.skip_ratios:
         ratios(out)
-    path = ROOT / "bench" / "results" / "seqlip.txt"
     path.parent.mkdir(exist_ok=True)
     path.write_text("\n".join(out) + "\n")
-    print(f"wrote {path}")
+    plot_widths(path, png)
+    print(f"wrote {path} and {png}")
 
 
 if __name__ == "__main__":
