@@ -231,7 +231,7 @@ def test_unfused_export_keeps_batchnorm_and_the_same_bound(tmp_path: Path) -> No
     assert fused <= r_pt.bounds["autolip"].value * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("name", ["cnn", "misc"])
+@pytest.mark.parametrize("name", ["cnn", "misc", "acts", "gap"])
 def test_dynamo_export_parity(name: str, tmp_path: Path) -> None:
     factory, shape = MODELS[name]
     model = factory().eval()
@@ -243,7 +243,8 @@ def test_dynamo_export_parity(name: str, tmp_path: Path) -> None:
     assert rel(ref, got) < REL, (ref, got)
     # module hierarchy from the exporter's metadata, as in the PyTorch IR
     paths = {n.module_path for n in ir.nodes(g) if n.op in ("conv", "linear", "layer_norm")}
-    expected = {"cnn": {"stem.0", "stem.1", "branch_a", "branch_b", "head"}, "misc": {"ln", "fc", ""}}[name]
+    expected = {"cnn": {"stem.0", "stem.1", "branch_a", "branch_b", "head"}, "misc": {"ln", "fc", ""},
+                "acts": {str(i) for i in range(0, 27, 2)} | {"27"}, "gap": {"conv", "fc1", "fc2"}}[name]
     assert paths <= expected and len(paths) >= 3, paths
 
 

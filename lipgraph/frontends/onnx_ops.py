@@ -21,6 +21,7 @@ import onnx
 import torch
 
 from .. import ir
+from ..ops import structural
 from .onnx import Builder, Unsupported, Value
 
 Mapping = Callable[[Builder, onnx.NodeProto, list[Value | None], dict[str, Any]], Any]
@@ -150,6 +151,25 @@ def _selu(b, node, ins, at):
         return b.emit("selu", [x])
     y = b.emit("elu", [x], {"alpha": alpha})
     return b.emit("scale", [y], {"divide": False}, {"const": torch.tensor(gamma)})
+
+
+@mapping("Where")
+def _where(b, node, ins, at):
+    """The dynamo exporter spells softplus's linear regime as Where(x > t, x, Softplus(x)): map it to
+    ``softplus`` with that threshold. Any other Where stays opaque."""
+    cond, x, sp = ins
+    if cond is None or x is None or sp is None or not (cond.is_var and x.is_var and sp.is_var):
+        raise Unsupported("Where")
+    soft = _node_if(b, sp.node, "softplus")
+    greater = _node_if(b, cond.node, "opaque", origin="ONNX Greater")
+    if soft is None or greater is None or soft.inputs != [x.node] or greater.inputs != [x.node]:
+        raise Unsupported("Where")
+    t = greater.attrs["args"][1]
+    if not isinstance(t, torch.Tensor) or t.numel() != 1 or not isinstance(greater.attrs["args"][0], structural.ARG):
+        raise Unsupported("Where")
+    b.drop(greater.name)
+    b.drop(soft.name)
+    return b.emit("softplus", [x], {"beta": 1.0, "threshold": float(t)})
 
 
 @mapping("Gelu")
