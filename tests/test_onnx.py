@@ -520,6 +520,11 @@ def test_malformed_and_missing_files(tmp_path: Path) -> None:
     onnx.save(m, str(tmp_path / "broken.onnx"))
     with pytest.raises(ModelLoadError, match="ghost"):
         lipgraph.trace(str(tmp_path / "broken.onnx"))
+    # a node missing a required attribute
+    n = helper.make_node("MaxPool", ["x"], ["y"], name="pool_without_kernel")
+    path = save(tmp_path, "nokernel", [n], [vi("x", [1, 1, 4, 4])], [vi("y", None)])
+    with pytest.raises(ModelLoadError, match=r"'pool_without_kernel' \(MaxPool\).*kernel_shape"):
+        lipgraph.trace(str(path))
     rc = cli.main(["analyze", str(bad), "--no-lower"])
     assert rc == 2
 

@@ -351,6 +351,12 @@ class Builder:
                     result = fn(self, node, ins, at)
                 except Unsupported:
                     result = None
+                except LipgraphError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a malformed node: say which one
+                    raise ModelLoadError(
+                        f"cannot translate ONNX {_describe(node)}: {type(exc).__name__}: {exc}"
+                    ) from exc
             if result is None:
                 result = self.opaque(node, ins)
             outs = [result] if isinstance(result, Value) else list(result)
