@@ -13,6 +13,7 @@ import importlib.util
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--png", help="render the annotated graph as PNG")
     a.add_argument("--svg", help="render the annotated graph as SVG")
     a.add_argument("--dot", help="write the annotated graph as DOT")
-    a.add_argument("--depth", type=int, default=None, help="collapse modules deeper than this in the rendering")
+    a.add_argument("--depth", type=int, default=None,
+                   help="collapse modules deeper than this in the rendering (each shows its own constant)")
     a.add_argument("--no-lower", action="store_true", help="skip the empirical lower bound (Jacobian ascent)")
     a.add_argument("--lower-budget", type=float, default=20.0, help="seconds for the lower-bound search")
     a.add_argument("--power-iterations", type=int, default=100, help="power-method steps for estimates")
@@ -153,9 +155,13 @@ def _analyze(args: argparse.Namespace) -> int:
         if args.json_path:
             Path(args.json_path).write_text(report.to_json())
             print(f"wrote {args.json_path}")
-    for path in (args.png, args.svg, args.dot):
+    for path in (args.dot, args.svg, args.png):  # DOT first: it needs no Graphviz install
         if path:
-            out = report.render(path, depth=args.depth)
+            with warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always")
+                out = report.render(path, depth=args.depth)
+            for note in notes:
+                print(f"lipgraph: note: {note.message}", file=sys.stderr)
             print(f"wrote {out}", file=sys.stderr if args.json_path == "-" else sys.stdout)
     return 0
 
@@ -167,13 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "analyze":
             return _analyze(args)
     except LipgraphError as exc:
-        print(f"lipgraph: error: {exc}", file=sys.stderr)
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"lipgraph: error: {lines[0]}", file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
         print("lipgraph: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - never a bare traceback from the CLI
-        print(f"lipgraph: internal error: {type(exc).__name__}: {exc} (please report this with the model)",
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"lipgraph: internal error: {type(exc).__name__}: {first} (please report this with the model)",
               file=sys.stderr)
         return 1
     return 0

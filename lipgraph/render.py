@@ -762,8 +762,8 @@ def run_dot(source: str, fmt: str, out: str, *, timeout: float = 120.0, dpi: int
     if exe is None:
         raise RenderError(INSTALL_HINT)
     cmd = [exe, f"-T{fmt}"]
-    if fmt == "png":
-        cmd.append(f"-Gdpi={dpi}")
+    if fmt == "png":  # and never past cairo's 32767-pixel limit: dot scales a larger picture down
+        cmd += [f"-Gdpi={dpi}", f"-Gsize={30000 // dpi},{30000 // dpi}"]
     tmp = f"{out}.{os.getpid()}.tmp"
     try:
         proc = subprocess.run([*cmd, "-o", tmp], input=source.encode(), capture_output=True, timeout=timeout,

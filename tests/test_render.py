@@ -408,3 +408,15 @@ def test_cli_flags(tmp_path: Path) -> None:
     assert "body" in dot.read_text(encoding="utf-8")
     if HAS_DOT:
         assert _png_size(str(png))[0] > 100
+
+
+def test_cli_without_graphviz_writes_dot_then_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(R, "dot_program", lambda: None)
+    src = tmp_path / "m.py"
+    src.write_text("import torch.nn as nn\ndef M():\n    return nn.Sequential(nn.Linear(4, 4), nn.ReLU())\n")
+    dot, png = tmp_path / "o.dot", tmp_path / "o.png"
+    code = cli_main(["analyze", f"{src}:M", "--input-shape", "1,4", "--no-lower", "--rows", "0",
+                     "--method", "autolip", "--png", str(png), "--dot", str(dot)])
+    assert code == 2 and dot.exists() and not png.exists()
+    assert "apt-get install graphviz" in capsys.readouterr().err
