@@ -8,8 +8,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import lipgraph
+from lipgraph import norms
 from lipgraph.ops import RULES, BoundContext, LocalConstant
 
 
@@ -58,3 +60,30 @@ class Fn(nn.Module):
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def cheap_norms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Power-method estimates (uncertified) for conv norms and dense layers wider than 512: the certified
+    norms are tested in test_rules.py; model-scale tests (zoo, CLI) check everything else fast."""
+
+    def conv_norm(fwd, in_shape, ctx, weight=None, attrs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if weight is None or attrs is None or "output_padding" in attrs:
+            return norms.linear_op_estimate(fwd, in_shape, ctx)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[attrs["ndim"]]
+
+        def op(v: torch.Tensor) -> torch.Tensor:  # rebuilt from the attrs: callers may pass a placeholder fwd
+            return conv(v, weight.to(v), None, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+
+        return norms.linear_op_estimate(op, in_shape, ctx)
+
+    dense = norms.dense_norm
+
+    def dense_norm(w: torch.Tensor, device=None):  # type: ignore[no-untyped-def]
+        if min(w.shape[-2:]) <= 512:
+            return dense(w, device)
+        ctx = BoundContext(power_iterations=3)
+        return norms.linear_op_estimate(lambda v: v @ w.detach().to(v).T, (w.shape[-1],), ctx)
+
+    monkeypatch.setattr(norms, "conv_norm", conv_norm)
+    monkeypatch.setattr(norms, "dense_norm", dense_norm)

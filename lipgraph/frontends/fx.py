@@ -12,11 +12,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import linecache
+import logging
 import operator
 import re
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,8 +110,13 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: set[
             fx_error: TraceError) -> fx.GraphModule:
     """Fallback when torch.fx fails: ``torch.export`` specialises shape-dependent Python control flow
     to the example input; data-dependent control flow still fails (re-raised with the user's line)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)  # torch.export logs graphs and guard failures; the error says it all
     try:
-        ep = torch.export.export(model, inputs, strict=False)
+        sink = io.StringIO()  # it also prints the partial graph of a failed guard
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, inputs, strict=False)
     except Exception as exc:  # noqa: BLE001 - report both failures in one line
         cause = fx_error.__cause__ or fx_error
         where = _user_frame(cause) or _export_frame(exc)
@@ -116,6 +125,8 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: set[
             f"cannot trace {type(model).__name__}{at}: {_first_line(cause)} (torch.export also failed: "
             f"{_first_line(exc)}). {_TRACE_HINT}"
         ) from exc
+    finally:
+        logging.disable(previous)
     gm = ep.module()
     if leaf_paths:
         for n in gm.graph.nodes:
@@ -184,16 +195,17 @@ class _Recorder(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm, garbage_collect_values=False)
+        self.extra_traceback = False  # our error names the node; fx would append lines to it
 
     def run_node(self, n: fx.Node) -> Any:
         try:
             return super().run_node(n)
         except Exception as exc:
-            trace = (n.meta.get("stack_trace") or "").strip().splitlines()
-            where = next((ln.strip() for ln in reversed(trace) if "/torch/" not in ln and ln.strip()), "")
+            where = _where(n).rstrip(": ")
+            target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
             raise InputShapeError(
-                f"running the model on the example input failed at {n.format_node()}"
-                f"{' (' + where + ')' if where else ''}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+                f"running the model on the example input failed at node {n.name!r} ({n.op} {target})"
+                f"{' ' + where if where else ''}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
             ) from exc
 
 

@@ -1,0 +1,134 @@
+"""Benchmark: trace time, analysis time and the bound for every torchvision classifier.
+
+    python bench/bench_zoo.py                         # all models, 1x3x64x64 (224 where required)
+    python bench/bench_zoo.py --size 224 --models resnet18,vgg11
+    python bench/bench_zoo.py --device cuda           # when torch.cuda.is_available()
+    python bench/bench_zoo.py --cheap-norms           # power-method conv/large-dense norms (as tests/test_zoo.py)
+
+Each row is printed as soon as the model is done and the table is written to
+``bench/results/zoo.txt`` (``--out``), headed by the settings, so partial runs
+keep their results. Analysis uses ``analyze(model, x, lower=False)`` with the
+default settings (certified norms) unless ``--cheap-norms`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import lipgraph
+from lipgraph import norms
+from lipgraph.ops import BoundContext
+
+MODELS = [
+    "alexnet", "vgg11", "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "densenet121", "googlenet",
+    "inception_v3", "squeezenet1_0", "shufflenet_v2_x0_5", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5",
+    "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t", "maxvit_t",
+]
+#: Models that need a given input side (224: fixed positional embeddings / window partitions).
+MIN_SIDE = {"inception_v3": 80, "vit_b_16": 224, "swin_t": 224, "maxvit_t": 224}
+
+
+def build(name: str) -> torch.nn.Module:
+    import torchvision.models as tvm  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    return getattr(tvm, name)(weights=None, **kwargs).eval()
+
+
+def use_cheap_norms() -> None:
+    """Replace conv norms and dense norms of matrices wider than 512 by 20-step power-method estimates."""
+    dense = norms.dense_norm
+
+    def conv_norm(fwd: Callable[..., Any], in_shape: Any, ctx: BoundContext, weight: Any = None, attrs: Any = None,
+                  **kwargs: Any) -> norms.NormResult:
+        if weight is None or attrs is None or "output_padding" in attrs:
+            return norms.linear_op_estimate(fwd, in_shape, ctx)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[attrs["ndim"]]
+        a = attrs
+        return norms.linear_op_estimate(
+            lambda v: conv(v, weight.to(v), None, a["stride"], a["padding"], a["dilation"], a["groups"]), in_shape, ctx)
+
+    def dense_norm(w: torch.Tensor, device: Any = None) -> norms.NormResult:
+        if min(w.shape[-2:]) <= 512:
+            return dense(w, device)
+        ctx = BoundContext(power_iterations=20)
+        return norms.linear_op_estimate(lambda v: v @ w.detach().to(v).T, (w.shape[-1],), ctx)
+
+    norms.conv_norm = conv_norm
+    norms.dense_norm = dense_norm
+
+
+def fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.4g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
+    p.add_argument("--size", type=int, default=64, help="input side (raised to the model's minimum)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--power-iterations", type=int, default=100)
+    p.add_argument("--cheap-norms", action="store_true", help="power-method conv norms (uncertified, fast)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "zoo.txt"))
+    p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench_zoo: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cheap_norms:
+        use_cheap_norms()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = (
+        f"# lipgraph {lipgraph.__version__}, torch {torch.__version__}, {platform.machine()} "
+        f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads), device {args.device}, "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}\n"
+        f"# analyze(model, x, lower=False, power_iterations={args.power_iterations}, device={args.device!r}); "
+        f"norms: {'power-method estimates (--cheap-norms)' if args.cheap_norms else 'default (certified)'}; "
+        f"input 1x3xSxS, S = max({args.size}, model minimum); weights=None, seed 0\n"
+    )
+    head = (f"{'model':<20} {'input':>5} {'nodes':>6} {'trace s':>8} {'analyze s':>10} {'upper':>11} "
+            f"{'certified':>9} {'inf nodes':>9}  upper_method")
+    lines = [head, "-" * len(head)]
+    mode = "a" if args.append else "w"
+    with out.open(mode) as f:
+        f.write(settings + head + "\n" + lines[1] + "\n")
+    print(settings + head + "\n" + lines[1], flush=True)
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        side = max(args.size, MIN_SIDE.get(name, 0))
+        model = build(name).to(args.device)
+        x = torch.randn(1, 3, side, side, device=args.device)
+        t0 = time.perf_counter()
+        g = lipgraph.trace(model, x)
+        t_trace = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r = lipgraph.analyze(model, x, lower=False, power_iterations=args.power_iterations, device=args.device)
+        t_analyze = time.perf_counter() - t0
+        best = r.best[0] if r.best else "-"
+        row = (f"{name:<20} {side:>5} {g.number_of_nodes():>6} {t_trace:>8.2f} {t_analyze:>10.1f} "
+               f"{fmt(r.upper):>11} {str(r.certified):>9} {len(r.not_lipschitz):>9}  {best}")
+        print(row, flush=True)
+        with out.open("a") as f:
+            f.write(row + "\n")
+        del model, g, r
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
