@@ -420,3 +420,68 @@ def test_cli_without_graphviz_writes_dot_then_explains(tmp_path: Path, monkeypat
                      "--method", "autolip", "--png", str(png), "--dot", str(dot)])
     assert code == 2 and dot.exists() and not png.exists()
     assert "apt-get install graphviz" in capsys.readouterr().err
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, 4)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return torch.relu(self.fc(torch.cat(feats, 1)))
+
+
+class DenseBlock(nn.Module):
+    """Each layer reads all earlier features (torchvision's DenseNet layout): not a chain."""
+
+    def __init__(self, layers: int = 6) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(DenseLayer(4 * (i + 1)) for i in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [x]
+        for layer in self.layers:
+            feats.append(layer(feats))
+        return torch.cat(feats, 1)
+
+
+class Twice(nn.Module):
+    """The same submodule called twice with another module in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Sequential(_linear(8, 2.0, 70), nn.Tanh())
+        self.mid = _linear(8, 0.5, 71)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(self.mid(self.shared(x)))
+
+
+def _acyclic(view: R.View) -> bool:
+    import networkx as nx  # noqa: PLC0415
+
+    g = nx.DiGraph(view.edges)
+    g.add_nodes_from(b.key for b in view.boxes)
+    return nx.is_directed_acyclic_graph(g)
+
+
+def test_dense_block_folds_and_every_view_is_acyclic() -> None:
+    torch.manual_seed(0)
+    r = lipgraph.analyze(DenseBlock(), torch.randn(1, 4), method="autolip", lower=False)
+    for depth in (None, 1, 2, 3):
+        for fold in (None, 4):
+            view = R.build_view(r, depth, fold)
+            assert _acyclic(view), (depth, fold)
+            assert set(view.box_of) >= {n.name for n in r.nodes if n.op != "constant"}
+    folds = [b for b in R.build_view(r).boxes if b.kind == "fold"]
+    assert [b.title for b in folds] == ["layers.1 … layers.4"]
+    assert math.isfinite(folds[0].local) and folds[0].certified
+
+
+def test_module_called_twice_gives_two_boxes() -> None:
+    r = _analyze(Twice())
+    view = R.build_view(r, depth=1)
+    assert _acyclic(view)
+    calls = sorted(b.title for b in view.boxes if b.kind == "module")
+    assert calls == ["shared (call 1)", "shared (call 2)"]
+    assert all(b.local == pytest.approx(2.0, rel=1e-6) for b in view.boxes if b.kind == "module")
