@@ -485,3 +485,36 @@ def test_module_called_twice_gives_two_boxes() -> None:
     calls = sorted(b.title for b in view.boxes if b.kind == "module")
     assert calls == ["shared (call 1)", "shared (call 2)"]
     assert all(b.local == pytest.approx(2.0, rel=1e-6) for b in view.boxes if b.kind == "module")
+
+
+class Sum(nn.Module):
+    def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return u + v
+
+
+class Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = _linear(8, 2.0, 80)
+        self.c = Sum()
+
+
+class Interleaved(nn.Module):
+    """``m.a`` feeds ``m.c`` directly and through ``other``: collapsing ``m`` would make a cycle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = Pair()
+        self.other = _linear(8, 0.5, 82)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.m.a(x)
+        return self.m.c(y, self.other(y))
+
+
+def test_non_convex_module_stays_expanded() -> None:
+    r = _analyze(Interleaved())
+    view = R.build_view(r, depth=1)
+    assert _acyclic(view)
+    assert not [b for b in view.boxes if b.kind == "module"]
+    assert {b.path for b in view.boxes if b.kind == "node"} == {"m.a", "other", "m.c"}
