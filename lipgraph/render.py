@@ -170,6 +170,7 @@ class Cluster:
     children: list[Cluster] = field(default_factory=list)
     first: int = 0
     path: str = ""
+    certified: bool = True
 
 
 @dataclass
@@ -517,7 +518,7 @@ def _clusters(view: View, model: _Model, report: Any) -> None:
         sl, al = float(seg.get("seqlip", math.inf)), float(seg.get("autolip", math.inf))
         gain = f" ({(sl / al - 1) * 100:+.0f}%)" if math.isfinite(sl) and math.isfinite(al) and al > 0 else ""
         label = f"SeqLip {'≤' if certified else '≈'} {num(sl)}  vs  ∏ L = {num(al)}{gain}"
-        c = Cluster(f"cluster_seg_{i}", label, "segment")
+        c = Cluster(f"cluster_seg_{i}", label, "segment", certified=certified)
         parent.children.append(c)
         seg_cluster[i] = c
     for b in view.boxes:
@@ -722,7 +723,8 @@ def to_dot(
                 continue
             with g.subgraph(name=item.key) as sg:
                 if item.kind == "segment":
-                    sg.attr(label=f"<<b>{_esc(item.label, 90)}</b>>", style="rounded,filled,bold", color="#1b7837",
+                    style = "rounded,filled,bold" if item.certified else "rounded,filled,dashed"
+                    sg.attr(label=f"<<b>{_esc(item.label, 90)}</b>>", style=style, color="#1b7837",
                             fillcolor="#e8f5e4", fontcolor="#1b7837", fontname=FONT, fontsize="11", penwidth="2")
                 else:
                     shade = ("#f6f6f6", "#ececec", "#e2e2e2")[level % 3]
