@@ -100,11 +100,13 @@ def color(value: float) -> str:
 
 
 def _font_color(fill: str) -> str:
+    """White text on dark fills, black otherwise."""
     r, g, b = (int(fill[i : i + 2], 16) / 255 for i in (1, 3, 5))
     return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.45 else "black"
 
 
 def _shape_text(s: Any) -> str:
+    """``(1, 64, 8, 8)`` -> ``1×64×8×8`` (tuples of shapes joined by commas)."""
     if isinstance(s, (list, tuple)) and s and all(isinstance(x, int) for x in s):
         return "×".join(map(str, s))
     if isinstance(s, (list, tuple)) and len(s) == 1:
@@ -115,6 +117,7 @@ def _shape_text(s: Any) -> str:
 
 
 def _esc(s: str, width: int = 48) -> str:
+    """HTML-escaped and cut to ``width`` characters."""
     s = str(s)
     if len(s) > width:
         s = s[: width - 1] + "…"
@@ -122,6 +125,7 @@ def _esc(s: str, width: int = 48) -> str:
 
 
 def _wrap(s: str, width: int = 40, lines: int = 3) -> list[str]:
+    """Word-wrap ``s`` into at most ``lines`` lines of ``width`` characters."""
     words, out, cur = s.split(), [], ""
     for w in words:
         if cur and len(cur) + 1 + len(w) > width:
@@ -163,6 +167,8 @@ class Box:
 
 @dataclass
 class Cluster:
+    """A module (grey) or SeqLip segment (green) cluster: its boxes and nested clusters."""
+
     key: str
     label: str
     kind: str  # "module" | "segment"
@@ -188,14 +194,17 @@ class View:
 
     @property
     def size(self) -> int:
+        """Number of boxes drawn."""
         return len(self.boxes)
 
 
 def _parts(path: str) -> tuple[str, ...]:
+    """``"layer1.0.conv1"`` -> ``("layer1", "0", "conv1")``."""
     return tuple(p for p in path.split(".") if p) if path else ()
 
 
 def _node_id(name: str, used: set[str]) -> str:
+    """A DOT-safe, unique node id derived from ``name``."""
     base = re.sub(r"[^A-Za-z0-9_]", "_", name) or "n"
     if base[0].isdigit():
         base = "n" + base
@@ -279,6 +288,7 @@ class _Model:
         return comps
 
     def exits(self, members: set[str]) -> list[str]:
+        """Members read from outside the set (or the model output), in order."""
         out = [m for m in members if self.op[m] == "output" or any(s not in members for s in self.succ[m])]
         return sorted(out, key=self.pos.__getitem__) or [max(members, key=self.pos.__getitem__)]
 
@@ -305,6 +315,7 @@ class _Model:
         return value, all(c.certified for c in ex)
 
     def signature(self, members: Sequence[str]) -> tuple[Any, ...]:
+        """Ops and internal wiring of a block, to recognise repeated blocks."""
         idx = {m: i for i, m in enumerate(members)}
         ops = tuple(self.op[m] for m in members)
         edges = tuple((idx[m], idx[s]) for m in members for s in self.succ[m] if s in idx)
@@ -366,6 +377,7 @@ def build_view(report: Any, depth: int | None = None, fold: int | None = 4) -> V
 
     def group_box(kind: str, members: list[str], key: str, title: str, note: str,
                   clusters: tuple[str, ...]) -> None:
+        """Add a collapsed-module or fold box whose constant is the AutoLip of its sub-graph."""
         value, cert = model.sub_autolip(members)
         ex = model.exits(set(members))
         infs = [m for m in members if math.isinf(model.nr[m].local)]
@@ -495,6 +507,7 @@ def _clusters(view: View, model: _Model, report: Any) -> None:
     nodes: dict[tuple[str, ...], Cluster] = {(): view.root}
 
     def cluster_at(chain: tuple[str, ...]) -> Cluster:
+        """The module cluster for ``chain`` (outermost path first), created on first use."""
         for k in range(1, len(chain) + 1):
             sub = chain[:k]
             if sub not in nodes:
@@ -598,12 +611,14 @@ def _box_label(b: Box, base: str = "") -> str:
 
 
 def _box_fill(b: Box) -> str:
+    """Fill colour: grey for input/output, the log scale otherwise."""
     if b.kind in ("input", "output"):
         return "#e8e8e8"
     return INF_FILL if math.isinf(b.local) else color(b.local)
 
 
 def _box_attrs(b: Box, base: str = "") -> dict[str, str]:
+    """DOT node attributes of a box drawn inside the module cluster ``base``."""
     inf = math.isinf(b.local) and b.kind not in ("input", "output")
     fill = _box_fill(b)
     style = ["filled", "rounded"]
@@ -712,6 +727,7 @@ def to_dot(
     by_key = {b.key: b for b in view.boxes}
 
     def emit(g: Any, c: Cluster, level: int, base: str) -> None:
+        """Write the boxes and sub-clusters of ``c`` in topological order."""
         items: list[tuple[int, Any]] = [(view_first[k], by_key[k]) for k in c.boxes]
         items += [(ch.first, ch) for ch in c.children]
         for _, item in sorted(items, key=lambda t: t[0]):
