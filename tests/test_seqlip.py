@@ -221,3 +221,21 @@ def test_a_failing_segment_keeps_autolip(monkeypatch):
     (seg,) = rep.segments
     assert not seg["certified"] and "failed" in seg["method"]
     assert rep.bounds["autolip+seqlip"].value == pytest.approx(rep.bounds["autolip"].value)
+
+
+def test_fallback_counts_each_neighbouring_activation_once():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 50), nn.Sigmoid(), nn.Linear(50, 3),
+                          nn.Tanh(), nn.Linear(3, 3))
+    g = lipgraph.trace(model, torch.randn(1, 4))
+    from lipgraph.bounds.local import local_constants
+    from lipgraph.ops import BoundContext
+
+    local = {k: v[0] for k, v in local_constants(g, BoundContext()).items()}
+    (seg,) = S.bound(g, local, max_dense=20)[1]
+    assert "fallback" in seg["method"] and seg["certified"]
+    mats = [m.weight.detach().double() for m in model if isinstance(m, nn.Linear)]
+    norms = [float(torch.linalg.matrix_norm(w, 2)) for w in mats]
+    # the two 50-wide groups are not materialised: every activation touches one, each counted once
+    assert seg["seqlip"] == pytest.approx(math.prod(norms) * 1.0 * 0.25 * 1.0, rel=1e-6)
+    assert seg["method"].count("too large") == 2
