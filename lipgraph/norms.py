@@ -85,6 +85,7 @@ def _rayleigh_power(h: torch.Tensor, iters: int, seed: int = 0) -> torch.Tensor:
     if h.is_complex():
         v = v + 1j * torch.randn(h.shape[0], h.shape[-1], 1, generator=gen)
     v = v.to(device=h.device, dtype=low.dtype)
+    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
     for _ in range(iters):
         w = low @ v
         nrm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
@@ -159,12 +160,18 @@ def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None =
     if failed.numel():
         lo = hi
         sub = h[failed]
-        for grow in (1.01, 1.05, 1.25, *([2.0] * 2000)):
+        passed = False
+        for grow in (1.01, 1.05, 1.25, *(2.0**k for k in range(1, 1000))):
             hi = lo * grow
+            if not math.isfinite(hi):
+                break
             ok = _cholesky_passes(sub, hi, gram_error)
             tests += 1
             if bool(ok.all()):
+                passed = True
                 break
+        if not passed:  # no finite certificate (non-finite entries): say so
+            return PsdMax(math.inf, theta, best, tests)
         while hi > lo * (1.0 + delta):
             mid = math.sqrt(lo * hi)
             ok = _cholesky_passes(sub, mid, gram_error)
@@ -467,8 +474,12 @@ def _warm_start(w: torch.Tensor, geom: ConvGeometry, cn: CircularNorm, device: t
     sl = tuple(slice(f, f + 1) for f in freq)
     blk = fourier_blocks(w, geom, cn.torus, device, sl[0])
     b = blk[(grp, 0, *[slice(f, f + 1) for f in freq[1:]])].reshape(blk.shape[-2], blk.shape[-1])
-    _, _, vh = torch.linalg.svd(b)
-    v = vh[0].conj().reshape(w.shape[1], *geom.stride)  # (c_in/g, s1..sd)
+    # top right singular vector of this one block, from the eigenvectors of its smaller Gram matrix
+    if b.shape[1] <= b.shape[0]:
+        v = torch.linalg.eigh(b.mH @ b)[1][:, -1]
+    else:
+        v = b.mH @ torch.linalg.eigh(b @ b.mH)[1][:, -1]
+    v = (v / v.norm()).reshape(w.shape[1], *geom.stride)  # (c_in/g, s1..sd)
     x = v
     for ax in range(nd):
         m = cn.torus[ax] // geom.stride[ax]
@@ -527,10 +538,13 @@ def conv_operator_norm(w: torch.Tensor, geom: ConvGeometry, device: torch.device
     return best.upper, best, 1.0
 
 
-def _extra_tori(geom: ConvGeometry) -> int:
-    """Also try a few larger tori when the signal is small (cheap, and the sampled frequencies differ)."""
+def _extra_tori(geom: ConvGeometry, weight: torch.Tensor) -> int:
+    """Also try up to 3 larger tori when that is cheap (small signals: the sampled frequencies differ,
+    and the minimum over valid tori is still a certified bound)."""
     m = math.prod(t // s for t, s in zip(geom.min_torus(), geom.stride, strict=True))
-    return 3 if m <= 256 else (1 if m <= 1024 else 0)
+    co, cols = weight.shape[0] // geom.groups, weight.shape[1] * math.prod(geom.stride)
+    work = geom.groups * m * co * cols * min(co, cols)
+    return 3 if work <= 2e8 else (1 if work <= 1e9 else 0)
 
 
 def _conv64(weight: torch.Tensor, attrs: dict, transposed: bool,
@@ -608,7 +622,7 @@ def conv_norm(forward_no_bias: Callable[[torch.Tensor], torch.Tensor], in_shape:
     exact = _small_conv_norm(weight, attrs, transposed, in_shape, dev)
     if exact is not None:
         return exact
-    upper, cn, f2 = conv_operator_norm(weight, geom, dev, _extra_tori(geom))
+    upper, cn, f2 = conv_operator_norm(weight, geom, dev, _extra_tori(geom, weight))
     upper *= factor
     method = "fourier-" + ("circular" if geom.mode == "circular" else "torus") + "x".join(map(str, cn.torus))
     if factor != 1.0:
