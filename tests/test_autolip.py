@@ -198,3 +198,20 @@ def test_register_op_in_one_call() -> None:
     r = analyze(M(), x, lower=False)
     assert r.upper == pytest.approx(6.0) and r.certified
     assert r.node("d").method == "user-rule"
+
+
+def test_zero_partial_after_inf_is_zero_not_nan() -> None:
+    """A zero-weight layer after a non-Lipschitz part: the model is constant, L = 0 (was nan: 0 * inf)."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            nn.init.zeros_(self.fc.weight)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x * x)
+
+    r = analyze(M(), torch.randn(1, 3), lower=False)
+    assert r.upper == 0.0 and not math.isnan(r.bounds["autolip"].value)
+    assert combine(LocalConstant([0.0], True, "t"), [Cumulative(math.inf, True)]).value == 0.0

@@ -29,7 +29,9 @@ class Cumulative:
 
 
 def _times(c: float, lval: float) -> float:
-    return 0.0 if lval == 0.0 else c * lval
+    """c * L with 0 * inf = 0 both ways: a constant input adds nothing, and neither does an input
+    the node does not depend on (partial 0, e.g. a zero weight matrix after a non-Lipschitz part)."""
+    return 0.0 if lval == 0.0 or c == 0.0 else c * lval
 
 
 def combine(lc: LocalConstant, inputs: list[Cumulative]) -> Cumulative:
