@@ -198,8 +198,9 @@ def _gram_err(w: torch.Tensor, inner: int) -> float:
 def dense_norm(w: torch.Tensor, device: torch.device | str | None = None) -> NormResult:
     """||W||_2 of a dense matrix (batched: max over leading dims), certified.
 
-    Smaller side <= ``DENSE_SVD_MAX``: float64 SVD (backward stable, ``|sigma_hat - sigma| <= c u ||W||``),
-    inflated by ``ROUNDING_MARGIN``. Larger: float64 Gram matrix of the smaller side, Lanczos estimate,
+    Smaller side <= ``DENSE_SVD_MAX``: float64 eigenvalues of the Gram matrix of the smaller side
+    (``sqrt(lambda_hat (1 + ROUNDING_MARGIN) + e)``, ``e`` the Gram rounding bound; LAPACK eigenvalues are
+    backward stable). Larger: float64 Gram matrix of the smaller side, Lanczos estimate,
     Cholesky certificate (:func:`certify_psd_max`); ``sqrt`` of the certified ``lambda_max``.
     """
     dev = torch.device(device) if device is not None else w.device
@@ -211,8 +212,11 @@ def dense_norm(w: torch.Tensor, device: torch.device | str | None = None) -> Nor
     w64 = w64.reshape(-1, w64.shape[-2], w64.shape[-1])
     rows, cols = w64.shape[-2:]
     if min(rows, cols) <= DENSE_SVD_MAX:
-        s = float(torch.linalg.matrix_norm(w64, ord=2).max())
-        return NormResult(s * (1 + ROUNDING_MARGIN), True, "svd", s)
+        a = w64 if rows <= cols else w64.mT
+        lam = float(torch.linalg.eigvalsh(a @ a.mT)[:, -1].max().clamp_min(0.0))
+        err = _gram_err(a, a.shape[-1]) if w64.shape[0] == 1 else max(_gram_err(x, x.shape[-1]) for x in a)
+        upper = math.sqrt(lam * (1 + ROUNDING_MARGIN) + err) * (1 + ROUNDING_MARGIN)
+        return NormResult(upper, True, "gram-eig", math.sqrt(lam))
     best_upper, best_lower = 0.0, 0.0
     for wb in w64:
         a = wb if rows <= cols else wb.T
