@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from .ops.registry import ROUNDING_MARGIN, BoundContext
 
 U64 = 2.0**-53
-#: Relative slack of the Cholesky certificate on lambda_max (0.2% on sigma^2, i.e. <= 0.1% on sigma).
-CHOLESKY_DELTA = 2e-3
+#: Relative slack of the Cholesky certificate on lambda_max (0.1% on sigma^2, i.e. <= 0.05% on sigma).
+CHOLESKY_DELTA = 1e-3
 #: Matrices whose smaller side is at most this size get a direct float64 SVD.
 DENSE_SVD_MAX = 512
 #: Power steps from the Fourier warm start used for the attained (lower) value of a convolution.
