@@ -3,12 +3,12 @@
     python bench/bench_zoo.py                         # all models, 1x3x64x64 (224 where required)
     python bench/bench_zoo.py --size 224 --models resnet18,vgg11
     python bench/bench_zoo.py --device cuda           # when torch.cuda.is_available()
-    python bench/bench_zoo.py --cheap-norms           # power-method conv/large-dense norms (as tests/test_zoo.py)
+    python bench/bench_zoo.py --cheap-norms --method autolip --power-iterations 2   # as tests/test_zoo.py
 
 Each row is printed as soon as the model is done and the table is written to
 ``bench/results/zoo.txt`` (``--out``), headed by the settings, so partial runs
 keep their results. Analysis uses ``analyze(model, x, lower=False)`` with the
-default settings (certified norms) unless ``--cheap-norms`` is given.
+default settings (certified norms, ``method="auto"``) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -40,12 +40,15 @@ MODELS = [
 MIN_SIDE = {"inception_v3": 80, "vit_b_16": 224, "swin_t": 224, "maxvit_t": 224}
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, keep_zero_head: bool = False) -> torch.nn.Module:
     import torchvision.models as tvm  # noqa: PLC0415
 
     torch.manual_seed(0)
     kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
-    return getattr(tvm, name)(weights=None, **kwargs).eval()
+    model = getattr(tvm, name)(weights=None, **kwargs).eval()
+    if name == "vit_b_16" and not keep_zero_head:  # torchvision zero-initialises the head: L would be 0
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
 
 
 def use_cheap_norms() -> None:
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--power-iterations", type=int, default=100)
+    p.add_argument("--method", default="auto", choices=["auto", "autolip", "seqlip"])
     p.add_argument("--cheap-norms", action="store_true", help="power-method conv norms (uncertified, fast)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "zoo.txt"))
     p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
@@ -99,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         f"# lipgraph {lipgraph.__version__}, torch {torch.__version__}, {platform.machine()} "
         f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads), device {args.device}, "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}\n"
-        f"# analyze(model, x, lower=False, power_iterations={args.power_iterations}, device={args.device!r}); "
+        f"# analyze(model, x, method={args.method!r}, lower=False, power_iterations={args.power_iterations}, "
+        f"device={args.device!r}); "
         f"norms: {'power-method estimates (--cheap-norms)' if args.cheap_norms else 'default (certified)'}; "
-        f"input 1x3xSxS, S = max({args.size}, model minimum); weights=None, seed 0\n"
+        f"input 1x3xSxS, S = max({args.size}, model minimum); weights=None, seed 0 (vit_b_16: random head)\n"
     )
     head = (f"{'model':<20} {'input':>5} {'nodes':>6} {'trace s':>8} {'analyze s':>10} {'upper':>11} "
             f"{'certified':>9} {'inf nodes':>9}  upper_method")
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         g = lipgraph.trace(model, x)
         t_trace = time.perf_counter() - t0
         t0 = time.perf_counter()
-        r = lipgraph.analyze(model, x, lower=False, power_iterations=args.power_iterations, device=args.device)
+        r = lipgraph.analyze(model, x, method=args.method, lower=False, power_iterations=args.power_iterations,
+                             device=args.device)
         t_analyze = time.perf_counter() - t0
         best = r.best[0] if r.best else "-"
         row = (f"{name:<20} {side:>5} {g.number_of_nodes():>6} {t_trace:>8.2f} {t_analyze:>10.1f} "
