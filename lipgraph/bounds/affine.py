@@ -171,18 +171,18 @@ def _form_bound(f: _Form, ctx: BoundContext, cache: dict) -> tuple[float, bool, 
     if f.kind == "diag":
         assert f.scale is not None
         return abs(f.value) * float(f.scale.abs().max()), True, "diagonal"
-    key = id(f)
+    key = id(f)  # the cache keeps ``f`` alive (below), so its id is never reused for another form
     if key not in cache:
         assert f.node is not None and f.weight is not None
         n = f.node
         if f.kind == "linear":
             r = norms.dense_norm(f.weight, ctx.device)
-            cache[key] = (r.upper, r.certified, "folded-" + r.method)
+            cache[key] = (r.upper, r.certified, "folded-" + r.method, f)
         else:
             r = norms.conv_norm(lambda x: x, n.in_shapes[0], ctx, f.weight, n.attrs, out_shape=n.out_shape,
                                 transposed=n.op == "conv_transpose", lower=False)
-            cache[key] = (r.upper, r.certified, "folded-" + r.method)
-    up, cert, how = cache[key]
+            cache[key] = (r.upper, r.certified, "folded-" + r.method, f)
+    up, cert, how, _ = cache[key]
     return abs(f.value) * up, cert, how
 
 
