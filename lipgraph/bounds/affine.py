@@ -129,6 +129,7 @@ class _Form:
     node: ir.IRNode | None = None  # conv / linear: the (first) node whose geometry is used
     certified: bool = True
     how: str = ""
+    base: float | None = None  # conv / linear with the node's own weight: its local constant (no recompute)
 
 
 def _bn_or_channel_scale(n: ir.IRNode) -> tuple[torch.Tensor, int] | None:
@@ -171,6 +172,8 @@ def _form_bound(f: _Form, ctx: BoundContext, cache: dict) -> tuple[float, bool, 
     if f.kind == "diag":
         assert f.scale is not None
         return abs(f.value) * float(f.scale.abs().max()), True, "diagonal"
+    if f.base is not None:
+        return abs(f.value) * f.base, True, "local-constant"
     key = id(f)  # the cache keeps ``f`` alive (below), so its id is never reused for another form
     if key not in cache:
         assert f.node is not None and f.weight is not None
@@ -191,6 +194,8 @@ def _step(n: ir.IRNode, f: _Form, index: int, lc: LocalConstant, ctx: BoundConte
     ch = _bn_or_channel_scale(n) if n.op in ("batch_norm", "scale") else None
     if ch is not None:
         s, axis = ch
+        if s.numel() > 1 and bool((s == s.flatten()[0]).all()):
+            s = s.flatten()[:1]  # a uniform scale is a scalar
         if s.numel() == 1:
             factor = abs(float(s)) if f.kind == "num" else float(s)
             return dataclasses.replace(f, value=f.value * factor)
@@ -203,14 +208,15 @@ def _step(n: ir.IRNode, f: _Form, index: int, lc: LocalConstant, ctx: BoundConte
         if (f.kind == "conv" and f.node is not None and f.weight is not None
                 and axis == (1 if nd == f.node.attrs["ndim"] + 2 else 0)):
             w = f.weight * s.reshape(-1, *([1] * (f.weight.ndim - 1))).to(f.weight)
-            return dataclasses.replace(f, weight=w)
+            return dataclasses.replace(f, weight=w, base=None)
         if f.kind == "linear" and axis == nd - 1 and f.weight is not None:
-            return dataclasses.replace(f, weight=f.weight * s[:, None].to(f.weight))
+            return dataclasses.replace(f, weight=f.weight * s[:, None].to(f.weight), base=None)
     if n.op in ("conv", "linear"):
         w = n.params["weight"].detach().to(torch.float64)
         nd = len(n.in_shapes[0])
         if f.kind == "ident":
-            return _Form("conv" if n.op == "conv" else "linear", f.value, weight=w, node=n)
+            base = lc.partials[0] if lc.certified and lc.partials else None
+            return _Form("conv" if n.op == "conv" else "linear", f.value, weight=w, node=n, base=base)
         if f.kind == "diag" and f.scale is not None:
             if n.op == "conv" and f.axis == (1 if nd == n.attrs["ndim"] + 2 else 0) and n.attrs["groups"] == 1:
                 sw = w * f.scale.reshape(1, -1, *([1] * (w.ndim - 2))).to(w)
@@ -222,7 +228,7 @@ def _step(n: ir.IRNode, f: _Form, index: int, lc: LocalConstant, ctx: BoundConte
         if f.kind == "conv" and f.weight is not None and f.node is not None:
             if _is_pointwise_conv(n) and f.node.attrs["groups"] == 1:  # 1x1 after a conv: mix output channels
                 wc = torch.einsum("om,m...->o...", w.reshape(w.shape[0], w.shape[1]), f.weight)
-                return dataclasses.replace(f, weight=wc, node=_retarget(f.node, n))
+                return dataclasses.replace(f, weight=wc, node=_retarget(f.node, n), base=None)
             if _is_pointwise_conv(f.node) and n.attrs["groups"] == 1:  # conv after a 1x1: mix input channels
                 w1 = f.weight.reshape(f.weight.shape[0], f.weight.shape[1])
                 wc = torch.einsum("om...,mi->oi...", w, w1)
