@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import Fn, as_double, dense_jacobian, jacobian_norm, node_constants, one_constant
 
+import lipgraph
 from lipgraph.ops import slope_interval
 
 REL = 1e-6  # exact rules: equal to the dense SVD up to float64 rounding
@@ -36,9 +37,10 @@ def test_linear_equals_jacobian_norm() -> None:
     assert_exact(lc, jacobian_norm(as_double(m), x[:1]))
 
 
-# Found by these tests: the conv bound (lipgraph/norms.py, owned by the certified-norms work) is below
-# the exact norm for reflect / replicate / circular padding_mode. strict: the marker goes when it is fixed.
-_PAD_MODE_BUG = pytest.mark.xfail(strict=True, reason="norms.conv_norm unsound for non-zero padding_mode")
+# A Conv2d traced as the *root* module is traced through its forward: F.pad(mode) + a conv without
+# padding, two nodes. Wrapping it in Sequential keeps it one conv node (as in real models), so the
+# node's constant can be compared with the whole layer's Jacobian; test_padded_conv_as_root_is_sound
+# covers the two-node form at the model level.
 
 
 @pytest.mark.parametrize(
@@ -48,13 +50,13 @@ _PAD_MODE_BUG = pytest.mark.xfail(strict=True, reason="norms.conv_norm unsound f
         {"stride": 2, "padding": 1},
         {"dilation": 2, "padding": 2},
         {"groups": 2, "padding": 1},
-        pytest.param({"padding": 1, "padding_mode": "reflect"}, marks=_PAD_MODE_BUG),
-        pytest.param({"padding": 1, "padding_mode": "circular"}, marks=_PAD_MODE_BUG),
-        pytest.param({"stride": 2, "padding": 1, "padding_mode": "replicate"}, marks=_PAD_MODE_BUG),
+        {"padding": 1, "padding_mode": "reflect"},
+        {"padding": 1, "padding_mode": "circular"},
+        {"stride": 2, "padding": 1, "padding_mode": "replicate"},
     ],
 )
 def test_conv_bound_is_sound(kw: dict) -> None:
-    m = nn.Conv2d(2, 4, 3, **kw)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, **kw))
     x = torch.randn(1, 2, 7, 6)
     truth = jacobian_norm(as_double(m), x)
     lc = one_constant(m, x, "conv")
@@ -64,10 +66,20 @@ def test_conv_bound_is_sound(kw: dict) -> None:
     assert lc.value <= 2.5 * truth  # useful: not wildly loose
 
 
-@_PAD_MODE_BUG
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_padded_conv_as_root_is_sound(mode: str) -> None:
+    """Traced as the root, the layer is F.pad + conv: the model's certified bound is >= its exact norm."""
+    m = nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode)
+    x = torch.randn(1, 2, 7, 6)
+    truth = jacobian_norm(as_double(m), x)
+    report = lipgraph.analyze(m, x, method="autolip", lower=False)
+    assert [n.op for n in report.nodes] == ["input", "pad", "conv", "output"]
+    assert report.certified and report.upper >= truth * (1 - 1e-9)
+
+
 def test_circular_conv_equals_jacobian_norm() -> None:
     """A circular stride-1 convolution is diagonalised by the DFT: the Fourier bound is (nearly) exact."""
-    m = nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular", bias=False)
+    m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular", bias=False))
     x = torch.randn(1, 3, 8, 8)
     truth = jacobian_norm(as_double(m), x)
     lc = one_constant(m, x, "conv")
