@@ -5,7 +5,11 @@ found is a valid lower bound (an *attained* value, not a bound from above).
 The search draws random points around the example input, estimates
 ``||J(x)||_2`` by power iteration on ``J^T J`` (one jvp and one vjp per step),
 and runs gradient ascent on ``x`` for ``||J(x) v||`` (useful for smooth
-activations; for ReLU networks the random restarts do the work).
+activations). Then, from each point, *secant ascent*: Adam on ``(x, d)`` for
+``||f(x + d) - f(x)|| / ||d||``. Every secant ratio is a lower bound on ``L`` by
+the definition of a Lipschitz constant, with no differentiability needed, and
+unlike ``||J(x) v||`` its gradient does not vanish on ReLU networks (moving
+``x`` and ``d`` across activation boundaries changes it).
 """
 
 from __future__ import annotations
@@ -59,6 +63,29 @@ def jacobian_norm(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, it
     return sigma, v
 
 
+def secant_ascent(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, v: torch.Tensor, length: float,
+                  steps: int, deadline: float | None) -> float:
+    """Largest ``||g(x + d) - g(x)|| / ||d||`` found by Adam from ``x = z``, ``d = length * v / ||v||``."""
+    x = z.detach().clone().requires_grad_(True)
+    d = (length * v / v.norm()).detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x, d], lr=0.05 * length)
+    best = 0.0
+    for _ in range(steps):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        dn = d.norm()
+        if float(dn.detach()) == 0.0:
+            break
+        ratio = (g(x + d) - g(x)).norm() / dn
+        best = max(best, float(ratio.detach()))
+        if not ratio.requires_grad:
+            break
+        opt.zero_grad()
+        (-ratio).backward()
+        opt.step()
+    return best
+
+
 def lower_bound(
     f: Callable[..., object],
     example_inputs: Sequence[torch.Tensor],
@@ -67,6 +94,7 @@ def lower_bound(
     ascent_steps: int = 10,
     power_iters: int = 20,
     radius: float = 1.0,
+    secant_steps: int = 30,
     seed: int = 0,
     time_budget: float | None = 60.0,
 ) -> LowerBound:
@@ -101,4 +129,9 @@ def lower_bound(
             if grad is None or float(grad.norm()) == 0.0:
                 break
             z = (zz + step * grad / grad.norm()).detach()
+        if secant_steps and v is not None:
+            deadline = None if time_budget is None else t0 + time_budget
+            length = 0.1 * scale * math.sqrt(base.numel())
+            best = max(best, secant_ascent(g, z, v, length, secant_steps, deadline))
+            points += secant_steps
     return LowerBound(best, time.perf_counter() - t0, points)
