@@ -162,7 +162,7 @@ class Report:
             tag = "certified" if b.certified else "estimate"
             lines.append(f"  {name:<16} {fmt(b.value):>12}  {tag:<9}  ({b.method}, {b.seconds:.2f}s)")
         if self.lower is not None:
-            lines.append(f"  {'lower':<16} {fmt(self.lower):>12}  attained  (Jacobian ascent)")
+            lines.append(f"  {'lower':<16} {fmt(self.lower):>12}  attained  (Jacobian / secant ascent)")
         lo = fmt(self.lower) if self.lower is not None else "?"
         tag = "certified" if self.certified else "NOT certified"
         lines.append(f"Lipschitz constant in [{lo}, {fmt(self.upper)}]  ({tag})")
