@@ -14,7 +14,7 @@ frontend's translation can be checked against the original model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,10 +123,6 @@ def execute(g: nx.DiGraph, *inputs: torch.Tensor, keep: bool = False) -> Any:
                 if users_left[src] == 0 and src not in names:
                     values.pop(src, None)
     return (result, values) if keep else result
-
-
-def predecessors_in_order(g: nx.DiGraph, name: str) -> Sequence[str]:
-    return node(g, name).inputs
 
 
 def summary(g: nx.DiGraph) -> dict[str, int]:

@@ -56,13 +56,6 @@ def _params(**kw: Any) -> dict[str, torch.Tensor]:
 # --- activations -------------------------------------------------------------------
 
 
-def _act(kind: str, **attrs_from: str) -> Callable[..., Canon]:
-    def handler(input, *args, **kwargs):  # noqa: A002 - PyTorch's name
-        return Canon(kind, [input], {k: v for k, v in kwargs.items() if k in attrs_from})
-
-    return handler
-
-
 def relu_like(kind: str):
     def handler(input, inplace=False):  # noqa: A002
         return Canon(kind, [input])

@@ -9,7 +9,7 @@ touches one place: define a rule and decorate it with :func:`register_rule`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,32 +148,8 @@ def register_rule(
     return rule
 
 
-def rule(kind: str, *, slope: tuple[float, float] | None = None, affine: bool = False):
-    """Decorator form: ``@rule("relu", slope=(0, 1))`` on a class with ``forward``/``lipschitz``."""
-
-    def deco(cls: type) -> type:
-        lip = getattr(cls, "lipschitz", None)
-        register_rule(
-            kind,
-            cls.forward,
-            lip,
-            slope=slope,
-            affine=affine,
-            doc=(cls.__doc__ or "").strip(),
-        )
-        return cls
-
-    return deco
-
-
 def get_rule(kind: str) -> OpRule | None:
     return RULES.get(kind)
-
-
-def scalar_or_tensor_absmax(value: Any) -> float:
-    if isinstance(value, torch.Tensor):
-        return float(value.detach().abs().max()) if value.numel() else 0.0
-    return abs(float(value))
 
 
 def as_tuple(v: Any, n: int) -> tuple[int, ...]:
@@ -183,6 +159,3 @@ def as_tuple(v: Any, n: int) -> tuple[int, ...]:
         return tuple(int(x) for x in v)
     return tuple(int(v) for _ in range(n))
 
-
-def prod(xs: Sequence[int]) -> int:
-    return math.prod(int(x) for x in xs)
