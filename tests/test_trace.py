@@ -202,6 +202,9 @@ class ShapeDependent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] > 4:
             x = F.max_pool2d(x, 2)
+        return self.body(x)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn(self.conv(x)))
         y = F.pad(y, (1, 1, 1, 1), mode="reflect")
         y = F.avg_pool2d(y, 3, stride=2, padding=1, count_include_pad=False)
@@ -216,15 +219,7 @@ class ShapeDependentFx(ShapeDependent):
     """The same function without the Python branch (traceable by torch.fx)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(x, 2)
-        y = F.relu(self.bn(self.conv(x)))
-        y = F.pad(y, (1, 1, 1, 1), mode="reflect")
-        y = F.avg_pool2d(y, 3, stride=2, padding=1, count_include_pad=False)
-        a, b = y.chunk(2, dim=1)
-        y = torch.cat([F.gelu(a), torch.sigmoid(b[:, :, 1:, :].mean(2, keepdim=True)).expand_as(a)], 1)
-        y = F.adaptive_avg_pool2d(y, 1).flatten(1)
-        y = self.ln(y.view(-1, 1, 4).transpose(1, 2).reshape(-1, 4)).reshape(y.shape[0], -1)
-        return self.fc(torch.cat([y, y[:, :2] - 0.5 * y[:, 2:]], 1)).softmax(-1)
+        return self.body(F.max_pool2d(x, 2))
 
 
 def test_data_dependent_control_flow_names_the_line() -> None:
