@@ -15,14 +15,20 @@ place. See ``docs/norms.md`` for the mathematics; in short:
   restriction of a circular one on a torus of size ``N >= n + pad`` (divisible
   by the stride), whose norm is ``max_f ||B(f)||_2`` over the Fourier blocks
   ``B(f)`` of its polyphase form (Sedghi et al. 2019, with strides: each
-  block is ``c_out x c_in s^d``). The block maxima are certified with the same
-  estimate + batched Cholesky test; blocks that fail it get an exact float64
-  eigenvalue decomposition.
+  block is ``c_out x c_in s^d``). The Gram blocks ``H(f) = B(f) B(f)^H`` come
+  straight from the autocorrelation kernel of ``A A^T`` (a circular conv on the
+  coarse torus ``N / s``: ``K(m) = sum W_k W_k'^T`` over tap pairs ``s m`` apart),
+  so the cubic work is a few real matmuls per layer instead of one complex
+  Gram matrix per frequency. The block maxima are certified with a batched
+  Lanczos estimate + one batched Cholesky test; blocks that fail it are
+  estimated again, then bracketed by bisection.
 
 Rounding. Weights are converted to float64 / complex128 exactly. The
 certified values add explicit bounds for (a) the rounding in forming the
 blocks, ``||B_hat - B|| <= c1 u ||sum_k |W_k| ||_F``; (b) forming the Gram
-matrices, ``||H_hat - B B^H|| <= 4 (m + 2) u ||B||_F^2``; (c) Cholesky:
+matrices, ``||H_hat - B B^H|| <= 4 (m + 2) u ||B||_F^2`` (from the
+autocorrelation kernel: ``2 (c_in + P + S + 32) u ||sum_k |W_k| ||_F^2``, see
+:func:`autocorrelation`); (c) Cholesky:
 success of floating-point Cholesky on ``M = (c - e - a) I - H_hat`` with
 ``a = 8 (n + 2) n u c`` proves ``M + E`` positive definite for
 ``||E|| <= a`` (Demmel 1989, Rump 2006), hence ``lambda_max(H_hat) < c - e``;
@@ -46,7 +52,7 @@ U64 = 2.0**-53
 #: Relative slack of the Cholesky certificate on lambda_max (0.1% on sigma^2, i.e. <= 0.05% on sigma).
 CHOLESKY_DELTA = 1e-3
 #: Blocks (largest trace first) on which the power estimate guiding the Cholesky certificate runs.
-ESTIMATE_BLOCKS = 48
+ESTIMATE_BLOCKS = 16
 #: Matrices whose smaller side is at most this size get a direct float64 SVD.
 DENSE_SVD_MAX = 512
 #: Power steps from the Fourier warm start used for the attained (lower) value of a convolution.
@@ -76,6 +82,7 @@ class PsdMax:
     estimate: float
     index: int
     exact_blocks: int
+    blocks: int = 0
 
 
 def _rayleigh_power(h: torch.Tensor, iters: int, seed: int = 0) -> torch.Tensor:
@@ -94,6 +101,53 @@ def _rayleigh_power(h: torch.Tensor, iters: int, seed: int = 0) -> torch.Tensor:
         v = w / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
     return (v.mH @ (low @ v)).real[:, 0, 0].to(torch.float64)
 
+
+
+def _lanczos_batched(h: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
+    """Largest Ritz value of each Hermitian ``h_b`` (b, n, n) after ``steps`` Lanczos steps with full
+    re-orthogonalisation, batched, in single precision: (b,) float64. Estimates; they only guide the
+    certificate."""
+    h = h.to(torch.complex64 if h.is_complex() else torch.float32)  # an estimate: single precision suffices
+    b, n = h.shape[0], h.shape[-1]
+    steps = max(1, min(steps, n))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, n, generator=gen, dtype=torch.float64)
+    if h.is_complex():
+        q = q + 1j * torch.randn(b, n, generator=gen, dtype=torch.float64)
+    q = q.to(device=h.device, dtype=h.dtype)
+    q = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True)
+    qs = torch.zeros(b, steps, n, dtype=h.dtype, device=h.device)
+    alpha = torch.zeros(b, steps, dtype=torch.float64, device=h.device)
+    beta = torch.zeros(b, steps, dtype=torch.float64, device=h.device)
+    def orthogonalise(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            x = x - ((basis.conj() @ x.unsqueeze(-1)).mT @ basis).squeeze(-2)
+        return x
+
+    m = steps
+    for k in range(steps):
+        qs[:, k] = q
+        hq = (h @ q.unsqueeze(-1)).squeeze(-1)
+        alpha[:, k] = (q.conj() * hq).sum(-1).real
+        if k + 1 == steps:
+            break
+        basis = qs[:, : k + 1]
+        w = orthogonalise(hq, basis)
+        nb = torch.linalg.vector_norm(w, dim=-1)
+        # an (almost) invariant Krylov space: its Ritz values are exact; restart with a fresh direction
+        # (beta = 0 decouples it) instead of normalising single-precision noise
+        broken = nb <= 1e-4 * torch.linalg.vector_norm(hq, dim=-1).clamp_min(1e-30)
+        beta[:, k] = torch.where(broken, torch.zeros_like(nb), nb).to(torch.float64)
+        q = w / torch.where(broken, torch.ones_like(nb), nb).unsqueeze(-1)
+        if bool(broken.any()):
+            fresh = torch.randn(b, n, generator=gen, dtype=torch.float64)
+            if h.is_complex():
+                fresh = fresh + 1j * torch.randn(b, n, generator=gen, dtype=torch.float64)
+            fresh = orthogonalise(fresh.to(device=h.device, dtype=h.dtype), basis)
+            fresh = fresh / torch.linalg.vector_norm(fresh, dim=-1, keepdim=True).clamp_min(1e-30)
+            q = torch.where(broken.unsqueeze(-1), fresh, q)
+    t = torch.diag_embed(alpha[:, :m]) + torch.diag_embed(beta[:, : m - 1], 1) + torch.diag_embed(beta[:, : m - 1], -1)
+    return torch.linalg.eigvalsh(t)[:, -1]
 
 def lanczos_max(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, device: torch.device,
                 steps: int = 80, seed: int = 0) -> float:
@@ -137,24 +191,28 @@ def _cholesky_passes(h: torch.Tensor, c: float, gram_error: float) -> torch.Tens
 
 
 def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None = None,
-                    delta: float = CHOLESKY_DELTA, power_iters: int = 12) -> PsdMax:
+                    delta: float = CHOLESKY_DELTA, power_iters: int = 12,
+                    lanczos_steps: int = 16) -> PsdMax:
     """Certified upper bound on ``max_b lambda_max(H_b)`` for Hermitian PSD ``H_b = B_b B_b^H``, given the
     computed ``h`` (b, n, n) and ``gram_error >= max_b ||h_b - H_b||_2``.
 
-    Estimate ``theta`` (power iteration on the ``ESTIMATE_BLOCKS`` blocks of largest trace, or ``estimate``
-    when larger); test ``c = theta (1 + delta)``
-    on every block with one batched Cholesky (:func:`_cholesky_passes`). If some block fails, its
+    Estimate ``theta`` (batched Lanczos, or power iteration when ``lanczos_steps`` is 0, on the
+    ``ESTIMATE_BLOCKS`` blocks of largest trace; or ``estimate`` when larger); test ``c = theta (1 + delta)``
+    on every block with one batched Cholesky (:func:`_cholesky_passes`). If some blocks fail, Lanczos
+    estimates them and they are tested once more at their own level. If some still fail, their
     ``lambda_max`` exceeds ``c`` (up to rounding), so the maximum is bracketed: ``c`` grows until the
     failing blocks pass (x1.01, 1.05, 1.25, then doubling), then bisects (testing only those blocks)
     until ``hi / lo <= 1 + delta``.
     Result ``hi``: certified, and within ``delta`` of the true maximum (plus rounding).
     """
     if h.shape[0] == 0:
-        return PsdMax(0.0, 0.0, 0, 0)
+        return PsdMax(0.0, 0.0, 0, 0, 0)
     # estimate on the blocks of largest trace only (an estimate just saves Cholesky tests)
     tr = h.diagonal(dim1=-2, dim2=-1).real.sum(-1)
     cand = torch.topk(tr, min(h.shape[0], ESTIMATE_BLOCKS)).indices
-    lam = _rayleigh_power(h[cand], power_iters)
+    # Lanczos converges to within delta in ~20 steps where the power method is still percents low; an
+    # estimate within delta of the maximum lets a single Cholesky pass certify every block
+    lam = _lanczos_batched(h[cand], lanczos_steps) if lanczos_steps > 0 else _rayleigh_power(h[cand], power_iters)
     best = int(cand[int(torch.argmax(lam))])
     lam = lam.max().reshape(1)
     theta = max(float(lam[0]), estimate or 0.0, 0.0)
@@ -164,6 +222,22 @@ def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None =
     ok = _cholesky_passes(h, hi, gram_error)
     failed = torch.nonzero(~ok).flatten()
     tests = 1
+    if failed.numel() and lanczos_steps > 0:
+        # the blocks that failed were not among the estimated ones (or the estimate was short): estimate
+        # them and test once more at their level before bracketing
+        lo = hi
+        sub = h[failed]
+        pick = torch.topk(sub.diagonal(dim1=-2, dim2=-1).real.sum(-1), min(sub.shape[0], 4 * ESTIMATE_BLOCKS)).indices
+        lam2 = _lanczos_batched(sub[pick], lanczos_steps)
+        th2 = float(lam2.max())
+        hi2 = th2 * (1.0 + delta) + gram_error
+        if hi2 > hi:
+            ok = _cholesky_passes(sub, hi2, gram_error)
+            tests += 1
+            if bool(ok.all()):
+                return PsdMax(hi2, th2, int(failed[pick[int(torch.argmax(lam2))]]), tests, h.shape[0])
+            hi = hi2
+            failed = failed[~ok]
     if failed.numel():
         lo = hi
         sub = h[failed]
@@ -178,7 +252,7 @@ def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None =
                 passed = True
                 break
         if not passed:  # no finite certificate (non-finite entries): say so
-            return PsdMax(math.inf, theta, best, tests)
+            return PsdMax(math.inf, theta, best, tests, h.shape[0])
         while hi > lo * (1.0 + delta):
             mid = math.sqrt(lo * hi)
             ok = _cholesky_passes(sub, mid, gram_error)
@@ -191,7 +265,7 @@ def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None =
                 failed = failed[~ok]
         best = int(failed[0])
         theta = lo
-    return PsdMax(hi, theta, best, tests)
+    return PsdMax(hi, theta, best, tests, h.shape[0])
 
 
 # --- dense matrices --------------------------------------------------------------------------------
@@ -393,9 +467,10 @@ def _phase_tables(geom: ConvGeometry, torus: Sequence[int], device: torch.device
 
 
 def fourier_blocks(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], device: torch.device,
-                   first_axis: slice | None = None) -> torch.Tensor:
+                   first_axis: slice | None = None, freq: Sequence[int] | None = None) -> torch.Tensor:
     """Polyphase Fourier blocks of the circular strided conv on ``torus``: shape
-    (groups, F_1, ..., F_d, c_out/g, c_in/g * prod(s)), complex128. ``first_axis`` restricts axis-0 frequencies."""
+    (groups, F_1, ..., F_d, c_out/g, c_in/g * prod(s)), complex128. ``first_axis`` restricts axis-0 frequencies;
+    ``freq`` picks one frequency (every ``F_j`` is then 1)."""
     nd = len(torus)
     g = geom.groups
     w64 = w.detach().to(device=device, dtype=torch.float64)
@@ -404,6 +479,8 @@ def fourier_blocks(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], de
     tables = _phase_tables(geom, torus, device)
     if first_axis is not None:
         tables[0] = tables[0][:, :, first_axis]
+    if freq is not None:
+        tables = [tb[:, :, f: f + 1] for tb, f in zip(tables, freq, strict=True)]
     # contract each kernel axis with its table: (g, co, ci, K1..Kd) -> (g, co, ci, s1, F1, ..., sd, Fd)
     for ax in range(nd):
         t = torch.tensordot(t, tables[ax], dims=([3 + 2 * ax], [0]))  # K_ax axis sits at 3 + 2*ax... see below
@@ -423,47 +500,169 @@ def _abs_sum_frob(w: torch.Tensor) -> float:
     return float(a.reshape(a.shape[0], a.shape[1], -1).sum(-1).norm())
 
 
+def _tap_offsets(geom: ConvGeometry) -> list[list[int]]:
+    """Per axis, the input offset ``k dil - pad_l`` of each kernel tap."""
+    return [[k * d - pl for k in range(kn)] for kn, d, pl in zip(geom.kernel, geom.dilation, geom.pad_l, strict=True)]
+
+
+@dataclass
+class Autocorrelation:
+    """The co x co kernel of ``A A^T`` for the circular strided conv ``A = Sub_s C`` on a torus: ``A A^T`` is the
+    circular convolution on the coarse torus ``M = N / s`` with taps ``K(m) = sum W_k W_k'^T`` over tap pairs
+    whose offsets differ by ``s m`` (mod ``N``). ``kernels``: (groups, shifts, co/g, co/g) float64; ``shifts``:
+    (shifts, d) coarse offsets in ``[0, M)``; ``error``: bound on the rounding of any Fourier block built from
+    it (see :func:`gram_blocks`)."""
+
+    kernels: torch.Tensor
+    shifts: torch.Tensor
+    coarse: tuple[int, ...]
+    error: float
+
+
+def autocorrelation(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], device: torch.device) -> Autocorrelation:
+    """Kernel of ``A A^T`` (see :class:`Autocorrelation`). Only tap pairs in the same polyphase class
+    (``off_k = off_k' mod s`` on every axis) meet, so each class is one float64 matmul ``(T_c co) x ci x (T_c co)``.
+
+    Rounding: every entry of a Fourier block ``H(f) = sum_m K(m) e^{2 pi i <f, m / M>}`` is a sum of at most
+    ``ci + P + S`` rounded steps (matmul, ``P`` pair additions, ``S`` shifts) over products bounded by
+    ``(|W|_1 |W|_1^T)_ij`` with ``|W|_1 = sum_k |W_k|``; phases cost ``<= 16 u`` more. So
+    ``||H_hat(f) - H(f)||_2 <= ||.||_F <= 2 (ci + P + S + 32) u || |W|_1 ||_F^2`` (real and imaginary parts,
+    ``sqrt 2``, and ``gamma_n = n u / (1 - n u)`` covered by the factor 2).
+    """
+    nd = len(torus)
+    g = geom.groups
+    w64 = w.detach().to(device=device, dtype=torch.float64)
+    co, ci = w64.shape[0] // g, w64.shape[1]
+    taps = w64.reshape(g, co, ci, -1).permute(0, 3, 1, 2)  # (g, T, co, ci), taps in row-major kernel order
+    offs = _tap_offsets(geom)
+    grids = torch.meshgrid(*[torch.tensor(o, dtype=torch.int64) for o in offs], indexing="ij")
+    off = torch.stack([t.reshape(-1) for t in grids], dim=1)  # (T, d)
+    stride = torch.tensor(geom.stride, dtype=torch.int64)
+    tor = torch.tensor(tuple(torus), dtype=torch.int64)
+    coarse = tuple(int(n) // s for n, s in zip(torus, geom.stride, strict=True))
+    mcoarse = torch.tensor(coarse, dtype=torch.int64)
+    phase = torch.remainder(off, stride)
+    classes: dict[tuple[int, ...], list[int]] = {}
+    for t, p in enumerate(phase.tolist()):
+        classes.setdefault(tuple(p), []).append(t)
+    sums: dict[tuple[int, ...], torch.Tensor] = {}
+    pairs = 0
+
+    def add(key: tuple[int, ...], blk: torch.Tensor) -> None:
+        sums[key] = sums[key] + blk if key in sums else blk.clone()
+
+    for members in classes.values():
+        # W_a W_b^T for b >= a only: W_b W_a^T is its transpose and lands on the opposite shift
+        for a, ka in enumerate(members):
+            rest = torch.tensor(members[a:], dtype=torch.int64)
+            prod = (taps[:, ka] @ taps[:, rest].reshape(g, len(rest) * co, ci).mT).reshape(g, co, len(rest), co)
+            for j, kb in enumerate(members[a:]):
+                d = off[ka] - off[kb]  # divisible by s: same phase class
+                key = tuple(int(x) for x in torch.remainder(torch.remainder(d, tor) // stride, mcoarse))
+                add(key, prod[:, :, j])
+                pairs += 1
+                if kb != ka:
+                    add(tuple(int(x) for x in torch.remainder(torch.remainder(-d, tor) // stride, mcoarse)),
+                        prod[:, :, j].mT)
+                    pairs += 1
+    keys = sorted(sums)
+    kernels = torch.stack([sums[k] for k in keys], dim=1).contiguous()
+    shifts = torch.tensor(keys, dtype=torch.int64).reshape(len(keys), nd)
+    s1 = _abs_sum_frob(w)
+    err = 2.0 * (ci + pairs + len(keys) + 32) * U64 * s1 * s1
+    return Autocorrelation(kernels, shifts, coarse, err)
+
+
+def gram_blocks(ac: Autocorrelation, first_axis: slice | None = None) -> torch.Tensor:
+    """Fourier blocks ``H(f) = B(f) B(f)^H = sum_m K(m) e^{2 pi i <f, m / M>}`` of ``A A^T``:
+    (groups, F_1, ..., F_d, co/g, co/g) complex128, Hermitian PSD up to rounding; the last axis keeps
+    ``f in [0, M // 2]`` (conjugate symmetry), ``first_axis`` restricts axis-0 frequencies."""
+    nd = len(ac.coarse)
+    dev = ac.kernels.device
+    freqs = []
+    for ax, m in enumerate(ac.coarse):
+        nf = m // 2 + 1 if ax == nd - 1 else m
+        f = torch.arange(nf, dtype=torch.int64)
+        if ax == 0 and first_axis is not None:
+            f = f[first_axis]
+        freqs.append(f)
+    grids = torch.meshgrid(*freqs, indexing="ij")
+    fshape = tuple(grids[0].shape)
+    frac = torch.zeros(math.prod(fshape), ac.shifts.shape[0], dtype=torch.float64)
+    for ax, m in enumerate(ac.coarse):
+        fa = grids[ax].reshape(-1, 1)
+        frac += torch.remainder(fa * ac.shifts[:, ax].reshape(1, -1), m).to(torch.float64) / m
+    ang = (2 * math.pi) * torch.remainder(frac, 1.0)
+    cos, sin = torch.cos(ang).to(dev), torch.sin(ang).to(dev)
+    g, s, co = ac.kernels.shape[:3]
+    flat = ac.kernels.reshape(g, s, co * co)
+    h = torch.complex(cos @ flat, sin @ flat)  # (g, F, co*co)
+    return h.reshape(g, *fshape, co, co)
+
+
 def circular_conv_norm(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int],
                        device: torch.device | None = None) -> CircularNorm:
     """Certified ``||Sub_s C||`` of the circular strided conv on ``torus`` (each ``N_j`` divisible by ``s_j``):
-    ``max_f ||B(f)||_2`` over the polyphase Fourier blocks, by :func:`certify_psd_max` in chunks, plus the
-    block-rounding term. Exact for the circular op (up to ``CHOLESKY_DELTA``)."""
+    ``max_f ||B(f)||_2`` over its polyphase Fourier blocks ``B(f)`` (``c_out/g x c_in/g s^d``). Exact for the
+    circular op up to ``CHOLESKY_DELTA``. Three routes, all certified:
+
+    * all taps in one coarse cell (1x1 kernels, patchify): one frequency; ``B`` is the taps side by side,
+      entries exact, :func:`dense_norm`;
+    * ``c_out/g <= c_in/g s^d`` (the usual case): ``H(f) = B(f) B(f)^H`` straight from the autocorrelation kernel
+      of ``A A^T`` (:func:`autocorrelation`, :func:`gram_blocks`; a few real matmuls instead of one complex
+      Gram matrix per frequency), then :func:`certify_psd_max` in chunks of frequencies;
+    * otherwise ``B(f)^H B(f)`` from the polyphase blocks (:func:`fourier_blocks`), plus the block-rounding term.
+    """
     dev = device if device is not None else w.device
     nd = len(torus)
     g = geom.groups
     co, cols = w.shape[0] // g, w.shape[1] * math.prod(geom.stride)
-    # constant blocks (all taps in one phase cell, e.g. 1x1 kernels): one dense block per group
-    offs = [[(k * d - pl) // s for k in range(kn)] for kn, d, pl, s in
-            zip(geom.kernel, geom.dilation, geom.pad_l, geom.stride, strict=True)]
-    constant = all(len(set(o)) == 1 for o in offs)
+    offs = _tap_offsets(geom)
+    if all(len({o // s for o in ax}) == 1 for ax, s in zip(offs, geom.stride, strict=True)):
+        taps = w.detach().to(device=dev, dtype=torch.float64).reshape(g, co, w.shape[1], -1)
+        mats = taps.permute(0, 1, 3, 2).reshape(g, co, -1)
+        r = dense_norm(mats, dev)
+        grp = int(mats.square().sum((-2, -1)).argmax())  # a group to start the attained value from
+        tor = tuple(geom.stride)  # M = 1: a single frequency
+        return CircularNorm(r.upper, r.lower or 0.0, tor, (grp, (0,) * nd), g, 0)
     tor = tuple(torus)
-    if constant:
-        tor = tuple(s for s in geom.stride)  # M = 1: a single frequency
     m0 = tor[0] // geom.stride[0]
-    per_f0 = g * math.prod(t // s for t, s in zip(tor[1:], geom.stride[1:], strict=True)) * co * cols
-    if nd == 1:
-        per_f0 = g * co * cols
-    step = max(1, CHUNK_ENTRIES // max(per_f0, 1))
     if nd == 1:
         m0 = m0 // 2 + 1
-    e_blk = 4.0 * (sum(geom.kernel) + 8 * nd) * U64 * _abs_sum_frob(w)
+    rest = math.prod(t // s for t, s in zip(tor[1:], geom.stride[1:], strict=True)) if nd > 1 else 1
     best_upper, best_est, top, n_blocks, n_exact = 0.0, 0.0, None, 0, 0
+    if co <= cols:
+        ac = autocorrelation(w, geom, tor, dev)
+        step = max(1, CHUNK_ENTRIES // max(g * rest * co * co, 1))
+        for start in range(0, m0, step):
+            h = gram_blocks(ac, slice(start, min(m0, start + step)))
+            shape_f = h.shape[1: 1 + nd]
+            r = certify_psd_max(h.reshape(-1, co, co), ac.error, estimate=best_est if best_est > 0 else None)
+            n_blocks += r.blocks
+            n_exact += r.exact_blocks
+            if r.estimate >= best_est:
+                idx = list(torch.unravel_index(torch.tensor(r.index), (g, *shape_f)))
+                top = (int(idx[0]), tuple(int(i) + (start if a == 0 else 0) for a, i in enumerate(idx[1:])))
+                best_est = r.estimate
+            best_upper = max(best_upper, r.upper)
+        sigma_up = math.sqrt(best_upper) * (1 + ROUNDING_MARGIN)
+        return CircularNorm(sigma_up, math.sqrt(max(best_est, 0.0)), tor, top, n_blocks, n_exact)
+    step = max(1, CHUNK_ENTRIES // max(g * rest * co * cols, 1))
+    e_blk = 4.0 * (sum(geom.kernel) + 8 * nd) * U64 * _abs_sum_frob(w)
     for start in range(0, m0, step):
         sl = slice(start, min(m0, start + step))
         blk = fourier_blocks(w, geom, tor, dev, sl)
         shape_f = blk.shape[1: 1 + nd]
         b = blk.reshape(-1, co, cols).contiguous()
         n_blocks += b.shape[0]
-        if min(co, cols) == 1:
+        if cols == 1:
             v = torch.view_as_real(b).square().sum((-3, -2, -1))
             k = int(torch.argmax(v))
-            upper = float(v[k]) * (1 + ROUNDING_MARGIN) + 4.0 * (max(co, cols) + 2) * U64 * float(v[k])
+            upper = float(v[k]) * (1 + ROUNDING_MARGIN) + 4.0 * (co + 2) * U64 * float(v[k])
             est = float(v[k])
         else:
-            bh = b.mH.contiguous()  # a materialised conjugate transpose keeps batched matmul on the fast path
-            h = b @ bh if co <= cols else bh @ b
-            inner = cols if co <= cols else co
-            err = 4.0 * (inner + 2) * U64 * float(torch.view_as_real(b).square().sum((-3, -2, -1)).max())
+            h = b.mH.contiguous() @ b
+            err = 4.0 * (co + 2) * U64 * float(torch.view_as_real(b).square().sum((-3, -2, -1)).max())
             r = certify_psd_max(h, err, estimate=best_est if best_est > 0 else None)
             upper, est, k, n_exact = r.upper, r.estimate, r.index, n_exact + r.exact_blocks
         if est >= best_est:
@@ -475,21 +674,69 @@ def circular_conv_norm(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int]
     return CircularNorm(sigma_up, math.sqrt(max(best_est, 0.0)), tor, top, n_blocks, n_exact)
 
 
+def single_block(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], freq: Sequence[int], group: int,
+                 device: torch.device) -> torch.Tensor:
+    """One polyphase Fourier block ``B(f) = sum_k W_k e^{2 pi i <f, q_k / M>} [phase r_k]`` of one group:
+    (c_out/g, c_in/g * prod(s)) complex128, the same block as :func:`fourier_blocks` (real arithmetic,
+    without building the others)."""
+    g = geom.groups
+    co = w.shape[0] // g
+    wg = w.detach()[group * co:(group + 1) * co].to(device=device, dtype=torch.float64)
+    taps = wg.reshape(co, wg.shape[1], -1)  # (co, ci, T), row-major taps
+    offs = _tap_offsets(geom)
+    grids = torch.meshgrid(*[torch.tensor(o, dtype=torch.int64) for o in offs], indexing="ij")
+    off = torch.stack([t.reshape(-1) for t in grids], dim=1)  # (T, d)
+    stride = torch.tensor(geom.stride, dtype=torch.int64)
+    coarse = torch.tensor([t // s for t, s in zip(torus, geom.stride, strict=True)], dtype=torch.int64)
+    phase, q = torch.remainder(off, stride), torch.div(off, stride, rounding_mode="floor")
+    frac = (torch.remainder(torch.tensor(tuple(freq), dtype=torch.int64) * q, coarse).to(torch.float64)
+            / coarse.to(torch.float64)).sum(1)
+    ang = (2 * math.pi * torch.remainder(frac, 1.0)).to(device)
+    col = torch.zeros(off.shape[0], dtype=torch.int64)
+    for ax in range(off.shape[1]):
+        col = col * geom.stride[ax] + phase[:, ax]
+    col = col.to(device)
+    n_ph = math.prod(geom.stride)
+    re = torch.zeros(co, taps.shape[1], n_ph, dtype=torch.float64, device=device)
+    im = torch.zeros_like(re)
+    re.index_add_(2, col, taps * torch.cos(ang))
+    im.index_add_(2, col, taps * torch.sin(ang))
+    return torch.complex(re, im).reshape(co, -1)
+
+def _top_right_vector(b: torch.Tensor, iters: int = 24) -> torch.Tensor:
+    """Top right singular vector of one block (a warm start only, so single precision will do): zero
+    columns (phases without taps) dropped; eigenvectors of the smaller Gram matrix when it is at most 256
+    wide, else ``iters`` power steps on ``B^H B``."""
+    keep = torch.nonzero(b.abs().sum(0) > 0).flatten()
+    v = torch.zeros(b.shape[1], dtype=b.dtype, device=b.device)
+    if keep.numel() == 0:
+        v[0] = 1.0
+        return v
+    c = b[:, keep]
+    if min(c.shape) <= 256:
+        if c.shape[1] <= c.shape[0]:
+            top = torch.linalg.eigh(c.mH @ c)[1][:, -1]
+        else:
+            top = c.mH @ torch.linalg.eigh(c @ c.mH)[1][:, -1]
+    else:
+        c32 = c.to(torch.complex64 if c.is_complex() else torch.float32)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        top = torch.randn(c.shape[1], generator=gen).to(device=c.device, dtype=c32.dtype)
+        for _ in range(iters):
+            top = c32.mH @ (c32 @ top)
+            top = top / top.norm().clamp_min(1e-30)
+    v[keep] = top.to(b.dtype)
+    return v
+
+
 def _warm_start(w: torch.Tensor, geom: ConvGeometry, cn: CircularNorm, device: torch.device) -> torch.Tensor | None:
     """A real input (1, c_in, *n) built from the top singular vector of the largest Fourier block:
-    ``x[m s + r] = Re(v_r exp(2 pi i f m / M))``, cropped to the signal."""
+    ``x[m s + r] = Re(v_r exp(2 pi i f m / M))``, periodic, cropped to the signal."""
     if cn.top is None:
         return None
     grp, freq = cn.top
     nd = len(geom.spatial)
-    sl = tuple(slice(f, f + 1) for f in freq)
-    blk = fourier_blocks(w, geom, cn.torus, device, sl[0])
-    b = blk[(grp, 0, *[slice(f, f + 1) for f in freq[1:]])].reshape(blk.shape[-2], blk.shape[-1])
-    # top right singular vector of this one block, from the eigenvectors of its smaller Gram matrix
-    if b.shape[1] <= b.shape[0]:
-        v = torch.linalg.eigh(b.mH @ b)[1][:, -1]
-    else:
-        v = b.mH @ torch.linalg.eigh(b @ b.mH)[1][:, -1]
+    v = _top_right_vector(single_block(w, geom, cn.torus, freq, grp, device))
     v = (v / v.norm()).reshape(w.shape[1], *geom.stride)  # (c_in/g, s1..sd)
     x = v
     for ax in range(nd):
@@ -501,6 +748,10 @@ def _warm_start(w: torch.Tensor, geom: ConvGeometry, cn: CircularNorm, device: t
         shape = list(x.shape)
         x = x.reshape(*shape[: 1 + ax], shape[1 + ax] * shape[2 + ax], *shape[3 + ax:])
     x = x.real
+    # the torus pattern, extended periodically where the torus is smaller than the signal (one-frequency
+    # blocks live on a torus of one stride cell), then cropped to the signal
+    reps = [1] + [-(-n // t) for n, t in zip(geom.spatial, cn.torus, strict=True)]
+    x = x.repeat(*reps)
     crop = tuple(slice(0, n) for n in geom.spatial)
     full = torch.zeros(w.shape[1] * geom.groups, *geom.spatial, dtype=torch.float64, device=device)
     full[grp * w.shape[1]:(grp + 1) * w.shape[1]] = x[(slice(None), *crop)]

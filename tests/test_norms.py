@@ -198,3 +198,96 @@ def test_power_method_is_below_the_norm():
     v = norms.power_method(lambda x: x @ w.T, (1, 9), CTX, iterations=200, tol=1e-9,
                            exact_op=lambda x: x @ w.double().T)
     assert 0.99 * ex <= v <= ex * (1 + 1e-12)
+
+
+# --- autocorrelation route (H(f) = B(f) B(f)^H without forming B(f)) ----------------------------------
+
+GEOMS = [  # (weight shape, spatial, stride, dilation, pad_l, pad_r, groups)
+    ((6, 4, 3, 3), (7, 7), (1, 1), (1, 1), (1, 1), (1, 1), 1),
+    ((6, 4, 3, 3), (9, 8), (2, 2), (1, 1), (1, 1), (1, 1), 1),
+    ((8, 2, 5, 3), (11, 9), (3, 2), (2, 1), (4, 1), (3, 2), 2),
+    ((4, 4, 3), (10,), (1,), (3,), (3,), (3,), 1),
+    ((6, 1, 4), (13,), (2,), (1,), (2,), (1,), 3),
+    ((4, 3, 3, 3, 3), (4, 5, 6), (1, 2, 2), (1, 1, 1), (1, 1, 1), (1, 1, 1), 1),
+    ((5, 3, 5, 5), (2, 3), (1, 1), (1, 1), (2, 2), (2, 2), 1),  # torus smaller than the kernel: pairs alias
+    ((3, 3, 2, 2), (8, 8), (2, 2), (1, 1), (0, 0), (0, 0), 1),  # patchify: one coarse cell
+    ((12, 2, 3, 3), (6, 6), (1, 1), (1, 1), (1, 1), (1, 1), 1),  # c_out > c_in s^d: the B^H B route
+    ((9, 1, 3), (8,), (1,), (1,), (1,), (1,), 3),  # ... with one column per block
+]
+
+
+@pytest.mark.parametrize("i", range(len(GEOMS)))
+def test_gram_blocks_match_polyphase_blocks(i):
+    """H(f) from the autocorrelation kernel equals B(f) B(f)^H from the polyphase blocks, on every frequency,
+    within the stated rounding bound."""
+    shape, spatial, stride, dil, pl, pr, groups = GEOMS[i]
+    torch.manual_seed(100 + i)
+    w = torch.randn(shape)
+    geom = norms.ConvGeometry(spatial, tuple(shape[2:]), stride, dil, pl, pr, groups)
+    torus = geom.min_torus()
+    ac = norms.autocorrelation(w, geom, torus, torch.device("cpu"))
+    h = norms.gram_blocks(ac)
+    b = norms.fourier_blocks(w, geom, torus, torch.device("cpu"))
+    ref = b @ b.mH
+    assert h.shape == ref.shape
+    diff = float(torch.linalg.matrix_norm((h - ref).reshape(-1, *h.shape[-2:]), ord=2).max())
+    assert diff <= ac.error, (diff, ac.error)
+    assert ac.error <= 1e-10 * float(torch.linalg.matrix_norm(ref.reshape(-1, *h.shape[-2:]), ord=2).max())
+
+
+@pytest.mark.parametrize("i", range(len(GEOMS)))
+def test_circular_norm_routes_agree_with_block_svd(i):
+    """Every route of circular_conv_norm (one coarse cell, autocorrelation, B^H B) lands in
+    [exact circular norm, exact * (1 + delta)]; the exact value is the largest singular value over all blocks."""
+    shape, spatial, stride, dil, pl, pr, groups = GEOMS[i]
+    torch.manual_seed(200 + i)
+    w = torch.randn(shape)
+    geom = norms.ConvGeometry(spatial, tuple(shape[2:]), stride, dil, pl, pr, groups)
+    torus = geom.min_torus()
+    b = norms.fourier_blocks(w, geom, torus, torch.device("cpu"))
+    ex = float(torch.linalg.matrix_norm(b.reshape(-1, *b.shape[-2:]), ord=2).max())
+    cn = norms.circular_conv_norm(w, geom, torus)
+    assert ex <= cn.upper <= ex * (1 + norms.CHOLESKY_DELTA), (cn.upper / ex)
+    assert cn.estimate <= ex * (1 + 1e-6)  # a single-precision Ritz value: an estimate
+
+
+@pytest.mark.parametrize("i", range(len(GEOMS)))
+def test_single_block_matches_fourier_blocks(i):
+    shape, spatial, stride, dil, pl, pr, groups = GEOMS[i]
+    torch.manual_seed(300 + i)
+    w = torch.randn(shape)
+    geom = norms.ConvGeometry(spatial, tuple(shape[2:]), stride, dil, pl, pr, groups)
+    torus = geom.min_torus()
+    b = norms.fourier_blocks(w, geom, torus, torch.device("cpu"))
+    freq = tuple(min(1, b.shape[1 + a] - 1) for a in range(len(spatial)))
+    for grp in range(groups):
+        one = norms.single_block(w, geom, torus, freq, grp, torch.device("cpu"))
+        assert torch.allclose(one, b[(grp, *freq)], atol=1e-12)
+
+
+def test_strided_pointwise_conv_interval_is_exact(monkeypatch):
+    """A 1x1 stride-2 conv (ResNet downsample) is W on every kept pixel: norm ||W||, and the warm start (one
+    stride cell, repeated over the signal) attains it."""
+    monkeypatch.setattr(norms, "SMALL_CONV_INPUTS", 0)
+    torch.manual_seed(9)
+    m = nn.Conv2d(12, 20, 1, stride=2)
+    ex = float(torch.linalg.matrix_norm(m.weight.detach().double()[:, :, 0, 0], ord=2))
+    r = norms.conv_norm(lambda x: F.conv2d(x, m.weight, None, 2), (1, 12, 10, 10), CTX, m.weight, _attrs(m))
+    assert ex <= r.upper <= ex * (1 + 1e-8)
+    assert r.lower is not None and ex * (1 - 1e-6) <= r.lower <= ex * (1 + 1e-9)
+
+
+def test_certify_psd_max_finds_a_top_block_outside_the_estimated_ones(monkeypatch):
+    """The block with the largest eigenvalue has the smallest trace, so the estimate never sees it: the
+    Cholesky test must catch it and the result still brackets the true maximum within delta."""
+    monkeypatch.setattr(norms, "ESTIMATE_BLOCKS", 2)
+    torch.manual_seed(10)
+    n, blocks = 12, 9
+    h = torch.zeros(blocks, n, n, dtype=torch.float64)
+    for k in range(blocks - 1):
+        h[k] = torch.eye(n, dtype=torch.float64) * (1.0 + 0.01 * k)  # trace ~12, lambda ~1
+    v = torch.randn(n, 1, dtype=torch.float64)
+    h[-1] = 3.0 * (v @ v.T) / float(v.T @ v)  # trace 3, lambda 3
+    r = norms.certify_psd_max(h, 0.0)
+    assert 3.0 <= r.upper <= 3.0 * (1 + norms.CHOLESKY_DELTA) * (1 + 1e-6)
+    assert r.index == blocks - 1
