@@ -56,7 +56,8 @@ def _bn_stats(model: torch.nn.Module, seed: int) -> None:
 
 def run(name: str, res: int, args: argparse.Namespace, out: list[str]) -> None:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)().eval()
+    kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
     if args.bn_stats:
         _bn_stats(model, 0)
     x = torch.randn(1, 3, res, res)
@@ -130,6 +131,15 @@ def run(name: str, res: int, args: argparse.Namespace, out: list[str]) -> None:
     if seed_local:
         say(f"speed-up (seed-rule power method / certified AutoLip): {t_seed_total / max(t_local, 1e-9):.1f}x")
     say(f"speed-up (tol-rule power method / certified AutoLip): {t_pow_total / max(t_local, 1e-9):.1f}x")
+    ratios.sort()
+    SUMMARY.append(f"{name:<20} {res:>4} {len(layers):>6} {t_seed_total if seed_local else float('nan'):>8.1f} "
+                   f"{t_pow_total:>7.1f} {t_local:>7.1f} {ratios[len(ratios) // 2]:>8.4f} {ratios[-1]:>8.4f} "
+                   f"{sum(r <= 1.01 for r in ratios):>4}/{len(ratios):<4}")
+
+
+SUMMARY: list[str] = []
+SUMMARY_HEAD = (f"{'model':<20} {'res':>4} {'layers':>6} {'t_seed':>8} {'t_tol':>7} {'t_cert':>7} {'med c/p':>8} "
+                f"{'max c/p':>8} {'<=1%':>9}")
 
 
 def local_constants_one(g, n: ir.IRNode, ctx: BoundContext) -> LocalConstant:
@@ -197,6 +207,10 @@ def main() -> None:
     for name in args.models:
         for res in args.res:
             run(name, res, args, out)
+    if len(SUMMARY) > 1:
+        out += ["", "## summary (seconds for all conv/linear layers; c/p = certified / best power value)",
+                SUMMARY_HEAD, *SUMMARY]
+        print("\n".join(out[-len(SUMMARY) - 2:]))
     if args.out:
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -276,14 +276,28 @@ def _gram_err(w: torch.Tensor, inner: int) -> float:
     return 4.0 * (inner + 2) * U64 * float((w.abs() ** 2).sum())
 
 
-def dense_norm(w: torch.Tensor, device: torch.device | str | None = None) -> NormResult:
-    """||W||_2 of a dense matrix (batched: max over leading dims), certified.
+def gram_norm(h: torch.Tensor, err: float) -> NormResult:
+    """``sqrt(max_b lambda_max(H_b))`` for exact Gram matrices ``H_b`` given their float64 values ``h``
+    (b, n, n) with ``||h_b - H_b||_2 <= err``, certified. ``n <= DENSE_SVD_MAX``: LAPACK eigenvalues
+    (backward stable, covered by ``ROUNDING_MARGIN``) plus ``err``. Larger: a float64 Lanczos estimate
+    (40 steps) and the Cholesky certificate of :func:`certify_psd_max`. ``lower``: the square root of the
+    largest eigenvalue / Ritz value found (a value the Gram matrix attains, up to rounding)."""
+    if h.shape[-1] <= DENSE_SVD_MAX:
+        lam = float(torch.linalg.eigvalsh(h)[:, -1].max().clamp_min(0.0))
+        upper = math.sqrt(lam * (1 + ROUNDING_MARGIN) + err) * (1 + ROUNDING_MARGIN)
+        return NormResult(upper, True, "gram-eig", math.sqrt(lam))
+    best_upper, best_lower = 0.0, 0.0
+    for hb in h:
+        theta = lanczos_max(lambda v, hb=hb: hb @ v, hb.shape[0], hb.device, steps=40)
+        r = certify_psd_max(hb[None], err, estimate=theta)
+        best_upper = max(best_upper, math.sqrt(r.upper) * (1 + ROUNDING_MARGIN))
+        best_lower = max(best_lower, math.sqrt(max(theta, 0.0)))
+    return NormResult(best_upper, True, "gram-lanczos-cholesky", best_lower)
 
-    Smaller side <= ``DENSE_SVD_MAX``: float64 eigenvalues of the Gram matrix of the smaller side
-    (``sqrt(lambda_hat (1 + ROUNDING_MARGIN) + e)``, ``e`` the Gram rounding bound; LAPACK eigenvalues are
-    backward stable). Larger: float64 Gram matrix of the smaller side, Lanczos estimate,
-    Cholesky certificate (:func:`certify_psd_max`); ``sqrt`` of the certified ``lambda_max``.
-    """
+
+def dense_norm(w: torch.Tensor, device: torch.device | str | None = None) -> NormResult:
+    """||W||_2 of a dense matrix (batched: max over leading dims), certified: the float64 Gram matrix of
+    the smaller side, with rounding bound ``4 (m + 2) u ||W||_F^2``, then :func:`gram_norm`."""
     dev = torch.device(device) if device is not None else w.device
     w64 = w.detach().to(device=dev, dtype=torch.float64)
     if w64.ndim == 1:
@@ -292,22 +306,9 @@ def dense_norm(w: torch.Tensor, device: torch.device | str | None = None) -> Nor
         return NormResult(0.0, True, "svd", 0.0)
     w64 = w64.reshape(-1, w64.shape[-2], w64.shape[-1])
     rows, cols = w64.shape[-2:]
-    if min(rows, cols) <= DENSE_SVD_MAX:
-        a = w64 if rows <= cols else w64.mT
-        lam = float(torch.linalg.eigvalsh(a @ a.mT)[:, -1].max().clamp_min(0.0))
-        err = _gram_err(a, a.shape[-1]) if w64.shape[0] == 1 else max(_gram_err(x, x.shape[-1]) for x in a)
-        upper = math.sqrt(lam * (1 + ROUNDING_MARGIN) + err) * (1 + ROUNDING_MARGIN)
-        return NormResult(upper, True, "gram-eig", math.sqrt(lam))
-    best_upper, best_lower = 0.0, 0.0
-    for wb in w64:
-        a = wb if rows <= cols else wb.T
-        h = a @ a.T
-        err = _gram_err(a, a.shape[1])
-        theta = lanczos_max(lambda v, h=h: h @ v, h.shape[0], dev)
-        r = certify_psd_max(h[None], err, estimate=theta)
-        best_upper = max(best_upper, math.sqrt(r.upper) * (1 + ROUNDING_MARGIN))
-        best_lower = max(best_lower, math.sqrt(max(r.estimate, 0.0)))
-    return NormResult(best_upper, True, "gram-lanczos-cholesky", best_lower)
+    a = w64 if rows <= cols else w64.mT
+    err = _gram_err(a, a.shape[-1]) if w64.shape[0] == 1 else max(_gram_err(x, x.shape[-1]) for x in a)
+    return gram_norm(a @ a.mT, err)
 
 
 # --- power method (estimates from below) -----------------------------------------------------------
@@ -833,15 +834,79 @@ def _conv64(weight: torch.Tensor, attrs: dict, transposed: bool,
 SMALL_CONV_INPUTS = 4096
 
 
+def conv_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Exact-structure Gram matrix ``A^T A`` of a zero-padded conv on its input (per group):
+    (g, c_in/g * P, c_in/g * P), ``P`` input pixels (row-major, channels inner), float64, and a bound on
+    its rounding. Block ``(p, q)`` is ``sum W_k^T W_k'`` over output positions ``o`` and taps with
+    ``p = o s + off_k``, ``q = o s + off_k'`` both inside the signal; so only the ``T^2`` products
+    ``W_k^T W_k'`` are multiplied, never the dense matrix. Rounding: each entry sums at most ``T`` such
+    products of inner size ``c_out/g``, so ``||fl(G) - G||_2 <= ||.||_F <= 4 (c_out/g + T + 2) u ||A||_F^2``
+    with ``||A||_F^2 <= (outputs) ||W||_F^2``."""
+    g = geom.groups
+    w64 = w.detach().to(device=device, dtype=torch.float64)
+    co, ci = w64.shape[0] // g, w64.shape[1]
+    taps = w64.reshape(g, co, ci, -1).permute(0, 3, 1, 2)  # (g, T, co, ci)
+    t_n = taps.shape[1]
+    offs = _tap_offsets(geom)
+    nd = len(geom.spatial)
+    out_grid = torch.meshgrid(*[torch.arange(o) for o in geom.out], indexing="ij")
+    outs = torch.stack([t.reshape(-1) for t in out_grid], 1)  # (O, d)
+    tap_grid = torch.meshgrid(*[torch.tensor(o, dtype=torch.int64) for o in offs], indexing="ij")
+    toff = torch.stack([t.reshape(-1) for t in tap_grid], 1)  # (T, d)
+    stride = torch.tensor(geom.stride, dtype=torch.int64)
+    size = torch.tensor(geom.spatial, dtype=torch.int64)
+    pos = outs[:, None, :] * stride + toff[None, :, :]  # (O, T, d) input position read by tap k at output o
+    inside = ((pos >= 0) & (pos < size)).all(-1)  # (O, T)
+    flat = torch.zeros(pos.shape[:2], dtype=torch.int64)
+    for ax in range(nd):
+        flat = flat * geom.spatial[ax] + pos[..., ax].clamp(0, geom.spatial[ax] - 1)
+    used = torch.nonzero(inside.any(0)).flatten()  # taps that ever read the signal
+    slot = torch.full((t_n,), -1, dtype=torch.int64)
+    slot[used] = torch.arange(used.numel())
+    tu = taps[:, used.to(device)]
+    prod = torch.einsum("gkoc,glod->gklcd", tu, tu)  # W_k^T W_l over the used taps: (g, U, U, ci, ci)
+    o_idx, k_idx = torch.nonzero(inside, as_tuple=True)
+    # all (k, l) pairs at the same output: p = flat[o, k], q = flat[o, l]
+    per_o = torch.zeros(outs.shape[0], dtype=torch.int64).index_add_(0, o_idx, torch.ones_like(o_idx))
+    first = torch.cumsum(per_o, 0) - per_o
+    pairs_o, pairs_a, pairs_b = [], [], []
+    for cnt in torch.unique(per_o).tolist():
+        if cnt == 0:
+            continue
+        os_ = torch.nonzero(per_o == cnt).flatten()
+        a = torch.arange(cnt)
+        aa, bb = torch.meshgrid(a, a, indexing="ij")
+        pairs_o.append(os_.repeat_interleave(cnt * cnt))
+        pairs_a.append((first[os_][:, None] + aa.reshape(1, -1)).reshape(-1))
+        pairs_b.append((first[os_][:, None] + bb.reshape(1, -1)).reshape(-1))
+    ia, ib = torch.cat(pairs_a), torch.cat(pairs_b)
+    ka, kb = k_idx[ia], k_idx[ib]
+    p, q = flat[o_idx[ia], ka], flat[o_idx[ib], kb]
+    n_pix = math.prod(geom.spatial)
+    gram = torch.zeros(g, n_pix, n_pix, ci, ci, dtype=torch.float64, device=device)
+    p, q, ka, kb = (x.to(device) for x in (p, q, ka, kb))
+    for grp in range(g):
+        gram[grp].index_put_((p, q), prod[grp, slot[ka].to(device), slot[kb].to(device)], accumulate=True)
+    gram = gram.permute(0, 1, 3, 2, 4).reshape(g, n_pix * ci, n_pix * ci)
+    frob = float(sum(float(taps[:, k].square().sum()) * int(inside[:, k].sum()) for k in range(t_n)))
+    err = 4.0 * (co + t_n + 2) * U64 * frob
+    return gram, err
+
 def _small_conv_norm(weight: torch.Tensor, attrs: dict, transposed: bool, in_shape: Sequence[int],
-                     device: torch.device) -> NormResult | None:
-    """Exact matrix of a small conv: the float64 conv of each basis vector (every output entry is one
-    weight, so the matrix is exact), then :func:`dense_norm`. None when too large."""
+                     device: torch.device, geom: ConvGeometry | None = None) -> NormResult | None:
+    """Exact norm of a small conv (at most ``SMALL_CONV_INPUTS`` inputs per sample). Zero padding: its
+    Gram matrix ``A^T A`` per group from the tap products (:func:`conv_input_gram`), then :func:`gram_norm`.
+    Other paddings and transposed convs: the exact matrix, the float64 conv of each basis vector (every
+    output entry is one weight), then :func:`dense_norm`. None when too large."""
     nd = attrs["ndim"]
     per = tuple(in_shape[-(nd + 1):])
     n_in = math.prod(per)
     if n_in > SMALL_CONV_INPUTS:
         return None
+    if geom is not None and not transposed and geom.mode == "zeros" and attrs.get("padding_mode", "zeros") == "zeros":
+        gram, err = conv_input_gram(weight, geom, device)
+        r = gram_norm(gram, err)
+        return NormResult(r.upper, True, "materialised-" + r.method, r.lower, {"gram": tuple(gram.shape)})
     run = _conv64(weight, attrs, transposed, device)
     n_out = math.prod(run(torch.zeros(1, *per, dtype=torch.float64, device=device)).shape)
     if n_in * n_out > 1 << 24:
@@ -881,7 +946,7 @@ def conv_norm(forward_no_bias: Callable[[torch.Tensor], torch.Tensor], in_shape:
         geom = geometry_from_attrs({**attrs, "padding": (0,) * nd, "padding_mode": "zeros"}, weight, padded)
     else:
         geom = geometry_from_attrs(attrs if not transposed else {**attrs, "padding_mode": "zeros"}, weight, spatial)
-    exact = _small_conv_norm(weight, attrs, transposed, in_shape, dev)
+    exact = _small_conv_norm(weight, attrs, transposed, in_shape, dev, geom)
     if exact is not None:
         return exact
     upper, cn, f2 = conv_operator_norm(weight, geom, dev, _extra_tori(geom, weight))

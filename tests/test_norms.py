@@ -291,3 +291,37 @@ def test_certify_psd_max_finds_a_top_block_outside_the_estimated_ones(monkeypatc
     r = norms.certify_psd_max(h, 0.0)
     assert 3.0 <= r.upper <= 3.0 * (1 + norms.CHOLESKY_DELTA) * (1 + 1e-6)
     assert r.index == blocks - 1
+
+
+@pytest.mark.parametrize("i", range(len(GEOMS)))
+def test_conv_input_gram_is_the_exact_gram(i):
+    """A^T A from the tap products equals the Gram matrix of the materialised zero-padded conv (per group),
+    within the stated rounding bound."""
+    shape, spatial, stride, dil, pl, pr, groups = GEOMS[i]
+    torch.manual_seed(400 + i)
+    w = torch.randn(shape, dtype=torch.float64)
+    geom = norms.ConvGeometry(spatial, tuple(shape[2:]), stride, dil, pl, pr, groups)
+    gram, err = norms.conv_input_gram(w, geom, torch.device("cpu"))
+    nd = len(spatial)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    ci = shape[1]
+    n_in = ci * math.prod(spatial)
+    for grp in range(groups):
+        wg = w[grp * (shape[0] // groups):(grp + 1) * (shape[0] // groups)]
+        basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *spatial, ci).movedim(-1, 1)  # channels inner
+        padded = F.pad(basis, [p for a in reversed(range(nd)) for p in (pl[a], pr[a])])
+        mat = conv(padded, wg, None, stride, 0, dil).reshape(n_in, -1)
+        ref = mat @ mat.T
+        diff = float(torch.linalg.matrix_norm(gram[grp] - ref, ord=2))
+        assert diff <= err, (diff, err)
+    assert err <= 1e-10 * float(torch.linalg.matrix_norm(gram, ord=2).max())
+
+
+def test_small_zero_padded_conv_uses_the_tap_gram():
+    torch.manual_seed(11)
+    m = nn.Conv2d(6, 8, 3, padding=1, stride=2)
+    op, _ = _op64(m)
+    ex = exact_norm(op, (1, 6, 7, 7))
+    r = norms.conv_norm(lambda x: op(x.double()).float(), (1, 6, 7, 7), CTX, m.weight, _attrs(m))
+    assert r.method.startswith("materialised-gram") and ex <= r.upper <= ex * (1 + 1e-8)
+    assert r.lower is not None and ex * (1 - 1e-6) <= r.lower <= ex * (1 + 1e-9)
