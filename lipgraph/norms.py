@@ -526,8 +526,9 @@ def autocorrelation(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], d
 
     Rounding: every entry of a Fourier block ``H(f) = sum_m K(m) e^{2 pi i <f, m / M>}`` is a sum of at most
     ``ci + P + S`` rounded steps (matmul, ``P`` pair additions, ``S`` shifts) over products bounded by
-    ``(|W|_1 |W|_1^T)_ij`` with ``|W|_1 = sum_k |W_k|``; phases cost ``<= 16 u`` more. So
-    ``||H_hat(f) - H(f)||_2 <= ||.||_F <= 2 (ci + P + S + 32) u || |W|_1 ||_F^2`` (real and imaginary parts,
+    ``(|W|_1 |W|_1^T)_ij`` with ``|W|_1 = sum_k |W_k|``; the phases (angle ``2 pi sum_j (f_j m_j mod M_j) / M_j``
+    and its cosine / sine) cost at most ``2 pi (d + 2) d u + u < 100 u`` more for ``d <= 3``. So
+    ``||H_hat(f) - H(f)||_2 <= ||.||_F <= 2 (ci + P + S + 128) u || |W|_1 ||_F^2`` (real and imaginary parts,
     ``sqrt 2``, and ``gamma_n = n u / (1 - n u)`` covered by the factor 2).
     """
     nd = len(torus)
@@ -570,7 +571,7 @@ def autocorrelation(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], d
     kernels = torch.stack([sums[k] for k in keys], dim=1).contiguous()
     shifts = torch.tensor(keys, dtype=torch.int64).reshape(len(keys), nd)
     s1 = _abs_sum_frob(w)
-    err = 2.0 * (ci + pairs + len(keys) + 32) * U64 * s1 * s1
+    err = 2.0 * (ci + pairs + len(keys) + 128) * U64 * s1 * s1
     return Autocorrelation(kernels, shifts, coarse, err)
 
 
