@@ -121,6 +121,27 @@ def analyze(
             seconds["local"] + aff.seconds, aff.details,
         )
 
+    # --- both: SeqLip relations on chains and folded affine regions compound in one AutoLip pass
+    if "autolip+seqlip" in bounds and "autolip+affine" in bounds:
+        t0 = time.perf_counter()
+        alternatives: dict[str, list[list[autolip_mod.Term]]] = {}
+        for rec in segments:
+            if rec.get("certified") and rec["seqlip"] < rec["autolip"]:
+                relation = [autolip_mod.Term(rec["entry"], rec["seqlip"], True)]
+                alternatives.setdefault(rec["nodes"][-1], []).append(relation)
+        by_exit: dict[str, list[autolip_mod.Term]] = {}
+        for p in aff.partials:
+            by_exit.setdefault(p.exit, []).append(autolip_mod.Term(p.entry, p.norm, p.certified))
+        for v, terms in by_exit.items():
+            alternatives.setdefault(v, []).append(terms)
+        both = autolip_mod.autolip_with(g, local, alternatives)[out]
+        seconds["combine"] = time.perf_counter() - t0
+        bounds["autolip+seqlip+affine"] = BoundResult(
+            both.value, both.certified,
+            "AutoLip with SeqLip chain bounds and folded affine regions, each applied where it is tighter",
+            seconds["local"] + seconds.get("seqlip", 0.0) + aff.seconds + seconds["combine"],
+        )
+
     lower_value = None
     if lower:
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ nothing, even through an ``inf`` partial (``0 * inf = 0``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -66,4 +66,42 @@ def autolip(
             o = overrides[n.name]
             if o.value <= cum[n.name].value or not cum[n.name].certified:
                 cum[n.name] = o
+    return cum
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term ``factor * L(entry)`` of a proven relation ``L(v) <= sum factor * L(entry)``."""
+
+    entry: str
+    factor: float
+    certified: bool
+
+
+def autolip_with(
+    g: nx.DiGraph,
+    local: Mapping[str, LocalConstant],
+    alternatives: Mapping[str, Sequence[Sequence[Term]]],
+) -> dict[str, Cumulative]:
+    """AutoLip where a node may also be bounded by relations ``L(v) <= sum_t factor_t L(entry_t)`` proven
+    elsewhere (SeqLip on the chain ending at ``v``, an affine region's folded Jacobian norms at its exit).
+    Each relation holds for *any* valid bounds of its entries, so it is evaluated on the improved bounds
+    upstream (entries precede ``v``), and the smallest certified value wins (certified)."""
+    cum: dict[str, Cumulative] = {}
+    for n in ir.nodes(g):
+        if n.op == "input":
+            cum[n.name] = Cumulative(1.0, True)
+            continue
+        if n.op == "constant":
+            cum[n.name] = Cumulative(0.0, True)
+            continue
+        best = combine(local[n.name], [cum[i] for i in n.inputs])
+        for terms in alternatives.get(n.name, ()):
+            used = [t for t in terms if cum[t.entry].value != 0.0]
+            value = sum(_times(t.factor, cum[t.entry].value) for t in used)
+            certified = all(t.certified and cum[t.entry].certified for t in used)
+            better = value <= best.value if certified == best.certified else certified
+            if better:
+                best = Cumulative(value, certified)
+        cum[n.name] = best
     return cum
