@@ -206,7 +206,11 @@ def main() -> None:
     out: list[str] = [f"# bench_norms: {' '.join(sys.argv[1:])}", f"# {time.strftime('%Y-%m-%d %H:%M')}"]
     for name in args.models:
         for res in args.res:
-            run(name, res, args, out)
+            try:
+                run(name, res, args, out)
+            except Exception as exc:  # noqa: BLE001 - a model that does not fit this size is reported, not fatal
+                out.append(f"\n## {name} at {res}x{res}: skipped ({type(exc).__name__}: {str(exc)[:160]})")
+                print(out[-1], flush=True)
     if len(SUMMARY) > 1:
         out += ["", "## summary (seconds for all conv/linear layers; c/p = certified / best power value)",
                 SUMMARY_HEAD, *SUMMARY]

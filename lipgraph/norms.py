@@ -833,6 +833,8 @@ def _conv64(weight: torch.Tensor, attrs: dict, transposed: bool,
 #: Convolutions with at most this many inputs per sample (and a matrix of at most 2^24 entries) are
 #: materialised exactly and get a dense certified norm.
 SMALL_CONV_INPUTS = 4096
+#: ... and, for zero padding (per-group Gram matrices), at most this many Gram entries over all groups.
+SMALL_CONV_GRAM_ENTRIES = 1 << 25
 
 
 def conv_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -884,30 +886,35 @@ def conv_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -
     ka, kb = k_idx[ia], k_idx[ib]
     p, q = flat[o_idx[ia], ka], flat[o_idx[ib], kb]
     n_pix = math.prod(geom.spatial)
-    gram = torch.zeros(g, n_pix, n_pix, ci, ci, dtype=torch.float64, device=device)
+    gram = torch.zeros(n_pix, n_pix, g, ci, ci, dtype=torch.float64, device=device)
     p, q, ka, kb = (x.to(device) for x in (p, q, ka, kb))
-    for grp in range(g):
-        gram[grp].index_put_((p, q), prod[grp, slot[ka].to(device), slot[kb].to(device)], accumulate=True)
-    gram = gram.permute(0, 1, 3, 2, 4).reshape(g, n_pix * ci, n_pix * ci)
+    gram.index_put_((p, q), prod[:, slot[ka].to(device), slot[kb].to(device)].movedim(0, 1), accumulate=True)
+    gram = gram.permute(2, 0, 3, 1, 4).reshape(g, n_pix * ci, n_pix * ci)
     frob = float(sum(float(taps[:, k].square().sum()) * int(inside[:, k].sum()) for k in range(t_n)))
     err = 4.0 * (co + t_n + 2) * U64 * frob
     return gram, err
 
 def _small_conv_norm(weight: torch.Tensor, attrs: dict, transposed: bool, in_shape: Sequence[int],
                      device: torch.device, geom: ConvGeometry | None = None) -> NormResult | None:
-    """Exact norm of a small conv (at most ``SMALL_CONV_INPUTS`` inputs per sample). Zero padding: its
-    Gram matrix ``A^T A`` per group from the tap products (:func:`conv_input_gram`), then :func:`gram_norm`.
+    """Exact norm of a small conv. Zero padding (at most ``SMALL_CONV_INPUTS`` inputs per group): its
+    Gram matrix ``A^T A`` per group from the tap products (:func:`conv_input_gram`), then :func:`gram_norm`
+    (the max over groups; depthwise convs on small maps are exact this way).
     Other paddings and transposed convs: the exact matrix, the float64 conv of each basis vector (every
     output entry is one weight), then :func:`dense_norm`. None when too large."""
     nd = attrs["ndim"]
     per = tuple(in_shape[-(nd + 1):])
     n_in = math.prod(per)
-    if n_in > SMALL_CONV_INPUTS:
-        return None
-    if geom is not None and not transposed and geom.mode == "zeros" and attrs.get("padding_mode", "zeros") == "zeros":
+    zero_pad = geom is not None and not transposed and geom.mode == "zeros"
+    if zero_pad and attrs.get("padding_mode", "zeros") == "zeros":
+        # groups are independent blocks: the limit is per group (depthwise convs: one channel each)
+        per_group = weight.shape[1] * math.prod(geom.spatial)
+        if per_group > SMALL_CONV_INPUTS or geom.groups * per_group * per_group > SMALL_CONV_GRAM_ENTRIES:
+            return None
         gram, err = conv_input_gram(weight, geom, device)
         r = gram_norm(gram, err)
         return NormResult(r.upper, True, "materialised-" + r.method, r.lower, {"gram": tuple(gram.shape)})
+    if n_in > SMALL_CONV_INPUTS:
+        return None
     run = _conv64(weight, attrs, transposed, device)
     n_out = math.prod(run(torch.zeros(1, *per, dtype=torch.float64, device=device)).shape)
     if n_in * n_out > 1 << 24:

@@ -325,3 +325,14 @@ def test_small_zero_padded_conv_uses_the_tap_gram():
     r = norms.conv_norm(lambda x: op(x.double()).float(), (1, 6, 7, 7), CTX, m.weight, _attrs(m))
     assert r.method.startswith("materialised-gram") and ex <= r.upper <= ex * (1 + 1e-8)
     assert r.lower is not None and ex * (1 - 1e-6) <= r.lower <= ex * (1 + 1e-9)
+
+
+def test_depthwise_conv_on_a_small_map_is_exact_per_group():
+    """Depthwise 7x7 on a 7x7 map (ConvNeXt's last stage): the torus bound is far off there; the per-group
+    Gram matrices make it exact."""
+    torch.manual_seed(13)
+    m = nn.Conv2d(6, 6, 7, padding=3, groups=6)
+    op, _ = _op64(m)
+    ex = exact_norm(op, (1, 6, 7, 7))
+    r = norms.conv_norm(lambda x: op(x.double()).float(), (1, 6, 7, 7), CTX, m.weight, _attrs(m))
+    assert r.method.startswith("materialised-gram") and ex <= r.upper <= ex * (1 + 1e-8)
