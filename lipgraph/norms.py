@@ -468,10 +468,9 @@ def _phase_tables(geom: ConvGeometry, torus: Sequence[int], device: torch.device
 
 
 def fourier_blocks(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], device: torch.device,
-                   first_axis: slice | None = None, freq: Sequence[int] | None = None) -> torch.Tensor:
+                   first_axis: slice | None = None) -> torch.Tensor:
     """Polyphase Fourier blocks of the circular strided conv on ``torus``: shape
-    (groups, F_1, ..., F_d, c_out/g, c_in/g * prod(s)), complex128. ``first_axis`` restricts axis-0 frequencies;
-    ``freq`` picks one frequency (every ``F_j`` is then 1)."""
+    (groups, F_1, ..., F_d, c_out/g, c_in/g * prod(s)), complex128. ``first_axis`` restricts axis-0 frequencies."""
     nd = len(torus)
     g = geom.groups
     w64 = w.detach().to(device=device, dtype=torch.float64)
@@ -480,8 +479,6 @@ def fourier_blocks(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], de
     tables = _phase_tables(geom, torus, device)
     if first_axis is not None:
         tables[0] = tables[0][:, :, first_axis]
-    if freq is not None:
-        tables = [tb[:, :, f: f + 1] for tb, f in zip(tables, freq, strict=True)]
     # contract each kernel axis with its table: (g, co, ci, K1..Kd) -> (g, co, ci, s1, F1, ..., sd, Fd)
     for ax in range(nd):
         t = torch.tensordot(t, tables[ax], dims=([3 + 2 * ax], [0]))  # K_ax axis sits at 3 + 2*ax... see below
@@ -504,6 +501,12 @@ def _abs_sum_frob(w: torch.Tensor) -> float:
 def _tap_offsets(geom: ConvGeometry) -> list[list[int]]:
     """Per axis, the input offset ``k dil - pad_l`` of each kernel tap."""
     return [[k * d - pl for k in range(kn)] for kn, d, pl in zip(geom.kernel, geom.dilation, geom.pad_l, strict=True)]
+
+
+def _grid_rows(axes: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The points of a grid, one row each, row-major (last axis fastest): (prod len, d) int64."""
+    grids = torch.meshgrid(*[torch.tensor(list(a), dtype=torch.int64) for a in axes], indexing="ij")
+    return torch.stack([t.reshape(-1) for t in grids], dim=1)
 
 
 @dataclass
@@ -536,9 +539,7 @@ def autocorrelation(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], d
     w64 = w.detach().to(device=device, dtype=torch.float64)
     co, ci = w64.shape[0] // g, w64.shape[1]
     taps = w64.reshape(g, co, ci, -1).permute(0, 3, 1, 2)  # (g, T, co, ci), taps in row-major kernel order
-    offs = _tap_offsets(geom)
-    grids = torch.meshgrid(*[torch.tensor(o, dtype=torch.int64) for o in offs], indexing="ij")
-    off = torch.stack([t.reshape(-1) for t in grids], dim=1)  # (T, d)
+    off = _grid_rows(_tap_offsets(geom))  # (T, d)
     stride = torch.tensor(geom.stride, dtype=torch.int64)
     tor = torch.tensor(tuple(torus), dtype=torch.int64)
     coarse = tuple(int(n) // s for n, s in zip(torus, geom.stride, strict=True))
@@ -685,9 +686,7 @@ def single_block(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], freq
     co = w.shape[0] // g
     wg = w.detach()[group * co:(group + 1) * co].to(device=device, dtype=torch.float64)
     taps = wg.reshape(co, wg.shape[1], -1)  # (co, ci, T), row-major taps
-    offs = _tap_offsets(geom)
-    grids = torch.meshgrid(*[torch.tensor(o, dtype=torch.int64) for o in offs], indexing="ij")
-    off = torch.stack([t.reshape(-1) for t in grids], dim=1)  # (T, d)
+    off = _grid_rows(_tap_offsets(geom))  # (T, d)
     stride = torch.tensor(geom.stride, dtype=torch.int64)
     coarse = torch.tensor([t // s for t, s in zip(torus, geom.stride, strict=True)], dtype=torch.int64)
     phase, q = torch.remainder(off, stride), torch.div(off, stride, rounding_mode="floor")
@@ -850,12 +849,9 @@ def conv_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -
     co, ci = w64.shape[0] // g, w64.shape[1]
     taps = w64.reshape(g, co, ci, -1).permute(0, 3, 1, 2)  # (g, T, co, ci)
     t_n = taps.shape[1]
-    offs = _tap_offsets(geom)
     nd = len(geom.spatial)
-    out_grid = torch.meshgrid(*[torch.arange(o) for o in geom.out], indexing="ij")
-    outs = torch.stack([t.reshape(-1) for t in out_grid], 1)  # (O, d)
-    tap_grid = torch.meshgrid(*[torch.tensor(o, dtype=torch.int64) for o in offs], indexing="ij")
-    toff = torch.stack([t.reshape(-1) for t in tap_grid], 1)  # (T, d)
+    outs = _grid_rows([range(o) for o in geom.out])  # (O, d)
+    toff = _grid_rows(_tap_offsets(geom))  # (T, d)
     stride = torch.tensor(geom.stride, dtype=torch.int64)
     size = torch.tensor(geom.spatial, dtype=torch.int64)
     pos = outs[:, None, :] * stride + toff[None, :, :]  # (O, T, d) input position read by tap k at output o
