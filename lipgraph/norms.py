@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -76,13 +77,15 @@ class NormResult:
 @dataclass
 class PsdMax:
     """``upper`` bounds ``max_b lambda_max(H_b)`` of the exact Gram matrices; ``estimate`` is the largest
-    Rayleigh quotient found; ``index`` the block attaining it."""
+    Ritz value found, ``index`` the block it belongs to and ``vector`` its Ritz vector (single precision, a
+    warm start only; None when bisection found the top block); ``tests``: batched Cholesky tests run."""
 
     upper: float
     estimate: float
     index: int
-    exact_blocks: int
+    tests: int
     blocks: int = 0
+    vector: torch.Tensor | None = None
 
 
 def _rayleigh_power(h: torch.Tensor, iters: int, seed: int = 0) -> torch.Tensor:
@@ -103,10 +106,10 @@ def _rayleigh_power(h: torch.Tensor, iters: int, seed: int = 0) -> torch.Tensor:
 
 
 
-def _lanczos_batched(h: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
+def _lanczos_batched(h: torch.Tensor, steps: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest Ritz value of each Hermitian ``h_b`` (b, n, n) after ``steps`` Lanczos steps with full
-    re-orthogonalisation, batched, in single precision: (b,) float64. Estimates; they only guide the
-    certificate."""
+    re-orthogonalisation, batched, in single precision: (b,) float64, and its Ritz vector (b, n), unit
+    norm. Estimates; they guide the certificate and warm-start the attained value."""
     h = h.to(torch.complex64 if h.is_complex() else torch.float32)  # an estimate: single precision suffices
     b, n = h.shape[0], h.shape[-1]
     steps = max(1, min(steps, n))
@@ -147,7 +150,10 @@ def _lanczos_batched(h: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor
             fresh = fresh / torch.linalg.vector_norm(fresh, dim=-1, keepdim=True).clamp_min(1e-30)
             q = torch.where(broken.unsqueeze(-1), fresh, q)
     t = torch.diag_embed(alpha[:, :m]) + torch.diag_embed(beta[:, : m - 1], 1) + torch.diag_embed(beta[:, : m - 1], -1)
-    return torch.linalg.eigvalsh(t)[:, -1]
+    lam, y = torch.linalg.eigh(t)
+    vec = (y[:, :, -1].to(qs.dtype).unsqueeze(-1) * qs[:, :m]).sum(1)
+    vec = vec / torch.linalg.vector_norm(vec, dim=-1, keepdim=True).clamp_min(1e-30)
+    return lam[:, -1], vec
 
 def lanczos_max(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, device: torch.device,
                 steps: int = 80, seed: int = 0) -> float:
@@ -178,16 +184,50 @@ def lanczos_max(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, device: 
     return float(torch.linalg.eigvalsh(t).max())
 
 
-def _cholesky_passes(h: torch.Tensor, c: float, gram_error: float) -> torch.Tensor:
-    """Per block: True when floating-point Cholesky of ``(c - e - a) I - h`` succeeds, which proves
-    ``lambda_max(H) <= c`` for the exact ``H`` with ``||h - H|| <= e`` (``a``: Cholesky rounding,
-    ``8 (n + 2) n u c``, doubled for complex; see the module docstring)."""
-    n = h.shape[-1]
-    a = 8.0 * (n + 2) * n * U64 * c * (2.0 if h.is_complex() else 1.0)
-    m = -h
-    m.diagonal(dim1=-2, dim2=-1).add_(c - gram_error - a)
-    _, info = torch.linalg.cholesky_ex(m)
+def cholesky_shift(c: float, gram_error: float, n: int, complex_: bool) -> float:
+    """The diagonal shift ``c - e - a`` whose Cholesky test certifies ``lambda_max(H) <= c``: ``e`` bounds
+    ``||h - H||`` (forming the blocks), ``a = 8 (n + 2) n u c`` (doubled for complex) the Cholesky rounding
+    (Demmel 1989), plus ``4 u c`` for rounding the shift and the diagonal ``shift - h_ii`` themselves."""
+    a = 8.0 * (n + 2) * n * U64 * c * (2.0 if complex_ else 1.0)
+    return c - gram_error - a - 4.0 * U64 * c
+
+
+_POOL: ThreadPoolExecutor | None = None
+#: Blocks at most this wide are factored on several threads at once (MKL runs one such factorisation on a
+#: single core; wider ones use all cores themselves).
+THREADED_CHOLESKY_MAX = 512
+
+
+def cholesky_in_place(m: torch.Tensor) -> torch.Tensor:
+    """Factor the batch ``m`` (b, n, n), column-major, in place; True where it is positive definite (Cholesky
+    succeeded). On CPU, batches of blocks up to ``THREADED_CHOLESKY_MAX`` wide are split over
+    ``torch.get_num_threads()`` Python threads (torch releases the GIL; 1.5x on 2 cores for 64-128 wide)."""
+    global _POOL
+    info = torch.empty(m.shape[0], dtype=torch.int32, device=m.device)
+    workers = min(torch.get_num_threads(), m.shape[0] // 4)
+    if m.device.type != "cpu" or workers < 2 or m.shape[-1] > THREADED_CHOLESKY_MAX:
+        torch.linalg.cholesky_ex(m, out=(m, info))
+        return info == 0
+    if _POOL is None or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="lipgraph-cholesky", initializer=torch.set_num_threads,
+                                   initargs=(1,))
+    bounds = [m.shape[0] * k // workers for k in range(workers + 1)]
+
+    def part(k: int) -> None:
+        sl = slice(bounds[k], bounds[k + 1])
+        mk, ik = m[sl], info[sl]
+        torch.linalg.cholesky_ex(mk, out=(mk, ik))
+
+    list(_POOL.map(part, range(workers)))
     return info == 0
+
+
+def _cholesky_passes(h: torch.Tensor, c: float, gram_error: float) -> torch.Tensor:
+    """Per block: True when floating-point Cholesky of ``shift I - h`` (:func:`cholesky_shift`) succeeds,
+    which proves ``lambda_max(H) <= c`` for the exact ``H`` with ``||h - H|| <= e``."""
+    m = -h
+    m.diagonal(dim1=-2, dim2=-1).add_(cholesky_shift(c, gram_error, h.shape[-1], h.is_complex()))
+    return cholesky_in_place(m.mT)  # m^T = conj(m): column-major, definite iff m is
 
 
 def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None = None,
@@ -212,7 +252,12 @@ def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None =
     cand = torch.topk(tr, min(h.shape[0], ESTIMATE_BLOCKS)).indices
     # Lanczos converges to within delta in ~20 steps where the power method is still percents low; an
     # estimate within delta of the maximum lets a single Cholesky pass certify every block
-    lam = _lanczos_batched(h[cand], lanczos_steps) if lanczos_steps > 0 else _rayleigh_power(h[cand], power_iters)
+    vector = None
+    if lanczos_steps > 0:
+        lam, vecs = _lanczos_batched(h[cand], lanczos_steps)
+        vector = vecs[int(torch.argmax(lam))]
+    else:
+        lam = _rayleigh_power(h[cand], power_iters)
     best = int(cand[int(torch.argmax(lam))])
     lam = lam.max().reshape(1)
     theta = max(float(lam[0]), estimate or 0.0, 0.0)
@@ -228,14 +273,15 @@ def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None =
         lo = hi
         sub = h[failed]
         pick = torch.topk(sub.diagonal(dim1=-2, dim2=-1).real.sum(-1), min(sub.shape[0], 4 * ESTIMATE_BLOCKS)).indices
-        lam2 = _lanczos_batched(sub[pick], lanczos_steps)
+        lam2, vecs2 = _lanczos_batched(sub[pick], lanczos_steps)
         th2 = float(lam2.max())
         hi2 = th2 * (1.0 + delta) + gram_error
         if hi2 > hi:
             ok = _cholesky_passes(sub, hi2, gram_error)
             tests += 1
+            top2 = int(torch.argmax(lam2))
             if bool(ok.all()):
-                return PsdMax(hi2, th2, int(failed[pick[int(torch.argmax(lam2))]]), tests, h.shape[0])
+                return PsdMax(hi2, th2, int(failed[pick[top2]]), tests, h.shape[0], vecs2[top2])
             hi = hi2
             failed = failed[~ok]
     if failed.numel():
@@ -252,7 +298,7 @@ def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None =
                 passed = True
                 break
         if not passed:  # no finite certificate (non-finite entries): say so
-            return PsdMax(math.inf, theta, best, tests, h.shape[0])
+            return PsdMax(math.inf, theta, best, tests, h.shape[0], vector)
         while hi > lo * (1.0 + delta):
             mid = math.sqrt(lo * hi)
             ok = _cholesky_passes(sub, mid, gram_error)
@@ -265,7 +311,8 @@ def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None =
                 failed = failed[~ok]
         best = int(failed[0])
         theta = lo
-    return PsdMax(hi, theta, best, tests, h.shape[0])
+        vector = None
+    return PsdMax(hi, theta, best, tests, h.shape[0], vector)
 
 
 # --- dense matrices --------------------------------------------------------------------------------
@@ -439,12 +486,18 @@ def geometry_from_attrs(attrs: dict, weight: torch.Tensor, spatial: Sequence[int
 
 @dataclass
 class CircularNorm:
+    """``upper``: certified norm of the circular conv on ``torus``; ``estimate``: the largest block singular value
+    found; ``top``: (group, frequency) of that block; ``vector``: its top singular vector estimate on the
+    ``side`` it was computed ("out": left, of ``B B^H``; "in": right, of ``B^H B``), or None."""
+
     upper: float
     estimate: float
     torus: tuple[int, ...]
-    top: tuple[int, tuple[int, ...]] | None  # (group, frequency) of the largest block
+    top: tuple[int, tuple[int, ...]] | None
     blocks: int
-    exact_blocks: int
+    cholesky_tests: int
+    vector: torch.Tensor | None = None
+    side: str = "in"
 
 
 def _phase_tables(geom: ConvGeometry, torus: Sequence[int], device: torch.device) -> list[torch.Tensor]:
@@ -521,6 +574,11 @@ class Autocorrelation:
     shifts: torch.Tensor
     coarse: tuple[int, ...]
     error: float
+    #: lag pairs ``{m, -m}`` packed for :func:`gram_blocks_at` (see :func:`_pack_lags`)
+    cos_lags: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1, dtype=torch.int64))
+    sin_lags: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1, dtype=torch.int64))
+    packed: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    cos_traces: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
 
 def autocorrelation(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], device: torch.device) -> Autocorrelation:
@@ -532,7 +590,8 @@ def autocorrelation(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], d
     ``(|W|_1 |W|_1^T)_ij`` with ``|W|_1 = sum_k |W_k|``; the phases (angle ``2 pi sum_j (f_j m_j mod M_j) / M_j``
     and its cosine / sine) cost at most ``2 pi (d + 2) d u + u < 100 u`` more for ``d <= 3``. So
     ``||H_hat(f) - H(f)||_2 <= ||.||_F <= 2 (ci + P + S + 128) u || |W|_1 ||_F^2`` (real and imaginary parts,
-    ``sqrt 2``, and ``gamma_n = n u / (1 - n u)`` covered by the factor 2).
+    ``sqrt 2``, and ``gamma_n = n u / (1 - n u)`` covered by the factor 2; the one extra step of pairing
+    lags, ``K(m) +- K(-m)`` in :func:`_pack_lags`, fits in the 28 u left over by the phases).
     """
     nd = len(torus)
     g = geom.groups
@@ -573,34 +632,151 @@ def autocorrelation(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], d
     shifts = torch.tensor(keys, dtype=torch.int64).reshape(len(keys), nd)
     s1 = _abs_sum_frob(w)
     err = 2.0 * (ci + pairs + len(keys) + 128) * U64 * s1 * s1
-    return Autocorrelation(kernels, shifts, coarse, err)
+    return _pack_lags(Autocorrelation(kernels, shifts, coarse, err))
+
+
+def _pack_lags(ac: Autocorrelation) -> Autocorrelation:
+    """Pair each lag ``m`` with ``-m`` (mod ``M``): ``cos_lags`` hold one lag per pair with ``K(m) + K(-m)``
+    (``K(m)`` alone when ``m = -m``), ``sin_lags`` one per pair with ``m != -m`` and ``K(m) - K(-m)``. ``packed``:
+    (groups, R + R', co * co * 2) float64, the first ``R`` rows in the even (real) slots, the rest in the odd
+    (imaginary) slots, so ``phases @ packed`` is the complex blocks' memory. ``cos_traces``: (groups, R)."""
+    g, _, co, _ = ac.kernels.shape
+    index = {tuple(k): i for i, k in enumerate(ac.shifts.tolist())}
+    cos_rows, sin_rows, cos_lags, sin_lags = [], [], [], []
+    for key, i in index.items():
+        neg = tuple((-k) % m for k, m in zip(key, ac.coarse, strict=True))
+        j = index.get(neg)
+        kn = ac.kernels[:, j] if j is not None else torch.zeros_like(ac.kernels[:, i])
+        if neg == key:
+            cos_rows.append(ac.kernels[:, i])
+            cos_lags.append(key)
+        elif j is None or key < neg:
+            cos_rows.append(ac.kernels[:, i] + kn)
+            sin_rows.append(ac.kernels[:, i] - kn)
+            cos_lags.append(key)
+            sin_lags.append(key)
+    r, r2 = len(cos_rows), len(sin_rows)
+    packed = torch.zeros(g, r + r2, co * co, 2, dtype=torch.float64, device=ac.kernels.device)
+    packed[:, :r, :, 0] = torch.stack(cos_rows, 1).reshape(g, r, co * co)
+    if r2:
+        packed[:, r:, :, 1] = torch.stack(sin_rows, 1).reshape(g, r2, co * co)
+    nd = len(ac.coarse)
+    ac.cos_lags = torch.tensor(cos_lags, dtype=torch.int64).reshape(r, nd)
+    ac.sin_lags = torch.tensor(sin_lags, dtype=torch.int64).reshape(r2, nd)
+    ac.packed = packed.reshape(g, r + r2, co * co * 2)
+    ac.cos_traces = torch.stack(cos_rows, 1).diagonal(dim1=-2, dim2=-1).sum(-1)
+    return ac
+
+
+def half_spectrum(coarse: Sequence[int], first_axis: slice | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The frequencies of the Fourier blocks worth testing: all of the coarse torus ``M`` except that the
+    last axis keeps ``f in [0, M // 2]`` (``H(-f)`` is the conjugate of ``H(f)`` for real kernels, same
+    spectrum); ``first_axis`` restricts axis-0 frequencies. Rows (F, d) int64, row-major, and the grid shape."""
+    nd = len(coarse)
+    axes = []
+    for ax, m in enumerate(coarse):
+        f = torch.arange(m // 2 + 1 if ax == nd - 1 else m, dtype=torch.int64)
+        axes.append(f[first_axis] if ax == 0 and first_axis is not None else f)
+    return _grid_rows(axes), tuple(len(a) for a in axes)
+
+
+def _lag_phases(ac: Autocorrelation, freqs: torch.Tensor) -> torch.Tensor:
+    """``[cos theta | sin theta]`` (F, R + R') for the packed lags of ``ac`` (:func:`_pack_lags`),
+    ``theta = 2 pi sum_j (f_j m_j mod M_j) / M_j`` reduced mod 1 before scaling (exact integer phases)."""
+    lags = torch.cat([ac.cos_lags, ac.sin_lags])
+    frac = torch.zeros(freqs.shape[0], lags.shape[0], dtype=torch.float64)
+    for ax, m in enumerate(ac.coarse):
+        frac += torch.remainder(freqs[:, ax:ax + 1] * lags[:, ax].reshape(1, -1), m).to(torch.float64) / m
+    ang = (2 * math.pi) * torch.remainder(frac, 1.0)
+    r = ac.cos_lags.shape[0]
+    return torch.cat([torch.cos(ang[:, :r]), torch.sin(ang[:, r:])], dim=1).to(ac.packed.device)
+
+
+def gram_blocks_at(ac: Autocorrelation, freqs: torch.Tensor, shift: float | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fourier blocks ``H(f) = B(f) B(f)^H = sum_m K(m) e^{2 pi i <f, m / M>}`` of ``A A^T`` at the frequency rows
+    ``freqs`` (F, d): (groups, F, co/g, co/g) complex128, Hermitian PSD up to rounding; with ``shift``,
+    ``shift I - H(f)`` instead (what the Cholesky test factors, built in place).
+
+    Lags pair up, ``K(-m) = K(m)^T``: ``K(m) e^{i theta} + K(-m) e^{-i theta} = (K(m) + K(-m)) cos theta +
+    i (K(m) - K(-m)) sin theta``, so the real and the imaginary parts come from half the lags each, and one
+    real matmul against the packed kernels (:func:`_pack_lags`, real parts in even and imaginary parts in
+    odd slots) writes the complex blocks directly (into ``out``, a flat float64 scratch buffer, when given)."""
+    g, co = ac.kernels.shape[0], ac.kernels.shape[2]
+    phases = _lag_phases(ac, freqs)
+    if shift is not None:
+        phases = -phases
+    shape = (g, freqs.shape[0], co * co * 2)
+    if out is None:
+        raw = phases @ ac.packed
+    else:
+        raw = out[: math.prod(shape)].view(shape)
+        torch.matmul(phases, ac.packed, out=raw)
+    h = torch.view_as_complex(raw.view(g, freqs.shape[0], co, co, 2))
+    if shift is not None:
+        h.diagonal(dim1=-2, dim2=-1).real.add_(shift)
+    return h
 
 
 def gram_blocks(ac: Autocorrelation, first_axis: slice | None = None) -> torch.Tensor:
-    """Fourier blocks ``H(f) = B(f) B(f)^H = sum_m K(m) e^{2 pi i <f, m / M>}`` of ``A A^T``:
-    (groups, F_1, ..., F_d, co/g, co/g) complex128, Hermitian PSD up to rounding; the last axis keeps
-    ``f in [0, M // 2]`` (conjugate symmetry), ``first_axis`` restricts axis-0 frequencies."""
-    nd = len(ac.coarse)
-    dev = ac.kernels.device
-    freqs = []
-    for ax, m in enumerate(ac.coarse):
-        nf = m // 2 + 1 if ax == nd - 1 else m
-        f = torch.arange(nf, dtype=torch.int64)
-        if ax == 0 and first_axis is not None:
-            f = f[first_axis]
-        freqs.append(f)
-    grids = torch.meshgrid(*freqs, indexing="ij")
-    fshape = tuple(grids[0].shape)
-    frac = torch.zeros(math.prod(fshape), ac.shifts.shape[0], dtype=torch.float64)
-    for ax, m in enumerate(ac.coarse):
-        fa = grids[ax].reshape(-1, 1)
-        frac += torch.remainder(fa * ac.shifts[:, ax].reshape(1, -1), m).to(torch.float64) / m
-    ang = (2 * math.pi) * torch.remainder(frac, 1.0)
-    cos, sin = torch.cos(ang).to(dev), torch.sin(ang).to(dev)
-    g, s, co = ac.kernels.shape[:3]
-    flat = ac.kernels.reshape(g, s, co * co)
-    h = torch.complex(cos @ flat, sin @ flat)  # (g, F, co*co)
-    return h.reshape(g, *fshape, co, co)
+    """All blocks of :func:`half_spectrum`: (groups, F_1, ..., F_d, co/g, co/g) complex128."""
+    freqs, fshape = half_spectrum(ac.coarse, first_axis)
+    h = gram_blocks_at(ac, freqs)
+    return h.reshape(h.shape[0], *fshape, *h.shape[-2:])
+
+
+def block_traces(ac: Autocorrelation, freqs: torch.Tensor) -> torch.Tensor:
+    """``tr H(f)`` (groups, F), real: ``sum_m tr(K(m) + K(-m)) cos theta`` over the packed cos lags (cheap; it
+    picks the blocks to estimate first)."""
+    r = ac.cos_lags.shape[0]
+    return _lag_phases(ac, freqs)[:, :r] @ ac.cos_traces.T.to(ac.packed.device)
+
+
+def certify_autocorrelation(ac: Autocorrelation, delta: float = CHOLESKY_DELTA,
+                            lanczos_steps: int = 16) -> tuple[PsdMax, torch.Tensor]:
+    """Certified ``max_f lambda_max(H(f))`` over every block of :func:`half_spectrum`, without keeping the
+    blocks: Lanczos on the ``ESTIMATE_BLOCKS`` blocks of largest trace gives ``theta``; then, a chunk of
+    frequencies at a time, ``shift I - H(f)`` is built in place (:func:`gram_blocks_at`) and factored
+    (:func:`cholesky_shift`: success proves ``lambda_max <= c = theta (1 + delta) + e``). The blocks that
+    fail are rebuilt and handed to :func:`certify_psd_max` (estimate, retest, bracket), a chunk at a time.
+    Returns the result (``index`` into groups x frequencies) and the frequency rows."""
+    freqs, _ = half_spectrum(ac.coarse)
+    g, co = ac.kernels.shape[0], ac.kernels.shape[2]
+    n_f = freqs.shape[0]
+    tr = block_traces(ac, freqs)
+    cand = torch.topk(tr.reshape(-1), min(g * n_f, ESTIMATE_BLOCKS)).indices.cpu()
+    cg, cf = cand // n_f, cand % n_f
+    hc = gram_blocks_at(ac, freqs[cf])[cg, torch.arange(cand.numel())]
+    lam, vecs = _lanczos_batched(hc, lanczos_steps)
+    top = int(torch.argmax(lam))
+    best, theta, vector = int(cand[top]), max(float(lam[top]), 0.0), vecs[top]
+    if theta <= 0.0:
+        theta = max(float(tr.max()), 1e-300)
+    e = ac.error
+    c = theta * (1.0 + delta) + e
+    shift = cholesky_shift(c, e, co, True)
+    step = max(1, min(n_f, CHUNK_ENTRIES // max(g * co * co, 1)))
+    scratch = torch.empty(g * step * co * co * 2, dtype=torch.float64, device=hc.device)
+    failed = []
+    for start in range(0, n_f, step):
+        m = gram_blocks_at(ac, freqs[start:start + step], shift=shift, out=scratch).reshape(-1, co, co)
+        # factor in place: m^T is conj(m), column-major as LAPACK wants it, positive definite iff m is
+        bad = torch.nonzero(~cholesky_in_place(m.mT).cpu()).flatten()
+        nf_chunk = m.shape[0] // g
+        failed.append((bad // nf_chunk) * n_f + start + bad % nf_chunk)  # back to group * F + f
+    del scratch
+    failed_all = torch.cat(failed)
+    upper, tests = c, 1
+    for start in range(0, failed_all.numel(), step):
+        idx = failed_all[start:start + step]
+        fg, ff = idx // n_f, idx % n_f
+        h = gram_blocks_at(ac, freqs[ff])[fg, torch.arange(idx.numel())]
+        r = certify_psd_max(h, e, estimate=theta, delta=delta, lanczos_steps=lanczos_steps)
+        tests += r.tests
+        upper = max(upper, r.upper)
+        if r.estimate > theta:
+            best, theta, vector = int(idx[r.index]), r.estimate, r.vector
+    return PsdMax(upper, theta, best, tests, g * n_f, vector), freqs
 
 
 def circular_conv_norm(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int],
@@ -612,8 +788,8 @@ def circular_conv_norm(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int]
     * all taps in one coarse cell (1x1 kernels, patchify): one frequency; ``B`` is the taps side by side,
       entries exact, :func:`dense_norm`;
     * ``c_out/g <= c_in/g s^d`` (the usual case): ``H(f) = B(f) B(f)^H`` straight from the autocorrelation kernel
-      of ``A A^T`` (:func:`autocorrelation`, :func:`gram_blocks`; a few real matmuls instead of one complex
-      Gram matrix per frequency), then :func:`certify_psd_max` in chunks of frequencies;
+      of ``A A^T`` (:func:`autocorrelation`; a few real matmuls instead of one complex Gram matrix per
+      frequency), certified by :func:`certify_autocorrelation`;
     * otherwise ``B(f)^H B(f)`` from the polyphase blocks (:func:`fourier_blocks`), plus the block-rounding term.
     """
     dev = device if device is not None else w.device
@@ -633,23 +809,14 @@ def circular_conv_norm(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int]
     if nd == 1:
         m0 = m0 // 2 + 1
     rest = math.prod(t // s for t, s in zip(tor[1:], geom.stride[1:], strict=True)) if nd > 1 else 1
-    best_upper, best_est, top, n_blocks, n_exact = 0.0, 0.0, None, 0, 0
     if co <= cols:
         ac = autocorrelation(w, geom, tor, dev)
-        step = max(1, CHUNK_ENTRIES // max(g * rest * co * co, 1))
-        for start in range(0, m0, step):
-            h = gram_blocks(ac, slice(start, min(m0, start + step)))
-            shape_f = h.shape[1: 1 + nd]
-            r = certify_psd_max(h.reshape(-1, co, co), ac.error, estimate=best_est if best_est > 0 else None)
-            n_blocks += r.blocks
-            n_exact += r.exact_blocks
-            if r.estimate >= best_est:
-                idx = list(torch.unravel_index(torch.tensor(r.index), (g, *shape_f)))
-                top = (int(idx[0]), tuple(int(i) + (start if a == 0 else 0) for a, i in enumerate(idx[1:])))
-                best_est = r.estimate
-            best_upper = max(best_upper, r.upper)
-        sigma_up = math.sqrt(best_upper) * (1 + ROUNDING_MARGIN)
-        return CircularNorm(sigma_up, math.sqrt(max(best_est, 0.0)), tor, top, n_blocks, n_exact)
+        r, freqs = certify_autocorrelation(ac)
+        grp, f = divmod(r.index, freqs.shape[0])
+        sigma_up = math.sqrt(r.upper) * (1 + ROUNDING_MARGIN)
+        return CircularNorm(sigma_up, math.sqrt(max(r.estimate, 0.0)), tor, (grp, tuple(freqs[f].tolist())),
+                            r.blocks, r.tests, r.vector, "out")
+    best_upper, best_est, top, n_blocks, n_tests, vector = 0.0, 0.0, None, 0, 0, None
     step = max(1, CHUNK_ENTRIES // max(g * rest * co * cols, 1))
     e_blk = 4.0 * (sum(geom.kernel) + 8 * nd) * U64 * _abs_sum_frob(w)
     for start in range(0, m0, step):
@@ -662,19 +829,20 @@ def circular_conv_norm(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int]
             v = torch.view_as_real(b).square().sum((-3, -2, -1))
             k = int(torch.argmax(v))
             upper = float(v[k]) * (1 + ROUNDING_MARGIN) + 4.0 * (co + 2) * U64 * float(v[k])
-            est = float(v[k])
+            est, vec = float(v[k]), torch.ones(1, dtype=torch.complex128, device=dev)
         else:
             h = b.mH.contiguous() @ b
             err = 4.0 * (co + 2) * U64 * float(torch.view_as_real(b).square().sum((-3, -2, -1)).max())
             r = certify_psd_max(h, err, estimate=best_est if best_est > 0 else None)
-            upper, est, k, n_exact = r.upper, r.estimate, r.index, n_exact + r.exact_blocks
+            upper, est, k, vec = r.upper, r.estimate, r.index, r.vector
+            n_tests += r.tests
         if est >= best_est:
             idx = list(torch.unravel_index(torch.tensor(k), (g, *shape_f)))
             top = (int(idx[0]), tuple(int(i) + (start if a == 0 else 0) for a, i in enumerate(idx[1:])))
-            best_est = est
+            best_est, vector = est, vec
         best_upper = max(best_upper, upper)
     sigma_up = math.sqrt(best_upper) * (1 + ROUNDING_MARGIN) + e_blk
-    return CircularNorm(sigma_up, math.sqrt(max(best_est, 0.0)), tor, top, n_blocks, n_exact)
+    return CircularNorm(sigma_up, math.sqrt(max(best_est, 0.0)), tor, top, n_blocks, n_tests, vector, "in")
 
 
 def single_block(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], freq: Sequence[int], group: int,
@@ -708,7 +876,8 @@ def _top_right_vector(b: torch.Tensor, iters: int = 24) -> torch.Tensor:
     """Top right singular vector of one block (a warm start only, so single precision will do): zero
     columns (phases without taps) dropped; eigenvectors of the smaller Gram matrix when it is at most 256
     wide, else ``iters`` power steps on ``B^H B``."""
-    keep = torch.nonzero(b.abs().sum(0) > 0).flatten()
+    mag = torch.view_as_real(b).abs().sum(-1) if b.is_complex() else b.abs()
+    keep = torch.nonzero(mag.sum(0) > 0).flatten()
     v = torch.zeros(b.shape[1], dtype=b.dtype, device=b.device)
     if keep.numel() == 0:
         v[0] = 1.0
@@ -737,7 +906,15 @@ def _warm_start(w: torch.Tensor, geom: ConvGeometry, cn: CircularNorm, device: t
         return None
     grp, freq = cn.top
     nd = len(geom.spatial)
-    v = _top_right_vector(single_block(w, geom, cn.torus, freq, grp, device))
+    b = single_block(w, geom, cn.torus, freq, grp, device)
+    v = None
+    if cn.vector is not None:  # the certificate's Ritz vector: left (B B^H) or right (B^H B)
+        vec = cn.vector.to(device=device, dtype=torch.complex128)
+        v = b.mH @ vec if cn.side == "out" else vec
+        if v.shape[0] != b.shape[1] or not bool(v.norm() > 0):
+            v = None
+    if v is None:
+        v = _top_right_vector(b)
     v = (v / v.norm()).reshape(w.shape[1], *geom.stride)  # (c_in/g, s1..sd)
     x = v
     for ax in range(nd):
@@ -757,6 +934,20 @@ def _warm_start(w: torch.Tensor, geom: ConvGeometry, cn: CircularNorm, device: t
     full = torch.zeros(w.shape[1] * geom.groups, *geom.spatial, dtype=torch.float64, device=device)
     full[grp * w.shape[1]:(grp + 1) * w.shape[1]] = x[(slice(None), *crop)]
     return full[None]
+
+
+def _one_cell_attained(geom: ConvGeometry) -> bool:
+    """True when every tap lies in one stride cell (1x1 convs, patchify) and, for zero padding, some output
+    reads all its taps inside the signal. Outputs then read disjoint cells, so the conv is ``W_flat`` (taps
+    side by side) on each cell, with columns dropped at the border: its norm is exactly ``||W_flat||``."""
+    for offs, s, n, o in zip(_tap_offsets(geom), geom.stride, geom.spatial, geom.out, strict=True):
+        if len({x // s for x in offs}) != 1:
+            return False
+        if geom.mode == "zeros":
+            first = -(min(offs) // s)  # smallest output o with o s + min(offs) >= 0
+            if first > o - 1 or first * s + max(offs) > n - 1:
+                return False
+    return True
 
 
 def _pad_copies(n: int, pl: int, pr: int, mode: str) -> int:
@@ -958,10 +1149,13 @@ def conv_norm(forward_no_bias: Callable[[torch.Tensor], torch.Tensor], in_shape:
     method = "fourier-" + ("circular" if geom.mode == "circular" else "torus") + "x".join(map(str, cn.torus))
     if factor != 1.0:
         method += f"*pad{factor:.3g}"
-    details = {"torus": cn.torus, "blocks": cn.blocks, "exact_blocks": cn.exact_blocks, "circular": cn.upper,
+    details = {"torus": cn.torus, "blocks": cn.blocks, "cholesky_tests": cn.cholesky_tests, "circular": cn.upper,
                "estimate": cn.estimate * f2 * factor}
     if not lower:
         return NormResult(upper, True, method, None, details)
+    if factor == 1.0 and f2 == 1.0 and _one_cell_attained(geom):
+        # the op is W_flat on disjoint cells: the dense norm's own attained value is the op's
+        return NormResult(upper, True, method, cn.estimate, details)
     # lower: warm-started power method on the real operator
     x0 = None
     try:
