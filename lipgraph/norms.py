@@ -192,6 +192,27 @@ def cholesky_shift(c: float, gram_error: float, n: int, complex_: bool) -> float
     return c - gram_error - a - 4.0 * U64 * c
 
 
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A flat float64 buffer of at least ``numel`` entries, reused from call to call (grow-only, one per
+    device): the Fourier blocks of every layer are built and factored in it, so the pages are touched once
+    per analysis instead of once per layer (a fresh 100 MB buffer costs 2-3x its matmul in page faults).
+    :func:`release_scratch` frees it."""
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.pop(device, None)
+        buf = torch.empty(numel, dtype=torch.float64, device=device)
+        _SCRATCH[device] = buf
+    return buf
+
+
+def release_scratch() -> None:
+    """Free the buffers of :func:`scratch` (the passes that compute norms call it when they finish)."""
+    _SCRATCH.clear()
+
+
 _POOL: ThreadPoolExecutor | None = None
 #: Blocks at most this wide are factored on several threads at once (MKL runs one such factorisation on a
 #: single core; wider ones use all cores themselves).
@@ -607,28 +628,26 @@ def autocorrelation(w: torch.Tensor, geom: ConvGeometry, torus: Sequence[int], d
     classes: dict[tuple[int, ...], list[int]] = {}
     for t, p in enumerate(phase.tolist()):
         classes.setdefault(tuple(p), []).append(t)
-    sums: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def lag(d: torch.Tensor) -> tuple[int, ...]:
+        return tuple(int(x) for x in torch.remainder(torch.remainder(d, tor) // stride, mcoarse))
+
+    # W_a W_b^T for b >= a in one phase class only: W_b W_a^T is its transpose and lands on the opposite lag
+    plan = [(members, a, [(lag(off[ka] - off[kb]), lag(off[kb] - off[ka])) for kb in members[a:]])
+            for members in classes.values() for a, ka in enumerate(members)]
+    keys = sorted({k for _, _, pl in plan for pair in pl for k in pair})
+    index = {k: i for i, k in enumerate(keys)}
+    kernels = torch.zeros(g, len(keys), co, co, dtype=torch.float64, device=device)
     pairs = 0
-
-    def add(key: tuple[int, ...], blk: torch.Tensor) -> None:
-        sums[key] = sums[key] + blk if key in sums else blk.clone()
-
-    for members in classes.values():
-        # W_a W_b^T for b >= a only: W_b W_a^T is its transpose and lands on the opposite shift
-        for a, ka in enumerate(members):
-            rest = torch.tensor(members[a:], dtype=torch.int64)
-            prod = (taps[:, ka] @ taps[:, rest].reshape(g, len(rest) * co, ci).mT).reshape(g, co, len(rest), co)
-            for j, kb in enumerate(members[a:]):
-                d = off[ka] - off[kb]  # divisible by s: same phase class
-                key = tuple(int(x) for x in torch.remainder(torch.remainder(d, tor) // stride, mcoarse))
-                add(key, prod[:, :, j])
+    for members, a, pl in plan:
+        rest = torch.tensor(members[a:], dtype=torch.int64)
+        prod = (taps[:, members[a]] @ taps[:, rest].reshape(g, len(rest) * co, ci).mT).reshape(g, co, len(rest), co)
+        for j, (kd, kneg) in enumerate(pl):
+            kernels[:, index[kd]] += prod[:, :, j]
+            pairs += 1
+            if j > 0:  # b != a
+                kernels[:, index[kneg]] += prod[:, :, j].mT
                 pairs += 1
-                if kb != ka:
-                    add(tuple(int(x) for x in torch.remainder(torch.remainder(-d, tor) // stride, mcoarse)),
-                        prod[:, :, j].mT)
-                    pairs += 1
-    keys = sorted(sums)
-    kernels = torch.stack([sums[k] for k in keys], dim=1).contiguous()
     shifts = torch.tensor(keys, dtype=torch.int64).reshape(len(keys), nd)
     s1 = _abs_sum_frob(w)
     err = 2.0 * (ci + pairs + len(keys) + 128) * U64 * s1 * s1
@@ -642,29 +661,30 @@ def _pack_lags(ac: Autocorrelation) -> Autocorrelation:
     (imaginary) slots, so ``phases @ packed`` is the complex blocks' memory. ``cos_traces``: (groups, R)."""
     g, _, co, _ = ac.kernels.shape
     index = {tuple(k): i for i, k in enumerate(ac.shifts.tolist())}
-    cos_rows, sin_rows, cos_lags, sin_lags = [], [], [], []
+    cos_pairs, sin_pairs = [], []  # (i, j): K(m) at i, K(-m) at j (None: absent, zero)
     for key, i in index.items():
         neg = tuple((-k) % m for k, m in zip(key, ac.coarse, strict=True))
         j = index.get(neg)
-        kn = ac.kernels[:, j] if j is not None else torch.zeros_like(ac.kernels[:, i])
         if neg == key:
-            cos_rows.append(ac.kernels[:, i])
-            cos_lags.append(key)
+            cos_pairs.append((key, i, None))
         elif j is None or key < neg:
-            cos_rows.append(ac.kernels[:, i] + kn)
-            sin_rows.append(ac.kernels[:, i] - kn)
-            cos_lags.append(key)
-            sin_lags.append(key)
-    r, r2 = len(cos_rows), len(sin_rows)
+            cos_pairs.append((key, i, j))
+            sin_pairs.append((key, i, j))
+    r, r2 = len(cos_pairs), len(sin_pairs)
     packed = torch.zeros(g, r + r2, co * co, 2, dtype=torch.float64, device=ac.kernels.device)
-    packed[:, :r, :, 0] = torch.stack(cos_rows, 1).reshape(g, r, co * co)
-    if r2:
-        packed[:, r:, :, 1] = torch.stack(sin_rows, 1).reshape(g, r2, co * co)
+    traces = torch.zeros(g, r, dtype=torch.float64, device=ac.kernels.device)
+    for row, (_, i, j) in enumerate(cos_pairs):
+        blk = ac.kernels[:, i] if j is None else ac.kernels[:, i] + ac.kernels[:, j]
+        packed[:, row, :, 0] = blk.reshape(g, co * co)
+        traces[:, row] = blk.diagonal(dim1=-2, dim2=-1).sum(-1)
+    for row, (_, i, j) in enumerate(sin_pairs):
+        packed[:, r + row, :, 1] = (ac.kernels[:, i] - ac.kernels[:, j] if j is not None
+                                    else ac.kernels[:, i]).reshape(g, co * co)
     nd = len(ac.coarse)
-    ac.cos_lags = torch.tensor(cos_lags, dtype=torch.int64).reshape(r, nd)
-    ac.sin_lags = torch.tensor(sin_lags, dtype=torch.int64).reshape(r2, nd)
+    ac.cos_lags = torch.tensor([k for k, _, _ in cos_pairs], dtype=torch.int64).reshape(r, nd)
+    ac.sin_lags = torch.tensor([k for k, _, _ in sin_pairs], dtype=torch.int64).reshape(r2, nd)
     ac.packed = packed.reshape(g, r + r2, co * co * 2)
-    ac.cos_traces = torch.stack(cos_rows, 1).diagonal(dim1=-2, dim2=-1).sum(-1)
+    ac.cos_traces = traces
     return ac
 
 
@@ -756,15 +776,14 @@ def certify_autocorrelation(ac: Autocorrelation, delta: float = CHOLESKY_DELTA,
     c = theta * (1.0 + delta) + e
     shift = cholesky_shift(c, e, co, True)
     step = max(1, min(n_f, CHUNK_ENTRIES // max(g * co * co, 1)))
-    scratch = torch.empty(g * step * co * co * 2, dtype=torch.float64, device=hc.device)
+    buf = scratch(g * step * co * co * 2, hc.device)
     failed = []
     for start in range(0, n_f, step):
-        m = gram_blocks_at(ac, freqs[start:start + step], shift=shift, out=scratch).reshape(-1, co, co)
+        m = gram_blocks_at(ac, freqs[start:start + step], shift=shift, out=buf).reshape(-1, co, co)
         # factor in place: m^T is conj(m), column-major as LAPACK wants it, positive definite iff m is
         bad = torch.nonzero(~cholesky_in_place(m.mT).cpu()).flatten()
         nf_chunk = m.shape[0] // g
         failed.append((bad // nf_chunk) * n_f + start + bad % nf_chunk)  # back to group * F + f
-    del scratch
     failed_all = torch.cat(failed)
     upper, tests = c, 1
     for start in range(0, failed_all.numel(), step):

@@ -336,3 +336,91 @@ def test_depthwise_conv_on_a_small_map_is_exact_per_group():
     ex = exact_norm(op, (1, 6, 7, 7))
     r = norms.conv_norm(lambda x: op(x.double()).float(), (1, 6, 7, 7), CTX, m.weight, _attrs(m))
     assert r.method.startswith("materialised-gram") and ex <= r.upper <= ex * (1 + 1e-8)
+
+
+# --- the certificate without stored blocks (certify_autocorrelation) ---------------------------------
+
+
+def _autocorr_case(i: int, seed: int) -> tuple[torch.Tensor, norms.ConvGeometry, norms.Autocorrelation]:
+    shape, spatial, stride, dil, pl, pr, groups = GEOMS[i]
+    torch.manual_seed(seed)
+    w = torch.randn(shape)
+    geom = norms.ConvGeometry(spatial, tuple(shape[2:]), stride, dil, pl, pr, groups)
+    return w, geom, norms.autocorrelation(w, geom, geom.min_torus(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_shifted_blocks_are_shift_minus_gram(i):
+    """gram_blocks_at(shift=c) builds c I - H(f) (what is factored), into a scratch buffer when given."""
+    _, _, ac = _autocorr_case(i, 400 + i)
+    freqs, _ = norms.half_spectrum(ac.coarse)
+    h = norms.gram_blocks_at(ac, freqs)
+    buf = torch.full((h.numel() * 2 + 7,), float("nan"), dtype=torch.float64)
+    m = norms.gram_blocks_at(ac, freqs, shift=3.5, out=buf)
+    eye = torch.eye(h.shape[-1], dtype=torch.complex128)
+    assert torch.allclose(m, 3.5 * eye - h, atol=1e-12, rtol=0)
+    assert m.data_ptr() == buf.data_ptr()
+
+
+@pytest.mark.parametrize("estimate_blocks", [1, 16])
+@pytest.mark.parametrize("i", [0, 1, 2, 3, 5])
+def test_certify_autocorrelation_brackets_the_top_block(i, estimate_blocks, monkeypatch):
+    """Upper bound in [max lambda, max lambda (1 + delta)] over every block, also when the estimate sees one
+    block only (the other blocks fail the first test and take the retest path); the Ritz vector returned is
+    a near top eigenvector of the block it names."""
+    monkeypatch.setattr(norms, "ESTIMATE_BLOCKS", estimate_blocks)
+    _, _, ac = _autocorr_case(i, 500 + i)
+    h = norms.gram_blocks(ac)
+    h = h.reshape(-1, *h.shape[-2:])  # groups x frequencies, the order of r.index
+    lam = torch.linalg.eigvalsh(h)[:, -1]
+    true = float(lam.max())
+    r, freqs = norms.certify_autocorrelation(ac)
+    assert r.blocks == h.shape[0] == ac.packed.shape[0] * freqs.shape[0]
+    assert true <= r.upper <= true * (1 + norms.CHOLESKY_DELTA) * (1 + 1e-6) + 2 * ac.error  # estimate: fp32
+    assert r.estimate <= true * (1 + 1e-5)
+    assert float(lam[r.index]) >= r.estimate * (1 - 1e-5)
+    if r.vector is not None:
+        v = r.vector.to(torch.complex128)
+        rq = float((v.conj() @ h[r.index] @ v).real) / float(v.norm() ** 2)
+        assert rq >= 0.98 * float(lam[r.index])
+
+
+def test_threaded_cholesky_agrees_with_one_call(monkeypatch):
+    """cholesky_in_place splits a batch of small blocks over threads: same verdicts as one LAPACK call."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    torch.manual_seed(11)
+    a = torch.randn(40, 24, 30, dtype=torch.complex128)
+    h = a @ a.mH
+    lam = torch.linalg.eigvalsh(h)[:, -1]
+    c = float(lam.median())
+    m = c * torch.eye(24, dtype=torch.complex128) - h
+    ok = norms.cholesky_in_place(m.clone().mT)
+    expect = torch.linalg.cholesky_ex(m)[1] == 0
+    assert bool((ok == expect).all()) and 0 < int(ok.sum()) < 40
+    assert bool((ok == (lam < c)).all())
+
+
+@pytest.mark.parametrize("kernel, stride, pad, n, exact", [
+    (1, 1, 0, 5, True),   # pointwise
+    (1, 2, 0, 7, True),   # strided pointwise (downsample)
+    (4, 4, 0, 16, True),  # patchify
+    (4, 4, 0, 3, False),  # patchify on a map smaller than one patch: no output reads every tap
+    (1, 1, 1, 4, True),   # 1x1 with padding: border outputs read zeros, interior ones read the tap
+    (3, 1, 1, 8, False),  # 3x3: taps span cells
+    (2, 2, 1, 6, False),  # 2x2 stride 2 shifted by the padding: taps straddle two cells
+])
+def test_one_cell_attained(kernel, stride, pad, n, exact):
+    geom = norms.ConvGeometry((n, n), (kernel, kernel), (stride, stride), (1, 1), (pad, pad), (pad, pad))
+    assert norms._one_cell_attained(geom) == exact
+
+
+@pytest.mark.parametrize("kernel, stride, pad", [(1, 1, 0), (1, 2, 0), (4, 4, 0), (1, 1, 1)])
+def test_one_cell_convs_report_the_exact_interval(kernel, stride, pad, monkeypatch):
+    """1x1 and patchify convs: [lower, upper] brackets ||W_flat|| within rounding, without a power method."""
+    monkeypatch.setattr(norms, "SMALL_CONV_INPUTS", 0)
+    monkeypatch.setattr(norms, "power_method", lambda *a, **k: pytest.fail("power method not needed"))
+    torch.manual_seed(12)
+    m = nn.Conv2d(6, 10, kernel, stride=stride, padding=pad)
+    ex = float(torch.linalg.matrix_norm(m.weight.detach().double().reshape(10, -1), ord=2))
+    r = norms.conv_norm(lambda x: m._conv_forward(x, m.weight, None), (1, 6, 16, 16), CTX, m.weight, _attrs(m))
+    assert r.lower is not None and ex * (1 - 1e-9) <= r.lower <= ex * (1 + 1e-9) and ex <= r.upper <= ex * 1.001

@@ -378,6 +378,7 @@ def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: BoundContext,
                                   "autolip-in-region", auto)
                 terms.setdefault(v, []).append(got)
                 partials.append(got)
+    norms.release_scratch()
     # graph-order AutoLip with the exits replaced, so that folds compound
     cum: dict[str, Cumulative] = {}
     overrides: dict[str, Cumulative] = {}

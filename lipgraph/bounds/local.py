@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from .. import ir
+from .. import ir, norms
 from ..ops import RULES, BoundContext, LocalConstant
 
 
@@ -43,6 +43,16 @@ def local_constants(
     constants = constants or {}
     out: dict[str, tuple[LocalConstant, float]] = {}
     order = list(ir.nodes(g))
+    try:
+        _run_rules(order, ctx, constants, progress, out)
+    finally:
+        norms.release_scratch()
+    return out
+
+
+def _run_rules(order: list[ir.IRNode], ctx: BoundContext, constants: Mapping[str, float | UserConstant],
+               progress: Callable[[int, int, ir.IRNode], None] | None,
+               out: dict[str, tuple[LocalConstant, float]]) -> None:
     for i, n in enumerate(order):
         t0 = time.perf_counter()
         user = _match(n, constants) if n.op not in ("input", "output", "constant") else None
@@ -60,4 +70,3 @@ def local_constants(
         out[n.name] = (lc, time.perf_counter() - t0)
         if progress is not None:
             progress(i + 1, len(order), n)
-    return out
