@@ -224,9 +224,11 @@ def cholesky_in_place(m: torch.Tensor) -> torch.Tensor:
     succeeded). On CPU, batches of blocks up to ``THREADED_CHOLESKY_MAX`` wide are split over
     ``torch.get_num_threads()`` Python threads (torch releases the GIL; 1.5x on 2 cores for 64-128 wide)."""
     global _POOL
+    if m.device.type != "cpu":  # accelerators: the plain batched call (memory is not the constraint there)
+        return torch.linalg.cholesky_ex(m)[1] == 0
     info = torch.empty(m.shape[0], dtype=torch.int32, device=m.device)
     workers = min(torch.get_num_threads(), m.shape[0] // 4)
-    if m.device.type != "cpu" or workers < 2 or m.shape[-1] > THREADED_CHOLESKY_MAX:
+    if workers < 2 or m.shape[-1] > THREADED_CHOLESKY_MAX:
         torch.linalg.cholesky_ex(m, out=(m, info))
         return info == 0
     if _POOL is None or _POOL._max_workers < workers:
@@ -348,12 +350,21 @@ def gram_norm(h: torch.Tensor, err: float) -> NormResult:
     """``sqrt(max_b lambda_max(H_b))`` for exact Gram matrices ``H_b`` given their float64 values ``h``
     (b, n, n) with ``||h_b - H_b||_2 <= err``, certified. ``n <= DENSE_SVD_MAX``: LAPACK eigenvalues
     (backward stable, covered by ``ROUNDING_MARGIN``) plus ``err``. Larger: a float64 Lanczos estimate
-    (40 steps) and the Cholesky certificate of :func:`certify_psd_max`. ``lower``: the square root of the
-    largest eigenvalue / Ritz value found (a value the Gram matrix attains, up to rounding)."""
+    (40 steps) and the Cholesky certificate of :func:`certify_psd_max`; many such blocks (depthwise convs
+    materialised per group): one batched certificate (single-precision Lanczos on the blocks of largest
+    trace, one batched Cholesky). ``lower``: the square root of the largest eigenvalue / Rayleigh quotient
+    found, in float64 (a value the Gram matrix attains, up to rounding)."""
     if h.shape[-1] <= DENSE_SVD_MAX:
         lam = float(torch.linalg.eigvalsh(h)[:, -1].max().clamp_min(0.0))
         upper = math.sqrt(lam * (1 + ROUNDING_MARGIN) + err) * (1 + ROUNDING_MARGIN)
         return NormResult(upper, True, "gram-eig", math.sqrt(lam))
+    if h.shape[0] > 4:
+        r = certify_psd_max(h, err, lanczos_steps=40)
+        lower = 0.0
+        if r.vector is not None:
+            v = r.vector.to(h.dtype)
+            lower = math.sqrt(max(float((v.conj() @ h[r.index] @ v).real / (v.conj() @ v).real), 0.0))
+        return NormResult(math.sqrt(r.upper) * (1 + ROUNDING_MARGIN), True, "gram-lanczos-cholesky", lower)
     best_upper, best_lower = 0.0, 0.0
     for hb in h:
         theta = lanczos_max(lambda v, hb=hb: hb @ v, hb.shape[0], hb.device, steps=40)
@@ -1100,6 +1111,19 @@ def conv_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -
     err = 4.0 * (co + t_n + 2) * U64 * frob
     return gram, err
 
+#: Materialising costs about ``groups * (inputs per group)^3 / 3`` flops (a Cholesky or eigensolve per
+#: group). Above this it is done only on small maps, where the torus bound is loose.
+SMALL_CONV_FLOPS = 2e9
+
+
+def _worth_materialising(groups: int, per_group: int, geom: ConvGeometry) -> bool:
+    """Cheap (``SMALL_CONV_FLOPS``), or a small map: every side at most 4 kernel extents, where the zero
+    padding boundary is a large part of the map and the torus bound is percents above the norm. (On a
+    28x28 map a 3x3 depthwise conv's torus bound is 0.4% above its norm, at a fiftieth of the cost.)"""
+    small = all(n <= 4 * ((k - 1) * d + 1) for n, k, d in zip(geom.spatial, geom.kernel, geom.dilation, strict=True))
+    return small or groups * per_group**3 / 3 <= SMALL_CONV_FLOPS
+
+
 def _small_conv_norm(weight: torch.Tensor, attrs: dict, transposed: bool, in_shape: Sequence[int],
                      device: torch.device, geom: ConvGeometry | None = None) -> NormResult | None:
     """Exact norm of a small conv. Zero padding (at most ``SMALL_CONV_INPUTS`` inputs per group): its
@@ -1114,12 +1138,13 @@ def _small_conv_norm(weight: torch.Tensor, attrs: dict, transposed: bool, in_sha
     if zero_pad and attrs.get("padding_mode", "zeros") == "zeros":
         # groups are independent blocks: the limit is per group (depthwise convs: one channel each)
         per_group = weight.shape[1] * math.prod(geom.spatial)
-        if per_group > SMALL_CONV_INPUTS or geom.groups * per_group * per_group > SMALL_CONV_GRAM_ENTRIES:
+        if (per_group > SMALL_CONV_INPUTS or geom.groups * per_group * per_group > SMALL_CONV_GRAM_ENTRIES
+                or not _worth_materialising(geom.groups, per_group, geom)):
             return None
         gram, err = conv_input_gram(weight, geom, device)
         r = gram_norm(gram, err)
         return NormResult(r.upper, True, "materialised-" + r.method, r.lower, {"gram": tuple(gram.shape)})
-    if n_in > SMALL_CONV_INPUTS:
+    if n_in > SMALL_CONV_INPUTS or (geom is not None and not _worth_materialising(1, n_in, geom)):
         return None
     run = _conv64(weight, attrs, transposed, device)
     n_out = math.prod(run(torch.zeros(1, *per, dtype=torch.float64, device=device)).shape)
