@@ -45,7 +45,7 @@ from torch.func import jvp, vjp
 from .. import ir, norms
 from ..ops import RULES, BoundContext, LocalConstant
 from ..ops.registry import ROUNDING_MARGIN
-from .autolip import Cumulative, combine
+from .autolip import Cumulative, Term, autolip_with
 
 #: Materialise a partial map when its smaller side has at most this many entries.
 MATERIALIZE_MAX = 2048
@@ -379,24 +379,10 @@ def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: BoundContext,
                 terms.setdefault(v, []).append(got)
                 partials.append(got)
     norms.release_scratch()
-    # graph-order AutoLip with the exits replaced, so that folds compound
-    cum: dict[str, Cumulative] = {}
-    overrides: dict[str, Cumulative] = {}
-    for n in ir.nodes(g):
-        if n.op == "input":
-            cum[n.name] = Cumulative(1.0, True)
-            continue
-        if n.op == "constant":
-            cum[n.name] = Cumulative(0.0, True)
-            continue
-        cum[n.name] = combine(local[n.name], [cum[i] for i in n.inputs])
-        if n.name in terms:
-            used = [p for p in terms[n.name] if cum[p.entry].value != 0.0]
-            val = sum(p.norm * cum[p.entry].value for p in used)
-            cert = all(p.certified and cum[p.entry].certified for p in used)
-            o = Cumulative(val, cert)
-            if o.value <= cum[n.name].value or not cum[n.name].certified:
-                cum[n.name] = o
-                overrides[n.name] = o
+    # graph-order AutoLip with the exits' relations, so that folds compound (same policy as everywhere:
+    # a certified value is never replaced by an uncertified one)
+    alternatives = {v: [[Term(p.entry, p.norm, p.certified) for p in ps]] for v, ps in terms.items()}
+    cum = autolip_with(g, local, alternatives)
+    overrides = {v: cum[v] for v in terms}
     return AffineResult(regions, partials, overrides, cum, time.perf_counter() - t0,
                         {"regions": len(regions), "partials": len(partials)})

@@ -52,7 +52,9 @@ def autolip(
     overrides: Mapping[str, Cumulative] | None = None,
 ) -> dict[str, Cumulative]:
     """Cumulative bounds for every node. ``overrides`` replaces a node's value by a
-    tighter bound found elsewhere (e.g. SeqLip on the segment ending there)."""
+    tighter bound found elsewhere (e.g. SeqLip on the segment ending there): a certified value is
+    only replaced by a smaller certified one, an uncertified value by anything certified or smaller
+    (the policy of :func:`autolip_with`)."""
     overrides = overrides or {}
     cum: dict[str, Cumulative] = {}
     for n in ir.nodes(g):
@@ -63,8 +65,8 @@ def autolip(
         else:
             cum[n.name] = combine(local[n.name], [cum[i] for i in n.inputs])
         if n.name in overrides:
-            o = overrides[n.name]
-            if o.value <= cum[n.name].value or not cum[n.name].certified:
+            o, cur = overrides[n.name], cum[n.name]
+            if (o.value <= cur.value) if o.certified == cur.certified else o.certified:
                 cum[n.name] = o
     return cum
 
