@@ -56,6 +56,8 @@ CHOLESKY_DELTA = 1e-3
 ESTIMATE_BLOCKS = 16
 #: Matrices whose smaller side is at most this size get a direct float64 SVD.
 DENSE_SVD_MAX = 512
+#: Batches of more than 4 Gram matrices wider than this get one batched Cholesky certificate, not eigenvalues.
+BATCHED_GRAM_MIN = 64
 #: Power steps from the Fourier warm start used for the attained (lower) value of a convolution.
 WARM_ITERATIONS = 2
 #: Complex entries per chunk of Fourier blocks (memory bound, ~128 MB in complex128).
@@ -219,38 +221,54 @@ _POOL: ThreadPoolExecutor | None = None
 THREADED_CHOLESKY_MAX = 512
 
 
-def cholesky_in_place(m: torch.Tensor) -> torch.Tensor:
-    """Factor the batch ``m`` (b, n, n), column-major, in place; True where it is positive definite (Cholesky
-    succeeded). On CPU, batches of blocks up to ``THREADED_CHOLESKY_MAX`` wide are split over
-    ``torch.get_num_threads()`` Python threads (torch releases the GIL; 1.5x on 2 cores for 64-128 wide)."""
+def factor_chunks(n_blocks: int, block: Callable[[slice], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Cholesky-factor ``n_blocks`` matrices, ``block(sl)`` returning those of slice ``sl`` as a column-major
+    batch that may be overwritten; True where positive definite. On CPU the batch goes in cache-sized chunks
+    (``block`` builds each chunk right before it is factored, so it is still in cache), spread over
+    ``torch.get_num_threads()`` Python threads when the blocks are at most ``THREADED_CHOLESKY_MAX`` wide
+    (MKL factors each small block on one core; torch releases the GIL: 1.5x on 2 cores for 64-128 wide)."""
     global _POOL
-    if m.device.type != "cpu":  # accelerators: the plain batched call (memory is not the constraint there)
-        return torch.linalg.cholesky_ex(m)[1] == 0
-    info = torch.empty(m.shape[0], dtype=torch.int32, device=m.device)
-    workers = min(torch.get_num_threads(), m.shape[0] // 4)
-    if workers < 2 or m.shape[-1] > THREADED_CHOLESKY_MAX:
-        torch.linalg.cholesky_ex(m, out=(m, info))
-        return info == 0
-    if _POOL is None or _POOL._max_workers < workers:
-        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="lipgraph-cholesky", initializer=torch.set_num_threads,
-                                   initargs=(1,))
-    bounds = [m.shape[0] * k // workers for k in range(workers + 1)]
+    if device.type != "cpu":  # accelerators: one batched call (memory is not the constraint there)
+        return torch.linalg.cholesky_ex(block(slice(0, n_blocks)))[1] == 0
+    first = block(slice(0, 1))
+    n = first.shape[-1]
+    per = max(1, (1 << 19) // max(n * n * (2 if first.is_complex() else 1), 1))
+    starts = list(range(0, n_blocks, per))
+    info = torch.empty(n_blocks, dtype=torch.int32)
 
-    def part(k: int) -> None:
-        sl = slice(bounds[k], bounds[k + 1])
-        mk, ik = m[sl], info[sl]
-        torch.linalg.cholesky_ex(mk, out=(mk, ik))
+    def run(start: int) -> None:
+        m, ik = block(slice(start, min(n_blocks, start + per))), info[start:start + per]
+        torch.linalg.cholesky_ex(m, out=(m, ik))
 
-    list(_POOL.map(part, range(workers)))
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers < 2 or n > THREADED_CHOLESKY_MAX:
+        for st in starts:
+            run(st)
+    else:
+        if _POOL is None or _POOL._max_workers < workers:
+            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="lipgraph-cholesky",
+                                       initializer=torch.set_num_threads, initargs=(1,))
+        list(_POOL.map(run, starts))
     return info == 0
+
+
+def cholesky_in_place(m: torch.Tensor) -> torch.Tensor:
+    """Factor the batch ``m`` (b, n, n), column-major, in place (:func:`factor_chunks`); True where it is
+    positive definite."""
+    return factor_chunks(m.shape[0], lambda sl: m[sl], m.device)
 
 
 def _cholesky_passes(h: torch.Tensor, c: float, gram_error: float) -> torch.Tensor:
     """Per block: True when floating-point Cholesky of ``shift I - h`` (:func:`cholesky_shift`) succeeds,
     which proves ``lambda_max(H) <= c`` for the exact ``H`` with ``||h - H|| <= e``."""
-    m = -h
-    m.diagonal(dim1=-2, dim2=-1).add_(cholesky_shift(c, gram_error, h.shape[-1], h.is_complex()))
-    return cholesky_in_place(m.mT)  # m^T = conj(m): column-major, definite iff m is
+    shift = cholesky_shift(c, gram_error, h.shape[-1], h.is_complex())
+
+    def shifted(sl: slice) -> torch.Tensor:
+        m = -h[sl]
+        m.diagonal(dim1=-2, dim2=-1).add_(shift)
+        return m.mT  # m^T = conj(m): column-major, definite iff m is
+
+    return factor_chunks(h.shape[0], shifted, h.device)
 
 
 def certify_psd_max(h: torch.Tensor, gram_error: float, estimate: float | None = None,
@@ -350,21 +368,22 @@ def gram_norm(h: torch.Tensor, err: float) -> NormResult:
     """``sqrt(max_b lambda_max(H_b))`` for exact Gram matrices ``H_b`` given their float64 values ``h``
     (b, n, n) with ``||h_b - H_b||_2 <= err``, certified. ``n <= DENSE_SVD_MAX``: LAPACK eigenvalues
     (backward stable, covered by ``ROUNDING_MARGIN``) plus ``err``. Larger: a float64 Lanczos estimate
-    (40 steps) and the Cholesky certificate of :func:`certify_psd_max`; many such blocks (depthwise convs
-    materialised per group): one batched certificate (single-precision Lanczos on the blocks of largest
-    trace, one batched Cholesky). ``lower``: the square root of the largest eigenvalue / Rayleigh quotient
-    found, in float64 (a value the Gram matrix attains, up to rounding)."""
-    if h.shape[-1] <= DENSE_SVD_MAX:
-        lam = float(torch.linalg.eigvalsh(h)[:, -1].max().clamp_min(0.0))
-        upper = math.sqrt(lam * (1 + ROUNDING_MARGIN) + err) * (1 + ROUNDING_MARGIN)
-        return NormResult(upper, True, "gram-eig", math.sqrt(lam))
-    if h.shape[0] > 4:
+    (40 steps) and the Cholesky certificate of :func:`certify_psd_max`. More than 4 blocks wider than
+    ``BATCHED_GRAM_MIN`` (grouped convs, depthwise convs materialised per group): one batched certificate
+    (single-precision Lanczos on the blocks of largest trace, one batched Cholesky: ``n^3 / 3`` flops per
+    block where an eigensolve costs ~10 ``n^3``). ``lower``: the square root of the largest eigenvalue /
+    Rayleigh quotient found, in float64 (a value the Gram matrix attains, up to rounding)."""
+    if h.shape[0] > 4 and h.shape[-1] > BATCHED_GRAM_MIN:  # n^3 / 3 per block instead of ~10 n^3
         r = certify_psd_max(h, err, lanczos_steps=40)
         lower = 0.0
         if r.vector is not None:
             v = r.vector.to(h.dtype)
             lower = math.sqrt(max(float((v.conj() @ h[r.index] @ v).real / (v.conj() @ v).real), 0.0))
         return NormResult(math.sqrt(r.upper) * (1 + ROUNDING_MARGIN), True, "gram-lanczos-cholesky", lower)
+    if h.shape[-1] <= DENSE_SVD_MAX:
+        lam = float(torch.linalg.eigvalsh(h)[:, -1].max().clamp_min(0.0))
+        upper = math.sqrt(lam * (1 + ROUNDING_MARGIN) + err) * (1 + ROUNDING_MARGIN)
+        return NormResult(upper, True, "gram-eig", math.sqrt(lam))
     best_upper, best_lower = 0.0, 0.0
     for hb in h:
         theta = lanczos_max(lambda v, hb=hb: hb @ v, hb.shape[0], hb.device, steps=40)
@@ -775,6 +794,11 @@ def certify_autocorrelation(ac: Autocorrelation, delta: float = CHOLESKY_DELTA,
     g, co = ac.kernels.shape[0], ac.kernels.shape[2]
     n_f = freqs.shape[0]
     tr = block_traces(ac, freqs)
+    if co == 1:  # 1x1 blocks (depthwise convs): lambda_max is the block itself, its trace
+        best = int(torch.argmax(tr.reshape(-1)))
+        top = max(float(tr.reshape(-1)[best]), 0.0)
+        one = torch.ones(1, dtype=torch.complex128, device=tr.device)
+        return PsdMax(top + ac.error + 2 * U64 * top, top, best, 0, g * n_f, one), freqs
     cand = torch.topk(tr.reshape(-1), min(g * n_f, ESTIMATE_BLOCKS)).indices.cpu()
     cg, cf = cand // n_f, cand % n_f
     hc = gram_blocks_at(ac, freqs[cf])[cg, torch.arange(cand.numel())]
@@ -1124,6 +1148,48 @@ def _worth_materialising(groups: int, per_group: int, geom: ConvGeometry) -> boo
     return small or groups * per_group**3 / 3 <= SMALL_CONV_FLOPS
 
 
+def conv_group_matrices(w: torch.Tensor, geom: ConvGeometry, device: torch.device,
+                        groups: slice | None = None) -> torch.Tensor:
+    """The exact matrices ``A_g`` (g, c_out/g * O, c_in/g * P) of a zero-padded conv, per group (rows: output
+    channel major, then output pixel; columns: input channel major, then pixel): ``A_g = sum_k W_gk (x) S_k``
+    with ``S_k`` (O x P) selecting the pixel tap ``k`` reads at each output. For one output and pixel at most
+    one tap matches, so every entry is one weight or zero: exact. One matmul ``(g co ci, T) @ (T, O P)``."""
+    sl = groups if groups is not None else slice(0, geom.groups)
+    co = w.shape[0] // geom.groups
+    wg = w.detach().to(device=device, dtype=torch.float64)[sl.start * co: sl.stop * co]
+    g, ci = sl.stop - sl.start, w.shape[1]
+    t_n = wg[0, 0].numel()
+    outs = _grid_rows([range(o) for o in geom.out])  # (O, d)
+    toff = _grid_rows(_tap_offsets(geom))  # (T, d)
+    pos = outs[:, None, :] * torch.tensor(geom.stride, dtype=torch.int64) + toff[None]  # (O, T, d)
+    inside = ((pos >= 0) & (pos < torch.tensor(geom.spatial, dtype=torch.int64))).all(-1)
+    flat = torch.zeros(pos.shape[:2], dtype=torch.int64)
+    for ax in range(len(geom.spatial)):
+        flat = flat * geom.spatial[ax] + pos[..., ax].clamp(0, geom.spatial[ax] - 1)
+    n_out, n_pix = outs.shape[0], math.prod(geom.spatial)
+    o_idx, k_idx = torch.nonzero(inside, as_tuple=True)
+    sel = torch.zeros(t_n, n_out, n_pix, dtype=torch.float64, device=device)
+    sel[k_idx.to(device), o_idx.to(device), flat[o_idx, k_idx].to(device)] = 1.0
+    a = (wg.reshape(g * co * ci, t_n) @ sel.reshape(t_n, n_out * n_pix)).reshape(g, co, ci, n_out, n_pix)
+    return a.permute(0, 1, 3, 2, 4).reshape(g, co * n_out, ci * n_pix)
+
+
+def _selection_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -> tuple[torch.Tensor, float]:
+    """``A_g^T A_g`` per group from :func:`conv_group_matrices` (a chunk of groups at a time), with rounding
+    bound ``4 (m + 2) u max_g ||A_g||_F^2``, ``m = c_out/g * O``. Cheaper than :func:`conv_input_gram`'s
+    scatter of tap products when the groups are thin (depthwise): see :func:`_small_conv_norm`."""
+    g = geom.groups
+    per = (w.shape[0] // g) * math.prod(geom.out) * w.shape[1] * math.prod(geom.spatial)
+    step = max(1, CHUNK_ENTRIES // max(per, 1))
+    grams, frob = [], 0.0
+    for start in range(0, g, step):
+        a = conv_group_matrices(w, geom, device, slice(start, min(g, start + step)))
+        frob = max(frob, float(a.square().sum((1, 2)).max()))
+        grams.append(a.mT @ a)
+    m = (w.shape[0] // g) * math.prod(geom.out)
+    return torch.cat(grams), 4.0 * (m + 2) * U64 * frob
+
+
 def _small_conv_norm(weight: torch.Tensor, attrs: dict, transposed: bool, in_shape: Sequence[int],
                      device: torch.device, geom: ConvGeometry | None = None) -> NormResult | None:
     """Exact norm of a small conv. Zero padding (at most ``SMALL_CONV_INPUTS`` inputs per group): its
@@ -1141,7 +1207,13 @@ def _small_conv_norm(weight: torch.Tensor, attrs: dict, transposed: bool, in_sha
         if (per_group > SMALL_CONV_INPUTS or geom.groups * per_group * per_group > SMALL_CONV_GRAM_ENTRIES
                 or not _worth_materialising(geom.groups, per_group, geom)):
             return None
-        gram, err = conv_input_gram(weight, geom, device)
+        # thin groups: A_g^T A_g by a dense matmul (2 c_out/g P^2 flops per input) beats scattering the tap
+        # products (~400 flops' time per scattered entry, T^2 of them per output) by far
+        t_n = math.prod(geom.kernel)
+        if (weight.shape[0] // geom.groups) * math.prod(geom.spatial) ** 2 <= 200 * t_n * t_n:
+            gram, err = _selection_input_gram(weight, geom, device)
+        else:
+            gram, err = conv_input_gram(weight, geom, device)
         r = gram_norm(gram, err)
         return NormResult(r.upper, True, "materialised-" + r.method, r.lower, {"gram": tuple(gram.shape)})
     if n_in > SMALL_CONV_INPUTS or (geom is not None and not _worth_materialising(1, n_in, geom)):

@@ -386,14 +386,14 @@ def test_certify_autocorrelation_brackets_the_top_block(i, estimate_blocks, monk
 
 
 def test_threaded_cholesky_agrees_with_one_call(monkeypatch):
-    """cholesky_in_place splits a batch of small blocks over threads: same verdicts as one LAPACK call."""
+    """cholesky_in_place factors cache-sized chunks on threads: same verdicts as one LAPACK call."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     torch.manual_seed(11)
-    a = torch.randn(40, 24, 30, dtype=torch.complex128)
+    a = torch.randn(40, 128, 160, dtype=torch.complex128)  # 16 blocks per cache-sized chunk: 3 chunks
     h = a @ a.mH
     lam = torch.linalg.eigvalsh(h)[:, -1]
     c = float(lam.median())
-    m = c * torch.eye(24, dtype=torch.complex128) - h
+    m = c * torch.eye(128, dtype=torch.complex128) - h
     ok = norms.cholesky_in_place(m.clone().mT)
     expect = torch.linalg.cholesky_ex(m)[1] == 0
     assert bool((ok == expect).all()) and 0 < int(ok.sum()) < 40
@@ -426,12 +426,11 @@ def test_one_cell_convs_report_the_exact_interval(kernel, stride, pad, monkeypat
     assert r.lower is not None and ex * (1 - 1e-9) <= r.lower <= ex * (1 + 1e-9) and ex <= r.upper <= ex * 1.001
 
 
-def test_many_large_gram_blocks_take_one_batched_certificate(monkeypatch):
-    """Past DENSE_SVD_MAX, many blocks (depthwise convs per group) get one batched Lanczos + Cholesky
-    certificate: brackets the largest block norm, lower is a float64 Rayleigh quotient below it."""
-    monkeypatch.setattr(norms, "DENSE_SVD_MAX", 8)
+def test_many_gram_blocks_take_one_batched_certificate():
+    """Many blocks (depthwise convs per group) get one batched Lanczos + Cholesky certificate instead of
+    eigenvalues: brackets the largest block norm, lower is a float64 Rayleigh quotient below it."""
     torch.manual_seed(13)
-    a = torch.randn(12, 20, 30, dtype=torch.float64)
+    a = torch.randn(12, norms.BATCHED_GRAM_MIN + 8, 60, dtype=torch.float64)
     h = a @ a.mT
     true = math.sqrt(float(torch.linalg.eigvalsh(h)[:, -1].max()))
     r = norms.gram_norm(h, 0.0)
