@@ -447,3 +447,20 @@ def test_depthwise_materialised_only_where_cheap_or_small(n, materialised):
     m = nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False)
     r = norms.conv_norm(lambda x: m(x), (1, 48, n, n), CTX, m.weight, _attrs(m))
     assert r.method.startswith("materialised") == materialised
+
+
+@pytest.mark.parametrize("kernel, stride, pad, n", [((1, 5), 1, (0, 2), (6, 9)), ((5, 1), (2, 1), (2, 1), (7, 5)),
+                                                    ((1, 3), 2, 1, (7, 7))])
+def test_pointwise_axes_dropped_keep_the_exact_norm(kernel, stride, pad, n, monkeypatch):
+    """A 1xk conv is a direct sum over the kernel-1 axis: materialised on one row it gives the exact norm of
+    the whole op (Inception's 1x7 / 7x1 convs)."""
+    torch.manual_seed(15)
+    m = nn.Conv2d(4, 5, kernel, stride=stride, padding=pad, bias=False)
+    op, _ = _op64(m)
+    ex = exact_norm(op, (1, 4, *n))
+    geom = norms.geometry_from_attrs(_attrs(m), m.weight, n)
+    small = norms.drop_pointwise_axes(geom)
+    assert math.prod(small.spatial) < math.prod(n)
+    monkeypatch.setattr(norms, "SMALL_CONV_INPUTS", 4 * max(small.spatial))  # only the reduced op fits
+    r = norms.conv_norm(lambda x: op(x.double()).float(), (1, 4, *n), CTX, m.weight, _attrs(m))
+    assert r.method.startswith("materialised") and ex <= r.upper <= ex * (1 + 1e-8)
