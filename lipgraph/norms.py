@@ -27,11 +27,13 @@ Rounding. Weights are converted to float64 / complex128 exactly. The
 certified values add explicit bounds for (a) the rounding in forming the
 blocks, ``||B_hat - B|| <= c1 u ||sum_k |W_k| ||_F``; (b) forming the Gram
 matrices, ``||H_hat - B B^H|| <= 4 (m + 2) u ||B||_F^2`` (from the
-autocorrelation kernel: ``2 (c_in + P + S + 32) u ||sum_k |W_k| ||_F^2``, see
+autocorrelation kernel: ``2 (c_in + P + S + 128) u ||sum_k |W_k| ||_F^2``, see
 :func:`autocorrelation`); (c) Cholesky:
-success of floating-point Cholesky on ``M = (c - e - a) I - H_hat`` with
+success of floating-point Cholesky on ``M = (c - e - a - 4uc) I - H_hat`` with
 ``a = 8 (n + 2) n u c`` proves ``M + E`` positive definite for
-``||E|| <= a`` (Demmel 1989, Rump 2006), hence ``lambda_max(H_hat) < c - e``;
+``||E|| <= a`` (Demmel 1989, Rump 2006), hence ``lambda_max(H_hat) < c - e``
+(``4uc`` covers rounding the shift and the diagonal, :func:`cholesky_shift`; the
+blocks may be built already shifted, since negating the phases is exact);
 and (d) LAPACK eigenvalues, accurate to ``p(n) u ||H||``, covered by the
 relative ``ROUNDING_MARGIN`` (1e-9, far above ``64 n u`` for any n < 1e5).
 ``u = 2^-53`` is the float64 unit roundoff.
