@@ -464,3 +464,28 @@ def test_pointwise_axes_dropped_keep_the_exact_norm(kernel, stride, pad, n, monk
     monkeypatch.setattr(norms, "SMALL_CONV_INPUTS", 4 * max(small.spatial))  # only the reduced op fits
     r = norms.conv_norm(lambda x: op(x.double()).float(), (1, 4, *n), CTX, m.weight, _attrs(m))
     assert r.method.startswith("materialised") and ex <= r.upper <= ex * (1 + 1e-8)
+
+
+def test_block_traces_are_groups_by_frequencies():
+    """block_traces is (groups, F) like gram_blocks_at; the depthwise shortcut names the top block."""
+    _, _, ac = _autocorr_case(2, 600)  # 2 groups
+    freqs, _ = norms.half_spectrum(ac.coarse)
+    h = norms.gram_blocks_at(ac, freqs)
+    tr = norms.block_traces(ac, freqs)
+    assert tr.shape == h.shape[:2]
+    assert torch.allclose(tr, h.diagonal(dim1=-2, dim2=-1).real.sum(-1), atol=1e-9)
+    torch.manual_seed(601)
+    w = torch.randn(5, 1, 3, 3)  # depthwise: 1x1 blocks
+    geom = norms.ConvGeometry((6, 7), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), 5)
+    acd = norms.autocorrelation(w, geom, geom.min_torus(), torch.device("cpu"))
+    r, fr = norms.certify_autocorrelation(acd)
+    lam = norms.gram_blocks_at(acd, fr).real.reshape(-1)
+    assert int(torch.argmax(lam)) == r.index and float(lam.max()) <= r.upper <= float(lam.max()) * (1 + 1e-12)
+
+
+def test_one_cell_circular_needs_the_ops_own_torus():
+    """A circular one-cell conv is exact only when the stride divides the size (else the bound is the stride-1
+    conv's, and its estimate is not attained)."""
+    ok = norms.ConvGeometry((6,), (2,), (2,), (1,), (0,), (0,), 1, "circular")
+    bad = norms.ConvGeometry((5,), (2,), (2,), (1,), (0,), (0,), 1, "circular")
+    assert norms._one_cell_attained(ok) and not norms._one_cell_attained(bad)
