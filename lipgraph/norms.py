@@ -1125,6 +1125,28 @@ SMALL_CONV_INPUTS = 4096
 SMALL_CONV_GRAM_ENTRIES = 1 << 25
 
 
+def _tap_reads(geom: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which input pixel each tap reads at each output of a zero-padded conv: ``inside`` (O, T) says the read
+    is in the signal, ``flat`` (O, T) its row-major pixel index (clamped where it is not)."""
+    outs = _grid_rows([range(o) for o in geom.out])  # (O, d)
+    toff = _grid_rows(_tap_offsets(geom))  # (T, d)
+    pos = outs[:, None, :] * torch.tensor(geom.stride, dtype=torch.int64) + toff[None]  # (O, T, d)
+    inside = ((pos >= 0) & (pos < torch.tensor(geom.spatial, dtype=torch.int64))).all(-1)
+    flat = torch.zeros(pos.shape[:2], dtype=torch.int64)
+    for ax in range(len(geom.spatial)):
+        flat = flat * geom.spatial[ax] + pos[..., ax].clamp(0, geom.spatial[ax] - 1)
+    return inside, flat
+
+
+def _tap_selection(geom: ConvGeometry, device: torch.device) -> torch.Tensor:
+    """The 0/1 matrices ``S_k`` (T, O, P): ``S_k[o, p] = 1`` where tap ``k`` reads pixel ``p`` at output ``o``."""
+    inside, flat = _tap_reads(geom)
+    o_idx, k_idx = torch.nonzero(inside, as_tuple=True)
+    sel = torch.zeros(inside.shape[1], inside.shape[0], math.prod(geom.spatial), dtype=torch.float64, device=device)
+    sel[k_idx.to(device), o_idx.to(device), flat[o_idx, k_idx].to(device)] = 1.0
+    return sel
+
+
 def conv_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -> tuple[torch.Tensor, float]:
     """Exact-structure Gram matrix ``A^T A`` of a zero-padded conv on its input (per group):
     (g, c_in/g * P, c_in/g * P), ``P`` input pixels (row-major, channels inner), float64, and a bound on
@@ -1138,16 +1160,7 @@ def conv_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -
     co, ci = w64.shape[0] // g, w64.shape[1]
     taps = w64.reshape(g, co, ci, -1).permute(0, 3, 1, 2)  # (g, T, co, ci)
     t_n = taps.shape[1]
-    nd = len(geom.spatial)
-    outs = _grid_rows([range(o) for o in geom.out])  # (O, d)
-    toff = _grid_rows(_tap_offsets(geom))  # (T, d)
-    stride = torch.tensor(geom.stride, dtype=torch.int64)
-    size = torch.tensor(geom.spatial, dtype=torch.int64)
-    pos = outs[:, None, :] * stride + toff[None, :, :]  # (O, T, d) input position read by tap k at output o
-    inside = ((pos >= 0) & (pos < size)).all(-1)  # (O, T)
-    flat = torch.zeros(pos.shape[:2], dtype=torch.int64)
-    for ax in range(nd):
-        flat = flat * geom.spatial[ax] + pos[..., ax].clamp(0, geom.spatial[ax] - 1)
+    inside, flat = _tap_reads(geom)
     used = torch.nonzero(inside.any(0)).flatten()  # taps that ever read the signal
     slot = torch.full((t_n,), -1, dtype=torch.int64)
     slot[used] = torch.arange(used.numel())
@@ -1155,7 +1168,7 @@ def conv_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -
     prod = torch.einsum("gkoc,glod->gklcd", tu, tu)  # W_k^T W_l over the used taps: (g, U, U, ci, ci)
     o_idx, k_idx = torch.nonzero(inside, as_tuple=True)
     # all (k, l) pairs at the same output: p = flat[o, k], q = flat[o, l]
-    per_o = torch.zeros(outs.shape[0], dtype=torch.int64).index_add_(0, o_idx, torch.ones_like(o_idx))
+    per_o = torch.zeros(inside.shape[0], dtype=torch.int64).index_add_(0, o_idx, torch.ones_like(o_idx))
     first = torch.cumsum(per_o, 0) - per_o
     pairs_o, pairs_a, pairs_b = [], [], []
     for cnt in torch.unique(per_o).tolist():
@@ -1193,27 +1206,18 @@ def _worth_materialising(groups: int, per_group: int, geom: ConvGeometry) -> boo
 
 
 def conv_group_matrices(w: torch.Tensor, geom: ConvGeometry, device: torch.device,
-                        groups: slice | None = None) -> torch.Tensor:
+                        groups: slice | None = None, sel: torch.Tensor | None = None) -> torch.Tensor:
     """The exact matrices ``A_g`` (g, c_out/g * O, c_in/g * P) of a zero-padded conv, per group (rows: output
     channel major, then output pixel; columns: input channel major, then pixel): ``A_g = sum_k W_gk (x) S_k``
     with ``S_k`` (O x P) selecting the pixel tap ``k`` reads at each output. For one output and pixel at most
-    one tap matches, so every entry is one weight or zero: exact. One matmul ``(g co ci, T) @ (T, O P)``."""
+    one tap matches, so every entry is one weight or zero: exact. One matmul ``(g co ci, T) @ (T, O P)``
+    (``sel``: :func:`_tap_selection`, when the caller already has it)."""
     sl = groups if groups is not None else slice(0, geom.groups)
     co = w.shape[0] // geom.groups
     wg = w.detach().to(device=device, dtype=torch.float64)[sl.start * co: sl.stop * co]
     g, ci = sl.stop - sl.start, w.shape[1]
-    t_n = wg[0, 0].numel()
-    outs = _grid_rows([range(o) for o in geom.out])  # (O, d)
-    toff = _grid_rows(_tap_offsets(geom))  # (T, d)
-    pos = outs[:, None, :] * torch.tensor(geom.stride, dtype=torch.int64) + toff[None]  # (O, T, d)
-    inside = ((pos >= 0) & (pos < torch.tensor(geom.spatial, dtype=torch.int64))).all(-1)
-    flat = torch.zeros(pos.shape[:2], dtype=torch.int64)
-    for ax in range(len(geom.spatial)):
-        flat = flat * geom.spatial[ax] + pos[..., ax].clamp(0, geom.spatial[ax] - 1)
-    n_out, n_pix = outs.shape[0], math.prod(geom.spatial)
-    o_idx, k_idx = torch.nonzero(inside, as_tuple=True)
-    sel = torch.zeros(t_n, n_out, n_pix, dtype=torch.float64, device=device)
-    sel[k_idx.to(device), o_idx.to(device), flat[o_idx, k_idx].to(device)] = 1.0
+    sel = _tap_selection(geom, device) if sel is None else sel
+    t_n, n_out, n_pix = sel.shape
     a = (wg.reshape(g * co * ci, t_n) @ sel.reshape(t_n, n_out * n_pix)).reshape(g, co, ci, n_out, n_pix)
     return a.permute(0, 1, 3, 2, 4).reshape(g, co * n_out, ci * n_pix)
 
@@ -1226,8 +1230,9 @@ def _selection_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.dev
     per = (w.shape[0] // g) * math.prod(geom.out) * w.shape[1] * math.prod(geom.spatial)
     step = max(1, CHUNK_ENTRIES // max(per, 1))
     grams, frob = [], 0.0
+    sel = _tap_selection(geom, device)  # shared by every chunk of groups
     for start in range(0, g, step):
-        a = conv_group_matrices(w, geom, device, slice(start, min(g, start + step)))
+        a = conv_group_matrices(w, geom, device, slice(start, min(g, start + step)), sel)
         frob = max(frob, float(a.square().sum((1, 2)).max()))
         grams.append(a.mT @ a)
     m = (w.shape[0] // g) * math.prod(geom.out)

@@ -45,6 +45,17 @@ def _op64(m: nn.Module):
     return norms._conv64(m.weight, _attrs(m), transposed, torch.device("cpu")), transposed
 
 
+def _materialised_exact(m: nn.Module, shape: tuple[int, ...], method: str = "materialised",
+                        batch: int = 1) -> tuple[norms.NormResult, float]:
+    """conv_norm of ``m`` on inputs ``(batch, *shape)`` took the ``method`` route and its certified value lies in
+    ``[exact, exact (1 + 1e-8)]`` (exact: the dense float64 matrix's norm). Returns the result and the norm."""
+    op, _ = _op64(m)
+    ex = exact_norm(op, (1, *shape))
+    r = norms.conv_norm(lambda x: op(x.double()).float(), (batch, *shape), CTX, m.weight, _attrs(m))
+    assert r.method.startswith(method) and ex <= r.upper <= ex * (1 + 1e-8)
+    return r, ex
+
+
 # --- dense -----------------------------------------------------------------------------------------
 
 
@@ -85,7 +96,7 @@ def test_certify_psd_max_brackets_the_maximum():
     r = norms.certify_psd_max(h.clone(), 0.0)
     assert true <= r.upper <= true * (1 + 2 * norms.CHOLESKY_DELTA)
     # a bad (too low) estimate only costs Cholesky tests, never soundness
-    r2 = norms.certify_psd_max(h.clone(), 0.0, power_iters=0)
+    r2 = norms.certify_psd_max(h.clone(), 0.0, power_iters=0, lanczos_steps=0)  # a random Rayleigh quotient
     assert true <= r2.upper <= true * (1 + 2 * norms.CHOLESKY_DELTA)
 
 
@@ -173,11 +184,7 @@ def test_conv_identity_kernel_rounding():
 
 def test_small_conv_is_materialised_exactly():
     torch.manual_seed(6)
-    m = nn.Conv2d(3, 5, 3, padding=1, stride=2)
-    op, _ = _op64(m)
-    ex = exact_norm(op, (1, 3, 9, 9))
-    r = norms.conv_norm(lambda x: op(x.double()).float(), (2, 3, 9, 9), CTX, m.weight, _attrs(m))
-    assert r.method.startswith("materialised") and ex <= r.upper <= ex * (1 + 1e-8)
+    _materialised_exact(nn.Conv2d(3, 5, 3, padding=1, stride=2), (3, 9, 9), batch=2)
 
 
 def test_warm_started_lower_is_close(monkeypatch):
@@ -319,11 +326,7 @@ def test_conv_input_gram_is_the_exact_gram(i):
 
 def test_small_zero_padded_conv_uses_the_tap_gram():
     torch.manual_seed(11)
-    m = nn.Conv2d(6, 8, 3, padding=1, stride=2)
-    op, _ = _op64(m)
-    ex = exact_norm(op, (1, 6, 7, 7))
-    r = norms.conv_norm(lambda x: op(x.double()).float(), (1, 6, 7, 7), CTX, m.weight, _attrs(m))
-    assert r.method.startswith("materialised-gram") and ex <= r.upper <= ex * (1 + 1e-8)
+    r, ex = _materialised_exact(nn.Conv2d(6, 8, 3, padding=1, stride=2), (6, 7, 7), "materialised-gram")
     assert r.lower is not None and ex * (1 - 1e-6) <= r.lower <= ex * (1 + 1e-9)
 
 
@@ -331,11 +334,7 @@ def test_depthwise_conv_on_a_small_map_is_exact_per_group():
     """Depthwise 7x7 on a 7x7 map (ConvNeXt's last stage): the torus bound is far off there; the per-group
     Gram matrices make it exact."""
     torch.manual_seed(13)
-    m = nn.Conv2d(6, 6, 7, padding=3, groups=6)
-    op, _ = _op64(m)
-    ex = exact_norm(op, (1, 6, 7, 7))
-    r = norms.conv_norm(lambda x: op(x.double()).float(), (1, 6, 7, 7), CTX, m.weight, _attrs(m))
-    assert r.method.startswith("materialised-gram") and ex <= r.upper <= ex * (1 + 1e-8)
+    _materialised_exact(nn.Conv2d(6, 6, 7, padding=3, groups=6), (6, 7, 7), "materialised-gram")
 
 
 # --- the certificate without stored blocks (certify_autocorrelation) ---------------------------------
@@ -456,14 +455,10 @@ def test_pointwise_axes_dropped_keep_the_exact_norm(kernel, stride, pad, n, monk
     the whole op (Inception's 1x7 / 7x1 convs)."""
     torch.manual_seed(15)
     m = nn.Conv2d(4, 5, kernel, stride=stride, padding=pad, bias=False)
-    op, _ = _op64(m)
-    ex = exact_norm(op, (1, 4, *n))
-    geom = norms.geometry_from_attrs(_attrs(m), m.weight, n)
-    small = norms.drop_pointwise_axes(geom)
+    small = norms.drop_pointwise_axes(norms.geometry_from_attrs(_attrs(m), m.weight, n))
     assert math.prod(small.spatial) < math.prod(n)
     monkeypatch.setattr(norms, "SMALL_CONV_INPUTS", 4 * max(small.spatial))  # only the reduced op fits
-    r = norms.conv_norm(lambda x: op(x.double()).float(), (1, 4, *n), CTX, m.weight, _attrs(m))
-    assert r.method.startswith("materialised") and ex <= r.upper <= ex * (1 + 1e-8)
+    _materialised_exact(m, (4, *n))
 
 
 def test_block_traces_are_groups_by_frequencies():
