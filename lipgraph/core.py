@@ -1,0 +1,99 @@
+"""The leaf of lipgraph: what a number is, how it is written, and the settings of an analysis.
+
+Nothing here imports anything from lipgraph; every other layer may import this module
+(core <- ir <- ops/norms <- bounds <- analyze <- report <- render/cli).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+INF = math.inf
+
+#: Relative margin added to constants computed numerically in float64 (Gram eigenvalues,
+#: Cholesky certificates) to cover floating-point rounding. Float64 LAPACK eigenvalues are
+#: accurate to ~1e-15 relative; 1e-9 is ample.
+ROUNDING_MARGIN = 1e-9
+
+
+class Status(str, Enum):
+    """How a number was obtained, and so what it proves.
+
+    ``EXACT``: the true value in closed form (up to rounding, accounted for).
+    ``CERTIFIED``: a proven upper bound, floating-point rounding accounted for.
+    ``ESTIMATE``: a numerical estimate (power method, greedy search): no proof either way.
+    ``ATTAINED``: a value the model attains (a Jacobian norm or secant ratio): a lower bound.
+    ``ASSUMED``: supplied by the user and not verified.
+    ``NOT_LIPSCHITZ``: the op has no finite constant (a jump, an unbounded slope): ``inf``.
+    ``NO_RULE``: lipgraph has no sound rule for the op (or for its parameters): ``inf``.
+    """
+
+    EXACT = "exact"
+    CERTIFIED = "certified"
+    ESTIMATE = "estimate"
+    ATTAINED = "attained"
+    ASSUMED = "assumed"
+    NOT_LIPSCHITZ = "not-lipschitz"
+    NO_RULE = "no-rule"
+
+    @property
+    def proven(self) -> bool:
+        """True when an upper bound with this status is a proof (``inf`` is trivially one)."""
+        return self in (Status.EXACT, Status.CERTIFIED, Status.NOT_LIPSCHITZ, Status.NO_RULE)
+
+
+def json_float(x: float | None) -> float | str | None:
+    """A float for strict JSON: non-finite values become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
+    if x is None:
+        return None
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if math.isnan(x):
+        return "nan"
+    return float(x)
+
+
+def format_number(x: float | None, digits: int = 3, *, unicode_inf: bool = False) -> str:
+    """The one float formatter: ``digits`` significant digits, scientific outside [1e-3, 1e4).
+
+    ``2.59``, ``1.02e4``, ``inf`` (``∞`` with ``unicode_inf``); ``None`` and NaN print as ``?``.
+    Stable across machines (no locale, no platform repr).
+    """
+    if x is None or math.isnan(x):
+        return "?"
+    if math.isinf(x):
+        if unicode_inf:
+            return "∞" if x > 0 else "-∞"
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e4:
+        s = f"{x:.{digits}g}"
+        if "e" not in s:
+            return s
+    mant, exp = f"{x:.{max(digits - 1, 0)}e}".split("e")
+    if "." in mant:
+        mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
+
+
+@dataclass
+class Settings:
+    """What a rule or a bound algorithm may use: the device, the norm effort, the seed and the work budgets.
+
+    Budgets count work (iterations, explored nodes), never seconds, so the same model and settings
+    give the same numbers on any machine at any load.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    power_iterations: int = 100
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+__all__ = ["INF", "ROUNDING_MARGIN", "Settings", "Status", "format_number", "json_float"]
