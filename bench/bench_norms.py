@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lipgraph  # noqa: E402
 from lipgraph import ir, norms  # noqa: E402
 from lipgraph.bounds import affine, autolip  # noqa: E402
-from lipgraph.ops import BoundContext, LocalConstant  # noqa: E402
+from lipgraph.ops import LocalConstant, Settings  # noqa: E402
 from lipgraph.ops.linear import conv_apply, conv_transpose_apply  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def run(name: str, res: int, args: argparse.Namespace, out: list[str]) -> None:
         _bn_stats(model, 0)
     x = torch.randn(1, 3, res, res)
     g = lipgraph.trace(model, x)
-    ctx = BoundContext(device=torch.device(args.device), power_iterations=args.max_iter)
+    ctx = Settings(device=torch.device(args.device), power_iterations=args.max_iter)
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -142,7 +142,7 @@ SUMMARY_HEAD = (f"{'model':<20} {'res':>4} {'layers':>6} {'t_seed':>8} {'t_tol':
                 f"{'max c/p':>8} {'<=1%':>9}")
 
 
-def local_constants_one(g, n: ir.IRNode, ctx: BoundContext) -> LocalConstant:
+def local_constants_one(g, n: ir.IRNode, ctx: Settings) -> LocalConstant:
     """The local constant of one node (what lipgraph.bounds.local.local_constants does per node)."""
     rule = lipgraph.ops.RULES.get(n.op)
     if rule is None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import lipgraph
 from lipgraph import norms
-from lipgraph.ops import BoundContext
+from lipgraph.ops import Settings
 
 MODELS = [
     "alexnet", "vgg11", "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "densenet121", "googlenet",
@@ -55,7 +55,7 @@ def use_cheap_norms() -> None:
     """Replace conv norms and dense norms of matrices wider than 512 by 20-step power-method estimates."""
     dense = norms.dense_norm
 
-    def conv_norm(fwd: Callable[..., Any], in_shape: Any, ctx: BoundContext, weight: Any = None, attrs: Any = None,
+    def conv_norm(fwd: Callable[..., Any], in_shape: Any, ctx: Settings, weight: Any = None, attrs: Any = None,
                   **kwargs: Any) -> norms.NormResult:
         if weight is None or attrs is None or "output_padding" in attrs:
             return norms.linear_op_estimate(fwd, in_shape, ctx)
@@ -67,7 +67,7 @@ def use_cheap_norms() -> None:
     def dense_norm(w: torch.Tensor, device: Any = None) -> norms.NormResult:
         if min(w.shape[-2:]) <= 512:
             return dense(w, device)
-        ctx = BoundContext(power_iterations=20)
+        ctx = Settings(power_iterations=20)
         return norms.linear_op_estimate(lambda v: v @ w.detach().to(v).T, (w.shape[-1],), ctx)
 
     norms.conv_norm = conv_norm

@@ -26,7 +26,7 @@ from seqlip_common import DOCS, jacobian_lower_bound, markdown_table  # noqa: E4
 import lipgraph  # noqa: E402
 from lipgraph.bounds import seqlip  # noqa: E402
 from lipgraph.bounds.local import local_constants  # noqa: E402
-from lipgraph.ops import BoundContext  # noqa: E402
+from lipgraph.ops import Settings  # noqa: E402
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,7 +66,7 @@ def evaluate(name: str, model: nn.Module, example: torch.Tensor, budget: float, 
              estimate: bool, lower_points: torch.Tensor | None) -> dict[str, object]:
     model.eval()
     g = lipgraph.trace(model, example)
-    local = {k: v[0] for k, v in local_constants(g, BoundContext()).items()}
+    local = {k: v[0] for k, v in local_constants(g, Settings()).items()}
     from lipgraph.bounds import autolip
 
     auto = autolip.autolip(g, local)[g.graph["output"]]

@@ -16,7 +16,7 @@ from .bounds.local import UserConstant, local_constants
 from .bounds.lower import lower_bound
 from .errors import InputShapeError, LipgraphError
 from .frontends import fx as fx_frontend
-from .ops import BoundContext, LocalConstant, register_rule
+from .ops import LocalConstant, Settings, register_rule
 from .report import BoundResult, NodeReport, Report
 
 Progress = Callable[[str, int, int], None]
@@ -83,7 +83,7 @@ def analyze(
     seconds["trace"] = time.perf_counter() - t0
     inputs_shapes = [ir.node(g, n).out_shape for n in g.graph["inputs"]]
 
-    ctx = BoundContext(device=dev, power_iterations=power_iterations)
+    ctx = Settings(device=dev, power_iterations=power_iterations)
     t0 = time.perf_counter()
     cb = (lambda i, n, node: progress("constants", i, n)) if progress else None
     local_full = local_constants(g, ctx, constants, cb)
@@ -173,7 +173,7 @@ def analyze(
     )
 
 
-def _seqlip(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: BoundContext):
+def _seqlip(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings):
     """AutoLip with SeqLip on linear-chain segments, when the SeqLip module is present."""
     try:
         from .bounds import seqlip  # noqa: PLC0415 - added by the SeqLip work
@@ -206,7 +206,7 @@ def _node_report(n: ir.IRNode, lc: LocalConstant, c: autolip_mod.Cumulative, sec
 
 def register_op(
     kind: str,
-    lipschitz: Callable[[ir.IRNode, BoundContext], LocalConstant] | float,
+    lipschitz: Callable[[ir.IRNode, Settings], LocalConstant] | float,
     *,
     module: type | None = None,
     function: Callable[..., Any] | None = None,
@@ -225,7 +225,7 @@ def register_op(
     if not callable(lipschitz):
         value = float(lipschitz)
 
-        def rule_fn(node: ir.IRNode, ctx: BoundContext, _v: float = value) -> LocalConstant:
+        def rule_fn(node: ir.IRNode, ctx: Settings, _v: float = value) -> LocalConstant:
             return LocalConstant([_v] * len(node.inputs), certified, "user-rule")
 
         lipschitz = rule_fn

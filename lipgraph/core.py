@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ INF = math.inf
 ROUNDING_MARGIN = 1e-9
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     """How a number was obtained, and so what it proves.
 
     ``EXACT``: the true value in closed form (up to rounding, accounted for).

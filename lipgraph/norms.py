@@ -51,7 +51,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from .ops.registry import ROUNDING_MARGIN, BoundContext
+from .core import ROUNDING_MARGIN, Settings
 
 U64 = 2.0**-53
 #: Relative slack of the Cholesky certificate on lambda_max (0.1% on sigma^2, i.e. <= 0.05% on sigma).
@@ -431,7 +431,7 @@ def dense_norm(w: torch.Tensor, device: torch.device | str | None = None) -> Nor
 def power_method(
     op: Callable[[torch.Tensor], torch.Tensor],
     in_shape: Sequence[int],
-    ctx: BoundContext,
+    ctx: Settings,
     iterations: int | None = None,
     dtype: torch.dtype = torch.float32,
     x0: torch.Tensor | None = None,
@@ -481,7 +481,7 @@ def power_method(
 
 
 def linear_op_estimate(
-    op: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int], ctx: BoundContext
+    op: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int], ctx: Settings
 ) -> NormResult:
     """Power-method estimate of a linear op's norm (not certified)."""
     s = power_method(op, in_shape, ctx)
@@ -1278,7 +1278,7 @@ def _small_conv_norm(weight: torch.Tensor, attrs: dict, transposed: bool, in_sha
 
 
 def conv_norm(forward_no_bias: Callable[[torch.Tensor], torch.Tensor], in_shape: Sequence[int],
-              ctx: BoundContext, weight: torch.Tensor | None = None, attrs: dict | None = None,
+              ctx: Settings, weight: torch.Tensor | None = None, attrs: dict | None = None,
               out_shape: Sequence[int] | None = None, transposed: bool = False, lower: bool = True) -> NormResult:
     """Norm of a convolution (or transposed convolution) at the traced input size: an interval.
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import lipgraph
 from lipgraph import norms
-from lipgraph.ops import RULES, BoundContext, LocalConstant
+from lipgraph.ops import RULES, LocalConstant, Settings
 
 
 def dense_jacobian(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ def as_double(model: nn.Module) -> nn.Module:
 def node_constants(model: nn.Module, x: torch.Tensor, op: str) -> list[LocalConstant]:
     """The rule constants of every IR node of kind ``op`` in ``model`` traced at ``x``."""
     g = lipgraph.trace(model, x)
-    ctx = BoundContext(power_iterations=200)
+    ctx = Settings(power_iterations=200)
     out = [RULES[n.op].lipschitz(n, ctx) for n in lipgraph.ir.nodes(g) if n.op == op]
     assert out, f"no {op!r} node in {lipgraph.ir.summary(g)}"
     return out
@@ -82,7 +82,7 @@ def cheap_norms(monkeypatch: pytest.MonkeyPatch) -> None:
     def dense_norm(w: torch.Tensor, device=None):  # type: ignore[no-untyped-def]
         if min(w.shape[-2:]) <= 512:
             return dense(w, device)
-        ctx = BoundContext(power_iterations=3)
+        ctx = Settings(power_iterations=3)
         return norms.linear_op_estimate(lambda v: v @ w.detach().to(v).T, (w.shape[-1],), ctx)
 
     monkeypatch.setattr(norms, "conv_norm", conv_norm)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import lipgraph
 from lipgraph.bounds import affine
 from lipgraph.bounds.local import local_constants
-from lipgraph.ops import BoundContext
+from lipgraph.ops import Settings
 
 
 def model_norm(m: nn.Module, shape: tuple[int, ...]) -> float:
@@ -73,7 +73,7 @@ def test_path_folding_without_materialisation(monkeypatch):
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _bn(8, 1), nn.Conv2d(8, 8, 1), _bn(8, 2)).eval()
     ex = model_norm(m, (1, 3, 10, 10))
     g = lipgraph.trace(m, torch.randn(1, 3, 10, 10))
-    ctx = BoundContext()
+    ctx = Settings()
     local = {k: v[0] for k, v in local_constants(g, ctx).items()}
     res = affine.fold(g, local, ctx)
     out = g.graph["output"]
@@ -126,7 +126,7 @@ def test_two_entry_region_is_sound_and_tighter():
 def test_regions_and_entries():
     m = Block()
     g = lipgraph.trace(m, torch.randn(1, 4, 6, 6))
-    local = {k: v[0] for k, v in local_constants(g, BoundContext()).items()}
+    local = {k: v[0] for k, v in local_constants(g, Settings()).items()}
     regions = affine.find_regions(g, local)
     sizes = sorted(len(r.entries) for r in regions)
     assert sizes == [1, 2]  # conv-BN (one entry); conv-BN + downsample conv-BN + add (two entries)

@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lipgraph import norms
-from lipgraph.ops.registry import BoundContext
+from lipgraph.ops.registry import Settings
 
-CTX = BoundContext()
+CTX = Settings()
 
 
 def exact_norm(op, shape: tuple[int, ...]) -> float:

@@ -172,9 +172,9 @@ def test_conv_segment_dense_and_fallback():
     x = torch.randn(1, 1, 6, 6)
     g = lipgraph.trace(model, x)
     from lipgraph.bounds.local import local_constants
-    from lipgraph.ops import BoundContext
+    from lipgraph.ops import Settings
 
-    local = {k: v[0] for k, v in local_constants(g, BoundContext()).items()}
+    local = {k: v[0] for k, v in local_constants(g, Settings()).items()}
     res, segs, _ = S.bound(g, local, budget=2.0)
     (seg,) = segs
     assert seg["certified"] and "fallback" not in seg["method"]
@@ -229,9 +229,9 @@ def test_fallback_counts_each_neighbouring_activation_once():
                           nn.Tanh(), nn.Linear(3, 3))
     g = lipgraph.trace(model, torch.randn(1, 4))
     from lipgraph.bounds.local import local_constants
-    from lipgraph.ops import BoundContext
+    from lipgraph.ops import Settings
 
-    local = {k: v[0] for k, v in local_constants(g, BoundContext()).items()}
+    local = {k: v[0] for k, v in local_constants(g, Settings()).items()}
     (seg,) = S.bound(g, local, max_dense=20)[1]
     assert "fallback" in seg["method"] and seg["certified"]
     mats = [m.weight.detach().double() for m in model if isinstance(m, nn.Linear)]

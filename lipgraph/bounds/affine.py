@@ -43,8 +43,8 @@ import torch
 from torch.func import jvp, vjp
 
 from .. import ir, norms
-from ..ops import RULES, BoundContext, LocalConstant
-from ..ops.registry import ROUNDING_MARGIN
+from ..core import ROUNDING_MARGIN
+from ..ops import RULES, LocalConstant, Settings
 from .autolip import Cumulative, Term, autolip_with
 
 #: Materialise a partial map when its smaller side has at most this many entries.
@@ -164,7 +164,7 @@ def _is_pointwise_conv(n: ir.IRNode) -> bool:
             and a["groups"] == 1 and a.get("padding_mode", "zeros") == "zeros")
 
 
-def _form_bound(f: _Form, ctx: BoundContext, cache: dict) -> tuple[float, bool, str]:
+def _form_bound(f: _Form, ctx: Settings, cache: dict) -> tuple[float, bool, str]:
     if f.kind == "num":
         return f.value, f.certified, f.how
     if f.kind == "ident":
@@ -189,7 +189,7 @@ def _form_bound(f: _Form, ctx: BoundContext, cache: dict) -> tuple[float, bool, 
     return abs(f.value) * up, cert, how
 
 
-def _step(n: ir.IRNode, f: _Form, index: int, lc: LocalConstant, ctx: BoundContext, cache: dict) -> _Form:
+def _step(n: ir.IRNode, f: _Form, index: int, lc: LocalConstant, ctx: Settings, cache: dict) -> _Form:
     """The form of entry -> n from the form of entry -> (n's single reachable input, argument ``index``)."""
     ch = _bn_or_channel_scale(n) if n.op in ("batch_norm", "scale") else None
     if ch is not None:
@@ -245,7 +245,7 @@ def _retarget(first: ir.IRNode, last: ir.IRNode) -> ir.IRNode:
 
 
 def _fold_partial(g: nx.DiGraph, region: Region, members: list[str], entry: str, exit_: str,
-                  local: Mapping[str, LocalConstant], ctx: BoundContext, cache: dict) -> tuple[float, bool, str]:
+                  local: Mapping[str, LocalConstant], ctx: Settings, cache: dict) -> tuple[float, bool, str]:
     """Bound on ||J_{entry -> exit}|| by path folding (see the module docstring)."""
     forms: dict[str, _Form] = {entry: _Form("ident")}
     for name in members:
@@ -285,7 +285,7 @@ def _as64(n: ir.IRNode) -> ir.IRNode:
 
 
 def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
-                 ctx: BoundContext) -> float | None:
+                 ctx: Settings) -> float | None:
     """Norm of the exact float64 Jacobian of entry -> exit (others fixed), or None when too large."""
     e_node, x_node = ir.node(g, entry), ir.node(g, exit_)
     n_in, n_out = _numel(e_node.out_shape), _numel(x_node.out_shape)
@@ -343,7 +343,7 @@ def _autolip_partial(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
 # --- the pass ------------------------------------------------------------------------------------------
 
 
-def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: BoundContext,
+def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings,
          materialize: bool = True) -> AffineResult:
     """Bound every region exit by ``sum_e ||J_{e->v}|| L(e)`` and return the AutoLip overrides."""
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from .. import ir, norms
-from ..ops import RULES, BoundContext, LocalConstant
+from ..ops import RULES, LocalConstant, Settings
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def _match(n: ir.IRNode, constants: Mapping[str, float | UserConstant]) -> float
 
 def local_constants(
     g: nx.DiGraph,
-    ctx: BoundContext,
+    ctx: Settings,
     constants: Mapping[str, float | UserConstant] | None = None,
     progress: Callable[[int, int, ir.IRNode], None] | None = None,
 ) -> dict[str, tuple[LocalConstant, float]]:
@@ -50,7 +50,7 @@ def local_constants(
     return out
 
 
-def _run_rules(order: list[ir.IRNode], ctx: BoundContext, constants: Mapping[str, float | UserConstant],
+def _run_rules(order: list[ir.IRNode], ctx: Settings, constants: Mapping[str, float | UserConstant],
                progress: Callable[[int, int, ir.IRNode], None] | None,
                out: dict[str, tuple[LocalConstant, float]]) -> None:
     for i, n in enumerate(order):

@@ -44,8 +44,8 @@ from typing import Any
 import networkx as nx
 import torch
 
-from ..ops import BoundContext, LocalConstant
-from ..ops.registry import ROUNDING_MARGIN
+from ..core import ROUNDING_MARGIN
+from ..ops import LocalConstant, Settings
 from ..report import BoundResult
 from . import autolip as autolip_mod
 from .chains import MAX_DENSE, Segment, find_segments, group_dims, group_matrix
@@ -574,7 +574,7 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
     return out
 
 
-def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: BoundContext | None = None, *,
+def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings | None = None, *,
           budget: float = INNER_BUDGET, max_dense: int = BOUND_MAX_DENSE, total_budget: float = TOTAL_BUDGET,
           estimate: bool = False) -> tuple[BoundResult, list[dict[str, Any]], float]:
     """AutoLip with each segment's SeqLip value in place of the product of its members.

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .registry import BoundContext, LocalConstant, exact, register_rule
+from .registry import LocalConstant, Settings, exact, register_rule
 
 _SELU_SCALE = 1.0507009873554805
 _SELU_ALPHA = 1.6732632423543772
@@ -55,7 +55,7 @@ def _attr(node, name, default):
 def _interval_rule(kind: str, fn, interval, doc: str) -> None:
     """An activation whose slope interval depends on its attributes."""
 
-    def lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    def lipschitz(node, ctx: Settings) -> LocalConstant:
         a, b = interval(node)
         return exact(max(abs(a), abs(b)), "slope-bound")
 
@@ -152,7 +152,7 @@ def _softmax_forward(node, x):
     return F.softmax(x, dim=node.attrs["dim"])
 
 
-def _softmax_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def _softmax_lipschitz(node, ctx: Settings) -> LocalConstant:
     """J = diag(p) - p p^T is PSD with Gershgorin rows 2 p_i (1 - p_i) <= 1/2: L <= 1/2 (certified)."""
     return exact(0.5, "gershgorin")
 
@@ -161,7 +161,7 @@ def _log_softmax_forward(node, x):
     return F.log_softmax(x, dim=node.attrs["dim"])
 
 
-def _log_softmax_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def _log_softmax_lipschitz(node, ctx: Settings) -> LocalConstant:
     """J = I - 1 p^T: ||J|| <= 1 + ||1|| ||p|| <= 1 + sqrt(n), n the softmax dimension (certified)."""
     n = node.in_shapes[0][node.attrs["dim"]]
     return LocalConstant([1.0 + math.sqrt(n)], True, "triangle", lower=math.sqrt(max(n - 1, 0)))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import norms
-from .registry import BoundContext, LocalConstant, register_rule
+from .registry import LocalConstant, Settings, register_rule
 
 
 def _from_norm(r: norms.NormResult) -> LocalConstant:
@@ -27,7 +27,7 @@ def linear_forward(node, x):
     return F.linear(x, node.params["weight"], node.params.get("bias"))
 
 
-def linear_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def linear_lipschitz(node, ctx: Settings) -> LocalConstant:
     """y = W x + b over the last dimension: L = ||W||_2 (certified: float64 SVD, or Gram + Lanczos + Cholesky
     certificate for large W; see lipgraph.norms.dense_norm)."""
     return _from_norm(norms.dense_norm(node.params["weight"], ctx.device))
@@ -58,7 +58,7 @@ def conv_forward(node, x):
     return conv_apply(node, x)
 
 
-def conv_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def conv_lipschitz(node, ctx: Settings) -> LocalConstant:
     """y = conv(x) + b: L = ||conv||_2 at the traced input size, an interval [power-method value,
     certified Fourier bound] (see lipgraph.norms.conv_norm)."""
     shape = node.in_shapes[0]
@@ -83,7 +83,7 @@ def conv_transpose_forward(node, x):
     return conv_transpose_apply(node, x)
 
 
-def conv_transpose_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def conv_transpose_lipschitz(node, ctx: Settings) -> LocalConstant:
     """y = conv_transpose(x) + b: L = ||conv^T||_2 = ||conv|| on the output size, an interval [power-method
     value, certified Fourier bound] (see lipgraph.norms.conv_norm)."""
     shape = node.in_shapes[0]
@@ -118,7 +118,7 @@ def batch_norm_forward(node, x):
     )
 
 
-def batch_norm_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def batch_norm_lipschitz(node, ctx: Settings) -> LocalConstant:
     """Eval BatchNorm is diagonal: y_c = gamma_c (x_c - mu_c) / sqrt(var_c + eps) + beta_c,
     L = max_c |gamma_c| / sqrt(var_c + eps) (exact, float64)."""
     r = norms.diagonal_norm(batch_norm_scale(node))
@@ -151,7 +151,7 @@ def scale_forward(node, x):
     return x / c if node.attrs.get("divide") else x * c
 
 
-def scale_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def scale_lipschitz(node, ctx: Settings) -> LocalConstant:
     """y = x * c or x / c with a constant c (broadcast): L = max_i ||c over x_i's copies||_2,
     i.e. max |c| without broadcasting of x (exact)."""
     c = node.params["const"].detach().to(torch.float64)
@@ -171,7 +171,7 @@ def matmul_const_forward(node, x):
     return torch.matmul(w, x) if node.attrs.get("left") else torch.matmul(x, w)
 
 
-def matmul_const_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def matmul_const_lipschitz(node, ctx: Settings) -> LocalConstant:
     """y = x @ W or W @ x with constant W (batched over leading dims): L = max_batch ||W_b||_2 (SVD,
     certified); when W is broadcast over a batch of x it acts on each slice separately."""
     w = node.params["const"]

@@ -15,7 +15,7 @@ import math
 
 import torch.nn.functional as F
 
-from .registry import BoundContext, LocalConstant, register_rule
+from .registry import LocalConstant, Settings, register_rule
 
 
 def _gamma_max(node) -> float:
@@ -23,7 +23,7 @@ def _gamma_max(node) -> float:
     return float(w.detach().abs().max()) if w is not None and w.numel() else 1.0
 
 
-def _norm_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def _norm_lipschitz(node, ctx: Settings) -> LocalConstant:
     """L = max|gamma| / sqrt(eps) (certified; see the module docstring)."""
     v = _gamma_max(node) / math.sqrt(node.attrs["eps"])
     return LocalConstant([v], True, "1/sqrt(eps)")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import norms
-from .registry import BoundContext, LocalConstant, as_tuple, register_rule
+from .registry import LocalConstant, Settings, as_tuple, register_rule
 
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -74,7 +74,7 @@ def max_pool_forward(node, x):
     return _MAX[a["ndim"]](x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], a.get("ceil_mode", False))
 
 
-def max_pool_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def max_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
     """Max pooling: L = sqrt(max_p #windows containing p) = sqrt(prod_axes max count) (exact)."""
     count = math.prod(max_window_counts(n, node.attrs, ax) for ax, n in enumerate(_spatial(node)))
     r = norms.sqrt_count(count)
@@ -88,7 +88,7 @@ def adaptive_max_pool_forward(node, x):
     return _AMAX[node.attrs["ndim"]](x, node.attrs["output_size"])
 
 
-def adaptive_max_pool_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def adaptive_max_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
     """Adaptive max pooling, windows [floor(i n/m), ceil((i+1) n/m)): L = sqrt(max window count) (exact)."""
     count = 1
     for ax, n in enumerate(_spatial(node)):
@@ -112,7 +112,7 @@ def avg_pool_forward(node, x):
     return _AVG[a["ndim"]](*args)
 
 
-def avg_pool_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def avg_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
     """Average pooling is linear and separable: L = prod_axes ||A_axis||_2 (exact, float64 SVD);
     with divisor_override D: L = prod_axes ||B_axis|| / D, B the 0/1 window-membership matrices."""
     a = node.attrs
@@ -132,7 +132,7 @@ def adaptive_avg_pool_forward(node, x):
     return _AAVG[node.attrs["ndim"]](x, node.attrs["output_size"])
 
 
-def adaptive_avg_pool_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def adaptive_avg_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
     """Adaptive average pooling is linear and separable: L = prod_axes ||A_axis||_2 (exact, SVD)."""
     mats = [pool_1d_matrix("adaptive", n, node.attrs, ax) for ax, n in enumerate(_spatial(node))]
     r = norms.window_norm(mats)
@@ -161,7 +161,7 @@ def mean_forward(node, x):
     return x.mean(dim=dim, keepdim=node.attrs.get("keepdim", False))
 
 
-def mean_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def mean_lipschitz(node, ctx: Settings) -> LocalConstant:
     """Mean over n entries: each output averages a disjoint block, L = 1/sqrt(n) (exact)."""
     v = 1.0 / math.sqrt(max(_reduced_count(node), 1))
     return LocalConstant([v], True, "exact", lower=v)
@@ -177,7 +177,7 @@ def sum_forward(node, x):
     return x.sum(dim=dim, keepdim=node.attrs.get("keepdim", False))
 
 
-def sum_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def sum_lipschitz(node, ctx: Settings) -> LocalConstant:
     """Sum over n entries: L = sqrt(n) (exact, the all-ones row has norm sqrt(n))."""
     v = math.sqrt(max(_reduced_count(node), 1))
     return LocalConstant([v], True, "exact", lower=v)

@@ -10,17 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-INF = math.inf
-
-#: Relative margin added to constants computed numerically in float64 (SVD,
-#: eigenvalue certificates) to cover floating-point rounding. Float64 LAPACK
-#: singular values are accurate to ~1e-15 relative; 1e-9 is ample.
-ROUNDING_MARGIN = 1e-9
+from ..core import INF, Settings, json_float
 
 
 @dataclass
@@ -58,22 +51,14 @@ class LocalConstant:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "partials": [_json_float(p) for p in self.partials],
-            "value": _json_float(self.value),
+            "partials": [json_float(p) for p in self.partials],
+            "value": json_float(self.value),
             "certified": self.certified,
             "method": self.method,
             "combine": self.combine,
             "reason": self.reason,
-            "lower": _json_float(self.lower) if self.lower is not None else None,
+            "lower": json_float(self.lower) if self.lower is not None else None,
         }
-
-
-def _json_float(x: float) -> float | str:
-    if math.isinf(x):
-        return "inf"
-    if math.isnan(x):
-        return "nan"
-    return float(x)
 
 
 def exact(value: float, method: str, n_inputs: int = 1, combine: str = "sum") -> LocalConstant:
@@ -84,15 +69,6 @@ def exact(value: float, method: str, n_inputs: int = 1, combine: str = "sum") ->
 def not_lipschitz(reason: str, n_inputs: int = 1) -> LocalConstant:
     """An honest ``inf``: the op has no finite global Lipschitz constant (or no sound rule)."""
     return LocalConstant([INF] * n_inputs, True, "not-lipschitz", reason=reason)
-
-
-@dataclass
-class BoundContext:
-    """What a rule may use while bounding: the device and the norm settings."""
-
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    power_iterations: int = 100
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,7 +85,7 @@ class OpRule:
 
     kind: str
     forward: Callable[..., Any]
-    lipschitz: Callable[[Any, BoundContext], LocalConstant]
+    lipschitz: Callable[[Any, Settings], LocalConstant]
     slope: tuple[float, float] | None = None
     affine: bool = False
     doc: str = ""
@@ -121,7 +97,7 @@ RULES: dict[str, OpRule] = {}
 def register_rule(
     kind: str,
     forward: Callable[..., Any],
-    lipschitz: Callable[[Any, BoundContext], LocalConstant] | None = None,
+    lipschitz: Callable[[Any, Settings], LocalConstant] | None = None,
     *,
     slope: tuple[float, float] | None = None,
     affine: bool = False,
@@ -140,7 +116,7 @@ def register_rule(
             raise ValueError("a rule needs either a lipschitz function or a slope interval")
         bound = max(abs(slope[0]), abs(slope[1]))
 
-        def lipschitz(node: Any, ctx: BoundContext, _b: float = bound) -> LocalConstant:
+        def lipschitz(node: Any, ctx: Settings, _b: float = bound) -> LocalConstant:
             return exact(_b, "slope-bound")
 
     rule = OpRule(kind, forward, lipschitz, slope, affine, doc if doc is not None else (lipschitz.__doc__ or ""))

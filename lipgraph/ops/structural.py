@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .registry import BoundContext, LocalConstant, exact, not_lipschitz, register_rule
+from .registry import LocalConstant, Settings, exact, not_lipschitz, register_rule
 
 
 def _numel(shape) -> int:
@@ -58,7 +58,7 @@ def output_forward(node, *xs):
     return pytree.tree_unflatten(list(xs), node.attrs["spec"])
 
 
-def output_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def output_lipschitz(node, ctx: Settings) -> LocalConstant:
     """The model output is the tuple of its output tensors: L = sqrt(sum_i L_i^2) (exact, disjoint coordinates)."""
     return exact(1.0, "concatenation", len(node.inputs), combine="l2")
 
@@ -89,7 +89,7 @@ def add_forward(node, *xs):
     return out
 
 
-def add_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def add_lipschitz(node, ctx: Settings) -> LocalConstant:
     """y = sum_i c_i x_i + b (add, sub, neg, +=, with broadcasting): partial_i = |c_i| sqrt(|y|/|x_i|),
     where the square root counts the copies that broadcasting makes (exact per input, combined by the
     triangle inequality)."""
@@ -110,7 +110,7 @@ def stack_forward(node, *xs):
     return torch.stack(xs, dim=node.attrs["dim"])
 
 
-def _concat_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def _concat_lipschitz(node, ctx: Settings) -> LocalConstant:
     """Concatenation / stack: inputs land on disjoint coordinates, L = sqrt(sum_i L_i^2) (exact)."""
     return exact(1.0, "concatenation", len(node.inputs), combine="l2")
 
@@ -175,7 +175,7 @@ def getitem_forward(node, x):
     return x[node.attrs["index"]]
 
 
-def getitem_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def getitem_lipschitz(node, ctx: Settings) -> LocalConstant:
     """x[index]: a selection, L = sqrt(max copies of one entry) (1 for slicing; exact)."""
     index = node.attrs["index"]
     return _selection_constant(node, lambda t: t[index])
@@ -225,7 +225,7 @@ def pad_forward(node, x):
     return F.pad(x, a["pad"], mode=a["mode"])
 
 
-def pad_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def pad_lipschitz(node, ctx: Settings) -> LocalConstant:
     """Constant padding (or cropping) keeps each entry at most once: L = 1; reflect/replicate/circular
     copy border entries: L = sqrt(max copies) (exact)."""
     a = node.attrs
@@ -258,7 +258,7 @@ register_rule("channel_shuffle", channel_shuffle_forward, lambda node, ctx: exac
 
 
 def _product_rule(kind: str, fn, what: str) -> None:
-    def lipschitz(node, ctx: BoundContext) -> LocalConstant:
+    def lipschitz(node, ctx: Settings) -> LocalConstant:
         return not_lipschitz(
             f"{what} of two input-dependent tensors is not globally Lipschitz "
             f"(it grows with the inputs' magnitude), at node {node.name!r} ({node.source})",
@@ -297,7 +297,7 @@ def opaque_forward(node, *xs):
     return a["callable"](*args, **kwargs)
 
 
-def opaque_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def opaque_lipschitz(node, ctx: Settings) -> LocalConstant:
     """An op with no Lipschitz rule: L = inf (no silent 1). Supply a constant with
     ``constants={...}`` or register a rule."""
     return not_lipschitz(
@@ -312,7 +312,7 @@ register_rule("opaque", opaque_forward, opaque_lipschitz)
 ARG = _Arg
 
 
-def attention_lipschitz(node, ctx: BoundContext) -> LocalConstant:
+def attention_lipschitz(node, ctx: Settings) -> LocalConstant:
     """Dot-product attention multiplies two input-dependent tensors (queries and keys): L = inf."""
     return not_lipschitz(
         f"dot-product attention at node {node.name!r} ({node.source}) multiplies input-dependent queries and "
