@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -11,9 +12,10 @@ import torch
 import torch.nn as nn
 
 from . import ir
-from .bounds import autolip as autolip_mod
+from .bounds import METHODS
 from .bounds.local import UserConstant, local_constants
 from .bounds.lower import lower_bound
+from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine
 from .errors import InputShapeError, LipgraphError
 from .frontends import fx as fx_frontend
 from .ops import LocalConstant, Settings, register_rule
@@ -52,7 +54,7 @@ def analyze(
     model: nn.Module | str,
     example_input: Any = None,
     *,
-    method: str = "auto",
+    method: str | Sequence[str] = "auto",
     device: str | torch.device | None = None,
     constants: Mapping[str, float | UserConstant] | None = None,
     lower: bool = True,
@@ -71,8 +73,7 @@ def analyze(
     ``lower_budget`` seconds). ``progress(stage, done, total)`` is called
     during long work.
     """
-    if method not in ("auto", "autolip", "seqlip"):
-        raise LipgraphError(f"unknown method {method!r}: use 'auto', 'autolip' or 'seqlip'")
+    names = _method_names(method)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LipgraphError("--device cuda was given but torch.cuda.is_available() is False on this machine")
@@ -90,57 +91,35 @@ def analyze(
     seconds["local"] = time.perf_counter() - t0
     local = {k: v[0] for k, v in local_full.items()}
 
-    t0 = time.perf_counter()
-    cum = autolip_mod.autolip(g, local)
+    # every algorithm alone (with AutoLip's own rule), then all of them in one pass of the combinator
     out = g.graph["output"]
-    seconds["autolip"] = time.perf_counter() - t0
-    bounds = {
-        "autolip": BoundResult(
-            cum[out].value, cum[out].certified, "AutoLip: product/sum of per-node constants over the DAG",
-            seconds["local"] + seconds["autolip"],
-        )
-    }
+    bounds: dict[str, BoundResult] = {}
+    results: dict[str, AlgorithmResult] = {}
     segments: list[dict[str, Any]] = []
-    if method in ("auto", "seqlip"):
-        extra = _seqlip(g, local, ctx)
-        if extra is not None:
-            result, segments, seconds["seqlip"] = extra
-            bounds["autolip+seqlip"] = result
-
-    # --- affine regions (lipgraph.bounds.affine): each maximal linear region bounded as one operator; the
-    # exits' folded values enter AutoLip as overrides. "autolip" above stays the plain product.
-    if method == "auto":
-        from .bounds import affine as affine_mod  # noqa: PLC0415
-
-        aff = affine_mod.fold(g, local, ctx)
-        cum_aff = autolip_mod.autolip(g, local, aff.overrides)
-        seconds["affine"] = aff.seconds
-        bounds["autolip+affine"] = BoundResult(
-            cum_aff[out].value, cum_aff[out].certified,
-            "AutoLip with maximal affine regions folded into single operators (sum_e ||J_e|| L(e) at exits)",
-            seconds["local"] + aff.seconds, aff.details,
-        )
-
-    # --- both: SeqLip relations on chains and folded affine regions compound in one AutoLip pass
-    if "autolip+seqlip" in bounds and "autolip+affine" in bounds:
+    for name in names:
         t0 = time.perf_counter()
-        alternatives: dict[str, list[list[autolip_mod.Term]]] = {}
-        for rec in segments:
-            if rec.get("certified") and rec["seqlip"] < rec["autolip"]:
-                relation = [autolip_mod.Term(rec["entry"], rec["seqlip"], True)]
-                alternatives.setdefault(rec["nodes"][-1], []).append(relation)
-        by_exit: dict[str, list[autolip_mod.Term]] = {}
-        for p in aff.partials:
-            by_exit.setdefault(p.exit, []).append(autolip_mod.Term(p.entry, p.norm, p.certified))
-        for v, terms in by_exit.items():
-            alternatives.setdefault(v, []).append(terms)
-        both = autolip_mod.autolip_with(g, local, alternatives)[out]
+        res = METHODS[name].runner()(g, local, ctx)
+        results[name] = res
+        if name == "seqlip":
+            segments = res.records
+        cum_alone = combine(g, local, res.relations)
+        key = "autolip" if name == "autolip" else f"autolip+{name}"
+        seconds[name] = time.perf_counter() - t0
+        bounds[key] = BoundResult(cum_alone[out].value, cum_alone[out].certified, METHODS[name].doc,
+                                  seconds["local"] + seconds[name], dict(res.details))
+    refining = [n for n in names if n != "autolip"]
+    t0 = time.perf_counter()
+    relations = [r for n in refining for r in results[n].relations]
+    cum_best = combine(g, local, relations)
+    if len(refining) > 1:
         seconds["combine"] = time.perf_counter() - t0
-        bounds["autolip+seqlip+affine"] = BoundResult(
-            both.value, both.certified,
-            "AutoLip with SeqLip chain bounds and folded affine regions, each applied where it is tighter",
-            seconds["local"] + seconds.get("seqlip", 0.0) + aff.seconds + seconds["combine"],
+        bounds["autolip+" + "+".join(refining)] = BoundResult(
+            cum_best[out].value, cum_best[out].certified,
+            "AutoLip with every algorithm's relations, each applied where it is tighter",
+            seconds["local"] + sum(seconds[n] for n in refining) + seconds["combine"],
         )
+    cum = combine(g, local)
+    modules = module_constants(g, local, relations)
 
     lower_value = None
     if lower:
@@ -158,7 +137,7 @@ def analyze(
     nodes = []
     for n in ir.nodes(g):
         lc, secs = local_full[n.name]
-        nodes.append(_node_report(n, lc, cum[n.name], secs))
+        nodes.append(_node_report(n, lc, cum[n.name], cum_best[n.name], secs))
     return Report(
         model=g.graph["name"],
         frontend=g.graph["frontend"],
@@ -167,22 +146,55 @@ def analyze(
         bounds=bounds,
         nodes=nodes,
         segments=segments,
+        modules=modules,
         lower=lower_value,
         seconds=seconds,
         graph=g,
     )
 
 
-def _seqlip(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings):
-    """AutoLip with SeqLip on linear-chain segments, when the SeqLip module is present."""
-    try:
-        from .bounds import seqlip  # noqa: PLC0415 - added by the SeqLip work
-    except ImportError:
-        return None
-    return seqlip.bound(g, local, ctx)
+def _method_names(method: str | Sequence[str]) -> list[str]:
+    """``"auto"`` -> every default algorithm; a name or a list of names (``"autolip"`` always runs first)."""
+    if method == "auto":
+        wanted = [m.name for m in METHODS.values() if m.default]
+    else:
+        wanted = [method] if isinstance(method, str) else list(method)
+    unknown = [w for w in wanted if w not in METHODS]
+    if unknown:
+        raise LipgraphError(f"unknown method {unknown[0]!r}: use 'auto' or one or more of {', '.join(METHODS)}")
+    return ["autolip"] + [w for w in METHODS if w in wanted and w != "autolip"]
 
 
-def _node_report(n: ir.IRNode, lc: LocalConstant, c: autolip_mod.Cumulative, secs: float) -> NodeReport:
+def module_constants(g: nx.DiGraph, local: Mapping[str, LocalConstant],
+                     relations: Sequence[Relation] = ()) -> dict[str, dict[str, Any]]:
+    """The constant of every module's sub-DAG (its external inputs at 1, exits combined in l2), by the combinator.
+
+    Keyed by module path; relations whose entries all lie inside the module are used too. Stored in the
+    report so the renderer draws these numbers instead of computing them.
+    """
+    by_path: dict[str, list[str]] = {}
+    for n in ir.nodes(g):
+        path = n.attrs.get("module_path", "") or ""
+        if n.op in ("input", "output", "constant") or not path:
+            continue
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            by_path.setdefault(".".join(parts[:k]), []).append(n.name)
+    out: dict[str, dict[str, Any]] = {}
+    for path, members in by_path.items():
+        mset = set(members)
+        outside = {u for m in members for u in ir.node(g, m).inputs if u not in mset}
+        entries = {u: Cumulative(0.0 if ir.node(g, u).op == "constant" else 1.0, True) for u in outside}
+        inner = [r for r in relations if r.node in mset and all(t.entry in mset or t.entry in entries for t in r.terms)]
+        cum = combine(g, local, inner, members=members, entries=entries)
+        exits = [m for m in members if any(s not in mset for s in g.successors(m))] or [members[-1]]
+        ex = [cum[e] for e in exits]
+        value = ex[0].value if len(ex) == 1 else math.sqrt(sum(c.value ** 2 for c in ex))
+        out[path] = {"value": value, "certified": all(c.certified for c in ex), "nodes": len(members)}
+    return out
+
+
+def _node_report(n: ir.IRNode, lc: LocalConstant, c: Cumulative, best: Cumulative, secs: float) -> NodeReport:
     return NodeReport(
         name=n.name,
         op=n.op,
@@ -200,6 +212,9 @@ def _node_report(n: ir.IRNode, lc: LocalConstant, c: autolip_mod.Cumulative, sec
         reason=lc.reason,
         cumulative=c.value,
         cumulative_certified=c.certified,
+        bound=best.value,
+        bound_certified=best.certified,
+        via=best.via,
         seconds=secs,
     )
 

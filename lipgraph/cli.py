@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .bounds import METHODS
 from .errors import InputShapeError, LipgraphError, ModelLoadError
 
 
@@ -33,6 +34,17 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
             raise InputShapeError(f"bad --input-shape {text!r}: every dimension must be a positive integer")
         shapes.append(dims)
     return shapes
+
+
+def parse_methods(text: str) -> str | list[str]:
+    """``auto`` or a comma-separated list of bound algorithm names (checked against the METHODS table)."""
+    if text == "auto":
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}: use 'auto' or a list of {', '.join(METHODS)}")
+    return names
 
 
 def load_model(spec: str) -> Any:
@@ -106,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="bound the Lipschitz constant of a model")
     a.add_argument("model", help="path/file.py:Name, package.module:Name, or model.onnx")
     a.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (several inputs: ';'-separated)")
-    a.add_argument("--method", default="auto", choices=["auto", "autolip", "seqlip"])
+    a.add_argument("--method", default="auto", type=parse_methods,
+                   help="'auto' (every default bound algorithm) or a comma-separated list of: "
+                        + ", ".join(METHODS))
     a.add_argument("--device", default=None, help="cpu (default) or cuda")
     a.add_argument("--json", dest="json_path", help="write the report as JSON to this file ('-' for stdout)")
     a.add_argument("--png", help="render the annotated graph as PNG")

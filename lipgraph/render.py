@@ -224,6 +224,7 @@ class _Model:
         if g is None:
             raise RenderError("this report has no graph (was it loaded from JSON?); re-run lipgraph.analyze to render")
         self.g = g
+        self.report = report
         self.order: list[str] = list(g.graph["order"])
         self.pos = {n: i for i, n in enumerate(self.order)}
         self.nr = {n.name: n for n in report.nodes}
@@ -293,26 +294,9 @@ class _Model:
         return sorted(out, key=self.pos.__getitem__) or [max(members, key=self.pos.__getitem__)]
 
     def sub_autolip(self, members: Iterable[str]) -> tuple[float, bool]:
-        """AutoLip of the sub-DAG with its external inputs at 1 (constants at 0); exits combined in l2."""
-        from .bounds.autolip import Cumulative, combine  # noqa: PLC0415
-        from .ops import LocalConstant  # noqa: PLC0415
-
-        mset = set(members)
-        cum: dict[str, Any] = {}
-        for n in sorted(mset, key=self.pos.__getitem__):
-            r, ins = self.nr[n], self.ir[n].inputs
-            if self.op[n] == "constant":
-                cum[n] = Cumulative(0.0, True)
-                continue
-            partials = list(r.partials) if len(r.partials) == len(ins) else [r.local] * len(ins)
-            lc = LocalConstant(partials, r.certified, r.method, r.combine)
-            args = [
-                cum[u] if u in mset else Cumulative(0.0 if self.op[u] == "constant" else 1.0, True) for u in ins
-            ]
-            cum[n] = combine(lc, args)
-        ex = [cum[e] for e in self.exits(mset)]
-        value = ex[0].value if len(ex) == 1 else math.sqrt(sum(c.value**2 for c in ex))
-        return value, all(c.certified for c in ex)
+        """The constant of a box's sub-DAG, as the report gives it (module clusters are stored in the report;
+        other boxes are asked of the report's combinator)."""
+        return self.report.subgraph_constant(members)
 
     def signature(self, members: Sequence[str]) -> tuple[Any, ...]:
         """Ops and internal wiring of a block, to recognise repeated blocks."""

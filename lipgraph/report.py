@@ -13,8 +13,11 @@ JSON schema ``lipgraph.report/1`` (``Report.to_dict()``)::
       "nodes": [{"name", "op", "source", "origin", "module_path", "in_shapes", "out_shape",
                  "local": float|"inf", "local_lower": float|null, "partials": [...],
                  "combine": "sum"|"l2", "certified": bool, "method": str, "reason": str|null,
-                 "cumulative": float|"inf", "cumulative_certified": bool}],
+                 "cumulative": float|"inf", "cumulative_certified": bool,   # AutoLip alone
+                 "bound": float|"inf", "bound_certified": bool,             # every algorithm combined
+                 "via": str}],                                              # which relation gave "bound"
       "segments": [{"nodes": [str], "autolip": float, "seqlip": float, "certified": bool, "method": str}],
+      "modules": {module_path: {"value": float|"inf", "certified": bool, "nodes": int}},  # sub-DAG constants
       "not_lipschitz": [{"node": str, "reason": str}],
       "seconds": {"trace": float, "local": float, "autolip": float, ...}
     }
@@ -27,20 +30,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .core import json_float
 
 SCHEMA = "lipgraph.report/1"
 
 
-def jf(x: float | None) -> float | str | None:
-    if x is None:
-        return None
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if math.isnan(x):
-        return "nan"
-    return float(x)
+jf = json_float
 
 
 @dataclass
@@ -77,6 +76,9 @@ class NodeReport:
     reason: str | None
     cumulative: float
     cumulative_certified: bool
+    bound: float = math.inf
+    bound_certified: bool = False
+    via: str = "autolip"
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +87,7 @@ class NodeReport:
         d["local_lower"] = jf(self.local_lower)
         d["partials"] = [jf(p) for p in self.partials]
         d["cumulative"] = jf(self.cumulative)
+        d["bound"] = jf(self.bound)
         d["in_shapes"] = [list(s) if isinstance(s, tuple) else s for s in self.in_shapes]
         return d
 
@@ -98,6 +101,7 @@ class Report:
     bounds: dict[str, BoundResult]
     nodes: list[NodeReport]
     segments: list[dict[str, Any]] = field(default_factory=list)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     lower: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     graph: Any = None  # the IR (networkx.DiGraph); not serialised
@@ -127,6 +131,30 @@ class Report:
     def not_lipschitz(self) -> list[dict[str, str]]:
         return [{"node": n.name, "reason": n.reason or ""} for n in self.nodes if math.isinf(n.local)]
 
+    def subgraph_constant(self, members: Iterable[str]) -> tuple[float, bool]:
+        """The constant of the sub-DAG ``members`` (external inputs at 1, constants at 0, exits combined in l2)
+        from the per-node constants of this report, by the one combinator; a module's is stored in
+        :attr:`modules` already."""
+        from .bounds.relations import Cumulative, combine  # noqa: PLC0415
+        from .ops import LocalConstant  # noqa: PLC0415
+
+        g = self.graph
+        mset = set(members)
+        by_name = {n.name: n for n in self.nodes}
+        order = [n for n in g.graph["order"] if n in mset]
+        local = {}
+        for n in order:
+            r, ins = by_name[n], g.nodes[n]["ir"].inputs
+            partials = list(r.partials) if len(r.partials) == len(ins) else [r.local] * len(ins)
+            local[n] = LocalConstant(partials, r.certified, r.method, r.combine)
+        outside = {u for m in order for u in g.nodes[m]["ir"].inputs if u not in mset}
+        entries = {u: Cumulative(0.0 if g.nodes[u]["ir"].op == "constant" else 1.0, True) for u in outside}
+        cum = combine(g, local, members=order, entries=entries)
+        exits = [m for m in order if g.nodes[m]["ir"].op == "output" or any(s not in mset for s in g.successors(m))]
+        ex = [cum[e] for e in (exits or order[-1:])]
+        value = ex[0].value if len(ex) == 1 else math.sqrt(sum(c.value**2 for c in ex))
+        return value, all(c.certified for c in ex)
+
     def node(self, name: str) -> NodeReport:
         for n in self.nodes:
             if n.name == name:
@@ -148,6 +176,7 @@ class Report:
             "bounds": {k: v.to_dict() for k, v in self.bounds.items()},
             "nodes": [n.to_dict() for n in self.nodes],
             "segments": self.segments,
+            "modules": {k: {**v, "value": jf(v["value"])} for k, v in self.modules.items()},
             "not_lipschitz": self.not_lipschitz,
             "seconds": self.seconds,
         }

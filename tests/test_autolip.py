@@ -11,8 +11,8 @@ from conftest import Fn, as_double, jacobian_norm
 
 import lipgraph
 from lipgraph import UserConstant, analyze, execute, register_op, trace
-from lipgraph.bounds.autolip import Cumulative, combine
 from lipgraph.bounds.lower import lower_bound
+from lipgraph.bounds.relations import Cumulative, own_rule
 from lipgraph.ops import LocalConstant, exact
 
 # --- linear models: the bound is never below the exact norm -----------------------------------------
@@ -107,14 +107,14 @@ def test_lower_bound_is_attained_for_a_linear_map() -> None:
 
 def test_combine_sum_l2_and_zero_times_inf() -> None:
     lc = LocalConstant([2.0, 3.0], True, "t")
-    assert combine(lc, [Cumulative(1.0, True), Cumulative(2.0, True)]).value == 8.0
+    assert own_rule(lc, [Cumulative(1.0, True), Cumulative(2.0, True)]).value == 8.0
     l2 = LocalConstant([1.0, 1.0], True, "t", combine="l2")
-    assert combine(l2, [Cumulative(3.0, True), Cumulative(4.0, True)]).value == 5.0
+    assert own_rule(l2, [Cumulative(3.0, True), Cumulative(4.0, True)]).value == 5.0
     # a constant input contributes nothing, even through an inf partial, and cannot uncertify
     mixed = LocalConstant([math.inf, 1.0], True, "t")
-    out = combine(mixed, [Cumulative(0.0, False), Cumulative(2.0, True)])
+    out = own_rule(mixed, [Cumulative(0.0, False), Cumulative(2.0, True)])
     assert out.value == 2.0 and out.certified
-    assert not combine(LocalConstant([1.0], False, "t"), [Cumulative(1.0, True)]).certified
+    assert not own_rule(LocalConstant([1.0], False, "t"), [Cumulative(1.0, True)]).certified
 
 
 def test_shared_input_adds_up() -> None:
@@ -214,4 +214,4 @@ def test_zero_partial_after_inf_is_zero_not_nan() -> None:
 
     r = analyze(M(), torch.randn(1, 3), lower=False)
     assert r.upper == 0.0 and not math.isnan(r.bounds["autolip"].value)
-    assert combine(LocalConstant([0.0], True, "t"), [Cumulative(math.inf, True)]).value == 0.0
+    assert own_rule(LocalConstant([0.0], True, "t"), [Cumulative(math.inf, True)]).value == 0.0

@@ -1,1 +1,46 @@
-"""Bound algorithms over the IR: per-node constants, AutoLip, SeqLip, lower bounds."""
+"""Bound algorithms over the IR.
+
+Each algorithm is one module with ``run(graph, local, settings) -> AlgorithmResult`` (the contract in
+:mod:`lipgraph.bounds.relations`); :data:`METHODS` names them. :func:`lipgraph.bounds.relations.combine`
+joins the relations of any set of them into every node's cumulative bound.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """A bound algorithm: the module that implements ``run`` and what it does, in one line."""
+
+    name: str
+    module: str
+    doc: str
+    default: bool = True
+
+    def runner(self) -> Callable:
+        return importlib.import_module(self.module).run
+
+
+#: The bound algorithms, in the order they run. ``default`` ones run when ``analyze(method="auto")``.
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, module: str, doc: str, *, default: bool = True, replace: bool = False) -> Method:
+    """Add a bound algorithm: ``module`` (importable path) defines ``run(graph, local, settings)``."""
+    if name in METHODS and not replace:
+        raise ValueError(f"a bound algorithm named {name!r} is already registered (pass replace=True)")
+    METHODS[name] = m = Method(name, module, doc, default)
+    return m
+
+
+register_method("autolip", "lipgraph.bounds.autolip", "AutoLip: product/sum of per-node constants over the DAG")
+register_method("seqlip", "lipgraph.bounds.seqlip",
+                "SeqLip on single-entry single-exit linear chains (exact / branch-and-bound inner maxima)")
+register_method("affine", "lipgraph.bounds.affine",
+                "maximal affine regions folded into single operators (sum_e ||J_e|| L(e) at exits)")
+
+__all__ = ["METHODS", "Method", "register_method"]

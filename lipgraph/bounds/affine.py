@@ -45,7 +45,7 @@ from torch.func import jvp, vjp
 from .. import ir, norms
 from ..core import ROUNDING_MARGIN
 from ..ops import RULES, LocalConstant, Settings
-from .autolip import Cumulative, Term, autolip_with
+from .relations import AlgorithmResult, Cumulative, Relation, Term, combine
 
 #: Materialise a partial map when its smaller side has at most this many entries.
 MATERIALIZE_MAX = 2048
@@ -328,16 +328,8 @@ def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
 
 def _autolip_partial(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
                      local: Mapping[str, LocalConstant]) -> float:
-    """AutoLip product bound of entry -> exit inside the region (what folding replaces)."""
-    val: dict[str, float] = {entry: 1.0}
-    for name in members:
-        n = ir.node(g, name)
-        if not any(u in val for u in n.inputs):
-            continue
-        lc = local[name]
-        terms = [lc.partials[i] * val.get(u, 0.0) for i, u in enumerate(n.inputs)]
-        val[name] = math.sqrt(sum(t * t for t in terms)) if lc.combine == "l2" else sum(terms)
-    return val.get(exit_, 0.0)
+    """AutoLip bound of entry -> exit inside the region (what folding replaces): the combinator on the members."""
+    return combine(g, local, members=members, entries={entry: Cumulative(1.0, True)})[exit_].value
 
 
 # --- the pass ------------------------------------------------------------------------------------------
@@ -379,10 +371,25 @@ def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings,
                 terms.setdefault(v, []).append(got)
                 partials.append(got)
     norms.release_scratch()
-    # graph-order AutoLip with the exits' relations, so that folds compound (same policy as everywhere:
+    # graph-order AutoLip with the exits' relations, so that folds compound (the combinator's policy:
     # a certified value is never replaced by an uncertified one)
-    alternatives = {v: [[Term(p.entry, p.norm, p.certified) for p in ps]] for v, ps in terms.items()}
-    cum = autolip_with(g, local, alternatives)
+    relations = _relations(terms)
+    cum = combine(g, local, relations)
     overrides = {v: cum[v] for v in terms}
     return AffineResult(regions, partials, overrides, cum, time.perf_counter() - t0,
                         {"regions": len(regions), "partials": len(partials)})
+
+
+def _relations(terms: Mapping[str, list[Partial]]) -> list[Relation]:
+    return [Relation(v, tuple(Term(p.entry, p.norm, p.certified) for p in ps), "affine", f"affine region exit {v}")
+            for v, ps in terms.items()]
+
+
+def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings) -> AlgorithmResult:
+    """Affine-region folding as relations ``L(exit) <= sum_e ||J_{e->exit}|| L(e)``, one per region exit."""
+    res = fold(g, local, settings)
+    by_exit: dict[str, list[Partial]] = {}
+    for p in res.partials:
+        by_exit.setdefault(p.exit, []).append(p)
+    records = [dataclasses.asdict(p) for p in res.partials]
+    return AlgorithmResult(_relations(by_exit), records, res.seconds, res.details)

@@ -26,7 +26,7 @@ import networkx as nx
 import torch
 
 from .. import ir
-from ..ops import ELEMENTWISE_ACTIVATIONS, RULES, slope_interval
+from ..ops import RULES, slope_interval
 
 #: Ops flagged affine that are not single-tensor maps (tuple-valued or multi-input), never chain members.
 _NOT_MEMBERS = frozenset({"input", "output", "constant", "split", "unbind", "tuple_getitem", "cat", "stack"})
@@ -74,10 +74,10 @@ def is_affine_member(n: ir.IRNode) -> bool:
 
 
 def is_activation(n: ir.IRNode) -> bool:
-    """An elementwise activation with a known derivative interval and unchanged shape."""
+    """An elementwise activation (its rule declares a derivative interval: the registry's ``slope``
+    capability, fixed or from the node's parameters) with unchanged shape."""
     return (
-        n.op in ELEMENTWISE_ACTIVATIONS
-        and len(n.inputs) == 1
+        len(n.inputs) == 1
         and slope_interval(n) is not None
         and _is_shape(n.out_shape)
         and len(n.in_shapes) == 1

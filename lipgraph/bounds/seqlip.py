@@ -46,9 +46,8 @@ import torch
 
 from ..core import ROUNDING_MARGIN
 from ..ops import LocalConstant, Settings
-from ..report import BoundResult
-from . import autolip as autolip_mod
 from .chains import MAX_DENSE, Segment, find_segments, group_dims, group_matrix
+from .relations import AlgorithmResult, Cumulative, Relation, Term, combine
 
 #: Widths up to this are solved by plain enumeration of all 2^n patterns.
 ENUM_MAX_WIDTH = 12
@@ -493,13 +492,10 @@ seqlip_estimate = seqlip_lower_chain
 # --- segments in the IR --------------------------------------------------------------
 
 
-def _members_autolip(seg: Segment, local: Mapping[str, LocalConstant]) -> tuple[float, bool]:
-    value, cert = 1.0, True
-    for n in seg.nodes:
-        lc = local[n]
-        value *= lc.partials[0] if lc.partials else 0.0
-        cert = cert and lc.certified
-    return value, cert
+def _members_autolip(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant]) -> tuple[float, bool]:
+    """AutoLip of the map entry -> last node of the segment (the combinator on the segment's members)."""
+    c = combine(g, local, members=seg.nodes, entries={seg.entry: Cumulative(1.0, True)})[seg.last]
+    return c.value, c.certified
 
 
 def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant],
@@ -509,7 +505,7 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
     and use the rule table's per-node norms (AutoLip) for that group and its neighbouring activations.
     Returns the report dict ``{"nodes", "autolip", "seqlip", "certified", "method", ...}``."""
     t0 = time.perf_counter()
-    auto, auto_cert = _members_autolip(seg, local)
+    auto, auto_cert = _members_autolip(g, seg, local)
     mats = [group_matrix(g, grp, max_dense) for grp in seg.groups]
     value, cert = 1.0, True
     notes: list[str] = []
@@ -574,28 +570,23 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
     return out
 
 
-def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings | None = None, *,
-          budget: float = INNER_BUDGET, max_dense: int = BOUND_MAX_DENSE, total_budget: float = TOTAL_BUDGET,
-          estimate: bool = False) -> tuple[BoundResult, list[dict[str, Any]], float]:
-    """AutoLip with each segment's SeqLip value in place of the product of its members.
+def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None, *,
+        budget: float = INNER_BUDGET, max_dense: int = BOUND_MAX_DENSE, total_budget: float = TOTAL_BUDGET,
+        estimate: bool = False) -> AlgorithmResult:
+    """SeqLip on every linear-chain segment, as relations ``L(last) <= SeqLip(segment) * L(entry)``.
 
-    Segments are processed in topological order; the bound at a segment's last
-    node becomes ``SeqLip(segment) * L(entry)`` (an AutoLip override, valid for
-    single-entry single-exit chains, see :mod:`lipgraph.bounds.chains`).
-    ``budget``: seconds per inner maximisation; ``total_budget``: seconds for
-    all segments (later segments are recorded as skipped and keep AutoLip);
-    ``max_dense``: largest group materialised. ``estimate=True`` adds the
-    greedy SeqLip estimate to each segment record. Returns
-    ``(BoundResult, segment dicts, seconds)``.
+    Each relation holds for single-entry single-exit chains (see :mod:`lipgraph.bounds.chains`); a segment
+    gives one only when its value is certified and below the product of its members. ``budget``: seconds
+    per inner maximisation; ``total_budget``: seconds for all segments (later segments are recorded as
+    skipped); ``max_dense``: largest group materialised. ``estimate=True`` adds the greedy SeqLip estimate
+    to each segment record.
     """
     t0 = time.perf_counter()
-    segs = find_segments(g)
     records: list[dict[str, Any]] = []
-    overrides: dict[str, autolip_mod.Cumulative] = {}
-    for seg in segs:
-        left = total_budget - (time.perf_counter() - t0)
-        if left <= 0:
-            auto, _ = _members_autolip(seg, local)
+    relations: list[Relation] = []
+    for seg in find_segments(g):
+        if total_budget - (time.perf_counter() - t0) <= 0:
+            auto, _ = _members_autolip(g, seg, local)
             records.append({"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
                             "method": f"skipped: SeqLip time budget ({total_budget:g}s) spent, AutoLip kept",
                             "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
@@ -603,28 +594,28 @@ def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings | Non
         try:
             rec = segment_bound(g, seg, local, budget, max_dense, estimate, t0 + total_budget)
         except Exception as exc:  # noqa: BLE001 - a segment SeqLip cannot handle keeps its AutoLip bound
-            auto, _ = _members_autolip(seg, local)
+            auto, _ = _members_autolip(g, seg, local)
             rec = {"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
                    "method": f"SeqLip failed ({type(exc).__name__}: {exc}); AutoLip kept", "entry": seg.entry,
                    "groups": [list(x) for x in seg.groups]}
         records.append(rec)
-        if not rec["certified"]:
-            continue
-        cum = autolip_mod.autolip(g, local, overrides)
-        entry = cum[seg.entry]
-        overrides[seg.last] = autolip_mod.Cumulative(rec["seqlip"] * entry.value, entry.certified)
-    cum = autolip_mod.autolip(g, local, overrides)
-    out = cum[g.graph["output"]]
-    secs = time.perf_counter() - t0
+        if rec["certified"] and rec["seqlip"] < rec["autolip"]:
+            relations.append(Relation(seg.last, (Term(seg.entry, rec["seqlip"], True),), "seqlip",
+                                      f"segment {seg.nodes[0]}..{seg.last}"))
     used = sum(1 for r in records if r["certified"])
-    result = BoundResult(out.value, out.certified,
-                         f"AutoLip with SeqLip on {used} linear-chain segment(s)", secs,
-                         {"segments": len(records)})
-    return result, records, secs
+    return AlgorithmResult(relations, records, time.perf_counter() - t0,
+                           {"segments": len(records), "certified_segments": used})
+
+
+def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None,
+          **kwargs: Any) -> tuple[Cumulative, list[dict[str, Any]], float]:
+    """AutoLip with the SeqLip relations of :func:`run` applied: ``(bound at the output, records, seconds)``."""
+    res = run(g, local, settings, **kwargs)
+    return combine(g, local, res.relations)[g.graph["output"]], res.records, res.seconds
 
 
 __all__ = [
-    "ChainBound", "InnerMax", "bound", "branch_and_bound", "enumerate_max", "greedy_max", "inner_factors",
+    "ChainBound", "InnerMax", "bound", "run", "branch_and_bound", "enumerate_max", "greedy_max", "inner_factors",
     "inner_max", "segment_bound", "seqlip_chain", "seqlip_estimate", "seqlip_lower_chain", "spectral_norms",
 ]
 

@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 from .. import ir
 from ..errors import InputShapeError, TraceError
 from ..ops import structural
+from ..ops.registry import kind_spelled, module_spellings, torch_spellings
 from . import fx_canon
 from .fx_canon import Canon, Var
 
@@ -43,7 +44,7 @@ CUSTOM_FUNCTIONS: dict[Any, str] = {}
 
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_paths: set[str], leaf_types: set[type]) -> None:
-        super().__init__(autowrap_functions=tuple(f for f in CUSTOM_FUNCTIONS if callable(f)))
+        super().__init__(autowrap_functions=tuple(f for f in CUSTOM_FUNCTIONS if callable(f)) + torch_spellings())
         self.leaf_paths = leaf_paths
         self.leaf_types = leaf_types
         self.record_stack_traces = True
@@ -51,7 +52,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or type(m).__name__ in self.leaf_paths:
             return True
-        if isinstance(m, tuple(self.leaf_types) + fx_canon.ATTENTION_MODULES + tuple(CUSTOM_MODULES)):
+        if isinstance(m, tuple(self.leaf_types) + fx_canon.ATTENTION_MODULES + tuple(CUSTOM_MODULES)
+                      + module_spellings()):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -463,6 +465,9 @@ def _canonicalise(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> Can
         kind = next((k for ty, k in CUSTOM_MODULES.items() if isinstance(mod, ty)), None)
         if kind is not None:
             return _custom(kind, mod, args, kwargs)
+        spelled = kind_spelled(torch_module=type(mod))
+        if spelled is not None and len(args) == 1 and not kwargs and isinstance(args[0], Var):
+            return Canon(spelled, [args[0]])
         if isinstance(mod, fx_canon.ATTENTION_MODULES):
             c = _opaque(n, gm, args, kwargs)
             c.op = "attention"
@@ -472,6 +477,9 @@ def _canonicalise(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> Can
     if n.op == "call_function":
         if n.target in CUSTOM_FUNCTIONS:
             return _custom(CUSTOM_FUNCTIONS[n.target], n.target, args, kwargs)
+        spelled = kind_spelled(torch_function=n.target)
+        if spelled is not None and len(args) == 1 and not kwargs and isinstance(args[0], Var):
+            return Canon(spelled, [args[0]])
         handler = fx_canon.FUNCTIONS.get(n.target)
         return _call(handler, args, kwargs) if handler else None
     if n.op == "call_method":

@@ -37,6 +37,7 @@ import torch
 from .. import ir
 from ..errors import InputShapeError, LipgraphError, ModelLoadError
 from ..ops import RULES, structural
+from ..ops.registry import kind_spelled
 
 try:
     import onnx
@@ -345,6 +346,9 @@ class Builder:
             outs = self.fold(node, ins)
         else:
             fn = onnx_ops.MAPPINGS.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+            spelled = kind_spelled(onnx_op=node.op_type) if fn is None else None
+            if spelled is not None and len(present) == 1 and present[0].is_var and not at:
+                fn = onnx_ops.unary_mapping(spelled)
             result = None
             if fn is not None:
                 try:

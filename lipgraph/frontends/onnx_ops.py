@@ -124,6 +124,15 @@ def _simple(b, node, ins, at):
     return b.emit(kind, [_var(ins[0])], attrs)
 
 
+def unary_mapping(kind: str) -> Mapping:
+    """The mapping of an ONNX op that a rule declares as a unary spelling of ``kind`` (see ``OpRule.onnx_ops``)."""
+
+    def emit(b, node, ins, at):
+        return b.emit(kind, [_var(ins[0])], {})
+
+    return emit
+
+
 @mapping("LeakyRelu")
 def _leaky(b, node, ins, at):
     return b.emit("leaky_relu", [_var(ins[0])], {"negative_slope": float(at.get("alpha", 0.01))})

@@ -1,7 +1,7 @@
 """Op rules: one rule per canonical op kind, all registered in :data:`RULES`."""
 
 from . import activations, linear, normalization, pooling, structural  # noqa: F401 - registration
-from .activations import ELEMENTWISE_ACTIVATIONS, slope_interval
+from .activations import slope_interval
 from .registry import (
     INF,
     RULES,
@@ -15,7 +15,6 @@ from .registry import (
 )
 
 __all__ = [
-    "ELEMENTWISE_ACTIVATIONS",
     "INF",
     "RULES",
     "Settings",

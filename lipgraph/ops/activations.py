@@ -169,7 +169,3 @@ def _log_softmax_lipschitz(node, ctx: Settings) -> LocalConstant:
 
 register_rule("softmax", _softmax_forward, _softmax_lipschitz)
 register_rule("log_softmax", _log_softmax_forward, _log_softmax_lipschitz)
-
-ELEMENTWISE_ACTIVATIONS = frozenset(
-    ["relu", "relu6", "sigmoid", "tanh", "selu", "silu", "mish", "hardswish", "hardsigmoid", "abs", *_PARAM_SLOPES]
-)

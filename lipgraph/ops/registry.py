@@ -80,7 +80,9 @@ class OpRule:
     ``slope`` is, for elementwise activations, the interval containing every
     derivative (used by SeqLip); ``None`` for other ops. ``affine`` marks ops
     that are affine maps of their variable inputs (used to find linear chains
-    and affine regions). ``doc`` is the rule's formula, shown in reports.
+    and affine regions). ``doc`` is the rule's formula, shown in reports. ``torch_functions``,
+    ``torch_modules`` and ``onnx_ops`` are spellings of a *unary* op (one tensor in, no attributes) that the fx and ONNX
+    frontends map to this kind by reading the registry, so a new elementwise op needs no frontend edit.
     """
 
     kind: str
@@ -89,6 +91,9 @@ class OpRule:
     slope: tuple[float, float] | None = None
     affine: bool = False
     doc: str = ""
+    torch_functions: tuple[Callable[..., Any], ...] = ()
+    onnx_ops: tuple[str, ...] = ()
+    torch_modules: tuple[type, ...] = ()
 
 
 RULES: dict[str, OpRule] = {}
@@ -103,6 +108,9 @@ def register_rule(
     affine: bool = False,
     doc: str | None = None,
     replace: bool = False,
+    torch_functions: tuple[Callable[..., Any], ...] = (),
+    onnx_ops: tuple[str, ...] = (),
+    torch_modules: tuple[type, ...] = (),
 ) -> OpRule:
     """Register the rule for op ``kind``; the single entry point for new ops.
 
@@ -119,9 +127,34 @@ def register_rule(
         def lipschitz(node: Any, ctx: Settings, _b: float = bound) -> LocalConstant:
             return exact(_b, "slope-bound")
 
-    rule = OpRule(kind, forward, lipschitz, slope, affine, doc if doc is not None else (lipschitz.__doc__ or ""))
+    rule = OpRule(kind, forward, lipschitz, slope, affine, doc if doc is not None else (lipschitz.__doc__ or ""),
+                  tuple(torch_functions), tuple(onnx_ops), tuple(torch_modules))
     RULES[kind] = rule
     return rule
+
+
+def kind_spelled(*, torch_function: Any = None, onnx_op: str | None = None,
+                 torch_module: type | None = None) -> str | None:
+    """The op kind whose rule declares this unary spelling (a torch callable seen by fx as a call target,
+    an ``nn.Module`` type, or an ONNX op type), if any."""
+    for rule in RULES.values():
+        if (
+            (torch_function is not None and any(torch_function is f for f in rule.torch_functions))
+            or (onnx_op is not None and onnx_op in rule.onnx_ops)
+            or (torch_module is not None and torch_module in rule.torch_modules)
+        ):
+            return rule.kind
+    return None
+
+
+def module_spellings() -> tuple[type, ...]:
+    """Every ``nn.Module`` type declared by a rule (the fx tracer keeps them as leaves)."""
+    return tuple(t for rule in RULES.values() for t in rule.torch_modules)
+
+
+def torch_spellings() -> tuple[Callable[..., Any], ...]:
+    """Every torch callable declared by a rule (the fx tracer keeps them as leaves)."""
+    return tuple(f for rule in RULES.values() for f in rule.torch_functions)
 
 
 def get_rule(kind: str) -> OpRule | None:
