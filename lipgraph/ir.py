@@ -14,6 +14,7 @@ frontend's translation can be checked against the original model.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,18 @@ def add_node(g: nx.DiGraph, n: IRNode) -> IRNode:
     elif n.op == "output":
         g.graph["output"] = n.name
     return n
+
+
+def as_float64(n: IRNode) -> IRNode:
+    """The node evaluated in float64: floating parameters cast, and a float cast (``attrs["dtype"]``) dropped so
+    that a ``.to(torch.float32)`` inside a chain does not round the float64 evaluation. The one conversion
+    every pass uses (SeqLip's group matrices, affine folding's Jacobians)."""
+    params = {k: (v.detach().to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in n.params.items()}
+    attrs = dict(n.attrs)
+    if attrs.get("dtype") is not None:
+        attrs["dtype"] = None
+    return dataclasses.replace(n, params=params, attrs=attrs)
 
 
 def node(g: nx.DiGraph, name: str) -> IRNode:

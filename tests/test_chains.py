@@ -126,3 +126,22 @@ def test_tiny_resnet_segments_and_bound():
         assert float(torch.linalg.matrix_norm(j, 2)) <= seq.value * (1 + 1e-6)
     assert seq.value <= auto.value * (1 + 1e-9)
     assert len(rep.segments) == len(segs)
+
+
+def test_float_cast_inside_a_chain_keeps_seqlip() -> None:
+    """A ``.to(torch.float32)`` between layers is evaluated in float64 like every other member (one float64
+    conversion for every pass): SeqLip still certifies the chain instead of falling back to AutoLip."""
+
+    class CastNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x).to(torch.float32)))
+
+    rep = lipgraph.analyze(CastNet(), torch.randn(1, 5), lower=False)
+    (seg,) = rep.segments
+    assert seg["certified"] and "failed" not in seg["method"]
+    assert rep.bounds["autolip+seqlip"].value < rep.bounds["autolip"].value

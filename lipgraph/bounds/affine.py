@@ -275,15 +275,6 @@ def _numel(shape: Any) -> int:
     return math.prod(shape) if isinstance(shape, (tuple, list)) and all(isinstance(s, int) for s in shape) else -1
 
 
-def _as64(n: ir.IRNode) -> ir.IRNode:
-    params = {k: (v.detach().to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-              for k, v in n.params.items()}
-    attrs = dict(n.attrs)
-    if attrs.get("dtype") is not None:
-        attrs["dtype"] = None
-    return dataclasses.replace(n, params=params, attrs=attrs)
-
-
 def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
                  ctx: Settings) -> float | None:
     """Norm of the exact float64 Jacobian of entry -> exit (others fixed), or None when too large."""
@@ -291,7 +282,7 @@ def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
     n_in, n_out = _numel(e_node.out_shape), _numel(x_node.out_shape)
     if n_in <= 0 or n_out <= 0 or min(n_in, n_out) > MATERIALIZE_MAX or n_in * n_out > MATERIALIZE_ENTRIES:
         return None
-    nodes64 = [_as64(ir.node(g, m)) for m in members]
+    nodes64 = [ir.as_float64(ir.node(g, m)) for m in members]
     shape = tuple(e_node.out_shape)
     dev = ctx.device
 

@@ -18,7 +18,6 @@ bound on ``chain`` times AutoLip's bound at ``entry`` bounds ``last``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -151,12 +150,6 @@ def find_segments(g: nx.DiGraph, min_nodes: int = 2) -> list[Segment]:
     return segments
 
 
-def _as_double(n: ir.IRNode) -> ir.IRNode:
-    params = {k: (v.detach().to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v)
-              for k, v in n.params.items()}
-    return dataclasses.replace(n, params=params)
-
-
 def group_dims(g: nx.DiGraph, names: list[str]) -> tuple[int, int]:
     """(output entries, input entries) of an affine group."""
     first, last = ir.node(g, names[0]), ir.node(g, names[-1])
@@ -171,7 +164,7 @@ def group_matrix(g: nx.DiGraph, names: list[str], max_dense: int = MAX_DENSE) ->
     if max(n_out, n_in) > max_dense:
         return None
     in_shape = tuple(ir.node(g, names[0]).in_shapes[0])
-    nodes64 = [_as_double(ir.node(g, n)) for n in names]
+    nodes64 = [ir.as_float64(ir.node(g, n)) for n in names]
 
     def f(x: torch.Tensor) -> torch.Tensor:
         for nd in nodes64:
