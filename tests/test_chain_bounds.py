@@ -185,3 +185,39 @@ def test_run_gives_one_relation_per_segment_and_combines() -> None:
         assert cum[rel.node].certified and cum[rel.node].via == source
         out = cum[g.graph["output"]]
         assert out.certified and lower <= out.value < auto.value
+
+
+def test_certify_psd_accepts_definite_and_rejects_barely_indefinite() -> None:
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=D))
+    eig = torch.linspace(0.0, 1.0, 40, dtype=D)
+    for lam0, expect in ((1e-3, True), (-1e-12, False), (0.0, False)):
+        e = eig.clone()
+        e[0] = lam0
+        b = (q * e) @ q.T
+        b = (b + b.T) / 2
+        assert ef.certify_psd(b, 0.0) is expect, lam0
+    assert not ef.certify_psd(torch.eye(3, dtype=D) * 1e-3, 1e-2)  # the forming error dominates
+    assert not ef.certify_psd(torch.zeros(2, 2, dtype=D), 1e-20)
+    assert not ef.certify_psd(torch.full((2, 2), float("nan"), dtype=D), 0.0)
+
+
+def test_run_on_sigmoid_and_tanh_chains_is_sound() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Sigmoid(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 2)).to(D)
+    x = torch.randn(1, 5, dtype=D)
+    g = lipgraph.trace(model, x)
+    local = {k: v[0] for k, v in local_constants(g, Settings()).items()}
+    auto = combine(g, local)[g.graph["output"]].value
+    gen = torch.Generator().manual_seed(5)
+    lower = 0.0
+    for _ in range(200):
+        z = torch.randn(5, generator=gen, dtype=D) * 3
+        j = torch.autograd.functional.jacobian(lambda t: model(t[None])[0], z)
+        lower = max(lower, float(torch.linalg.matrix_norm(j, ord=2)))
+    for mod in (cp, ef):
+        res = mod.run(g, local, Settings())
+        assert len(res.relations) == 1 and res.relations[0].certified
+        assert res.records[0]["slopes"] == [[0.0, 0.25], [0.0, 1.0]]
+        out = combine(g, local, res.relations)[g.graph["output"]]
+        assert out.certified and lower <= out.value <= auto * (1 + 1e-8)

@@ -97,7 +97,8 @@ def run_segments(g: nx.DiGraph, source: str,
     res = AlgorithmResult()
     for seg in find_segments(g):
         label = f"segment {seg.nodes[0]}..{seg.last}"
-        rec: dict[str, Any] = {"nodes": list(seg.nodes), "entry": seg.entry, "label": label}
+        rec: dict[str, Any] = {"nodes": list(seg.nodes), "entry": seg.entry, "label": label,
+                               "slopes": [[float(a), float(b)] for a, b in seg.slopes]}
         t1 = time.perf_counter()
         cm = segment_mats(g, seg, max_dense)
         if cm is None:

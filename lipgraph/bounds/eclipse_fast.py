@@ -72,7 +72,7 @@ def certify_psd(b: torch.Tensor, err: float) -> bool:
     n = b.shape[0]
     c = min(_fro(b), float(b.abs().sum(dim=1).max()) * (1 + ROUNDING_MARGIN))
     if c == 0.0:
-        return True
+        return err == 0.0
     # Demmel's term for 2c (the shifted matrix has norm <= c + shift <= 2c), and the rounding of the
     # shifted diagonal; err for forming b.
     shift = (2 * c - cholesky_shift(2 * c, err, n, False)) * (1 + ROUNDING_MARGIN)
