@@ -1,0 +1,124 @@
+"""Dense weight matrices and slope intervals of a linear-chain segment, for the chain bounds.
+
+:func:`segment_mats` turns a :class:`~lipgraph.bounds.chains.Segment` ``G_0 s_0 G_1 ... G_k`` into the
+float64 matrices ``W_0 .. W_k`` (the linear parts of the affine groups, :func:`chains.group_matrix`) and
+one derivative interval ``[a_j, b_j]`` per activation run (the global interval of the activation, a
+run's product interval). The Jacobian of the chain is ``W_k D_k ... D_1 W_0`` with ``D_j`` diagonal in
+``[a_j, b_j]``, and every difference quotient of the chain lies in that set (slope restriction), so a
+bound on ``sup ||W_k D_k ... D_1 W_0||`` over the box, or a bound derived from the incremental quadratic
+constraints of slope restriction, bounds the chain's Lipschitz constant.
+
+Rounding of the materialisation: ``group_matrix`` is exact up to ``O(u ||G||)``; the chain bounds add
+``ROUNDING_MARGIN * prod ||W_j|| max|s_j'|`` for it, as SeqLip does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+
+from ..core import ROUNDING_MARGIN
+from ..norms import dense_norm
+from .chains import MAX_DENSE, Segment, find_segments, group_matrix
+from .relations import AlgorithmResult, Relation, Term
+
+
+@dataclass
+class ChainMats:
+    """``mats[j]``: dense float64 ``(out, in)`` matrix of group ``j``; ``slopes[j]``: the interval of the
+    activation between ``mats[j]`` and ``mats[j + 1]``."""
+
+    mats: list[torch.Tensor]
+    slopes: list[tuple[float, float]]
+
+
+@dataclass
+class ChainValue:
+    """A bound on one chain: ``value`` is proven when ``certified``; ``method`` says how it was obtained."""
+
+    value: float
+    certified: bool
+    method: str
+    seconds: float = 0.0
+
+
+def segment_mats(g: nx.DiGraph, seg: Segment, max_dense: int = MAX_DENSE) -> ChainMats | None:
+    """The chain's matrices and slope intervals, or None when a group has more than ``max_dense``
+    input or output entries (too large to materialise)."""
+    mats = []
+    for grp in seg.groups:
+        m = group_matrix(g, grp, max_dense)
+        if m is None:
+            return None
+        mats.append(m.to(torch.float64))
+    return ChainMats(mats, [(float(a), float(b)) for a, b in seg.slopes])
+
+
+def certified_norms(mats: list[torch.Tensor]) -> list[float]:
+    """Certified ``||W_j||_2`` of each matrix (:func:`lipgraph.norms.dense_norm`)."""
+    out = []
+    for m in mats:
+        r = dense_norm(m)
+        out.append(r.upper if r.certified else math.inf)
+    return out
+
+
+def autolip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> float:
+    """Certified AutoLip product ``prod ||W_j|| prod max(|a_j|, |b_j|)`` of a chain (float64 products
+    inflated by ``(1 + ROUNDING_MARGIN)``)."""
+    v = math.prod(certified_norms(mats)) * math.prod(max(abs(a), abs(b)) for a, b in slopes)
+    return v * (1 + ROUNDING_MARGIN)
+
+
+def check(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> None:
+    if len(slopes) != len(mats) - 1:
+        raise ValueError("need one slope interval per activation (len(mats) - 1)")
+    for a, b in slopes:
+        if not (math.isfinite(a) and math.isfinite(b) and a <= b):
+            raise ValueError(f"bad slope interval [{a}, {b}]")
+    for x, y in zip(mats[:-1], mats[1:], strict=True):
+        if x.shape[0] != y.shape[1]:
+            raise ValueError(f"shape mismatch: {tuple(x.shape)} then {tuple(y.shape)}")
+
+
+def run_segments(g: nx.DiGraph, source: str,
+                 bound: Callable[[list[torch.Tensor], list[tuple[float, float]]], ChainValue],
+                 max_dense: int = MAX_DENSE) -> AlgorithmResult:
+    """One relation ``L(seg.last) <= bound(chain) * L(seg.entry)`` per segment (the relation contract of
+    :mod:`lipgraph.bounds.relations`); segments too large to materialise or whose bound fails are
+    recorded and give no relation."""
+    t0 = time.perf_counter()
+    res = AlgorithmResult()
+    for seg in find_segments(g):
+        label = f"segment {seg.nodes[0]}..{seg.last}"
+        rec: dict[str, Any] = {"nodes": list(seg.nodes), "entry": seg.entry, "label": label,
+                               "slopes": [[float(a), float(b)] for a, b in seg.slopes]}
+        t1 = time.perf_counter()
+        cm = segment_mats(g, seg, max_dense)
+        if cm is None:
+            rec.update(value=None, certified=False, method=f"a group exceeds {max_dense} entries: skipped",
+                       seconds=time.perf_counter() - t1)
+            res.records.append(rec)
+            continue
+        try:
+            cv = bound(cm.mats, cm.slopes)
+        except Exception as exc:  # noqa: BLE001 - a chain the bound cannot handle gives no relation
+            rec.update(value=None, certified=False, method=f"failed ({type(exc).__name__}: {exc})",
+                       seconds=time.perf_counter() - t1)
+            res.records.append(rec)
+            continue
+        rec.update(value=cv.value, certified=cv.certified, method=cv.method, seconds=time.perf_counter() - t1)
+        res.records.append(rec)
+        if math.isfinite(cv.value):
+            res.relations.append(Relation(seg.last, (Term(seg.entry, cv.value, cv.certified),), source, label))
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+__all__ = ["ChainMats", "ChainValue", "autolip_chain", "certified_norms", "check", "run_segments", "segment_mats"]
