@@ -14,7 +14,11 @@ Soundness: only certified constants give certified radii; a radius from an
 uncertified constant is reported with ``certified: false`` (an estimate) and
 never counts in certified accuracy. The radii are global-bound radii: a
 radius that uses the local behaviour of ``f`` in the ball needs the domain
-analysis of issue 12.
+analysis of issue 12. The margins and the pairwise constants are computed on a
+float64 copy of the model: the certificate is a statement about the real-valued
+function with the model's weights (float32 inference rounding is not modelled).
+Each pair's constant is the smaller certified one of the ``PairDiff`` analysis
+and ``sqrt(2)`` times the whole-network bound (both bound ``Lip(f_y - f_j)``).
 
 :func:`attack_radius` is the empirical check: a deterministic PGD attack on the
 margin, bisected on the radius; it returns the norm of a concrete
