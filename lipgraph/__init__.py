@@ -3,6 +3,7 @@
 from . import ops  # noqa: F401 - registers the op rules
 from .api import analyze, register_op, trace
 from .bounds.local import UserConstant
+from .certify import certify
 from .errors import InputShapeError, LipgraphError, ModelLoadError, TraceError
 from .ir import execute
 from .ops import LocalConstant, register_rule
@@ -19,6 +20,7 @@ __all__ = [
     "TraceError",
     "UserConstant",
     "analyze",
+    "certify",
     "execute",
     "register_op",
     "register_rule",

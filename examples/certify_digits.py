@@ -1,0 +1,95 @@
+"""Certified robustness on sklearn's digits: a small CNN trained with and without the Lipschitz penalty.
+
+For each model: clean test accuracy, the certified whole-network bound, certified accuracy
+(pairwise global bounds, and the Tsuzuku baseline) at several l2 radii, and the PGD attack's
+accuracy (an upper estimate); writes ``certify_digits.png`` (certified accuracy vs radius).
+The penalty (``lipgraph.penalty``) is a training-time estimate; every number called certified
+here comes from ``lipgraph.certify``.
+
+Run: ``.venv/bin/python examples/certify_digits.py [--epochs 60] [--n 200] [--out certify_digits.png]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn as nn
+from sklearn.datasets import load_digits
+
+import lipgraph
+from lipgraph.penalty import penalty
+
+RADII = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def make_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 10),
+    )
+
+
+def train(x: torch.Tensor, y: torch.Tensor, epochs: int, weight: float, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = make_cnn()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    state: dict = {}
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            if weight:
+                loss = loss + weight * penalty(model, x[:1], state=state)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--n", type=int, default=200, help="test inputs to certify")
+    ap.add_argument("--weight", type=float, default=0.02, help="penalty weight")
+    ap.add_argument("--out", default="certify_digits.png")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(d.target)
+    xtr, ytr, xte, yte = x[:1400], y[:1400], x[1400:1400 + args.n], y[1400:1400 + args.n]
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, weight in (("plain", 0.0), (f"penalty {args.weight:g}", args.weight)):
+        t0 = time.perf_counter()
+        model = train(xtr, ytr, args.epochs, weight)
+        t_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cert = lipgraph.certify(model, xte, yte, radius=RADII, attack=True)
+        t_cert = time.perf_counter() - t0
+        print(f"== {name}: trained {t_train:.1f}s, certified {t_cert:.1f}s")
+        print(cert.table())
+        print()
+        top = max(c.radius for c in cert.inputs) * 1.1 + 1e-6
+        rs = [top * i / 200 for i in range(201)]
+        ax.plot(rs, [cert.certified_accuracy(r) for r in rs], label=f"{name}: certified (pairwise)")
+        ax.plot(rs, [cert.certified_accuracy(r, baseline=True) for r in rs], "--", label=f"{name}: Tsuzuku")
+    ax.set_xlabel("l2 radius")
+    ax.set_ylabel("certified accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

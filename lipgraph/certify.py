@@ -1,0 +1,445 @@
+"""Certified robustness radii from global Lipschitz bounds (issue 13, first part).
+
+For a classifier ``f`` and an input ``x`` predicted as class ``y`` with margins
+``m_j(x) = f_y(x) - f_j(x) > 0``: if ``L_{y,j}`` bounds the l2 Lipschitz
+constant of ``x -> f_y(x) - f_j(x)`` *globally*, then no perturbation ``d``
+with ``||d||_2 < min_j m_j(x) / L_{y,j}`` can change the prediction. Each
+``L_{y,j}`` comes from :func:`lipgraph.analyze` on :class:`PairDiff` (the
+difference of two logits: with a final linear layer, a linear head whose norm
+is ``||w_y - w_j||``, usually well below ``sqrt(2) ||W||``). The Tsuzuku et al.
+baseline ``margin / (sqrt(2) L)`` with the whole-network bound ``L`` is reported
+next to it.
+
+Soundness: only certified constants give certified radii; a radius from an
+uncertified constant is reported with ``certified: false`` (an estimate) and
+never counts in certified accuracy. The radii are global-bound radii: a
+radius that uses the local behaviour of ``f`` in the ball needs the domain
+analysis of issue 12. The margins and the pairwise constants are computed on a
+float64 copy of the model: the certificate is a statement about the real-valued
+function with the model's weights (float32 inference rounding is not modelled).
+Each pair's constant is the smaller certified one of the ``PairDiff`` analysis
+and ``sqrt(2)`` times the whole-network bound (both bound ``Lip(f_y - f_j)``).
+
+:func:`attack_radius` is the empirical check: a deterministic PGD attack on the
+margin, bisected on the radius; it returns the norm of a concrete
+misclassified point, an upper estimate of the true robustness radius, so each
+certificate has its gap (attack radius - certified radius >= 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import InputShapeError, LipgraphError
+from .report import fmt, jf
+
+SCHEMA = "lipgraph.certificate/1"
+SQRT2 = math.sqrt(2.0)
+
+
+class PairDiff(nn.Module):
+    """``x -> model(x)[..., y] - model(x)[..., j]`` (shape ``(..., 1)``), kept a clean linear head.
+
+    When ``model`` is an ``nn.Sequential`` ending in ``nn.Linear`` the two rows are folded into
+    one ``Linear(in, 1)`` with weight ``w_y - w_j`` (the same function), so AutoLip sees
+    ``||w_y - w_j||``; otherwise the two logits are sliced and subtracted (the affine-region
+    folding of ``method="auto"`` then sees the same norm; plain AutoLip would see ``2 ||W||``).
+    """
+
+    def __init__(self, model: nn.Module, y: int, j: int) -> None:
+        super().__init__()
+        self.y, self.j = int(y), int(j)
+        last = model[-1] if isinstance(model, nn.Sequential) and len(model) else None
+        self.folded = isinstance(last, nn.Linear)
+        if self.folded:
+            assert isinstance(last, nn.Linear)
+            self.body = model[:-1]
+            head = nn.Linear(last.in_features, 1, bias=last.bias is not None)
+            head = head.to(device=last.weight.device, dtype=last.weight.dtype)
+            with torch.no_grad():
+                head.weight.copy_(last.weight[self.y] - last.weight[self.j])
+                if last.bias is not None:
+                    head.bias.copy_(last.bias[self.y:self.y + 1] - last.bias[self.j:self.j + 1])
+            self.head = head
+        else:
+            self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return self.head(self.body(x))
+        z = self.model(x)
+        return z[..., self.y:self.y + 1] - z[..., self.j:self.j + 1]
+
+
+@dataclass
+class PairConstant:
+    value: float  # the bound used: min(pair analysis, sqrt(2) * whole-network bound) among certified ones
+    certified: bool
+    pair_value: float  # lipgraph.analyze on PairDiff alone
+    pair_certified: bool
+    method: str
+
+
+@dataclass
+class InputCertificate:
+    index: int
+    label: int
+    prediction: int
+    correct: bool
+    margin: float  # f_label - max_{j != label} f_j (negative when misclassified)
+    radius: float  # pairwise global-bound radius in the certificate's norm (0 if misclassified)
+    radius_certified: bool
+    binding_class: int | None  # the j attaining min_j m_j / L_{y,j}
+    tsuzuku_radius: float  # margin / (sqrt(2) L_whole), same norm
+    attack_radius: float | None = None  # norm of a concrete adversarial point found by PGD (upper estimate)
+
+    @property
+    def gap(self) -> float | None:
+        return None if self.attack_radius is None else self.attack_radius - self.radius
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "label": self.label, "prediction": self.prediction, "correct": self.correct,
+            "margin": jf(self.margin), "radius": jf(self.radius), "radius_certified": self.radius_certified,
+            "binding_class": self.binding_class, "tsuzuku_radius": jf(self.tsuzuku_radius),
+            "attack_radius": jf(self.attack_radius), "gap": jf(self.gap),
+        }
+
+
+@dataclass
+class Certificate:
+    norm: str
+    input_dim: int
+    whole_upper: float
+    whole_certified: bool
+    whole_method: str
+    pairs: dict[tuple[int, int], PairConstant]
+    inputs: list[InputCertificate]
+    radii: list[float] = field(default_factory=list)
+
+    @property
+    def certified(self) -> bool:
+        """Every radius reported as certified rests on certified constants only (always true by
+        construction); False when some correctly classified input only has an estimated radius."""
+        return all(c.radius_certified for c in self.inputs if c.correct)
+
+    @property
+    def clean_accuracy(self) -> float:
+        return sum(c.correct for c in self.inputs) / max(len(self.inputs), 1)
+
+    def certified_accuracy(self, radius: float, *, baseline: bool = False) -> float:
+        """Fraction of inputs correctly classified with a certified radius >= ``radius``
+        (``baseline``: with the Tsuzuku radius instead)."""
+        n = 0
+        for c in self.inputs:
+            if not c.correct:
+                continue
+            if baseline:
+                ok = self.whole_certified and c.tsuzuku_radius >= radius
+            else:
+                ok = c.radius_certified and c.radius >= radius
+            n += ok
+        return n / max(len(self.inputs), 1)
+
+    def attack_accuracy(self, radius: float) -> float | None:
+        """Fraction correct and not broken by the attack at ``radius`` (an upper estimate of robust accuracy)."""
+        if any(c.correct and c.attack_radius is None for c in self.inputs):
+            return None
+        return sum(c.correct and c.attack_radius > radius for c in self.inputs) / max(len(self.inputs), 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "norm": self.norm,
+            "input_dim": self.input_dim,
+            "clean_accuracy": self.clean_accuracy,
+            "certified": self.certified,
+            "whole_network": {"upper": jf(self.whole_upper), "certified": self.whole_certified,
+                              "method": self.whole_method},
+            "pairs": [{"y": y, "j": j, "value": jf(p.value), "certified": p.certified,
+                       "pair_value": jf(p.pair_value), "pair_certified": p.pair_certified, "method": p.method}
+                      for (y, j), p in sorted(self.pairs.items())],
+            "certified_accuracy": [
+                {"radius": r, "pairwise": self.certified_accuracy(r),
+                 "tsuzuku": self.certified_accuracy(r, baseline=True), "attack_upper": self.attack_accuracy(r)}
+                for r in self.radii
+            ],
+            "inputs": [c.to_dict() for c in self.inputs],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> str:
+        lines = [
+            f"norm {self.norm}, {len(self.inputs)} inputs, clean accuracy {self.clean_accuracy:.3f}",
+            f"whole-network bound {fmt(self.whole_upper)} ({'certified' if self.whole_certified else 'ESTIMATE'}, "
+            f"{self.whole_method}); {len(self.pairs)} class pairs analysed",
+        ]
+        if not self.certified:
+            lines.append("WARNING: some radii rest on uncertified constants: they are estimates, not certificates")
+        head = f"{'radius':>10} {'pairwise':>10} {'tsuzuku':>10} {'attack<=':>10}"
+        lines += [head, "-" * len(head)]
+        for r in self.radii:
+            a = self.attack_accuracy(r)
+            lines.append(f"{fmt(r):>10} {self.certified_accuracy(r):>10.3f} "
+                         f"{self.certified_accuracy(r, baseline=True):>10.3f} {'-' if a is None else f'{a:.3f}':>10}")
+        gaps = [c.gap for c in self.inputs if c.correct and c.gap is not None]
+        cr = [c.radius for c in self.inputs if c.correct]
+        if cr:
+            lines.append(f"median certified radius (correct inputs) {fmt(sorted(cr)[len(cr) // 2])}")
+        if gaps:
+            ar = sorted(c.attack_radius for c in self.inputs if c.correct and c.attack_radius is not None)
+            med_gap = sorted(gaps)[len(gaps) // 2]
+            lines.append(f"median attack radius {fmt(ar[len(ar) // 2])}, median gap {fmt(med_gap)}")
+        lines.append("(pairwise/tsuzuku: certified accuracy; attack<=: accuracy under PGD, an upper estimate)")
+        return "\n".join(lines)
+
+    def plot(self, path: str, radii: Sequence[float] | None = None) -> str:
+        """Certified accuracy vs radius (pairwise, Tsuzuku, attack upper estimate); PNG/SVG/PDF by suffix."""
+        import matplotlib  # noqa: PLC0415 - optional dependency
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+
+        top = max([c.radius for c in self.inputs] + [c.attack_radius or 0.0 for c in self.inputs] + [1e-6])
+        rs = list(radii) if radii is not None else [top * i / 200 for i in range(201)]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(rs, [self.certified_accuracy(r) for r in rs], label="certified (pairwise bounds)")
+        ax.plot(rs, [self.certified_accuracy(r, baseline=True) for r in rs], "--", label="certified (Tsuzuku)")
+        if all(a is not None for a in (self.attack_accuracy(0.0),)):
+            ax.plot(rs, [self.attack_accuracy(r) for r in rs], ":", label="PGD attack (upper estimate)")
+        ax.set_xlabel(f"{self.norm} radius")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def _margin(logits: torch.Tensor, y: int) -> torch.Tensor:
+    other = logits.clone()
+    other[..., y] = -math.inf
+    return logits[..., y] - other.max(dim=-1).values
+
+
+def _analyze(model: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[float, bool, str]:
+    import lipgraph  # noqa: PLC0415
+
+    rep = lipgraph.analyze(model, x, **kwargs)
+    best = rep.best
+    return rep.upper, rep.certified, best[0] if best else "?"
+
+
+def certify(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor | Sequence[int],
+    *,
+    radius: Sequence[float] | float | None = None,
+    norm: str = "l2",
+    pair_method: str | None = None,
+    attack: bool = False,
+    attack_steps: int = 20,
+    attack_bisections: int = 12,
+    seed: int = 0,
+    **analyze_kwargs: Any,
+) -> Certificate:
+    """Certified radii of ``inputs`` (batch on dim 0) under ``model`` from global Lipschitz bounds.
+
+    ``norm``: ``"l2"`` or ``"linf"`` (the l2 radius divided by ``sqrt(n)``: sound since
+    ``||d||_2 <= sqrt(n) ||d||_inf``). ``radius``: radii at which to report certified accuracy.
+    ``pair_method``: the ``analyze`` method for the class pairs (default ``"autolip"`` when the
+    head folds into one linear row, else ``"auto"``). ``attack``: also run :func:`attack_radius`
+    on every correctly classified input. Other keyword arguments go to :func:`lipgraph.analyze`
+    (``lower`` defaults to False here).
+    """
+    if norm not in ("l2", "linf"):
+        raise LipgraphError(f"unknown norm {norm!r}: use 'l2' or 'linf'")
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise InputShapeError("inputs must be a tensor with a batch dimension, e.g. shape (N, 64)")
+    labels_t = torch.as_tensor(labels).reshape(-1).long()
+    if labels_t.numel() != inputs.shape[0]:
+        raise InputShapeError(f"{inputs.shape[0]} inputs but {labels_t.numel()} labels")
+    if radius is None:
+        radii: list[float] = []
+    else:
+        radii = [float(radius)] if isinstance(radius, (int, float)) else [float(r) for r in radius]
+    kwargs = {"lower": False, **analyze_kwargs}
+    model = model.eval()
+    n_in = int(inputs[0].numel())
+    scale = 1.0 if norm == "l2" else 1.0 / math.sqrt(n_in)
+    example = inputs[:1].detach()
+
+    # margins in float64 (an exact-arithmetic statement about f needs the rounding of the margin small)
+    m64 = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        logits = m64(inputs.detach().double())
+    if logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
+        raise InputShapeError(f"the model must map (N, ...) inputs to (N, classes) logits, got {tuple(logits.shape)}")
+    n_cls = logits.shape[1]
+    if labels_t.numel() and (labels_t.min() < 0 or labels_t.max() >= n_cls):
+        raise InputShapeError(f"labels must lie in [0, {n_cls})")
+
+    whole, whole_cert, whole_method = _analyze(model, example, kwargs)
+    pairs: dict[tuple[int, int], PairConstant] = {}
+
+    def pair(y: int, j: int) -> PairConstant:
+        key = (min(y, j), max(y, j))  # Lip(f_y - f_j) = Lip(f_j - f_y)
+        if key not in pairs:
+            # built from the float64 copy: w_y - w_j exactly as the real-valued function has it
+            pd = PairDiff(m64, *key).eval()
+            with torch.no_grad():  # the wrapper must compute the same function
+                ref = m64(example.double())
+                got = pd(example.double())
+                want = ref[..., key[0]] - ref[..., key[1]]
+                if not torch.allclose(got.reshape(-1), want.reshape(-1), rtol=1e-9, atol=1e-9):
+                    raise LipgraphError(f"PairDiff({key}) does not reproduce the logit difference")
+            meth = pair_method or ("autolip" if pd.folded else "auto")
+            pv, pc, pm = _analyze(pd, example.double(), {**kwargs, "method": meth})
+            cands = [(pv, pc, pm)]
+            if math.isfinite(whole):
+                cands.append((SQRT2 * whole, whole_cert, f"sqrt(2) x whole ({whole_method})"))
+            cert = [c for c in cands if c[1]]
+            v, c, m = min(cert) if cert else min(cands)
+            pairs[key] = PairConstant(v, c, pv, pc, m)
+        return pairs[key]
+
+    certs = []
+    for i in range(inputs.shape[0]):
+        lab = int(labels_t[i])
+        pred = int(logits[i].argmax())
+        correct = pred == lab
+        marg = float(_margin(logits[i], lab))
+        r, rc, binding, tz = 0.0, True, None, 0.0
+        if correct and marg > 0:
+            best = math.inf
+            rc = True
+            for j in range(n_cls):
+                if j == lab:
+                    continue
+                pc = pair(lab, j)
+                rj = float(logits[i, lab] - logits[i, j]) / pc.value if pc.value > 0 else math.inf
+                if rj < best:
+                    best, binding = rj, j
+                rc = rc and pc.certified
+            r = best * scale
+            tz = (marg / (SQRT2 * whole) if whole > 0 else math.inf) * scale
+        elif correct:
+            correct = False  # a tie is not a correct prediction
+        certs.append(InputCertificate(i, lab, pred, correct, marg, r, rc, binding, tz))
+
+    result = Certificate(norm, n_in, whole, whole_cert, whole_method, pairs, certs, radii)
+    if attack:
+        for c in certs:
+            if c.correct:
+                hi = max(4 * c.radius, 4 * c.tsuzuku_radius, 1e-3)
+                c.attack_radius = attack_radius(model, inputs[c.index], c.label, norm=norm, steps=attack_steps,
+                                                bisections=attack_bisections, seed=seed + c.index, start=hi)
+    return result
+
+
+def _pgd(model: nn.Module, x: torch.Tensor, y: int, eps: float, norm: str, steps: int, gen: torch.Generator):
+    """Minimise the margin in the ``norm`` ball of radius ``eps``; return the best point's perturbation."""
+    delta = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    delta = _project(delta * eps * 0.5 / max(float(_norm(delta, norm)), 1e-12), eps, norm)
+    alpha = 2.5 * eps / steps
+    best, best_m = None, math.inf
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model((x + delta).unsqueeze(0))[0]
+        m = _margin(logits, y)
+        mv = float(m.detach())
+        if mv < best_m:
+            best_m, best = mv, delta.detach().clone()
+        if mv < 0:
+            break
+        (g,) = torch.autograd.grad(m, delta)
+        with torch.no_grad():
+            if norm == "l2":
+                step = g / max(float(g.norm()), 1e-12)
+            else:
+                step = g.sign()
+            delta = _project(delta.detach() - alpha * step, eps, norm)
+    with torch.no_grad():
+        m = float(_margin(model((x + delta).unsqueeze(0))[0], y))
+    if m < best_m:
+        best_m, best = m, delta.detach()
+    return best, best_m
+
+
+def _norm(d: torch.Tensor, norm: str) -> torch.Tensor:
+    return d.norm() if norm == "l2" else d.abs().max()
+
+
+def _project(d: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "l2":
+        n = float(d.norm())
+        return d * (eps / n) if n > eps else d
+    return d.clamp(-eps, eps)
+
+
+def attack_radius(
+    model: nn.Module,
+    x: torch.Tensor,
+    label: int,
+    *,
+    norm: str = "l2",
+    steps: int = 20,
+    bisections: int = 12,
+    seed: int = 0,
+    start: float = 0.1,
+    max_radius: float = 1e4,
+) -> float:
+    """The smallest radius at which a fixed-budget PGD attack on the margin flips the prediction.
+
+    Deterministic (``seed``; every PGD run has exactly ``steps`` gradient steps at most). The radius
+    is doubled from ``start`` until the attack succeeds, then bisected ``bisections`` times. The
+    value returned is the ``norm`` of a concrete perturbation that changes the prediction (checked
+    by re-evaluating the model), so it is an upper estimate of the true robustness radius;
+    ``inf`` when nothing is found up to ``max_radius``.
+    """
+    if norm not in ("l2", "linf"):
+        raise LipgraphError(f"unknown norm {norm!r}: use 'l2' or 'linf'")
+    model = model.eval()
+    x = x.detach()
+    gen = torch.Generator().manual_seed(seed)
+
+    def broken(eps: float) -> float | None:
+        d, m = _pgd(model, x, label, eps, norm, steps, gen)
+        if d is None or m >= 0:
+            return None
+        with torch.no_grad():  # the point itself must be misclassified
+            logits = model((x + d).unsqueeze(0))[0]
+        if int(logits.argmax()) == label and float(_margin(logits, label)) >= 0:
+            return None
+        return float(_norm(d, norm))
+
+    hi_eps, found = start, None
+    while hi_eps <= max_radius:
+        found = broken(hi_eps)
+        if found is not None:
+            break
+        hi_eps *= 2
+    if found is None:
+        return math.inf
+    lo, hi = 0.0, min(hi_eps, found)
+    for _ in range(bisections):
+        mid = 0.5 * (lo + hi)
+        f = broken(mid)
+        if f is None:
+            lo = mid
+        else:
+            hi, found = min(mid, f), min(found, f)
+    return found
