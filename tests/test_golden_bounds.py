@@ -23,10 +23,21 @@ def test_report_numbers_equal_golden(name: str) -> None:
     want = json.loads(GOLDEN.read_text())[name]
     model, x = build(name)
     got = numbers(lipgraph.analyze(model, x, lower=False))
-    assert got["bounds"].keys() == want["bounds"].keys()
+    # each algorithm alone keeps its number; algorithms added later only add keys, and the combination of
+    # all of them (the longest key) can only be tighter than the golden combination
+    combo_want = max(want["bounds"], key=len)
+    combo_got = max(got["bounds"], key=len)
     for key, (value, certified) in want["bounds"].items():
+        if key == combo_want:
+            continue
         assert got["bounds"][key][1] == certified, key
         assert _same(got["bounds"][key][0], value), key
+    value, certified = want["bounds"][combo_want]
+    if isinstance(value, str):
+        assert got["bounds"][combo_got][0] == value
+    else:
+        assert got["bounds"][combo_got][1] == certified
+        assert got["bounds"][combo_got][0] <= value * (1 + 1e-12)
     assert got["nodes"].keys() == want["nodes"].keys()
     for node, (local, cumulative, certified) in want["nodes"].items():
         g_local, g_cum, g_cert = got["nodes"][node]

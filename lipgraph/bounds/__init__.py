@@ -42,5 +42,9 @@ register_method("seqlip", "lipgraph.bounds.seqlip",
                 "SeqLip on single-entry single-exit linear chains (exact / branch-and-bound inner maxima)")
 register_method("affine", "lipgraph.bounds.affine",
                 "maximal affine regions folded into single operators (sum_e ||J_e|| L(e) at exits)")
+register_method("combettes-pesquet", "lipgraph.bounds.combettes_pesquet",
+                "Combettes-Pesquet bound on linear-chain segments (exact O(depth^2) programme, certified)")
+register_method("eclipse-fast", "lipgraph.bounds.eclipse_fast",
+                "ECLipsE-Fast on linear-chain segments (closed form, every PSD step proven by Cholesky)")
 
 __all__ = ["METHODS", "Method", "register_method"]
