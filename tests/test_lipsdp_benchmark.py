@@ -25,7 +25,8 @@ AUTOLIP_PUBLISHED = 31.504
 @pytest.fixture(scope="module")
 def lipsdp_net() -> nn.Module:
     if not DATA.exists():
-        pytest.skip(f"benchmark data not found at {DATA}")
+        pytest.fail(f"BENCHMARK DATA MISSING: {DATA} not found; these tests need ../shared/benchmarks beside the "
+                    "repository (see its README)", pytrace=False)
     w = np.load(DATA)
     net = nn.Sequential(nn.Linear(784, 50, bias=False), nn.ReLU(), nn.Linear(50, 10, bias=False)).double()
     with torch.no_grad():
