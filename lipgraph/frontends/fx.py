@@ -171,6 +171,12 @@ def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected:
     with torch.no_grad():
         got = ir.execute(g, *inputs)
     exp_leaves = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
+    for e in exp_leaves:
+        if e.is_floating_point() and not bool(torch.isfinite(e).all()):
+            raise TraceError(
+                f"the output of {model_name} on the example input is not finite (NaN or inf): a non-finite "
+                "weight, statistic or parameter, or an overflow; no bound is computed"
+            )
     got_leaves = [x for x in pytree.tree_leaves(got) if isinstance(x, torch.Tensor)]
     ok = len(exp_leaves) == len(got_leaves)
     for e, o in zip(exp_leaves, got_leaves, strict=False):
@@ -413,7 +419,12 @@ def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str, fronten
         origin = _origin(n, gm)
         args, kwargs = resolve(n.args), resolve(n.kwargs)
         canon = _canonicalise(n, gm, args, kwargs)
-        if canon is None:
+        what = _discontinuity(n, env, var, origin)
+        if what is not None:  # never an identity or a smooth rule: it jumps
+            canon = _opaque(n, gm, args, kwargs)
+            canon.op = "discontinuous"
+            canon.attrs["what"] = what
+        elif canon is None:
             canon = _opaque(n, gm, args, kwargs)
         in_names = []
         for x in canon.inputs:
@@ -440,6 +451,52 @@ def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str, fronten
     if g.graph["output"] is None:
         raise TraceError(f"{model_name} has no output that depends on its input")
     return g
+
+
+#: Calls that jump: rounding, sign, comparisons, integer division and remainders.
+_DISCONTINUOUS_NAMES = frozenset({
+    "round", "floor", "ceil", "trunc", "fix", "frac", "sign", "sgn", "signbit", "heaviside", "floor_divide",
+    "floordiv", "remainder", "fmod", "mod", "bucketize", "searchsorted", "gt", "ge", "lt", "le", "eq", "ne",
+    "greater", "greater_equal", "less", "less_equal", "not_equal", "isclose", "argmax", "argmin", "argsort",
+})
+#: Calls that are discontinuous when one of their inputs is an input-dependent mask (bool/int tensor).
+_MASKED_NAMES = frozenset({"where", "masked_fill", "masked_scatter", "masked_select"})
+
+
+def _call_name(n: fx.Node) -> str:
+    if n.op == "call_method":
+        name = str(n.target)
+    elif n.op == "call_function":
+        t = n.target
+        name = t.overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", "")
+    else:
+        return ""
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+def _discontinuity(n: fx.Node, env: dict[fx.Node, Any], var: dict[fx.Node, Var], origin: str) -> str | None:
+    """What makes node ``n`` discontinuous in the model input, or None.
+
+    A float tensor mapped to an integer or bool tensor (casts, comparisons, argmax) takes values in a
+    discrete set, so it is constant or it jumps; rounding and sign jump; a ``where`` on an
+    input-dependent mask switches between branches."""
+    value = env[n]
+    float_in = [a for a in n.all_input_nodes if a in var and isinstance(env.get(a), torch.Tensor)
+                and env[a].is_floating_point()]
+    if (isinstance(value, torch.Tensor) and float_in and not value.is_floating_point()
+            and not value.is_complex()):
+        return f"{origin} (a float tensor mapped to {value.dtype})"
+    name = _call_name(n)
+    if name in _DISCONTINUOUS_NAMES and float_in:
+        return origin
+    if name == "div" and (n.kwargs.get("rounding_mode") is not None or len(n.args) > 2):
+        return f"{origin} with rounding"
+    if name in _MASKED_NAMES and any(
+        a in var and isinstance(env.get(a), torch.Tensor) and not env[a].is_floating_point()
+        for a in n.all_input_nodes
+    ):
+        return f"{origin} on an input-dependent condition"
+    return None
 
 
 def _unique(g: nx.DiGraph, base: str) -> str:

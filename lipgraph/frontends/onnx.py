@@ -415,16 +415,22 @@ class Builder:
 
         origin = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
         impl = onnx_ops.torch_impl(node, _attrs(node)) if node.domain in DEFAULT_DOMAINS and n_out == 1 else None
+        kind, extra = "opaque", {}
+        if node.domain in DEFAULT_DOMAINS and (
+            node.op_type in onnx_ops.DISCONTINUOUS
+            or (node.op_type == "Where" and ins and ins[0] is not None and ins[0].is_var)
+        ):  # rounding, comparisons, casts to integer/bool, a switch on an input-dependent condition: inf
+            kind, extra = "discontinuous", {"what": f"ONNX {origin}"}
         out = None
         if impl is not None:  # a torch version keeps the IR differentiable (lower bounds)
             try:
-                out = self.emit("opaque", var_in, {"callable": impl, "args": args, "kwargs": {}},
+                out = self.emit(kind, var_in, {"callable": impl, "args": args, "kwargs": {}, **extra},
                                 origin=f"ONNX {origin}")
             except InputShapeError:
                 self.cur_count = 0
         try:
             if out is None:
-                out = self.emit("opaque", var_in, {"callable": run, "args": args, "kwargs": {}},
+                out = self.emit(kind, var_in, {"callable": run, "args": args, "kwargs": {}, **extra},
                                 origin=f"ONNX {origin}")
         except InputShapeError as exc:
             why = str(exc.__cause__ or exc).strip().splitlines()

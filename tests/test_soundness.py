@@ -1,0 +1,142 @@
+"""Soundness guards (issue 15): discontinuous ops, parameter ranges, in-place writes, non-finite values,
+and the labelling of infinite bounds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import Fn, one_constant
+
+import lipgraph
+
+
+class Between(nn.Module):
+    """fc2(f(fc1(x))): an op ``f`` between two linear layers."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.f = nn.Linear(4, 4), nn.Linear(4, 3), f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.f(self.fc1(x)))
+
+
+DISCONTINUOUS = {
+    "round": lambda t: t.round(),
+    "floor": torch.floor,
+    "ceil": torch.ceil,
+    "sign": torch.sign,
+    "trunc": torch.trunc,
+    "long": lambda t: t.long().float(),
+    "int": lambda t: t.int().float(),
+    "to_int32": lambda t: t.to(torch.int32).float(),
+    "bool": lambda t: t.bool().float(),
+    "type": lambda t: t.type(torch.int64).float(),
+    "gt": lambda t: (t > 0).float() * 2.0,
+    "eq": lambda t: t.eq(0.5).float() + t,
+    "where": lambda t: torch.where(t > 0, t, 2.0 * t),
+    "floor_div": lambda t: torch.div(t, 2.0, rounding_mode="floor"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DISCONTINUOUS))
+def test_discontinuous_op_is_inf_with_reason(name: str) -> None:
+    torch.manual_seed(0)
+    model = Between(DISCONTINUOUS[name])
+    r = lipgraph.analyze(model, torch.randn(2, 4), lower=False)
+    assert r.upper == math.inf
+    assert r.not_lipschitz, "the node that jumps must be named"
+    assert any("discontinuous" in item["reason"] for item in r.not_lipschitz), r.not_lipschitz
+    for n in r.nodes:  # no rule may call the cast an identity
+        if n.op == "identity":
+            assert math.isfinite(n.local)
+
+
+def test_float_cast_methods_keep_dtype_and_value() -> None:
+    model = Fn(lambda t: t.double().float() * 3.0)
+    x = torch.randn(2, 4)
+    g = lipgraph.trace(model, x)
+    assert torch.equal(lipgraph.ir.execute(g, x), model(x))
+    assert lipgraph.analyze(model, x, lower=False).upper == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("act", [nn.Softplus(), nn.Softplus(beta=2.0, threshold=5.0), nn.CELU(-0.5)],
+                         ids=str)
+def test_jumping_or_unbounded_activation_is_inf(act: nn.Module) -> None:
+    lc = one_constant(nn.Sequential(act), torch.randn(2, 3), type(act).__name__.lower())
+    assert lc.value == math.inf and lc.reason
+
+
+def test_softplus_threshold_is_a_real_jump() -> None:
+    """The reason for inf above: PyTorch's softplus jumps at threshold/beta."""
+    beta, threshold = 2.0, 5.0
+    t = torch.tensor([threshold / beta - 1e-9, threshold / beta + 1e-9], dtype=torch.float64)
+    y = F.softplus(t, beta, threshold)
+    assert float(y[0] - y[1]) > 1e-4
+
+
+def test_softplus_without_switch_is_one() -> None:
+    lc = one_constant(nn.Sequential(nn.Softplus(threshold=math.inf)), torch.randn(2, 3), "softplus")
+    assert lc.value == 1.0 and lc.certified
+
+
+@pytest.mark.parametrize("act,expected", [(nn.LeakyReLU(-3.0), 3.0), (nn.LeakyReLU(0.1), 1.0), (nn.ELU(-2.0), 2.0),
+                                          (nn.CELU(0.5), 1.0)], ids=str)
+def test_activation_parameter_ranges(act: nn.Module, expected: float) -> None:
+    op = {"LeakyReLU": "leaky_relu"}.get(type(act).__name__, type(act).__name__.lower())
+    lc = one_constant(nn.Sequential(act), torch.randn(2, 3), op)
+    assert lc.value == pytest.approx(expected)
+
+
+def test_nan_activation_parameter_is_refused() -> None:
+    with pytest.raises(lipgraph.LipgraphError, match="not finite"):
+        lipgraph.analyze(nn.Sequential(nn.ELU(float("nan"))), torch.randn(2, 3), lower=False)
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------
+
+def _onnx(tmp_path, name: str, nodes, inits=(), shape=(2, 4)):
+    import numpy as np  # noqa: PLC0415
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    inits = [numpy_helper.from_array(np.asarray(a, dtype=np.float32), k) for k, a in inits]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("op", ["Round", "Floor", "Sign", "CastInt", "Greater"])
+def test_onnx_discontinuous_is_inf(op: str, tmp_path) -> None:
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    w = torch.randn(4, 4).numpy()
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"])]
+    if op == "CastInt":
+        nodes += [helper.make_node("Cast", ["h"], ["c"], to=TensorProto.INT32),
+                  helper.make_node("Cast", ["c"], ["d"], to=TensorProto.FLOAT)]
+    elif op == "Greater":
+        nodes += [helper.make_node("Greater", ["h", "zero"], ["c"]),
+                  helper.make_node("Cast", ["c"], ["d"], to=TensorProto.FLOAT)]
+    else:
+        nodes += [helper.make_node(op, ["h"], ["d"])]
+    nodes += [helper.make_node("MatMul", ["d", "w"], ["y"])]
+    path = _onnx(tmp_path, f"disc_{op}", nodes, [("w", w), ("zero", [0.0])])
+    r = lipgraph.analyze(str(path), torch.randn(2, 4), lower=False)
+    assert r.upper == math.inf
+    assert any("discontinuous" in item["reason"] for item in r.not_lipschitz), r.not_lipschitz
+
+
+def test_onnx_plain_softplus_has_no_jump(tmp_path) -> None:
+    from onnx import helper  # noqa: PLC0415
+
+    path = _onnx(tmp_path, "softplus", [helper.make_node("Softplus", ["x"], ["y"])])
+    r = lipgraph.analyze(str(path), torch.randn(2, 4), lower=False)
+    assert r.upper == pytest.approx(1.0) and r.certified
