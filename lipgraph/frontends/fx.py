@@ -165,11 +165,12 @@ def _rewrite_tuple_ops(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected: Any, model_name: str) -> None:
+def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected: Any, model_name: str,
+                      inplace: Sequence[str] = ()) -> None:
     """The IR must compute the model's output on the example input (catches in-place writes through
     views, Python-side state and other semantics a translation could miss)."""
     with torch.no_grad():
-        got = ir.execute(g, *inputs)
+        got = ir.execute(g, *(x.clone() for x in inputs))
     exp_leaves = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
     for e in exp_leaves:
         if e.is_floating_point() and not bool(torch.isfinite(e).all()):
@@ -190,9 +191,15 @@ def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected:
         else:
             ok = bool(torch.equal(o, e))
     if not ok:
+        if inplace:
+            raise TraceError(
+                f"the traced graph of {model_name} does not reproduce the model's output on the example input: "
+                f"the in-place write at node {', '.join(inplace)} cannot be followed (a write through a view?); "
+                "write it out of place (e.g. y = torch.relu(a) instead of torch.relu_(a))"
+            )
         raise TraceError(
             f"the traced graph of {model_name} does not reproduce the model's output on the example input "
-            "(an in-place write through a view, or state kept outside tensors?); please report this model"
+            "(state kept outside tensors?); please report this model"
         )
 
 
@@ -261,7 +268,15 @@ def _mutated_input(n: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
         return first if name.endswith("_") and not name.endswith("__") else None
     if n.op != "call_function":
         return None
+    out = n.kwargs.get("out")
+    if isinstance(out, fx.Node):  # torch.add(a, b, out=c) overwrites c
+        return out
     if n.target in _INPLACE_OPERATORS:
+        return first
+    name = getattr(n.target, "__name__", "")
+    if isinstance(name, str) and name.endswith("_") and not name.endswith("__") and not isinstance(
+        n.target, torch._ops.OpOverload
+    ):  # torch.relu_, torch.exp_, F.elu_: the in-place spellings of functions
         return first
     if isinstance(n.target, torch._ops.OpOverload):
         args = n.target._schema.arguments
@@ -306,13 +321,15 @@ def trace(
                 f"({', '.join(p.target for p in placeholders)}), but {len(example_inputs)} example input(s) were given"
             )
         recorder = _Recorder(gm)
-        with torch.no_grad():
-            expected = recorder.run(*example_inputs)
+        with torch.no_grad():  # clones: an in-place write in the model must not change the caller's input
+            expected = recorder.run(*(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs))
         out_spec = None
         if frontend == "torch.export":
             out_spec = gm.graph._codegen.pytree_info.out_spec  # Interpreter.run already applied it
         g = _build(gm, recorder.env, type(model).__name__, frontend, out_spec)
-        _check_reproduces(g, example_inputs, expected, type(model).__name__)
+        inplace = [f"{n.name!r} ({_origin(n, gm)})" for n in gm.graph.nodes
+                   if n.op in ("call_function", "call_method", "call_module") and _mutated_input(n, gm) is not None]
+        _check_reproduces(g, example_inputs, expected, type(model).__name__, inplace)
         return g
     finally:
         model.train(was_training)
@@ -563,6 +580,12 @@ def _opaque(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> Canon:
             return getattr(self, _name)(*a, **k)
     else:
         fn = n.target
+    if _mutated_input(n, gm) is not None:  # run on copies: the IR rewires later readers to this node instead
+        inner = fn
+
+        def fn(*a: Any, _f: Callable[..., Any] = inner, **k: Any) -> Any:
+            a, k = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (a, k))
+            return _f(*a, **k)
     return Canon("opaque", list(inputs), {"callable": fn, "args": targs, "kwargs": tkwargs})
 
 
