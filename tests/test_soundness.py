@@ -205,3 +205,88 @@ def test_inplace_write_through_view_is_refused_naming_the_node() -> None:
     model = InPlace(lambda a: a[:, :2].mul_(3.0))
     with pytest.raises(lipgraph.LipgraphError, match="in-place write at node 'mul_'"):
         lipgraph.trace(model, torch.randn(1, 4))
+
+
+# --- non-finite values -------------------------------------------------------------------------------------
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+
+
+@pytest.mark.parametrize("where", ["0.weight", "3.bias", "1.running_var", "1.running_mean", "1.weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weight_or_statistic_is_refused(where: str, value: float) -> None:
+    model = _mlp()
+    with torch.no_grad():
+        t = model.get_buffer(where) if "running" in where else model.get_parameter(where)
+        t.view(-1)[0] = value
+    with pytest.raises(lipgraph.LipgraphError, match=f"{where}.*not finite"):
+        lipgraph.analyze(model, torch.randn(3, 4), lower=False)
+
+
+def test_nonfinite_example_input_is_refused() -> None:
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(lipgraph.LipgraphError, match="example input.*not finite"):
+        lipgraph.analyze(_mlp(), x, lower=False)
+
+
+def _matmul_onnx(tmp_path, w):
+    from onnx import helper  # noqa: PLC0415
+
+    return _onnx(tmp_path, "mm", [helper.make_node("MatMul", ["x", "w"], ["y"])], [("w", w)])
+
+
+def test_onnx_nan_initializer_is_refused(tmp_path) -> None:
+    w = torch.randn(4, 3).numpy()
+    w[0, 0] = float("nan")
+    with pytest.raises(lipgraph.LipgraphError, match="initializer 'w'.*not finite"):
+        lipgraph.analyze(str(_matmul_onnx(tmp_path, w)), torch.randn(2, 4), lower=False)
+
+
+def test_onnx_inf_weight_is_refused(tmp_path) -> None:
+    w = torch.randn(4, 3).numpy()
+    w[0, 0] = float("inf")
+    with pytest.raises(lipgraph.LipgraphError, match="not finite"):
+        lipgraph.analyze(str(_matmul_onnx(tmp_path, w)), torch.randn(2, 4), lower=False)
+
+
+def test_onnx_nan_example_input_is_refused(tmp_path) -> None:
+    x = torch.randn(2, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(lipgraph.LipgraphError, match="example input 'x'.*not finite"):
+        lipgraph.analyze(str(_matmul_onnx(tmp_path, torch.randn(4, 3).numpy())), x, lower=False)
+
+
+def test_cli_nan_weight_one_line_exit_2(tmp_path, capsys) -> None:
+    from lipgraph import cli  # noqa: PLC0415
+
+    w = torch.randn(4, 3).numpy()
+    w[1, 1] = float("nan")
+    path = _matmul_onnx(tmp_path, w)
+    code = cli.main(["analyze", str(path), "--no-lower"])
+    err = capsys.readouterr()
+    assert code == 2
+    assert "not finite" in err.err and len(err.err.strip().splitlines()) == 1
+    assert "nan" not in err.out.lower()
+
+
+def test_report_never_holds_nan() -> None:
+    from lipgraph.report import BoundResult, Report  # noqa: PLC0415
+
+    r = Report("m", "torch.fx", [(1, 2)], "cpu", {"autolip": BoundResult(float("nan"), True, "x", 0.0)}, [],
+               lower=float("nan"))
+    assert r.upper == math.inf and not r.certified and r.lower is None
+    assert "nan" not in r.to_json().lower()
+
+
+# --- an infinite bound is not "certified" ---------------------------------------------------------------------
+
+def test_inf_upper_is_labelled_not_bounded() -> None:
+    r = lipgraph.analyze(Between(lambda t: t.round()), torch.randn(2, 4), lower=False)
+    assert r.upper == math.inf
+    assert not r.certified and r.to_dict()["certified"] is False
+    last = r.summary().splitlines()
+    assert any("not bounded" in line for line in last)
+    assert not any(line.startswith("Lipschitz constant") and "(certified)" in line for line in last)

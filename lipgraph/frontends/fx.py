@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 from .. import ir
 from ..errors import InputShapeError, TraceError
 from ..ops import structural
-from . import fx_canon
+from . import finite, fx_canon
 from .fx_canon import Canon, Var
 
 #: Custom ops registered through :func:`lipgraph.register_op`: module type or function -> op kind.
@@ -304,6 +304,13 @@ def trace(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
+    finite.check_inputs(example_inputs, [f"#{i}" for i in range(len(example_inputs))])
+    for pname, p in list(model.named_parameters()) + [
+        (b, t) for b, t in model.named_buffers() if b.rsplit(".", 1)[-1] in ("running_mean", "running_var")
+    ]:
+        if finite.bad(p):
+            raise TraceError(f"{type(model).__name__}: tensor {pname!r} is not finite ({finite.describe(p.detach())}); "
+                             "no bound can be computed from a NaN or infinite weight or statistic")
     was_training = model.training
     model.eval()
     try:
@@ -327,6 +334,7 @@ def trace(
         if frontend == "torch.export":
             out_spec = gm.graph._codegen.pytree_info.out_spec  # Interpreter.run already applied it
         g = _build(gm, recorder.env, type(model).__name__, frontend, out_spec)
+        finite.check_graph(g, TraceError)
         inplace = [f"{n.name!r} ({_origin(n, gm)})" for n in gm.graph.nodes
                    if n.op in ("call_function", "call_method", "call_module") and _mutated_input(n, gm) is not None]
         _check_reproduces(g, example_inputs, expected, type(model).__name__, inplace)

@@ -37,6 +37,7 @@ import torch
 from .. import ir
 from ..errors import InputShapeError, LipgraphError, ModelLoadError
 from ..ops import RULES, structural
+from . import finite
 
 try:
     import onnx
@@ -596,10 +597,15 @@ def load(path: str | os.PathLike[str], example_inputs: Any = None) -> nx.DiGraph
         else:
             dense[tuple(idx.T)] = vals
         inits[st.values.name] = torch.from_numpy(dense)
+    for name, t in inits.items():
+        if finite.bad(t, allow_inf=True):  # inf may be a mask or a clamp bound: checked per node below
+            raise ModelLoadError(f"initializer {name!r} of {path} is not finite ({finite.describe(t)}): "
+                                 "no bound can be computed from a NaN weight")
     real = [vi for vi in graph.input if vi.name not in inits]
     if not real:
         raise ModelLoadError(f"{path} has no input (every graph input has an initializer)")
     xs = _example_inputs(real, example_inputs, path)
+    finite.check_inputs(xs, [vi.name for vi in real])
     b = Builder(model, Path(path).stem)
     for name, t in inits.items():
         b.env[name] = Value(None, t)
@@ -616,6 +622,12 @@ def load(path: str | os.PathLike[str], example_inputs: Any = None) -> nx.DiGraph
         v = b.lookup(o.name, fake)
         assert v is not None
         out_names.append(v.node if v.is_var else b.constant_node(v.value, "output"))
+    for o in graph.output:
+        v = b.lookup(o.name, fake)
+        if v is not None and finite.bad(v.value):
+            raise ModelLoadError(f"output {o.name!r} of {path} is not finite on the example input "
+                                 f"({finite.describe(v.value)}): a non-finite weight or an overflow")
+    finite.check_graph(b.g, ModelLoadError)
     if all(ir.node(b.g, n).op == "constant" for n in out_names):
         raise ModelLoadError(f"{path}: no output depends on the model input")
     from torch.utils import _pytree as pytree  # noqa: PLC0415
