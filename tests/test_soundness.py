@@ -290,3 +290,26 @@ def test_inf_upper_is_labelled_not_bounded() -> None:
     last = r.summary().splitlines()
     assert any("not bounded" in line for line in last)
     assert not any(line.startswith("Lipschitz constant") and "(certified)" in line for line in last)
+
+
+# --- lower <= upper, the model left as it was ---------------------------------------------------------------
+
+class _Offset(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x + 1e5  # float32 rounding at 1e5 inflates secant ratios (0.63 was reported)
+
+
+def test_lower_never_exceeds_certified_upper() -> None:
+    r = lipgraph.analyze(_Offset(), torch.randn(1, 8), lower_budget=5.0)
+    assert r.certified and r.upper == pytest.approx(0.5, rel=1e-6)
+    assert r.lower is not None and r.lower <= r.upper
+
+
+def test_analyze_restores_training_mode() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2), nn.ReLU(), nn.Linear(4, 2))
+    model.train()
+    lipgraph.analyze(model, torch.randn(2, 4), lower_budget=1.0)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    lipgraph.analyze(model, torch.randn(2, 4), lower_budget=1.0)
+    assert not model.training
