@@ -78,6 +78,7 @@ def analyze(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LipgraphError("--device cuda was given but torch.cuda.is_available() is False on this machine")
     seconds: dict[str, float] = {}
+    was_training = model.training if isinstance(model, nn.Module) else False
 
     t0 = time.perf_counter()
     g = trace(model, example_input, leaves=_leaf_keys(constants) if isinstance(model, nn.Module) else ())
@@ -128,9 +129,21 @@ def analyze(
         xs = _as_inputs(example_input) if example_input is not None else tuple(
             torch.randn(s) for s in inputs_shapes
         )
+        f64 = None
         if isinstance(model, nn.Module):
-            model.eval()
-        lb = lower_bound(fn, xs, time_budget=lower_budget)
+            model.eval()  # restored below: analyze leaves the model as it was
+            import copy  # noqa: PLC0415
+
+            try:
+                m64 = copy.deepcopy(model).double()
+                f64 = lambda *zs, _m=m64: _m(*(z.double() for z in zs))  # noqa: E731
+            except Exception:  # noqa: BLE001 - a model that cannot be copied: the float32 value stands
+                f64 = None
+        try:
+            lb = lower_bound(fn, xs, time_budget=lower_budget, f64=f64)
+        finally:
+            if isinstance(model, nn.Module):
+                model.train(was_training)
         lower_value = lb.value
         seconds["lower"] = time.perf_counter() - t0
 

@@ -6,7 +6,7 @@ JSON schema ``lipgraph.report/1`` (``Report.to_dict()``)::
       "schema": "lipgraph.report/1",
       "model": str, "frontend": "torch.fx" | "onnx", "input_shapes": [[int]], "device": str,
       "upper": float | "inf",          # best upper bound on the l2 Lipschitz constant
-      "certified": bool,               # every constant behind "upper" is a proven bound
+      "certified": bool,               # "upper" is finite and every constant behind it is a proven bound
       "upper_method": str,             # which entry of "bounds" gave "upper"
       "lower": float | null,           # an attained value (empirical lower bound), if computed
       "bounds": {name: {"value", "certified", "method", "seconds", "details"}},
@@ -37,6 +37,7 @@ from typing import Any
 from .core import json_float
 
 SCHEMA = "lipgraph.report/1"
+_UNDEFINED = "the computation gave an undefined value; reported as an uncertified inf"
 
 
 jf = json_float
@@ -106,6 +107,25 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     graph: Any = None  # the IR (networkx.DiGraph); not serialised
 
+    def __post_init__(self) -> None:
+        """No report holds a NaN: a NaN bound (0 * inf, a NaN weight that slipped through) becomes an
+        uncertified inf, a NaN lower bound is dropped."""
+        for b in self.bounds.values():
+            if math.isnan(b.value):
+                b.value, b.certified = math.inf, False
+                b.details = {**b.details, "undefined": _UNDEFINED}
+        for n in self.nodes:
+            if any(math.isnan(v) for v in (n.local, n.cumulative, *n.partials)):
+                n.certified = n.cumulative_certified = False
+                n.reason = n.reason or _UNDEFINED
+            n.partials = [math.inf if math.isnan(p) else p for p in n.partials]
+            n.local = math.inf if math.isnan(n.local) else n.local
+            n.cumulative = math.inf if math.isnan(n.cumulative) else n.cumulative
+            if n.local_lower is not None and math.isnan(n.local_lower):
+                n.local_lower = None
+        if self.lower is not None and math.isnan(self.lower):
+            self.lower = None
+
     @property
     def best(self) -> tuple[str, BoundResult] | None:
         """The tightest certified bound if any is finite, else the tightest of all."""
@@ -124,8 +144,9 @@ class Report:
 
     @property
     def certified(self) -> bool:
+        """A proven *finite* bound: an infinite upper bound is "not bounded", never "certified"."""
         b = self.best
-        return bool(b and b[1].certified)
+        return bool(b and b[1].certified and math.isfinite(b[1].value))
 
     @property
     def not_lipschitz(self) -> list[dict[str, str]]:
@@ -188,12 +209,12 @@ class Report:
         """Totals as a few readable lines."""
         lines = [f"model {self.model} ({self.frontend}), input {', '.join(map(str, self.input_shapes))}"]
         for name, b in self.bounds.items():
-            tag = "certified" if b.certified else "estimate"
+            tag = "not bounded" if math.isinf(b.value) else "certified" if b.certified else "estimate"
             lines.append(f"  {name:<16} {fmt(b.value):>12}  {tag:<9}  ({b.method}, {b.seconds:.2f}s)")
         if self.lower is not None:
             lines.append(f"  {'lower':<16} {fmt(self.lower):>12}  attained  (Jacobian / secant ascent)")
         lo = fmt(self.lower) if self.lower is not None else "?"
-        tag = "certified" if self.certified else "NOT certified"
+        tag = "not bounded" if math.isinf(self.upper) else "certified" if self.certified else "NOT certified"
         lines.append(f"Lipschitz constant in [{lo}, {fmt(self.upper)}]  ({tag})")
         for item in self.not_lipschitz[:10]:
             lines.append(f"  inf at {item['node']}: {item['reason']}")

@@ -137,7 +137,8 @@ class GapNet(nn.Module):
 
 def activations_mlp() -> nn.Module:
     acts = [nn.LeakyReLU(0.2), nn.ELU(0.5), nn.SELU(), nn.CELU(0.7), nn.GELU(), nn.Sigmoid(), nn.Hardsigmoid(),
-            nn.Hardswish(), nn.Softplus(), nn.Mish(), nn.ReLU6(), nn.Tanh(), nn.PReLU(16)]
+            nn.Hardswish(), nn.Softplus(threshold=math.inf), nn.Mish(),  # a finite threshold jumps: inf
+            nn.ReLU6(), nn.Tanh(), nn.PReLU(16)]
     layers: list[nn.Module] = [nn.Linear(8, 16)]
     for a in acts:
         layers += [a, nn.Linear(16, 16)]

@@ -209,7 +209,7 @@ ACTIVATIONS = [
     (nn.Tanh(), "tanh"), (nn.SELU(), "selu"), (nn.SiLU(), "silu"), (nn.Mish(), "mish"),
     (nn.Hardswish(), "hardswish"), (nn.Hardsigmoid(), "hardsigmoid"), (Fn(torch.abs), "abs"),
     (nn.LeakyReLU(0.2), "leaky_relu"), (nn.LeakyReLU(-1.5), "leaky_relu"), (nn.ELU(2.0), "elu"),
-    (nn.ELU(0.5), "elu"), (nn.CELU(0.5), "celu"), (nn.Softplus(beta=2.0, threshold=5.0), "softplus"),
+    (nn.ELU(0.5), "elu"), (nn.CELU(0.5), "celu"), (nn.Softplus(beta=2.0, threshold=math.inf), "softplus"),
     (nn.Hardtanh(-2.0, 3.0), "hardtanh"), (nn.GELU(), "gelu"), (nn.GELU("tanh"), "gelu"),
     (Fn(lambda t: torch.clamp(t, min=-1.0)), "hardtanh"),
 ]

@@ -64,8 +64,9 @@ def jacobian_norm(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, it
 
 
 def secant_ascent(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, v: torch.Tensor, length: float,
-                  steps: int, deadline: float | None) -> float:
-    """Largest ``||g(x + d) - g(x)|| / ||d||`` found by Adam from ``x = z``, ``d = length * v / ||v||``."""
+                  steps: int, deadline: float | None, witness: list | None = None) -> float:
+    """Largest ``||g(x + d) - g(x)|| / ||d||`` found by Adam from ``x = z``, ``d = length * v / ||v||``.
+    ``witness``, if given, receives ``(x, d)`` of the best ratio."""
     x = z.detach().clone().requires_grad_(True)
     d = (length * v / v.norm()).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([x, d], lr=0.05 * length)
@@ -77,6 +78,8 @@ def secant_ascent(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, v:
         if float(dn.detach()) == 0.0:
             break
         ratio = (g(x + d) - g(x)).norm() / dn
+        if float(ratio.detach()) > best and witness is not None:
+            witness[:] = [x.detach().clone(), d.detach().clone()]
         best = max(best, float(ratio.detach()))
         if not ratio.requires_grad:
             break
@@ -97,8 +100,14 @@ def lower_bound(
     secant_steps: int = 30,
     seed: int = 0,
     time_budget: float | None = 60.0,
+    f64: Callable[..., object] | None = None,
 ) -> LowerBound:
-    """Largest ``||J_f(x)||_2`` found around ``example_inputs`` (an attained value: a lower bound)."""
+    """Largest ``||J_f(x)||_2`` found around ``example_inputs`` (an attained value: a lower bound).
+
+    ``f64``: the same function in float64 (e.g. a float64 copy of the model). The search runs on ``f``;
+    the value reported is the best witness (a point and a unit direction, or a secant pair) evaluated
+    again on ``f64``, so float32 rounding (``0.5 x + 1e5``: a secant of 0.63) cannot exceed the true
+    constant."""
     t0 = time.perf_counter()
     shapes = [tuple(x.shape) for x in example_inputs]
     g = _flat_fn(f, shapes)
@@ -107,6 +116,7 @@ def lower_bound(
     gen = torch.Generator().manual_seed(seed)
     scale = float(base.std()) if base.numel() > 1 and float(base.std()) > 0 else 1.0
     best, points = 0.0, 0
+    witness: tuple | None = None
     for r in range(restarts):
         if time_budget is not None and time.perf_counter() - t0 > time_budget:
             break
@@ -117,6 +127,8 @@ def lower_bound(
         for _ in range(ascent_steps + 1):
             sigma, v = jacobian_norm(g, z, power_iters, v)
             points += 1
+            if sigma > best:
+                witness = ("jacobian", z.detach().clone(), v.detach().clone())
             best = max(best, sigma)
             if time_budget is not None and time.perf_counter() - t0 > time_budget:
                 break
@@ -132,6 +144,24 @@ def lower_bound(
         if secant_steps and v is not None:
             deadline = None if time_budget is None else t0 + time_budget
             length = 0.1 * scale * math.sqrt(base.numel())
-            best = max(best, secant_ascent(g, z, v, length, secant_steps, deadline))
+            pair: list = []
+            sec = secant_ascent(g, z, v, length, secant_steps, deadline, pair)
+            if sec > best and pair:
+                witness = ("secant", *pair)
+            best = max(best, sec)
             points += secant_steps
+    if f64 is not None and witness is not None:
+        best = _reevaluate(_flat_fn(f64, shapes), witness)
     return LowerBound(best, time.perf_counter() - t0, points)
+
+
+def _reevaluate(g64: Callable[[torch.Tensor], torch.Tensor], witness: tuple) -> float:
+    """The best witness's value in float64: ``||J(z) v||`` for a unit ``v``, or the secant ratio."""
+    kind, a, b = witness
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    with torch.no_grad():
+        if kind == "secant":
+            dn = b.norm()
+            return float((g64(a + b) - g64(a)).norm() / dn) if float(dn) > 0 else 0.0
+    _, jv = jvp(g64, (a,), (b / b.norm(),))
+    return float(jv.detach().norm())

@@ -34,7 +34,7 @@ from .. import ir
 from ..errors import InputShapeError, TraceError
 from ..ops import structural
 from ..ops.registry import kind_spelled, module_spellings, torch_spellings
-from . import fx_canon
+from . import finite, fx_canon
 from .fx_canon import Canon, Var
 
 #: Custom ops registered through :func:`lipgraph.register_op`: module type or function -> op kind.
@@ -167,12 +167,19 @@ def _rewrite_tuple_ops(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected: Any, model_name: str) -> None:
+def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected: Any, model_name: str,
+                      inplace: Sequence[str] = ()) -> None:
     """The IR must compute the model's output on the example input (catches in-place writes through
     views, Python-side state and other semantics a translation could miss)."""
     with torch.no_grad():
-        got = ir.execute(g, *inputs)
+        got = ir.execute(g, *(x.clone() for x in inputs))
     exp_leaves = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
+    for e in exp_leaves:
+        if e.is_floating_point() and not bool(torch.isfinite(e).all()):
+            raise TraceError(
+                f"the output of {model_name} on the example input is not finite (NaN or inf): a non-finite "
+                "weight, statistic or parameter, or an overflow; no bound is computed"
+            )
     got_leaves = [x for x in pytree.tree_leaves(got) if isinstance(x, torch.Tensor)]
     ok = len(exp_leaves) == len(got_leaves)
     for e, o in zip(exp_leaves, got_leaves, strict=False):
@@ -186,9 +193,15 @@ def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected:
         else:
             ok = bool(torch.equal(o, e))
     if not ok:
+        if inplace:
+            raise TraceError(
+                f"the traced graph of {model_name} does not reproduce the model's output on the example input: "
+                f"the in-place write at node {', '.join(inplace)} cannot be followed (a write through a view?); "
+                "write it out of place (e.g. y = torch.relu(a) instead of torch.relu_(a))"
+            )
         raise TraceError(
             f"the traced graph of {model_name} does not reproduce the model's output on the example input "
-            "(an in-place write through a view, or state kept outside tensors?); please report this model"
+            "(state kept outside tensors?); please report this model"
         )
 
 
@@ -257,7 +270,15 @@ def _mutated_input(n: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
         return first if name.endswith("_") and not name.endswith("__") else None
     if n.op != "call_function":
         return None
+    out = n.kwargs.get("out")
+    if isinstance(out, fx.Node):  # torch.add(a, b, out=c) overwrites c
+        return out
     if n.target in _INPLACE_OPERATORS:
+        return first
+    name = getattr(n.target, "__name__", "")
+    if isinstance(name, str) and name.endswith("_") and not name.endswith("__") and not isinstance(
+        n.target, torch._ops.OpOverload
+    ):  # torch.relu_, torch.exp_, F.elu_: the in-place spellings of functions
         return first
     if isinstance(n.target, torch._ops.OpOverload):
         args = n.target._schema.arguments
@@ -285,6 +306,13 @@ def trace(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
+    finite.check_inputs(example_inputs, [f"#{i}" for i in range(len(example_inputs))])
+    for pname, p in list(model.named_parameters()) + [
+        (b, t) for b, t in model.named_buffers() if b.rsplit(".", 1)[-1] in ("running_mean", "running_var")
+    ]:
+        if finite.bad(p):
+            raise TraceError(f"{type(model).__name__}: tensor {pname!r} is not finite ({finite.describe(p.detach())}); "
+                             "no bound can be computed from a NaN or infinite weight or statistic")
     was_training = model.training
     model.eval()
     try:
@@ -302,13 +330,16 @@ def trace(
                 f"({', '.join(p.target for p in placeholders)}), but {len(example_inputs)} example input(s) were given"
             )
         recorder = _Recorder(gm)
-        with torch.no_grad():
-            expected = recorder.run(*example_inputs)
+        with torch.no_grad():  # clones: an in-place write in the model must not change the caller's input
+            expected = recorder.run(*(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs))
         out_spec = None
         if frontend == "torch.export":
             out_spec = gm.graph._codegen.pytree_info.out_spec  # Interpreter.run already applied it
         g = _build(gm, recorder.env, type(model).__name__, frontend, out_spec)
-        _check_reproduces(g, example_inputs, expected, type(model).__name__)
+        finite.check_graph(g, TraceError)
+        inplace = [f"{n.name!r} ({_origin(n, gm)})" for n in gm.graph.nodes
+                   if n.op in ("call_function", "call_method", "call_module") and _mutated_input(n, gm) is not None]
+        _check_reproduces(g, example_inputs, expected, type(model).__name__, inplace)
         return g
     finally:
         model.train(was_training)
@@ -415,7 +446,12 @@ def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str, fronten
         origin = _origin(n, gm)
         args, kwargs = resolve(n.args), resolve(n.kwargs)
         canon = _canonicalise(n, gm, args, kwargs)
-        if canon is None:
+        what = _discontinuity(n, env, var, origin)
+        if what is not None:  # never an identity or a smooth rule: it jumps
+            canon = _opaque(n, gm, args, kwargs)
+            canon.op = "discontinuous"
+            canon.attrs["what"] = what
+        elif canon is None:
             canon = _opaque(n, gm, args, kwargs)
         in_names = []
         for x in canon.inputs:
@@ -442,6 +478,52 @@ def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str, fronten
     if g.graph["output"] is None:
         raise TraceError(f"{model_name} has no output that depends on its input")
     return g
+
+
+#: Calls that jump: rounding, sign, comparisons, integer division and remainders.
+_DISCONTINUOUS_NAMES = frozenset({
+    "round", "floor", "ceil", "trunc", "fix", "frac", "sign", "sgn", "signbit", "heaviside", "floor_divide",
+    "floordiv", "remainder", "fmod", "mod", "bucketize", "searchsorted", "gt", "ge", "lt", "le", "eq", "ne",
+    "greater", "greater_equal", "less", "less_equal", "not_equal", "isclose", "argmax", "argmin", "argsort",
+})
+#: Calls that are discontinuous when one of their inputs is an input-dependent mask (bool/int tensor).
+_MASKED_NAMES = frozenset({"where", "masked_fill", "masked_scatter", "masked_select"})
+
+
+def _call_name(n: fx.Node) -> str:
+    if n.op == "call_method":
+        name = str(n.target)
+    elif n.op == "call_function":
+        t = n.target
+        name = t.overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", "")
+    else:
+        return ""
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
+def _discontinuity(n: fx.Node, env: dict[fx.Node, Any], var: dict[fx.Node, Var], origin: str) -> str | None:
+    """What makes node ``n`` discontinuous in the model input, or None.
+
+    A float tensor mapped to an integer or bool tensor (casts, comparisons, argmax) takes values in a
+    discrete set, so it is constant or it jumps; rounding and sign jump; a ``where`` on an
+    input-dependent mask switches between branches."""
+    value = env[n]
+    float_in = [a for a in n.all_input_nodes if a in var and isinstance(env.get(a), torch.Tensor)
+                and env[a].is_floating_point()]
+    if (isinstance(value, torch.Tensor) and float_in and not value.is_floating_point()
+            and not value.is_complex()):
+        return f"{origin} (a float tensor mapped to {value.dtype})"
+    name = _call_name(n)
+    if name in _DISCONTINUOUS_NAMES and float_in:
+        return origin
+    if name == "div" and (n.kwargs.get("rounding_mode") is not None or len(n.args) > 2):
+        return f"{origin} with rounding"
+    if name in _MASKED_NAMES and any(
+        a in var and isinstance(env.get(a), torch.Tensor) and not env[a].is_floating_point()
+        for a in n.all_input_nodes
+    ):
+        return f"{origin} on an input-dependent condition"
+    return None
 
 
 def _unique(g: nx.DiGraph, base: str) -> str:
@@ -514,6 +596,12 @@ def _opaque(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> Canon:
             return getattr(self, _name)(*a, **k)
     else:
         fn = n.target
+    if _mutated_input(n, gm) is not None:  # run on copies: the IR rewires later readers to this node instead
+        inner = fn
+
+        def fn(*a: Any, _f: Callable[..., Any] = inner, **k: Any) -> Any:
+            a, k = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (a, k))
+            return _f(*a, **k)
     return Canon("opaque", list(inputs), {"callable": fn, "args": targs, "kwargs": tkwargs})
 
 

@@ -279,6 +279,7 @@ def identity(input, *args, **kwargs):  # noqa: A002
 
 
 def to_dtype(input, *args, **kwargs):  # noqa: A002
+    """A cast between float types (casts to integer or bool types are discontinuous: see fx._discontinuity)."""
     dtype = kwargs.get("dtype")
     for a in args:
         if isinstance(a, torch.dtype):
@@ -520,7 +521,10 @@ _method(_reduce("sum"), "sum")
 _fn(dropout, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 _fn(identity, torch.clone, torch.detach)
 _method(identity, "contiguous", "clone", "detach")
-_method(to_dtype, "to", "type_as", "float")
+_method(to_dtype, "to", "type_as")
+for _name, _dtype in (("float", torch.float32), ("double", torch.float64), ("half", torch.float16),
+                      ("bfloat16", torch.bfloat16)):
+    METHODS[_name] = lambda input, *a, _d=_dtype, **k: to_dtype(input, _d)  # noqa: A002
 _fn(reshape_like, torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten)
 _method(reshape_like, "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
         "squeeze_", "unsqueeze_")

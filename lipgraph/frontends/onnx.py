@@ -38,6 +38,7 @@ from .. import ir
 from ..errors import InputShapeError, LipgraphError, ModelLoadError
 from ..ops import RULES, structural
 from ..ops.registry import kind_spelled
+from . import finite
 
 try:
     import onnx
@@ -419,16 +420,22 @@ class Builder:
 
         origin = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
         impl = onnx_ops.torch_impl(node, _attrs(node)) if node.domain in DEFAULT_DOMAINS and n_out == 1 else None
+        kind, extra = "opaque", {}
+        if node.domain in DEFAULT_DOMAINS and (
+            node.op_type in onnx_ops.DISCONTINUOUS
+            or (node.op_type == "Where" and ins and ins[0] is not None and ins[0].is_var)
+        ):  # rounding, comparisons, casts to integer/bool, a switch on an input-dependent condition: inf
+            kind, extra = "discontinuous", {"what": f"ONNX {origin}"}
         out = None
         if impl is not None:  # a torch version keeps the IR differentiable (lower bounds)
             try:
-                out = self.emit("opaque", var_in, {"callable": impl, "args": args, "kwargs": {}},
+                out = self.emit(kind, var_in, {"callable": impl, "args": args, "kwargs": {}, **extra},
                                 origin=f"ONNX {origin}")
             except InputShapeError:
                 self.cur_count = 0
         try:
             if out is None:
-                out = self.emit("opaque", var_in, {"callable": run, "args": args, "kwargs": {}},
+                out = self.emit(kind, var_in, {"callable": run, "args": args, "kwargs": {}, **extra},
                                 origin=f"ONNX {origin}")
         except InputShapeError as exc:
             why = str(exc.__cause__ or exc).strip().splitlines()
@@ -594,10 +601,15 @@ def load(path: str | os.PathLike[str], example_inputs: Any = None) -> nx.DiGraph
         else:
             dense[tuple(idx.T)] = vals
         inits[st.values.name] = torch.from_numpy(dense)
+    for name, t in inits.items():
+        if finite.bad(t, allow_inf=True):  # inf may be a mask or a clamp bound: checked per node below
+            raise ModelLoadError(f"initializer {name!r} of {path} is not finite ({finite.describe(t)}): "
+                                 "no bound can be computed from a NaN weight")
     real = [vi for vi in graph.input if vi.name not in inits]
     if not real:
         raise ModelLoadError(f"{path} has no input (every graph input has an initializer)")
     xs = _example_inputs(real, example_inputs, path)
+    finite.check_inputs(xs, [vi.name for vi in real])
     b = Builder(model, Path(path).stem)
     for name, t in inits.items():
         b.env[name] = Value(None, t)
@@ -614,6 +626,12 @@ def load(path: str | os.PathLike[str], example_inputs: Any = None) -> nx.DiGraph
         v = b.lookup(o.name, fake)
         assert v is not None
         out_names.append(v.node if v.is_var else b.constant_node(v.value, "output"))
+    for o in graph.output:
+        v = b.lookup(o.name, fake)
+        if v is not None and finite.bad(v.value):
+            raise ModelLoadError(f"output {o.name!r} of {path} is not finite on the example input "
+                                 f"({finite.describe(v.value)}): a non-finite weight or an overflow")
+    finite.check_graph(b.g, ModelLoadError)
     if all(ir.node(b.g, n).op == "constant" for n in out_names):
         raise ModelLoadError(f"{path}: no output depends on the model input")
     from torch.utils import _pytree as pytree  # noqa: PLC0415

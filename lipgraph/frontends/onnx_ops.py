@@ -120,7 +120,7 @@ _SIMPLE = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softplus": "so
 @mapping(*_SIMPLE)
 def _simple(b, node, ins, at):
     kind = _SIMPLE[node.op_type]
-    attrs = {"beta": 1.0, "threshold": 20.0} if kind == "softplus" else {}
+    attrs = {"beta": 1.0, "threshold": float("inf")} if kind == "softplus" else {}  # ONNX: no threshold switch
     return b.emit(kind, [_var(ins[0])], attrs)
 
 
@@ -170,7 +170,7 @@ def _where(b, node, ins, at):
     if cond is None or x is None or sp is None or not (cond.is_var and x.is_var and sp.is_var):
         raise Unsupported("Where")
     soft = _node_if(b, sp.node, "softplus")
-    greater = _node_if(b, cond.node, "opaque", origin="ONNX Greater")
+    greater = _node_if(b, cond.node, "discontinuous", origin="ONNX Greater")
     if soft is None or greater is None or soft.inputs != [x.node] or greater.inputs != [x.node]:
         raise Unsupported("Where")
     t = greater.attrs["args"][1]
@@ -947,6 +947,14 @@ _UNARY = {"Erf": torch.erf, "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sq
           "Softsign": torch.nn.functional.softsign, "Sinh": torch.sinh, "Cosh": torch.cosh, "Atan": torch.atan}
 
 
+#: ONNX ops that jump (kept executable, bounded by inf as discontinuous). Cast/CastLike reach the opaque
+#: path only for casts to or from non-float types (float casts map to ``identity``).
+DISCONTINUOUS = frozenset({
+    "Sign", "Floor", "Ceil", "Round", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal", "Not", "And",
+    "Or", "Xor", "Mod", "ArgMax", "ArgMin", "Cast", "CastLike", "IsNaN", "IsInf", "BitShift",
+})
+
+
 def torch_impl(node: onnx.NodeProto, at: dict[str, Any]) -> Callable[..., torch.Tensor] | None:
     """A torch function computing ``node`` from its inputs (in ONNX order), or None."""
     op = node.op_type
@@ -973,4 +981,4 @@ def torch_impl(node: onnx.NodeProto, at: dict[str, Any]) -> Callable[..., torch.
     return None
 
 
-__all__ = ["MAPPINGS", "SHAPE_ONLY", "NEVER_FOLD", "mapping", "torch_impl"]
+__all__ = ["MAPPINGS", "SHAPE_ONLY", "NEVER_FOLD", "DISCONTINUOUS", "mapping", "torch_impl"]

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .registry import LocalConstant, Settings, exact, register_rule
+from .registry import LocalConstant, Settings, exact, not_lipschitz, register_rule
 
 _SELU_SCALE = 1.0507009873554805
 _SELU_ALPHA = 1.6732632423543772
@@ -52,11 +52,20 @@ def _attr(node, name, default):
     return node.attrs.get(name, default)
 
 
+class _NotLipschitz(Exception):  # noqa: N818 - internal signal from a slope interval
+    """Raised by an interval function whose parameters make the activation unbounded or discontinuous."""
+
+
 def _interval_rule(kind: str, fn, interval, doc: str) -> None:
     """An activation whose slope interval depends on its attributes."""
 
     def lipschitz(node, ctx: Settings) -> LocalConstant:
-        a, b = interval(node)
+        try:
+            a, b = interval(node)
+        except _NotLipschitz as exc:
+            return not_lipschitz(f"{kind} at node {node.name!r} ({node.source}): {exc}")
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return not_lipschitz(f"{kind} at node {node.name!r} ({node.source}): its parameters are not finite")
         return exact(max(abs(a), abs(b)), "slope-bound")
 
     register_rule(kind, fn, lipschitz, slope=None, doc=doc)
@@ -72,29 +81,65 @@ def slope_interval(node) -> tuple[float, float] | None:
     from .registry import RULES
 
     if node.op in _PARAM_SLOPES:
-        return _PARAM_SLOPES[node.op](node)
+        try:
+            a, b = _PARAM_SLOPES[node.op](node)
+        except _NotLipschitz:
+            return None
+        return (a, b) if math.isfinite(a) and math.isfinite(b) else None
     rule = RULES.get(node.op)
     return rule.slope if rule is not None else None
 
 
+def _param(node, name, default, *, allow_inf: bool = False) -> float:
+    """A float attribute, refused (inf with the reason) when NaN, or infinite unless ``allow_inf``."""
+    v = float(_attr(node, name, default))
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise _NotLipschitz(f"{name} = {v} is not a finite number")
+    return v
+
+
 def _leaky_interval(node):
-    a = float(_attr(node, "negative_slope", 0.01))
+    a = _param(node, "negative_slope", 0.01)
     return (min(a, 1.0), max(a, 1.0))
 
 
 def _elu_interval(node):
-    a = float(_attr(node, "alpha", 1.0))
+    a = _param(node, "alpha", 1.0)
     return (min(0.0, a), max(1.0, a))
 
 
 def _hardtanh_interval(node):
-    lo, hi = float(_attr(node, "min_val", -1.0)), float(_attr(node, "max_val", 1.0))
+    lo = _param(node, "min_val", -1.0, allow_inf=True)
+    hi = _param(node, "max_val", 1.0, allow_inf=True)
     return (0.0, 1.0) if hi > lo else (0.0, 0.0)
 
 
 def _prelu_interval(node):
     w = node.params["weight"].detach().double()
     return (min(float(w.min()), 1.0), max(float(w.max()), 1.0))
+
+
+def _celu_interval(node):
+    a = _param(node, "alpha", 1.0)
+    if not a > 0:
+        raise _NotLipschitz(f"alpha = {a} <= 0: the slope e^(x/alpha) of the negative branch is unbounded")
+    return (0.0, 1.0)
+
+
+def _softplus_interval(node):
+    """softplus is 1-Lipschitz, but PyTorch switches to x where beta*x > threshold: a jump of
+    log1p(exp(-threshold))/beta at x = threshold/beta, which makes the map discontinuous unless it is 0."""
+    beta = _param(node, "beta", 1.0)
+    threshold = _param(node, "threshold", 20.0, allow_inf=True)
+    if not beta > 0:
+        raise _NotLipschitz(f"beta = {beta} <= 0 is not a proven case")
+    jump = math.log1p(math.exp(-threshold)) / beta if threshold != math.inf else 0.0
+    if jump != 0.0:
+        raise _NotLipschitz(
+            f"the switch to x at x = threshold/beta = {threshold / beta:g} is a jump of {jump:.3g} "
+            "(log1p(exp(-threshold))/beta), so the map is discontinuous"
+        )
+    return (0.0, 1.0)
 
 
 def _gelu_interval(node):
@@ -118,14 +163,16 @@ _interval_rule(
 _interval_rule(
     "celu",
     lambda node, x: F.celu(x, float(_attr(node, "alpha", 1.0))),
-    lambda node: (0.0, 1.0),
-    "celu' = e^(x/alpha) (x<0), 1 (x>0): L = 1 (exact).",
+    _celu_interval,
+    "celu' = e^(x/alpha) (x<0), 1 (x>0): L = 1 for alpha > 0 (exact); alpha <= 0: inf.",
 )
 _interval_rule(
     "softplus",
     lambda node, x: F.softplus(x, float(_attr(node, "beta", 1.0)), float(_attr(node, "threshold", 20.0))),
-    lambda node: (0.0, 1.0),
-    "softplus' = sigma(beta x) in (0,1), 1 past the threshold: L = 1 (exact).",
+    _softplus_interval,
+    "softplus' = sigma(beta x) in (0,1): L = 1 (exact) when beta > 0 and the threshold switch is no jump "
+    "(threshold = inf, as ONNX Softplus); PyTorch's finite threshold makes a jump of log1p(exp(-threshold))/beta: "
+    "L = inf.",
 )
 _interval_rule(
     "hardtanh",

@@ -167,8 +167,17 @@ def identity_forward(node, x):
     return x.to(dtype) if dtype is not None else x
 
 
-register_rule("identity", identity_forward, lambda node, ctx: exact(1.0, "identity"), affine=True,
-              doc="Identity, eval-mode dropout / stochastic depth, contiguous, clone, dtype casts: L = 1.")
+def identity_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """Identity, eval-mode dropout / stochastic depth, contiguous, clone, casts between float types: L = 1.
+    A cast to an integer or bool type is discontinuous: L = inf."""
+    dtype = node.attrs.get("dtype")
+    if isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex):
+        return not_lipschitz(f"the cast to {dtype} at node {node.name!r} ({node.source}) rounds its input: "
+                             "it is discontinuous, so it has no finite Lipschitz constant")
+    return exact(1.0, "identity")
+
+
+register_rule("identity", identity_forward, identity_lipschitz, affine=True)
 
 
 def getitem_forward(node, x):
@@ -308,6 +317,20 @@ def opaque_lipschitz(node, ctx: Settings) -> LocalConstant:
 
 
 register_rule("opaque", opaque_forward, opaque_lipschitz)
+
+
+def discontinuous_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """A discontinuous op (rounding, sign, comparisons, casts to integer or bool, a ``where`` on an
+    input-dependent condition): it jumps, so it has no finite Lipschitz constant, L = inf."""
+    what = node.attrs.get("what") or node.origin
+    return not_lipschitz(
+        f"{what} at node {node.name!r} ({node.source}) is discontinuous (it jumps between values), "
+        "so it has no finite Lipschitz constant",
+        len(node.inputs),
+    )
+
+
+register_rule("discontinuous", opaque_forward, discontinuous_lipschitz)
 
 ARG = _Arg
 

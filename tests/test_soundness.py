@@ -1,0 +1,315 @@
+"""Soundness guards (issue 15): discontinuous ops, parameter ranges, in-place writes, non-finite values,
+and the labelling of infinite bounds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import Fn, one_constant
+
+import lipgraph
+
+
+class Between(nn.Module):
+    """fc2(f(fc1(x))): an op ``f`` between two linear layers."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.f = nn.Linear(4, 4), nn.Linear(4, 3), f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.f(self.fc1(x)))
+
+
+DISCONTINUOUS = {
+    "round": lambda t: t.round(),
+    "floor": torch.floor,
+    "ceil": torch.ceil,
+    "sign": torch.sign,
+    "trunc": torch.trunc,
+    "long": lambda t: t.long().float(),
+    "int": lambda t: t.int().float(),
+    "to_int32": lambda t: t.to(torch.int32).float(),
+    "bool": lambda t: t.bool().float(),
+    "type": lambda t: t.type(torch.int64).float(),
+    "gt": lambda t: (t > 0).float() * 2.0,
+    "eq": lambda t: t.eq(0.5).float() + t,
+    "where": lambda t: torch.where(t > 0, t, 2.0 * t),
+    "floor_div": lambda t: torch.div(t, 2.0, rounding_mode="floor"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DISCONTINUOUS))
+def test_discontinuous_op_is_inf_with_reason(name: str) -> None:
+    torch.manual_seed(0)
+    model = Between(DISCONTINUOUS[name])
+    r = lipgraph.analyze(model, torch.randn(2, 4), lower=False)
+    assert r.upper == math.inf
+    assert r.not_lipschitz, "the node that jumps must be named"
+    assert any("discontinuous" in item["reason"] for item in r.not_lipschitz), r.not_lipschitz
+    for n in r.nodes:  # no rule may call the cast an identity
+        if n.op == "identity":
+            assert math.isfinite(n.local)
+
+
+def test_float_cast_methods_keep_dtype_and_value() -> None:
+    model = Fn(lambda t: t.double().float() * 3.0)
+    x = torch.randn(2, 4)
+    g = lipgraph.trace(model, x)
+    assert torch.equal(lipgraph.ir.execute(g, x), model(x))
+    assert lipgraph.analyze(model, x, lower=False).upper == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("act", [nn.Softplus(), nn.Softplus(beta=2.0, threshold=5.0), nn.CELU(-0.5)],
+                         ids=str)
+def test_jumping_or_unbounded_activation_is_inf(act: nn.Module) -> None:
+    lc = one_constant(nn.Sequential(act), torch.randn(2, 3), type(act).__name__.lower())
+    assert lc.value == math.inf and lc.reason
+
+
+def test_softplus_threshold_is_a_real_jump() -> None:
+    """The reason for inf above: PyTorch's softplus jumps at threshold/beta."""
+    beta, threshold = 2.0, 5.0
+    t = torch.tensor([threshold / beta - 1e-9, threshold / beta + 1e-9], dtype=torch.float64)
+    y = F.softplus(t, beta, threshold)
+    assert float(y[0] - y[1]) > 1e-4
+
+
+def test_softplus_without_switch_is_one() -> None:
+    lc = one_constant(nn.Sequential(nn.Softplus(threshold=math.inf)), torch.randn(2, 3), "softplus")
+    assert lc.value == 1.0 and lc.certified
+
+
+@pytest.mark.parametrize("act,expected", [(nn.LeakyReLU(-3.0), 3.0), (nn.LeakyReLU(0.1), 1.0), (nn.ELU(-2.0), 2.0),
+                                          (nn.CELU(0.5), 1.0)], ids=str)
+def test_activation_parameter_ranges(act: nn.Module, expected: float) -> None:
+    op = {"LeakyReLU": "leaky_relu"}.get(type(act).__name__, type(act).__name__.lower())
+    lc = one_constant(nn.Sequential(act), torch.randn(2, 3), op)
+    assert lc.value == pytest.approx(expected)
+
+
+def test_nan_activation_parameter_is_refused() -> None:
+    with pytest.raises(lipgraph.LipgraphError, match="not finite"):
+        lipgraph.analyze(nn.Sequential(nn.ELU(float("nan"))), torch.randn(2, 3), lower=False)
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------
+
+def _onnx(tmp_path, name: str, nodes, inits=(), shape=(2, 4)):
+    import numpy as np  # noqa: PLC0415
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    inits = [numpy_helper.from_array(np.asarray(a, dtype=np.float32), k) for k, a in inits]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("op", ["Round", "Floor", "Sign", "CastInt", "Greater"])
+def test_onnx_discontinuous_is_inf(op: str, tmp_path) -> None:
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    w = torch.randn(4, 4).numpy()
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"])]
+    if op == "CastInt":
+        nodes += [helper.make_node("Cast", ["h"], ["c"], to=TensorProto.INT32),
+                  helper.make_node("Cast", ["c"], ["d"], to=TensorProto.FLOAT)]
+    elif op == "Greater":
+        nodes += [helper.make_node("Greater", ["h", "zero"], ["c"]),
+                  helper.make_node("Cast", ["c"], ["d"], to=TensorProto.FLOAT)]
+    else:
+        nodes += [helper.make_node(op, ["h"], ["d"])]
+    nodes += [helper.make_node("MatMul", ["d", "w"], ["y"])]
+    path = _onnx(tmp_path, f"disc_{op}", nodes, [("w", w), ("zero", [0.0])])
+    r = lipgraph.analyze(str(path), torch.randn(2, 4), lower=False)
+    assert r.upper == math.inf
+    assert any("discontinuous" in item["reason"] for item in r.not_lipschitz), r.not_lipschitz
+
+
+def test_onnx_plain_softplus_has_no_jump(tmp_path) -> None:
+    from onnx import helper  # noqa: PLC0415
+
+    path = _onnx(tmp_path, "softplus", [helper.make_node("Softplus", ["x"], ["y"])])
+    r = lipgraph.analyze(str(path), torch.randn(2, 4), lower=False)
+    assert r.upper == pytest.approx(1.0) and r.certified
+
+
+# --- in-place writes --------------------------------------------------------------------------------------
+
+class InPlace(nn.Module):
+    """fc2 reads ``a`` after ``f`` overwrote it in place (the return value of ``f`` is dropped)."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.f = nn.Linear(4, 5), nn.Linear(5, 3), f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.fc1(x)
+        self.f(a)
+        return self.fc2(a)
+
+
+INPLACE = {
+    "torch.relu_": torch.relu_,
+    "torch.sigmoid_": torch.sigmoid_,
+    "torch.exp_": torch.exp_,
+    "F.relu(inplace=True)": lambda a: F.relu(a, inplace=True),
+    "F.elu_": F.elu_,
+    "a.add_(a)": lambda a: a.add_(a),
+    "a.mul_(3)": lambda a: a.mul_(3.0),
+    "torch.add(out=)": lambda a: torch.add(a, a, out=a),
+}
+
+
+def _jacobian_norm(model: nn.Module, x: torch.Tensor) -> float:
+    m = __import__("copy").deepcopy(model).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.requires_grad_(False)
+    jac = torch.autograd.functional.jacobian(lambda z: m(z.clone()).reshape(-1), x.double())
+    return float(torch.linalg.matrix_norm(jac.reshape(-1, x.numel()), ord=2))
+
+
+@pytest.mark.parametrize("name", sorted(INPLACE))
+def test_inplace_write_is_followed(name: str) -> None:
+    torch.manual_seed(1)
+    model = InPlace(INPLACE[name]).eval()
+    x = torch.randn(1, 4)
+    x0 = x.clone()
+    g = lipgraph.trace(model, x)
+    assert torch.equal(x, x0), "tracing must not change the caller's input"
+    with torch.no_grad():
+        want = model(x.clone())
+        got = lipgraph.ir.execute(g, x.clone())
+    torch.testing.assert_close(got, want)
+    r = lipgraph.analyze(model, x, lower=False)
+    if name == "torch.exp_":
+        assert r.upper == math.inf  # exp has no rule: the write must not be skipped
+    else:
+        ref = model
+        if name == "torch.add(out=)":  # autograd refuses out=: the same function, spelled a.add_(a)
+            ref = InPlace(INPLACE["a.add_(a)"])
+            ref.load_state_dict(model.state_dict())
+        assert r.upper >= _jacobian_norm(ref, x) * (1 - 1e-6)
+
+
+def test_inplace_write_through_view_is_refused_naming_the_node() -> None:
+    model = InPlace(lambda a: a[:, :2].mul_(3.0))
+    with pytest.raises(lipgraph.LipgraphError, match="in-place write at node 'mul_'"):
+        lipgraph.trace(model, torch.randn(1, 4))
+
+
+# --- non-finite values -------------------------------------------------------------------------------------
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+
+
+@pytest.mark.parametrize("where", ["0.weight", "3.bias", "1.running_var", "1.running_mean", "1.weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weight_or_statistic_is_refused(where: str, value: float) -> None:
+    model = _mlp()
+    with torch.no_grad():
+        t = model.get_buffer(where) if "running" in where else model.get_parameter(where)
+        t.view(-1)[0] = value
+    with pytest.raises(lipgraph.LipgraphError, match=f"{where}.*not finite"):
+        lipgraph.analyze(model, torch.randn(3, 4), lower=False)
+
+
+def test_nonfinite_example_input_is_refused() -> None:
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(lipgraph.LipgraphError, match="example input.*not finite"):
+        lipgraph.analyze(_mlp(), x, lower=False)
+
+
+def _matmul_onnx(tmp_path, w):
+    from onnx import helper  # noqa: PLC0415
+
+    return _onnx(tmp_path, "mm", [helper.make_node("MatMul", ["x", "w"], ["y"])], [("w", w)])
+
+
+def test_onnx_nan_initializer_is_refused(tmp_path) -> None:
+    w = torch.randn(4, 3).numpy()
+    w[0, 0] = float("nan")
+    with pytest.raises(lipgraph.LipgraphError, match="initializer 'w'.*not finite"):
+        lipgraph.analyze(str(_matmul_onnx(tmp_path, w)), torch.randn(2, 4), lower=False)
+
+
+def test_onnx_inf_weight_is_refused(tmp_path) -> None:
+    w = torch.randn(4, 3).numpy()
+    w[0, 0] = float("inf")
+    with pytest.raises(lipgraph.LipgraphError, match="not finite"):
+        lipgraph.analyze(str(_matmul_onnx(tmp_path, w)), torch.randn(2, 4), lower=False)
+
+
+def test_onnx_nan_example_input_is_refused(tmp_path) -> None:
+    x = torch.randn(2, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(lipgraph.LipgraphError, match="example input 'x'.*not finite"):
+        lipgraph.analyze(str(_matmul_onnx(tmp_path, torch.randn(4, 3).numpy())), x, lower=False)
+
+
+def test_cli_nan_weight_one_line_exit_2(tmp_path, capsys) -> None:
+    from lipgraph import cli  # noqa: PLC0415
+
+    w = torch.randn(4, 3).numpy()
+    w[1, 1] = float("nan")
+    path = _matmul_onnx(tmp_path, w)
+    code = cli.main(["analyze", str(path), "--no-lower"])
+    err = capsys.readouterr()
+    assert code == 2
+    assert "not finite" in err.err and len(err.err.strip().splitlines()) == 1
+    assert "nan" not in err.out.lower()
+
+
+def test_report_never_holds_nan() -> None:
+    from lipgraph.report import BoundResult, Report  # noqa: PLC0415
+
+    r = Report("m", "torch.fx", [(1, 2)], "cpu", {"autolip": BoundResult(float("nan"), True, "x", 0.0)}, [],
+               lower=float("nan"))
+    assert r.upper == math.inf and not r.certified and r.lower is None
+    assert "nan" not in r.to_json().lower()
+
+
+# --- an infinite bound is not "certified" ---------------------------------------------------------------------
+
+def test_inf_upper_is_labelled_not_bounded() -> None:
+    r = lipgraph.analyze(Between(lambda t: t.round()), torch.randn(2, 4), lower=False)
+    assert r.upper == math.inf
+    assert not r.certified and r.to_dict()["certified"] is False
+    last = r.summary().splitlines()
+    assert any("not bounded" in line for line in last)
+    assert not any(line.startswith("Lipschitz constant") and "(certified)" in line for line in last)
+
+
+# --- lower <= upper, the model left as it was ---------------------------------------------------------------
+
+class _Offset(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x + 1e5  # float32 rounding at 1e5 inflates secant ratios (0.63 was reported)
+
+
+def test_lower_never_exceeds_certified_upper() -> None:
+    r = lipgraph.analyze(_Offset(), torch.randn(1, 8), lower_budget=5.0)
+    assert r.certified and r.upper == pytest.approx(0.5, rel=1e-6)
+    assert r.lower is not None and r.lower <= r.upper
+
+
+def test_analyze_restores_training_mode() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2), nn.ReLU(), nn.Linear(4, 2))
+    model.train()
+    lipgraph.analyze(model, torch.randn(2, 4), lower_budget=1.0)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    lipgraph.analyze(model, torch.randn(2, 4), lower_budget=1.0)
+    assert not model.training
