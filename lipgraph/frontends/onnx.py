@@ -626,11 +626,8 @@ def load(path: str | os.PathLike[str], example_inputs: Any = None) -> nx.DiGraph
         v = b.lookup(o.name, fake)
         assert v is not None
         out_names.append(v.node if v.is_var else b.constant_node(v.value, "output"))
-    for o in graph.output:
-        v = b.lookup(o.name, fake)
-        if v is not None and finite.bad(v.value):
-            raise ModelLoadError(f"output {o.name!r} of {path} is not finite on the example input "
-                                 f"({finite.describe(v.value)}): a non-finite weight or an overflow")
+    # no check of the outputs' values: the weights were checked above, and a NaN output on an example input
+    # (shipped test data included) can just mean the input is outside an op's domain (sqrt, log, pow)
     finite.check_graph(b.g, ModelLoadError)
     if all(ir.node(b.g, n).op == "constant" for n in out_names):
         raise ModelLoadError(f"{path}: no output depends on the model input")
