@@ -259,6 +259,34 @@ def _reduce(kind: str):
     return handler
 
 
+# --- resampling ------------------------------------------------------------------------------
+
+
+def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,  # noqa: A002
+                recompute_scale_factor=None, antialias=False):
+    """F.interpolate / nn.Upsample: the ``resize`` op, with PyTorch's own arguments (per-axis tuples)."""
+    ndim = len(input.shape) - 2
+    if ndim < 1:
+        return None
+    attrs = {
+        "spec": "torch",
+        "ndim": ndim,
+        "mode": mode,
+        "size": tuple(int(s) for s in size) if isinstance(size, (list, tuple))
+        else (None if size is None else (int(size),) * ndim),
+        "scale_factor": tuple(float(s) for s in scale_factor) if isinstance(scale_factor, (list, tuple))
+        else (None if scale_factor is None else (float(scale_factor),) * ndim),
+        "align_corners": align_corners,
+        "recompute_scale_factor": recompute_scale_factor,
+        "antialias": bool(antialias),
+    }
+    return Canon("resize", [input], attrs)
+
+
+def _upsample_module(m: nn.Module, x: Var) -> Canon | None:
+    return interpolate(x, m.size, m.scale_factor, m.mode, m.align_corners, getattr(m, "recompute_scale_factor", None))
+
+
 # --- dropout and friends ---------------------------------------------------------------
 
 
@@ -538,6 +566,7 @@ _method(flip, "flip")
 _fn(roll, torch.roll)
 _method(roll, "roll")
 _fn(pad, F.pad)
+_fn(interpolate, F.interpolate, F.upsample)
 _fn(pixel_shuffle, F.pixel_shuffle, torch.pixel_shuffle)
 _fn(pixel_unshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
 _fn(channel_shuffle, F.channel_shuffle, torch.channel_shuffle)
@@ -657,6 +686,7 @@ _module((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), _pool_module("avg"))
 _module((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), _pool_module("adaptive_avg"))
 _module((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), _pool_module("adaptive_max"))
 _module((nn.PixelShuffle,), lambda m, x: pixel_shuffle(x, m.upscale_factor))
+_module((nn.Upsample,), _upsample_module)  # UpsamplingNearest2d / UpsamplingBilinear2d subclass it
 _module((nn.ChannelShuffle,), lambda m, x: channel_shuffle(x, m.groups))
 
 

@@ -921,6 +921,59 @@ MAPPINGS["ReduceMean"] = _reduce("mean")
 MAPPINGS["ReduceSum"] = _reduce("sum")
 
 
+# --- resampling --------------------------------------------------------------------------------------------
+
+_RESIZE_MODES = {"nearest": "nearest", "linear": "linear", "bilinear": "linear", "cubic": "cubic"}
+
+
+@mapping("Resize", "Upsample")
+def _resize(b, node, ins, at):
+    """Resize (opsets 10-19) and Upsample (7-9): the ``resize`` op with ONNX's own per-axis formulas.
+    Not expressed (so opaque, inf): tf_crop_and_resize, antialias, keep_aspect_ratio_policy != stretch."""
+    x = _var(ins[0])
+    mode = _RESIZE_MODES.get(str(at.get("mode", "nearest")))
+    if mode is None:
+        raise Unsupported(f"Resize mode {at.get('mode')!r}")
+    legacy = node.op_type == "Upsample" or b.opset < 11
+    coord = "asymmetric" if legacy else str(at.get("coordinate_transformation_mode", "half_pixel"))
+    nearest_mode = "simple" if legacy else str(at.get("nearest_mode", "round_prefer_floor"))
+    if coord == "tf_crop_and_resize":
+        raise Unsupported("Resize with tf_crop_and_resize")
+    if int(at.get("antialias", 0)):
+        raise Unsupported("Resize with antialias")
+    if str(at.get("keep_aspect_ratio_policy", "stretch")) != "stretch":
+        raise Unsupported("Resize with keep_aspect_ratio_policy")
+    if node.op_type == "Upsample" and b.opset < 9:
+        scales_v = [float(s) for s in at["scales"]]
+        sizes = None
+    elif node.op_type == "Upsample" or b.opset < 11:
+        scales_v = [float(s) for s in b.const(ins[1], "scales").reshape(-1).tolist()]
+        sizes = None
+    else:
+        sc = ins[2] if len(ins) > 2 else None
+        scales_v = [float(s) for s in b.const(sc, "scales").reshape(-1).tolist()] \
+            if sc is not None and not (not sc.is_var and sc.value.numel() == 0) else None
+        sizes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else None
+    axes = [int(a) % x.ndim for a in at.get("axes", range(x.ndim))]
+    n_in = list(x.shape)
+    scales, outs = [1.0] * x.ndim, list(n_in)
+    if sizes:
+        for ax, s in zip(axes, sizes, strict=True):
+            outs[ax], scales[ax] = int(s), int(s) / n_in[ax]
+    elif scales_v:
+        for ax, s in zip(axes, scales_v, strict=True):
+            # the product in float32, as onnxruntime computes it (5 * 1.8f is 9, not 8.99999976)
+            prod = torch.tensor(n_in[ax], dtype=torch.float32) * torch.tensor(s, dtype=torch.float32)
+            scales[ax], outs[ax] = s, int(math.floor(float(prod)))
+    else:
+        raise Unsupported("Resize without scales or sizes")
+    attrs = {"spec": "onnx", "ndim": x.ndim, "mode": mode, "coordinate_transformation_mode": coord,
+             "nearest_mode": nearest_mode, "cubic_coeff_a": float(at.get("cubic_coeff_a", -0.75)),
+             "exclude_outside": bool(int(at.get("exclude_outside", 0))), "scales": tuple(scales),
+             "out_sizes": tuple(outs)}
+    return b.emit("resize", [x], attrs)
+
+
 @mapping("DepthToSpace")
 def _depth_to_space(b, node, ins, at):
     x = _var(ins[0])

@@ -1,0 +1,243 @@
+"""Rules for Lipschitz ops real models use (issue 16): interpolation, and its ONNX spellings.
+
+Linear rules are checked against the exact float64 Jacobian norm (dense SVD); ONNX mappings against
+onnxruntime (the IR computes what onnxruntime computes) and against the dense Jacobian of the IR.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import Fn, dense_jacobian, jacobian_norm, one_constant
+from onnx import TensorProto, helper, numpy_helper
+
+import lipgraph
+from lipgraph import ir
+
+EXACT = 1e-6  # relative: the rules are exact up to the float64 rounding margin
+
+
+def export(model: nn.Module, x: torch.Tensor, path: Path, **kw) -> Path:
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, verbose=False, **kw)
+    return path
+
+
+def ort_run(path: Path, x: torch.Tensor) -> list[np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+
+
+def save(tmp: Path, name: str, nodes, x_shape, inits=(), opset: int = 18) -> Path:
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(inits))
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    path = tmp / f"{name}.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+def f32(name: str, a) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(a, dtype=np.float32), name)
+
+
+def i64(name: str, a) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(a, dtype=np.int64), name)
+
+
+def assert_exact(bound: float, truth: float) -> None:
+    assert bound >= truth * (1 - 1e-12)
+    assert bound == pytest.approx(truth, rel=EXACT)
+
+
+def ir_jacobian_norm(g, x: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(dense_jacobian(lambda z: ir.execute(g, z), x), ord=2))
+
+
+# --- interpolation: PyTorch spellings -------------------------------------------------------------------
+
+INTERP = [
+    ((1, 2, 4, 5), dict(scale_factor=2)),
+    ((1, 1, 4, 5), dict(scale_factor=3, mode="nearest")),
+    ((1, 1, 6, 5), dict(size=(4, 9), mode="nearest")),
+    ((1, 1, 5, 6), dict(scale_factor=1.7, mode="bilinear")),
+    ((1, 1, 5, 6), dict(scale_factor=1.7, mode="bilinear", recompute_scale_factor=True)),
+    ((1, 1, 3, 4), dict(scale_factor=3, mode="bilinear", align_corners=True)),
+    ((1, 1, 7, 8), dict(scale_factor=0.5, mode="bilinear")),
+    ((1, 1, 5, 4), dict(size=(3, 7), mode="bicubic", align_corners=True)),
+    ((1, 1, 4, 3), dict(scale_factor=2.5, mode="bicubic")),
+    ((1, 2, 9), dict(scale_factor=0.6, mode="linear")),
+    ((1, 2, 5), dict(size=8, mode="linear", align_corners=True)),
+    ((1, 1, 3, 3, 4), dict(scale_factor=2, mode="trilinear")),
+    ((1, 1, 7, 5), dict(size=(3, 4), mode="area")),
+    ((1, 1, 6, 5), dict(scale_factor=1.5, mode="nearest-exact")),
+]
+
+
+@pytest.mark.parametrize(("shape", "kw"), INTERP, ids=[str(kw) for _, kw in INTERP])
+def test_interpolate_rule_is_the_exact_jacobian_norm(shape, kw) -> None:
+    m = Fn(lambda z: F.interpolate(z, **kw))
+    x = torch.randn(shape, dtype=torch.float64)
+    lc = one_constant(m, x, "resize")
+    assert lc.certified
+    assert_exact(lc.value, jacobian_norm(m, x))
+
+
+def test_antialiased_interpolation_is_honest_inf() -> None:
+    m = Fn(lambda z: F.interpolate(z, size=(3, 5), mode="bilinear", antialias=True))
+    lc = one_constant(m, torch.randn(1, 1, 7, 8), "resize")
+    assert math.isinf(lc.value) and "antialias" in lc.reason
+
+
+def test_nearest_2x_in_2d_is_exactly_two() -> None:
+    lc = one_constant(nn.Upsample(scale_factor=2, mode="nearest"), torch.randn(1, 3, 8, 8), "resize")
+    assert lc.value == pytest.approx(2.0, rel=1e-8)
+    assert lc.value >= 2.0
+
+
+@pytest.mark.parametrize("module", [nn.Upsample(scale_factor=2), nn.Upsample(size=(5, 3), mode="bilinear"),
+                                    nn.UpsamplingBilinear2d(scale_factor=2), nn.UpsamplingNearest2d(size=(6, 7))])
+def test_upsample_modules_through_analyze(module) -> None:
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    r = lipgraph.analyze(module, x, lower=False)
+    assert r.certified
+    assert_exact(r.upper, jacobian_norm(module, x))
+
+
+# --- interpolation: ONNX ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "kw"), INTERP[:12], ids=[str(kw) for _, kw in INTERP[:12]])
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_exported_interpolate_matches_ort_and_torch_bound(shape, kw, opset, tmp_path: Path) -> None:
+    m = Fn(lambda z: F.interpolate(z, **kw))
+    x = torch.randn(shape)
+    path = export(m, x, tmp_path / "m.onnx", opset_version=opset)
+    g = lipgraph.trace(str(path), x)
+    assert "opaque" not in ir.summary(g)
+    np.testing.assert_allclose(ir.execute(g, x).numpy(), ort_run(path, x)[0], atol=2e-6, rtol=1e-5)
+    r = lipgraph.analyze(str(path), x, lower=False)
+    assert r.certified
+    assert_exact(r.upper, ir_jacobian_norm(g, x.double()))  # exact for the exported (float32-scale) map
+    assert r.upper == pytest.approx(lipgraph.analyze(m, x, lower=False).upper, rel=1e-5)  # parity
+
+
+RESIZE_CASES = {
+    # name: (x shape, attrs, scales or None, sizes or None, opset)
+    "nearest_half_pixel_prefer_ceil": ((1, 1, 4, 5), dict(mode="nearest", nearest_mode="round_prefer_ceil"),
+                                       [1, 1, 1.6, 2.2], None, 13),
+    "nearest_align_corners_floor": ((1, 1, 4, 5), dict(mode="nearest", coordinate_transformation_mode="align_corners",
+                                                       nearest_mode="floor"), None, [1, 1, 7, 3], 13),
+    "nearest_asymmetric_ceil": ((1, 2, 5, 4), dict(mode="nearest", coordinate_transformation_mode="asymmetric",
+                                                   nearest_mode="ceil"), [1, 1, 0.6, 1.5], None, 19),
+    "linear_half_pixel_down": ((1, 1, 8, 7), dict(mode="linear"), [1, 1, 0.5, 0.7], None, 13),
+    "linear_pytorch_half_pixel": ((1, 1, 4, 5), dict(mode="linear",
+                                                     coordinate_transformation_mode="pytorch_half_pixel"),
+                                  None, [1, 1, 1, 9], 13),
+    "linear_half_pixel_symmetric": ((1, 1, 4, 5), dict(mode="linear",
+                                                       coordinate_transformation_mode="half_pixel_symmetric"),
+                                    [1, 1, 1.5, 2.3], None, 19),
+    "linear_axes_opset18": ((1, 1, 4, 5), dict(mode="linear", axes=[3, 2]), None, [8, 3], 18),
+    "cubic_default": ((1, 1, 4, 5), dict(mode="cubic"), [1, 1, 2, 1.5], None, 13),
+    "cubic_exclude_outside_a": ((1, 1, 5, 4), dict(mode="cubic", exclude_outside=1, cubic_coeff_a=-0.5),
+                                [1, 1, 1.8, 0.75], None, 13),
+    "cubic_align_corners": ((1, 1, 4, 4), dict(mode="cubic", coordinate_transformation_mode="align_corners"),
+                            None, [1, 1, 6, 9], 11),
+    "resize_opset10_nearest": ((1, 1, 3, 4), dict(mode="nearest"), [1, 1, 2, 3], None, 10),
+    "resize_opset10_linear": ((1, 1, 3, 4), dict(mode="linear"), [1, 1, 2, 1.5], None, 10),
+    "upsample_opset9_nearest": ((1, 2, 3, 4), dict(mode="nearest"), [1, 1, 2, 2], None, 9),
+    "upsample_opset9_linear": ((1, 1, 3, 4), dict(mode="linear"), [1, 1, 2.5, 2], None, 9),
+}
+
+
+def _resize_model(tmp: Path, name: str) -> tuple[Path, torch.Tensor]:
+    shape, attrs, scales, sizes, opset = RESIZE_CASES[name]
+    op = "Upsample" if name.startswith("upsample") else "Resize"
+    inits = []
+    if op == "Upsample" or opset == 10:
+        inputs = ["x", "scales"]
+        inits.append(f32("scales", scales))
+    else:
+        inputs = ["x", "", "scales" if scales else "", "sizes" if sizes else ""]
+        if scales:
+            inits.append(f32("scales", scales))
+        if sizes:
+            inits.append(i64("sizes", sizes))
+        while inputs[-1] == "":
+            inputs.pop()
+        if opset < 13:  # roi and scales are required inputs before opset 13 (empty tensors allowed)
+            inputs = ["x", "roi", "scales" if scales else "scales_empty", *inputs[3:]]
+            inits += [f32("roi", np.zeros(0)), f32("scales_empty", np.zeros(0))]
+    node = helper.make_node(op, inputs, ["y"], **attrs)
+    return save(tmp, name, [node], list(shape), inits, opset), torch.randn(shape)
+
+
+@pytest.mark.parametrize("name", list(RESIZE_CASES))
+def test_onnx_resize_matches_ort_and_is_exact(name: str, tmp_path: Path) -> None:
+    path, x = _resize_model(tmp_path, name)
+    g = lipgraph.trace(str(path), x)
+    assert ir.summary(g).get("resize") == 1, ir.summary(g)
+    ours, theirs = ir.execute(g, x), ort_run(path, x)[0]
+    assert tuple(ours.shape) == theirs.shape
+    np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5, rtol=1e-5)
+    r = lipgraph.analyze(str(path), x, lower=False)
+    assert r.certified
+    assert_exact(r.upper, ir_jacobian_norm(g, x.double()))
+
+
+def test_onnx_resize_unsupported_is_honest_inf(tmp_path: Path) -> None:
+    node = helper.make_node("Resize", ["x", "roi", "scales"], ["y"], mode="linear",
+                            coordinate_transformation_mode="tf_crop_and_resize")
+    path = save(tmp_path, "crop", [node], [1, 1, 4, 4], [f32("roi", [0, 0, 0.1, 0.1, 1, 1, 0.9, 0.9]),
+                                                          f32("scales", [1, 1, 2, 2])], 13)
+    r = lipgraph.analyze(str(path), torch.randn(1, 1, 4, 4), lower=False)
+    assert math.isinf(r.upper)
+
+
+# --- a YOLO-style model: both paths, finite and certified ----------------------------------------------------
+
+
+class Yolo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.SiLU())
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.SiLU())
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fuse = nn.Sequential(nn.Conv2d(24, 8, 1), nn.SiLU())
+        self.head_small = nn.Conv2d(8, 6, 1)
+        self.head_large = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x):
+        a = self.stem(x)
+        b = self.down(a)
+        c = self.fuse(torch.cat([self.up(b), a], dim=1))
+        return self.head_small(c), self.head_large(b)
+
+
+def test_yolo_style_model_is_finite_and_certified_on_both_paths(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = Yolo().eval()
+    x = torch.randn(1, 3, 16, 16)
+    r_fx = lipgraph.analyze(m, x, lower=False)
+    assert r_fx.upper < math.inf and r_fx.certified
+    path = export(m, x, tmp_path / "yolo.onnx", opset_version=13)
+    r_onnx = lipgraph.analyze(str(path), x, lower=False)
+    assert r_onnx.upper < math.inf and r_onnx.certified
+    assert r_onnx.upper == pytest.approx(r_fx.upper, rel=1e-3)
+    # an upper bound: at least the norm of the Jacobian at x
+    xd = x.double()
+    md = Yolo().double().eval()
+    md.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    truth = jacobian_norm(lambda z: torch.cat([o.reshape(-1) for o in md(z)]), xd)
+    assert r_fx.upper >= truth
