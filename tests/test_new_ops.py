@@ -241,3 +241,142 @@ def test_yolo_style_model_is_finite_and_certified_on_both_paths(tmp_path: Path) 
     md.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
     truth = jacobian_norm(lambda z: torch.cat([o.reshape(-1) for o in md(z)]), xd)
     assert r_fx.upper >= truth
+
+
+# --- cumsum --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 40, 200])
+def test_triangular_ones_closed_form_matches_svd(n: int) -> None:
+    from lipgraph.ops.selections import triangular_ones_norm
+
+    t = torch.tril(torch.ones(n, n, dtype=torch.float64))
+    assert triangular_ones_norm(n) == pytest.approx(float(torch.linalg.matrix_norm(t, ord=2)), rel=1e-12)
+
+
+@pytest.mark.parametrize(("shape", "dim"), [((5,), 0), ((2, 6, 3), 1), ((3, 4), -1), ((1, 9), 1)])
+def test_cumsum_rule_is_the_exact_jacobian_norm(shape, dim) -> None:
+    m = Fn(lambda z: torch.cumsum(z, dim))
+    x = torch.randn(shape, dtype=torch.float64)
+    lc = one_constant(m, x, "cumsum")
+    assert_exact(lc.value, jacobian_norm(m, x))
+    m2 = Fn(lambda z: z.cumsum(dim=dim) * 1.0)
+    assert_exact(lipgraph.analyze(m2, x, lower=False).upper, jacobian_norm(m2, x))
+
+
+@pytest.mark.parametrize(("exclusive", "reverse"), [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_onnx_cumsum_attrs_match_ort_and_are_exact(exclusive: int, reverse: int, tmp_path: Path) -> None:
+    node = helper.make_node("CumSum", ["x", "axis"], ["y"], exclusive=exclusive, reverse=reverse)
+    path = save(tmp_path, "cumsum", [node], [2, 6, 3], [i64("axis", 1)], 14)
+    x = torch.randn(2, 6, 3)
+    g = lipgraph.trace(str(path), x)
+    assert ir.summary(g).get("cumsum") == 1
+    np.testing.assert_allclose(ir.execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-5, rtol=1e-5)
+    r = lipgraph.analyze(str(path), x, lower=False)
+    assert r.certified
+    assert_exact(r.upper, ir_jacobian_norm(g, x.double()))
+
+
+def test_exported_cumsum_parity(tmp_path: Path) -> None:
+    m = Fn(lambda z: torch.cumsum(z, 1))
+    x = torch.randn(2, 8)
+    path = export(m, x, tmp_path / "c.onnx", opset_version=13)
+    assert lipgraph.analyze(str(path), lower=False).upper == pytest.approx(lipgraph.analyze(m, x, lower=False).upper)
+
+
+# --- nonlinear selections: never below a sampled Jacobian norm ---------------------------------------------------
+
+
+def _sampled_sup(f, shape, n: int = 30, scale: float = 3.0) -> float:
+    best = 0.0
+    for _ in range(n):
+        x = torch.randn(shape, dtype=torch.float64) * scale
+        best = max(best, jacobian_norm(f, x))
+    return best
+
+
+NONLINEAR = {
+    "sin": (lambda z: torch.sin(z), (3, 4), 1.0),
+    "cos": (lambda z: z.cos(), (3, 4), 1.0),
+    "maximum_two_vars": (lambda z: torch.maximum(z[:, :3], z[:, 3:] * 2.0), (4, 6), None),
+    "minimum_const": (lambda z: torch.minimum(z, torch.zeros(5)), (3, 5), 1.0),
+    "max_of_broadcast": (lambda z: torch.max(z, z[:, :1]), (3, 4), None),
+    "amax_dim": (lambda z: torch.amax(z, dim=1), (3, 5), 1.0),
+    "amin_dims": (lambda z: z.amin(dim=(0, 2), keepdim=True), (3, 4, 2), 1.0),
+    "max_all": (lambda z: torch.max(z), (3, 4), 1.0),
+    "logsumexp": (lambda z: torch.logsumexp(z, dim=-1), (3, 5), 1.0),
+    "where_const": (lambda z: torch.where(torch.arange(12).reshape(3, 4) % 3 == 0, z, -z[:, :1]), (3, 4), None),
+}
+
+
+@pytest.mark.parametrize("name", list(NONLINEAR))
+def test_nonlinear_rules_bound_every_sampled_jacobian(name: str) -> None:
+    f, shape, expected = NONLINEAR[name]
+    m = Fn(f)
+    x = torch.randn(shape, dtype=torch.float64)
+    r = lipgraph.analyze(m, x, lower=False)
+    assert r.certified and math.isfinite(r.upper)
+    sup = _sampled_sup(m, shape)
+    assert r.upper >= sup * (1 - 1e-9)
+    if expected is not None:
+        assert r.upper == pytest.approx(expected, rel=1e-6)
+
+
+def test_maximum_is_one_lipschitz_jointly_by_secants() -> None:
+    """The l2 combine of two partials 1: sampled secants of (a, b) -> max(a, b) never exceed sqrt(1+1)."""
+    m = Fn(lambda z: torch.maximum(z[:, 0], z[:, 1]))
+    r = lipgraph.analyze(m, torch.randn(6, 2), lower=False)
+    assert r.upper == pytest.approx(math.sqrt(2), rel=1e-6)  # z[:,0] and z[:,1] each have L = 1
+    for _ in range(200):
+        a, b = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+        assert float((m(a) - m(b)).norm()) <= float((a - b).norm()) * (1 + 1e-12)
+
+
+def test_max_with_dim_is_honest_inf() -> None:
+    m = Fn(lambda z: torch.max(z, dim=1).values)
+    assert math.isinf(lipgraph.analyze(m, torch.randn(3, 4), lower=False).upper)
+
+
+def test_where_with_data_dependent_condition_is_honest_inf() -> None:
+    m = Fn(lambda z: torch.where(z > 0, z, 2 * z))
+    assert math.isinf(lipgraph.analyze(m, torch.randn(3, 4), lower=False).upper)
+
+
+ONNX_NONLINEAR = {
+    "Sin": ([helper.make_node("Sin", ["x"], ["y"])], [], 13, 1.0),
+    "Cos": ([helper.make_node("Cos", ["x"], ["y"])], [], 13, 1.0),
+    "ReduceMax_opset13": ([helper.make_node("ReduceMax", ["x"], ["y"], axes=[1], keepdims=0)], [], 13, 1.0),
+    "ReduceMin_opset18": ([helper.make_node("ReduceMin", ["x", "ax"], ["y"])], [i64("ax", [0, 2])], 18, 1.0),
+    "ReduceLogSumExp": ([helper.make_node("ReduceLogSumExp", ["x"], ["y"], axes=[2])], [], 13, 1.0),
+    "Max_var_const": ([helper.make_node("Max", ["x", "c"], ["y"])], [f32("c", np.zeros((4, 1)))], 13, 1.0),
+    "Min_two_vars": ([helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Min", ["x", "n"], ["y"])], [], 13,
+                     math.sqrt(2)),
+    "Where_const": ([helper.make_node("Where", ["c", "x", "z"], ["y"])],
+                    [numpy_helper.from_array(np.arange(24).reshape(2, 4, 3) % 2 == 0, "c"),
+                     f32("z", np.ones((2, 4, 3)))], 13, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(ONNX_NONLINEAR))
+def test_onnx_selection_mappings_match_ort(name: str, tmp_path: Path) -> None:
+    nodes, inits, opset, expected = ONNX_NONLINEAR[name]
+    path = save(tmp_path, name, nodes, [2, 4, 3], inits, opset)
+    x = torch.randn(2, 4, 3)
+    g = lipgraph.trace(str(path), x)
+    assert "opaque" not in ir.summary(g), ir.summary(g)
+    np.testing.assert_allclose(ir.execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-5, rtol=1e-5)
+    r = lipgraph.analyze(str(path), x, lower=False)
+    assert r.certified
+    assert r.upper == pytest.approx(expected, rel=1e-6)
+    assert r.upper >= ir_jacobian_norm(g, x.double()) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("name", ["sin", "maximum_two_vars", "amax_dim", "logsumexp", "where_const"])
+def test_exported_selections_parity(name: str, tmp_path: Path) -> None:
+    f, shape, _ = NONLINEAR[name]
+    m = Fn(f)
+    x = torch.randn(shape)
+    path = export(m, x, tmp_path / "s.onnx", opset_version=13)
+    r_onnx = lipgraph.analyze(str(path), lower=False)
+    assert math.isfinite(r_onnx.upper)
+    assert r_onnx.upper == pytest.approx(lipgraph.analyze(m, x, lower=False).upper, rel=1e-6)

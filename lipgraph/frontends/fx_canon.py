@@ -287,6 +287,69 @@ def _upsample_module(m: nn.Module, x: Var) -> Canon | None:
     return interpolate(x, m.size, m.scale_factor, m.mode, m.align_corners, getattr(m, "recompute_scale_factor", None))
 
 
+# --- selections and running sums ---------------------------------------------------------------
+
+
+def _elementwise_pick(kind: str):
+    def handler(input, other, *, out=None):  # noqa: A002
+        vars_ = [v for v in (input, other) if is_var(v)]
+        consts = [_const(v) for v in (input, other) if not is_var(v)]
+        params = {"const": consts[0]} if consts else {}
+        return Canon("elementwise_max", vars_, {"kind": kind}, params)
+
+    return handler
+
+
+def _norm_dims(dim, v: Var):
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return None
+    nd = len(v.shape)
+    return dim % nd if isinstance(dim, int) else tuple(d % nd for d in dim)
+
+
+def _amax(kind: str):
+    def handler(input, dim=(), keepdim=False, *, out=None):  # noqa: A002
+        return Canon("amax", [input], {"kind": kind, "dim": _norm_dims(dim, input), "keepdim": bool(keepdim)})
+
+    return handler
+
+
+def _max_overloads(kind: str):
+    """torch.max / torch.min: over every entry (values), or elementwise against a tensor. The ``dim``
+    overload returns (values, indices), and the integer indices jump: no rule (opaque, inf)."""
+
+    def handler(input, *args, **kwargs):  # noqa: A002
+        other = args[0] if args else kwargs.get("other", kwargs.get("dim"))
+        if other is None:
+            return _amax(kind)(input)
+        if is_var(other) or isinstance(other, torch.Tensor):
+            return _elementwise_pick(kind)(input, other)
+        return None
+
+    return handler
+
+
+def logsumexp(input, dim, keepdim=False, *, out=None):  # noqa: A002
+    return Canon("logsumexp", [input], {"dim": _norm_dims(dim, input), "keepdim": bool(keepdim)})
+
+
+def where(condition, input=None, other=None, *, out=None):  # noqa: A002
+    if input is None or is_var(condition):
+        return None  # a data-dependent condition switches between branches: no rule
+    vars_, params, flags = [], {"cond": _t(condition).bool()}, []
+    for i, v in enumerate((input, other)):
+        flags.append(is_var(v))
+        if is_var(v):
+            vars_.append(v)
+        else:
+            params[f"const{i}"] = _t(v)
+    return Canon("where_const", vars_, {"var": tuple(flags)}, params)
+
+
+def cumsum(input, dim, *, dtype=None, out=None):  # noqa: A002
+    return Canon("cumsum", [input], {"dim": dim % max(len(input.shape), 1)})
+
+
 # --- dropout and friends ---------------------------------------------------------------
 
 
@@ -509,7 +572,7 @@ def _method(handler: Callable[..., Canon | None], *names: str) -> None:
         METHODS[n] = handler
 
 
-for _kind in ("relu", "sigmoid", "tanh", "silu", "mish", "hardswish", "hardsigmoid", "selu", "abs"):
+for _kind in ("relu", "sigmoid", "tanh", "silu", "mish", "hardswish", "hardsigmoid", "selu", "abs", "sin", "cos"):
     _h = relu_like(_kind)
     _targets = [getattr(m, _kind) for m in (F, torch) if hasattr(m, _kind)]
     _targets += [getattr(m, _kind + "_") for m in (F, torch) if hasattr(m, _kind + "_")]
@@ -567,6 +630,23 @@ _fn(roll, torch.roll)
 _method(roll, "roll")
 _fn(pad, F.pad)
 _fn(interpolate, F.interpolate, F.upsample)
+_fn(_elementwise_pick("max"), torch.maximum, torch.fmax)
+_fn(_elementwise_pick("min"), torch.minimum, torch.fmin)
+_method(_elementwise_pick("max"), "maximum", "fmax")
+_method(_elementwise_pick("min"), "minimum", "fmin")
+_fn(_max_overloads("max"), torch.max)
+_fn(_max_overloads("min"), torch.min)
+_method(_max_overloads("max"), "max")
+_method(_max_overloads("min"), "min")
+_fn(_amax("max"), torch.amax)
+_fn(_amax("min"), torch.amin)
+_method(_amax("max"), "amax")
+_method(_amax("min"), "amin")
+_fn(logsumexp, torch.logsumexp)
+_method(logsumexp, "logsumexp")
+_fn(where, torch.where)
+_fn(cumsum, torch.cumsum)
+_method(cumsum, "cumsum")
 _fn(pixel_shuffle, F.pixel_shuffle, torch.pixel_shuffle)
 _fn(pixel_unshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
 _fn(channel_shuffle, F.channel_shuffle, torch.channel_shuffle)

@@ -114,7 +114,7 @@ def _np_to_torch(np_dtype: Any) -> torch.dtype:
 # --- activations ------------------------------------------------------------------------------------
 
 _SIMPLE = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softplus": "softplus", "Mish": "mish",
-           "HardSwish": "hardswish", "Abs": "abs"}
+           "HardSwish": "hardswish", "Abs": "abs", "Sin": "sin", "Cos": "cos"}
 
 
 @mapping(*_SIMPLE)
@@ -155,9 +155,16 @@ def _selu(b, node, ins, at):
 
 @mapping("Where")
 def _where(b, node, ins, at):
-    """The dynamo exporter spells softplus's linear regime as Where(x > t, x, Softplus(x)): map it to
-    ``softplus`` with that threshold. Any other Where stays opaque."""
+    """A constant condition: ``where_const``. The dynamo exporter spells softplus's linear regime as
+    Where(x > t, x, Softplus(x)): map it to ``softplus`` with that threshold. Any other Where stays opaque."""
     cond, x, sp = ins
+    if cond is not None and not cond.is_var and x is not None and sp is not None and (x.is_var or sp.is_var):
+        # a constant condition: a selection (the ``where_const`` rule)
+        params = {"cond": cond.value.bool()}
+        for i, v in enumerate((x, sp)):
+            if not v.is_var:
+                params[f"const{i}"] = v.value
+        return b.emit("where_const", [v for v in (x, sp) if v.is_var], {"var": (x.is_var, sp.is_var)}, params)
     if cond is None or x is None or sp is None or not (cond.is_var and x.is_var and sp.is_var):
         raise Unsupported("Where")
     soft = _node_if(b, sp.node, "softplus")
@@ -912,12 +919,44 @@ def _reduce(kind: str) -> Mapping:
                 return b.emit("identity", [x])
             axes = list(range(x.ndim))
         dims = tuple(sorted({a % x.ndim for a in axes}))
-        return b.emit(kind, [x], {"dim": dims, "keepdim": keep})
+        attrs = {"dim": dims, "keepdim": keep}
+        if kind == "amax":
+            attrs["kind"] = "max" if node.op_type == "ReduceMax" else "min"
+        return b.emit(kind, [x], attrs)
 
     return fn
 
 
 MAPPINGS["ReduceMean"] = _reduce("mean")
+MAPPINGS["ReduceMax"] = _reduce("amax")
+MAPPINGS["ReduceMin"] = _reduce("amax")
+MAPPINGS["ReduceLogSumExp"] = _reduce("logsumexp")
+
+
+@mapping("Max", "Min")
+def _max_min(b, node, ins, at):
+    """Elementwise max/min of k operands: ``elementwise_max`` (constants folded into one)."""
+    present = [v for v in ins if v is not None]
+    vars_ = [v for v in present if v.is_var]
+    if not vars_:
+        raise Unsupported("Max/Min of constants")
+    pick = torch.maximum if node.op_type == "Max" else torch.minimum
+    const = None
+    for v in present:
+        if not v.is_var:
+            const = v.value if const is None else pick(const, v.value)
+    kind = "max" if node.op_type == "Max" else "min"
+    return b.emit("elementwise_max", vars_, {"kind": kind}, {"const": const} if const is not None else {})
+
+
+@mapping("CumSum")
+def _cumsum(b, node, ins, at):
+    x = _var(ins[0])
+    axis = _ints(ins[1])
+    if not axis:
+        raise Unsupported("CumSum without an axis")
+    return b.emit("cumsum", [x], {"dim": axis[0] % x.ndim, "exclusive": bool(int(at.get("exclusive", 0))),
+                                  "reverse": bool(int(at.get("reverse", 0)))})
 MAPPINGS["ReduceSum"] = _reduce("sum")
 
 
