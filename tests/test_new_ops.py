@@ -380,3 +380,25 @@ def test_exported_selections_parity(name: str, tmp_path: Path) -> None:
     r_onnx = lipgraph.analyze(str(path), lower=False)
     assert math.isfinite(r_onnx.upper)
     assert r_onnx.upper == pytest.approx(lipgraph.analyze(m, x, lower=False).upper, rel=1e-6)
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on shapes: torch.fx fails, so the graph comes from torch.export (aten ops)."""
+
+    def forward(self, x):
+        if x.shape[-1] > 2:
+            x = x * 0.5
+        y = F.interpolate(x, scale_factor=2) + F.interpolate(x, scale_factor=2.0, mode="bilinear")
+        y = y + torch.sin(F.interpolate(x, size=(6, 8), mode="bicubic", align_corners=True))
+        return torch.cumsum(torch.maximum(y, y.amax(dim=1, keepdim=True)), 2)
+
+
+def test_torch_export_path_maps_the_new_aten_ops() -> None:
+    x = torch.randn(1, 2, 3, 4)
+    g = lipgraph.trace(ShapeBranch(), x)
+    assert g.graph["frontend"] == "torch.export"
+    assert "opaque" not in ir.summary(g), ir.summary(g)
+    assert ir.summary(g)["resize"] == 3
+    r = lipgraph.analyze(ShapeBranch(), x, lower=False)
+    assert r.certified and math.isfinite(r.upper)
+    assert r.upper >= jacobian_norm(ShapeBranch(), x.double())

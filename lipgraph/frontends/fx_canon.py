@@ -939,6 +939,33 @@ _aten_fn(matmul, "matmul", "mm", "bmm")
 _aten_fn(sdpa, "scaled_dot_product_attention")
 _aten_fn(lambda *a, **k: None, "einsum")
 
+for _kind in ("sin", "cos"):
+    _aten_fn(relu_like(_kind), _kind, _kind + "_")
+_aten_fn(cumsum, "cumsum")
+_aten_fn(_elementwise_pick("max"), "maximum", "fmax")
+_aten_fn(_elementwise_pick("min"), "minimum", "fmin")
+_aten_fn(_amax("max"), "amax")
+_aten_fn(_amax("min"), "amin")
+_aten_fn(logsumexp, "logsumexp")
+FUNCTIONS[_aten.where.self] = where
+# The ``.vec`` upsample overloads carry F.interpolate's size / scale_factor (the other overloads'
+# per-axis scales are left unmapped: opaque, inf).
+_UPSAMPLE_ATEN = {"upsample_nearest1d": "nearest", "upsample_nearest2d": "nearest", "upsample_nearest3d": "nearest",
+                  "_upsample_nearest_exact1d": "nearest-exact", "_upsample_nearest_exact2d": "nearest-exact",
+                  "_upsample_nearest_exact3d": "nearest-exact", "upsample_linear1d": "linear",
+                  "upsample_bilinear2d": "bilinear", "upsample_trilinear3d": "trilinear",
+                  "upsample_bicubic2d": "bicubic"}
+for _name, _mode in _UPSAMPLE_ATEN.items():
+    _packet = getattr(_aten, _name, None)
+    if _packet is None or "vec" not in _packet.overloads():
+        continue
+    if _mode.startswith("nearest"):
+        FUNCTIONS[_packet.vec] = lambda input, output_size, scale_factors, _m=_mode: interpolate(  # noqa: A006
+            input, output_size, scale_factors, _m)
+    else:
+        FUNCTIONS[_packet.vec] = lambda input, output_size, align_corners, scale_factors, _m=_mode: interpolate(  # noqa: A006
+            input, output_size, scale_factors, _m, align_corners)
+
 #: aten ops returning a tuple whose first entry is the op's result: (op, equivalent torch function, arg adapter).
 TUPLE_FIRST: dict[Any, tuple[Callable[..., Any], Callable[..., tuple[tuple, dict]]]] = {
     _aten._native_batch_norm_legit_no_training.default: (
