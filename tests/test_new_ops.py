@@ -402,3 +402,45 @@ def test_torch_export_path_maps_the_new_aten_ops() -> None:
     r = lipgraph.analyze(ShapeBranch(), x, lower=False)
     assert r.certified and math.isfinite(r.upper)
     assert r.upper >= jacobian_norm(ShapeBranch(), x.double())
+
+
+# --- RMSNorm and InstanceNorm ----------------------------------------------------------------------------------
+
+
+def test_rms_norm_bound_is_attained_near_zero_and_never_exceeded() -> None:
+    torch.manual_seed(0)
+    m = nn.RMSNorm(6, eps=1e-3).double()
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 2.0)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    r = lipgraph.analyze(m, x, lower=False)
+    expected = float(m.weight.abs().max()) / math.sqrt(1e-3)
+    assert r.certified and r.upper == pytest.approx(expected, rel=1e-9)
+    assert _sampled_sup(m, (2, 6), scale=1.0) <= r.upper
+    near_zero = jacobian_norm(m, torch.randn(2, 6, dtype=torch.float64) * 1e-6)
+    assert near_zero == pytest.approx(expected, rel=1e-3)  # attained as x -> 0: exact
+
+
+def test_rms_norm_default_eps_is_sound_for_float64() -> None:
+    m = Fn(lambda z: F.rms_norm(z, (4,)))
+    r = lipgraph.analyze(m, torch.randn(3, 4, dtype=torch.float64), lower=False)
+    assert r.upper >= jacobian_norm(m, torch.randn(3, 4, dtype=torch.float64) * 1e-9)
+
+
+def test_instance_norm_module_and_function_are_mapped() -> None:
+    x = torch.randn(1, 3, 4, 4)
+    for m in (nn.InstanceNorm2d(3, affine=True, eps=1e-3), nn.Sequential(nn.InstanceNorm2d(3, eps=1e-3)),
+              Fn(lambda z: F.instance_norm(z, eps=1e-3))):
+        g = lipgraph.trace(m, x)
+        assert ir.summary(g).get("instance_norm") == 1, ir.summary(g)
+        r = lipgraph.analyze(m, x, lower=False)
+        assert r.certified and r.upper == pytest.approx(1 / math.sqrt(1e-3), rel=1e-9)
+        assert r.upper >= _sampled_sup(as_double_module(m), (1, 3, 4, 4), scale=1.0)
+    tracked = nn.Sequential(nn.InstanceNorm2d(3, track_running_stats=True)).eval()
+    assert math.isinf(lipgraph.analyze(tracked, x, lower=False).upper)
+
+
+def as_double_module(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m).double().eval()

@@ -184,6 +184,27 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: A0
                  _params(weight=weight, bias=bias))
 
 
+def rms_norm(input, normalized_shape, weight=None, eps=None):  # noqa: A002
+    if is_var(weight):
+        return None
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    return Canon("rms_norm", [input], {"normalized_shape": shape, "eps": None if eps is None else float(eps)},
+                 _params(weight=weight))
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,  # noqa: A002
+                  momentum=0.1, eps=1e-5):
+    if not use_input_stats or is_var(weight) or is_var(bias):
+        return None  # running statistics: an affine map lipgraph does not spell yet (honest inf)
+    return Canon("instance_norm", [input], {"eps": float(eps)}, _params(weight=weight, bias=bias))
+
+
+def _instance_norm_module(m: nn.Module, x: Var) -> Canon | None:
+    if m.track_running_stats and not m.training:
+        return None
+    return instance_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
+
+
 # --- pooling ------------------------------------------------------------------------------
 
 
@@ -604,6 +625,9 @@ for _n in (1, 2, 3):
 _fn(batch_norm, F.batch_norm)
 _fn(layer_norm, F.layer_norm)
 _fn(group_norm, F.group_norm)
+_fn(instance_norm, F.instance_norm)
+if hasattr(F, "rms_norm"):
+    _fn(rms_norm, F.rms_norm)
 _fn(_reduce("mean"), torch.mean)
 _fn(_reduce("sum"), torch.sum)
 _method(_reduce("mean"), "mean")
@@ -718,6 +742,9 @@ _module((nn.Flatten, nn.Unflatten), lambda m, x: Canon("reshape", [x], {"shape":
 _module((nn.Linear,), lambda m, x: linear(x, m.weight, m.bias))
 _module((nn.LayerNorm,), lambda m, x: layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps))
 _module((nn.GroupNorm,), lambda m, x: group_norm(x, m.num_groups, m.weight, m.bias, m.eps))
+_module((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _instance_norm_module)
+if hasattr(nn, "RMSNorm"):
+    _module((nn.RMSNorm,), lambda m, x: rms_norm(x, m.normalized_shape, m.weight, m.eps))
 
 
 def _conv_module(m: nn.Module, x: Var) -> Canon | None:
@@ -948,6 +975,11 @@ _aten_fn(_amax("max"), "amax")
 _aten_fn(_amax("min"), "amin")
 _aten_fn(logsumexp, "logsumexp")
 FUNCTIONS[_aten.where.self] = where
+_aten_fn(lambda input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, *a:  # noqa: A006
+         instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps),
+         "instance_norm")
+_aten_fn(lambda input, normalized_shape, weight=None, eps=None: rms_norm(input, normalized_shape, weight, eps),  # noqa: A006
+         "rms_norm")
 # The ``.vec`` upsample overloads carry F.interpolate's size / scale_factor (the other overloads'
 # per-axis scales are left unmapped: opaque, inf).
 _UPSAMPLE_ATEN = {"upsample_nearest1d": "nearest", "upsample_nearest2d": "nearest", "upsample_nearest3d": "nearest",
