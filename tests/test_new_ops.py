@@ -444,3 +444,20 @@ def as_double_module(m: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(m).double().eval()
+
+
+# --- resize as an affine member: a conv -> upsample -> conv region is bounded as one operator -------------------
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_resize_inside_an_affine_region_gives_the_exact_norm(mode: str, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Upsample(scale_factor=2, mode=mode), nn.Conv2d(3, 2, 3))
+    x = torch.randn(1, 2, 5, 5)
+    truth = jacobian_norm(as_double_module(m), x.double())
+    r_fx = lipgraph.analyze(m, x, lower=False)
+    assert r_fx.certified and r_fx.upper >= truth * (1 - 1e-9)
+    assert r_fx.upper == pytest.approx(truth, rel=1e-5)  # the region is folded into one operator
+    path = export(m, x, tmp_path / "r.onnx", opset_version=13)
+    r_onnx = lipgraph.analyze(str(path), lower=False)
+    assert r_onnx.upper == pytest.approx(truth, rel=1e-5)

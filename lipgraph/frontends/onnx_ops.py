@@ -1006,10 +1006,14 @@ def _resize(b, node, ins, at):
             scales[ax], outs[ax] = s, int(math.floor(float(prod)))
     else:
         raise Unsupported("Resize without scales or sizes")
-    attrs = {"spec": "onnx", "ndim": x.ndim, "mode": mode, "coordinate_transformation_mode": coord,
+    # the leading axes that are left alone (batch, channels: scale 1, same size) are not part of the op
+    first = next((k for k in range(x.ndim) if scales[k] != 1.0 or outs[k] != n_in[k]), x.ndim)
+    if first == x.ndim:
+        return b.emit("identity", [x])
+    attrs = {"spec": "onnx", "ndim": x.ndim - first, "mode": mode, "coordinate_transformation_mode": coord,
              "nearest_mode": nearest_mode, "cubic_coeff_a": float(at.get("cubic_coeff_a", -0.75)),
-             "exclude_outside": bool(int(at.get("exclude_outside", 0))), "scales": tuple(scales),
-             "out_sizes": tuple(outs)}
+             "exclude_outside": bool(int(at.get("exclude_outside", 0))), "scales": tuple(scales[first:]),
+             "out_sizes": tuple(outs[first:])}
     return b.emit("resize", [x], attrs)
 
 

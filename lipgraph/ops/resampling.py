@@ -162,7 +162,8 @@ def resize_forward(node, x):
         if a.get("antialias"):
             kw["antialias"] = True
         return F.interpolate(x, **kw)
-    return apply_axis_matrices(x, axis_matrices(node), _spatial_axes(node))
+    nd = a["ndim"]
+    return apply_axis_matrices(x, axis_matrices(node), list(range(x.ndim - nd, x.ndim)))
 
 
 def resize_lipschitz(node, ctx: Settings) -> LocalConstant:
