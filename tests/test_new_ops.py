@@ -461,3 +461,35 @@ def test_resize_inside_an_affine_region_gives_the_exact_norm(mode: str, tmp_path
     path = export(m, x, tmp_path / "r.onnx", opset_version=13)
     r_onnx = lipgraph.analyze(str(path), lower=False)
     assert r_onnx.upper == pytest.approx(truth, rel=1e-5)
+
+
+@pytest.mark.parametrize(("largest", "opset"), [(1, 13), (0, 11), (1, 9)])
+def test_onnx_topk_values_are_one_lipschitz(largest: int, opset: int, tmp_path: Path) -> None:
+    if opset < 10:
+        node = helper.make_node("TopK", ["x"], ["y", "i"], k=2, axis=1)
+        inits = []
+    else:
+        node = helper.make_node("TopK", ["x", "k"], ["y", "i"], axis=1, largest=largest)
+        inits = [i64("k", [2])]
+    graph = helper.make_graph([node], "topk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "topk.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), str(path))
+    x = torch.randn(2, 4, 3)
+    g = lipgraph.trace(str(path), x)
+    assert ir.summary(g).get("topk") == 1, ir.summary(g)
+    np.testing.assert_allclose(ir.execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-6)
+    r = lipgraph.analyze(str(path), x, lower=False)
+    assert r.certified and r.upper == pytest.approx(1.0)
+    f = lambda z: ir.execute(g, z)  # noqa: E731
+    assert _sampled_sup(f, (2, 4, 3)) <= 1.0 + 1e-9
+    for _ in range(100):  # secants too: sorting is 1-Lipschitz, not only its Jacobians
+        a, b = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+        assert float((f(a) - f(b)).norm()) <= float((a - b).norm()) * (1 + 1e-12)
+
+
+def test_onnx_topk_with_used_indices_is_inf(tmp_path: Path) -> None:
+    nodes = [helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1), helper.make_node("Cast", ["i"], ["y"], to=1)]
+    path = save(tmp_path, "topk_idx", nodes, [2, 4, 3], [i64("k", [2])], 13)
+    assert "topk" not in ir.summary(lipgraph.trace(str(path), torch.randn(2, 4, 3)))
+    assert math.isinf(lipgraph.analyze(str(path), torch.randn(2, 4, 3), lower=False).upper)

@@ -949,6 +949,20 @@ def _max_min(b, node, ins, at):
     return b.emit("elementwise_max", vars_, {"kind": kind}, {"const": const} if const is not None else {})
 
 
+@mapping("TopK")
+def _topk(b, node, ins, at):
+    """TopK values (``topk``); the integer indices jump, so a graph that uses them keeps the node opaque."""
+    x = _var(ins[0])
+    if len(node.output) > 1 and node.output[1] and b.uses.get(node.output[1], 0):
+        raise Unsupported("TopK indices")
+    if not int(at.get("sorted", 1)):
+        raise Unsupported("TopK with sorted=0 (order unspecified)")
+    k = int(at["k"]) if b.opset < 10 else (_ints(ins[1]) or [0])[0]
+    dim = int(at.get("axis", -1)) % x.ndim
+    y = b.emit("topk", [x], {"k": k, "dim": dim, "largest": bool(int(at.get("largest", 1)))})
+    return [y, Value(None, torch.topk(x.value, k, dim=dim, largest=bool(int(at.get("largest", 1)))).indices)]
+
+
 @mapping("CumSum")
 def _cumsum(b, node, ins, at):
     x = _var(ins[0])

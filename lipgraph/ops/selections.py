@@ -9,6 +9,9 @@ constant condition, cumulative sums.
   ``|max_G a - max_G a'| <= max_G |a - a'| <= ||(a - a')_G||_2``: L = 1 (exact, attained).
 * ``logsumexp`` over disjoint groups: the gradient is softmax p, ``||p||_2 <= ||p||_1 = 1``: L = 1
   (certified; approached when one entry dominates).
+* ``topk`` values (ONNX TopK, indices unused): sorting a slice is 1-Lipschitz in l2
+  (``||sort a - sort b|| <= ||a - b||``, rearrangement inequality) and the top k are a coordinate
+  projection of it: L = 1 (exact, attained where the order is locally constant).
 * ``where(c, a, b)`` with a constant condition: every output entry copies an entry of a or of b, so
   ``||dy||^2 <= k_a ||da||^2 + k_b ||db||^2``: ``combine="l2"``, partials sqrt(|y| / |a|), sqrt(|y| / |b|).
 * ``cumsum`` along a dim of length n: the n x n lower-triangular all-ones matrix T_n (reverse: flipped;
@@ -88,6 +91,20 @@ def logsumexp_lipschitz(node, ctx: Settings) -> LocalConstant:
 
 
 register_rule("logsumexp", logsumexp_forward, logsumexp_lipschitz)
+
+
+def topk_forward(node, x):
+    a = node.attrs
+    return torch.topk(x, a["k"], dim=a["dim"], largest=a["largest"], sorted=True).values
+
+
+def topk_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """Top-k values along a dim: a projection of the sorted slice, and sorting is 1-Lipschitz in l2
+    (rearrangement inequality): L = 1 (exact, attained)."""
+    return LocalConstant([1.0], True, "sorting", lower=1.0)
+
+
+register_rule("topk", topk_forward, topk_lipschitz)
 
 
 # --- where with a constant condition -----------------------------------------------------------------------
