@@ -493,3 +493,33 @@ def test_onnx_topk_with_used_indices_is_inf(tmp_path: Path) -> None:
     path = save(tmp_path, "topk_idx", nodes, [2, 4, 3], [i64("k", [2])], 13)
     assert "topk" not in ir.summary(lipgraph.trace(str(path), torch.randn(2, 4, 3)))
     assert math.isinf(lipgraph.analyze(str(path), torch.randn(2, 4, 3), lower=False).upper)
+
+
+# --- Lp pooling ------------------------------------------------------------------------------------------------
+
+LP = [(1, 3, 2), (2, 3, 2), (2, 2, 2), (4, 3, 1), (1, 2, 1)]
+
+
+@pytest.mark.parametrize(("p", "k", "s"), LP)
+def test_lp_pool_bound_is_never_exceeded_and_attained(p: float, k: int, s: int) -> None:
+    m = nn.LPPool2d(p, k, s)
+    x = torch.randn(1, 2, 7, 6, dtype=torch.float64)
+    lc = one_constant(m, x, "lp_pool")
+    assert lc.certified and math.isfinite(lc.value)
+    assert _sampled_sup(m, (1, 2, 7, 6), scale=1.0) <= lc.value * (1 + 1e-9)
+    if p == 1:  # all window sums positive: the Jacobian is the membership matrix, whose norm the rule is
+        assert_exact(lc.value, jacobian_norm(m, torch.rand(1, 2, 7, 6, dtype=torch.float64) + 1))
+    else:  # a one-hot difference at the most covered input attains sqrt(max count)
+        best = 0.0
+        for i in range(7):
+            for j in range(6):
+                e = torch.zeros(1, 2, 7, 6, dtype=torch.float64)
+                e[0, 0, i, j] = 1.0
+                best = max(best, float((m(e) - m(torch.zeros_like(e))).norm()))
+        assert lc.value == pytest.approx(best, rel=1e-8)
+
+
+@pytest.mark.parametrize("p", [3, 2.5])
+def test_lp_pool_with_odd_or_fractional_p_is_honest_inf(p: float) -> None:
+    lc = one_constant(nn.LPPool2d(p, 2), torch.rand(1, 1, 4, 4) + 0.1, "lp_pool")  # positive: no NaN
+    assert math.isinf(lc.value) and "norm_type" in lc.reason

@@ -244,6 +244,16 @@ def _avg_pool(ndim: int):
     return handler
 
 
+def _lp_pool(ndim: int):
+    def handler(input, norm_type, kernel_size, stride=None, ceil_mode=False):  # noqa: A002
+        k = as_tuple(kernel_size, ndim)
+        attrs = {"ndim": ndim, "norm_type": float(norm_type), "kernel_size": k,
+                 "stride": as_tuple(stride, ndim) if stride not in (None, [], ()) else k, "ceil_mode": bool(ceil_mode)}
+        return Canon("lp_pool", [input], attrs)
+
+    return handler
+
+
 def _adaptive_size(output_size, v: Var, ndim: int) -> tuple[int, ...]:
     spatial = v.shape[-ndim:]
     size = output_size if isinstance(output_size, (list, tuple)) else [output_size] * ndim
@@ -622,6 +632,8 @@ for _n in (1, 2, 3):
     _fn(_avg_pool(_n), getattr(F, f"avg_pool{_n}d"))
     _fn(_adaptive_avg(_n), getattr(F, f"adaptive_avg_pool{_n}d"))
     _fn(_adaptive_max(_n), getattr(F, f"adaptive_max_pool{_n}d"))
+    if hasattr(F, f"lp_pool{_n}d"):
+        _fn(_lp_pool(_n), getattr(F, f"lp_pool{_n}d"))
 _fn(batch_norm, F.batch_norm)
 _fn(layer_norm, F.layer_norm)
 _fn(group_norm, F.group_norm)
@@ -778,6 +790,8 @@ def _pool_module(kind: str):
         if kind == "avg":
             return _avg_pool(ndim)(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                                    getattr(m, "divisor_override", None))
+        if kind == "lp":
+            return _lp_pool(ndim)(x, m.norm_type, m.kernel_size, m.stride, m.ceil_mode)
         if kind == "adaptive_avg":
             return _adaptive_avg(ndim)(x, m.output_size)
         return _adaptive_max(ndim)(x, m.output_size, m.return_indices)
@@ -790,6 +804,7 @@ _module((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_tran
 _module((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _bn_module)
 _module((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), _pool_module("max"))
 _module((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), _pool_module("avg"))
+_module(tuple(getattr(nn, f"LPPool{_n}d") for _n in (1, 2, 3) if hasattr(nn, f"LPPool{_n}d")), _pool_module("lp"))
 _module((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), _pool_module("adaptive_avg"))
 _module((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), _pool_module("adaptive_max"))
 _module((nn.PixelShuffle,), lambda m, x: pixel_shuffle(x, m.upscale_factor))
