@@ -523,3 +523,17 @@ def test_lp_pool_bound_is_never_exceeded_and_attained(p: float, k: int, s: int) 
 def test_lp_pool_with_odd_or_fractional_p_is_honest_inf(p: float) -> None:
     lc = one_constant(nn.LPPool2d(p, 2), torch.rand(1, 1, 4, 4) + 0.1, "lp_pool")  # positive: no NaN
     assert math.isinf(lc.value) and "norm_type" in lc.reason
+
+
+@pytest.mark.parametrize(("p", "k", "s", "pads"), [(2, 3, 2, [0, 0, 0, 0]), (1, 2, 1, [1, 0, 1, 0]),
+                                                   (3, 2, 2, [0, 0, 0, 0])])
+def test_onnx_lp_pool_matches_ort_and_bounds_jacobians(p, k, s, pads, tmp_path: Path) -> None:
+    node = helper.make_node("LpPool", ["x"], ["y"], p=p, kernel_shape=[k, k], strides=[s, s], pads=pads)
+    path = save(tmp_path, "lp", [node], [1, 2, 7, 6], [], 13)
+    x = torch.randn(1, 2, 7, 6)
+    g = lipgraph.trace(str(path), x)
+    assert ir.summary(g).get("lp_pool") == 1, ir.summary(g)
+    np.testing.assert_allclose(ir.execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-5, rtol=1e-5)
+    r = lipgraph.analyze(str(path), x, lower=False)
+    assert r.certified and math.isfinite(r.upper)
+    assert _sampled_sup(lambda z: ir.execute(g, z), (1, 2, 7, 6), scale=1.0) <= r.upper * (1 + 1e-9)

@@ -898,6 +898,21 @@ def _avg_pool(b, node, ins, at):
     return y
 
 
+@mapping("LpPool")
+def _lp_pool(b, node, ins, at):
+    """LpPool, (sum_W |x|^p)^(1/p): ``lp_pool`` with ONNX's |x| (any pads become a zero pad node)."""
+    x = _var(ins[0])
+    nd, k, s, d = _pool_geometry(x, at)
+    if any(v != 1 for v in d):
+        raise Unsupported("dilated LpPool")
+    pads = _spatial_pads(b, at, x.shape[2:], k, s, d)
+    if any(pads):
+        x = b.emit("pad", [x], {"pad": _fpad(pads), "mode": "constant", "value": 0.0})
+    attrs = {"ndim": nd, "norm_type": float(at.get("p", 2)), "kernel_size": tuple(k), "stride": tuple(s),
+             "ceil_mode": bool(int(at.get("ceil_mode", 0))), "abs": True}
+    return b.emit("lp_pool", [x], attrs)
+
+
 @mapping("GlobalAveragePool", "GlobalMaxPool")
 def _global_pool(b, node, ins, at):
     x = _var(ins[0])
