@@ -128,18 +128,18 @@ def test_shared_input_adds_up() -> None:
 # --- user constants, register_op, unknown ops ---------------------------------------------------------
 
 
-class Cumsum(nn.Module):
-    """An op with no rule."""
+class Cumprod(nn.Module):
+    """An op with no rule (cumsum has one since issue 16; a running product is not Lipschitz)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cumsum(x, dim=-1)
+        return torch.cumprod(x, dim=-1)
 
 
 class WithBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 4, bias=False)
-        self.block = Cumsum()
+        self.block = Cumprod()
         with torch.no_grad():
             self.fc.weight.copy_(2 * torch.eye(4))
 
@@ -152,7 +152,7 @@ def test_unknown_op_gives_inf_naming_the_node() -> None:
     assert math.isinf(r.upper)
     (item,) = r.not_lipschitz
     node = r.node(item["node"])
-    assert node.op == "opaque" and item["node"] in item["reason"] and "cumsum" in item["reason"]
+    assert node.op == "opaque" and item["node"] in item["reason"] and "cumprod" in item["reason"]
     assert "constants=" in item["reason"]
 
 
@@ -166,17 +166,17 @@ def test_user_constant_makes_a_leaf() -> None:
     r = analyze(WithBlock(), x, constants={"block": UserConstant(2.0, certified=True)}, lower=False)
     assert r.certified and r.upper == pytest.approx(4.0)
     # by class name
-    r = analyze(WithBlock(), x, constants={"Cumsum": UserConstant(3.0, certified=True)}, lower=False)
+    r = analyze(WithBlock(), x, constants={"Cumprod": UserConstant(3.0, certified=True)}, lower=False)
     assert r.upper == pytest.approx(6.0)
 
 
 class DoubleIt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cumsum(x, -1) * 0 + 2 * x
+        return torch.cumprod(x, -1) * 0 + 2 * x
 
 
 def triple(x: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(x, -1) * 0 + 3 * x
+    return torch.cumprod(x, -1) * 0 + 3 * x
 
 
 def test_register_op_in_one_call() -> None:

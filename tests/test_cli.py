@@ -113,12 +113,12 @@ def test_file_spec_writes_valid_json(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_json_to_stdout_with_inf(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, stdout, _ = run(capsys, f"{MODELS / 'small.py'}:WithCumsum", "--input-shape", "2,6", "--json", "-", *FAST)
+    rc, stdout, _ = run(capsys, f"{MODELS / 'small.py'}:WithCumprod", "--input-shape", "2,6", "--json", "-", *FAST)
     assert rc == 0
     d = json.loads(stdout)  # strict JSON: inf written as a string
     validate_report(d)
     assert d["upper"] == "inf"
-    assert len(d["not_lipschitz"]) == 1 and "cumsum" in d["not_lipschitz"][0]["reason"]
+    assert len(d["not_lipschitz"]) == 1 and "cumprod" in d["not_lipschitz"][0]["reason"]
 
 
 def test_torchvision_spec(capsys: pytest.CaptureFixture[str], cheap_norms: None) -> None:

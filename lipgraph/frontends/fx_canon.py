@@ -184,6 +184,27 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: A0
                  _params(weight=weight, bias=bias))
 
 
+def rms_norm(input, normalized_shape, weight=None, eps=None):  # noqa: A002
+    if is_var(weight):
+        return None
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    return Canon("rms_norm", [input], {"normalized_shape": shape, "eps": None if eps is None else float(eps)},
+                 _params(weight=weight))
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,  # noqa: A002
+                  momentum=0.1, eps=1e-5):
+    if not use_input_stats or is_var(weight) or is_var(bias):
+        return None  # running statistics: an affine map lipgraph does not spell yet (honest inf)
+    return Canon("instance_norm", [input], {"eps": float(eps)}, _params(weight=weight, bias=bias))
+
+
+def _instance_norm_module(m: nn.Module, x: Var) -> Canon | None:
+    if m.track_running_stats and not m.training:
+        return None
+    return instance_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
+
+
 # --- pooling ------------------------------------------------------------------------------
 
 
@@ -223,6 +244,16 @@ def _avg_pool(ndim: int):
     return handler
 
 
+def _lp_pool(ndim: int):
+    def handler(input, norm_type, kernel_size, stride=None, ceil_mode=False):  # noqa: A002
+        k = as_tuple(kernel_size, ndim)
+        attrs = {"ndim": ndim, "norm_type": float(norm_type), "kernel_size": k,
+                 "stride": as_tuple(stride, ndim) if stride not in (None, [], ()) else k, "ceil_mode": bool(ceil_mode)}
+        return Canon("lp_pool", [input], attrs)
+
+    return handler
+
+
 def _adaptive_size(output_size, v: Var, ndim: int) -> tuple[int, ...]:
     spatial = v.shape[-ndim:]
     size = output_size if isinstance(output_size, (list, tuple)) else [output_size] * ndim
@@ -257,6 +288,97 @@ def _reduce(kind: str):
         return Canon(kind, [input], {"dim": dim, "keepdim": bool(keepdim)})
 
     return handler
+
+
+# --- resampling ------------------------------------------------------------------------------
+
+
+def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,  # noqa: A002
+                recompute_scale_factor=None, antialias=False):
+    """F.interpolate / nn.Upsample: the ``resize`` op, with PyTorch's own arguments (per-axis tuples)."""
+    ndim = len(input.shape) - 2
+    if ndim < 1:
+        return None
+    attrs = {
+        "spec": "torch",
+        "ndim": ndim,
+        "mode": mode,
+        "size": tuple(int(s) for s in size) if isinstance(size, (list, tuple))
+        else (None if size is None else (int(size),) * ndim),
+        "scale_factor": tuple(float(s) for s in scale_factor) if isinstance(scale_factor, (list, tuple))
+        else (None if scale_factor is None else (float(scale_factor),) * ndim),
+        "align_corners": align_corners,
+        "recompute_scale_factor": recompute_scale_factor,
+        "antialias": bool(antialias),
+    }
+    return Canon("resize", [input], attrs)
+
+
+def _upsample_module(m: nn.Module, x: Var) -> Canon | None:
+    return interpolate(x, m.size, m.scale_factor, m.mode, m.align_corners, getattr(m, "recompute_scale_factor", None))
+
+
+# --- selections and running sums ---------------------------------------------------------------
+
+
+def _elementwise_pick(kind: str):
+    def handler(input, other, *, out=None):  # noqa: A002
+        vars_ = [v for v in (input, other) if is_var(v)]
+        consts = [_const(v) for v in (input, other) if not is_var(v)]
+        params = {"const": consts[0]} if consts else {}
+        return Canon("elementwise_max", vars_, {"kind": kind}, params)
+
+    return handler
+
+
+def _norm_dims(dim, v: Var):
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return None
+    nd = len(v.shape)
+    return dim % nd if isinstance(dim, int) else tuple(d % nd for d in dim)
+
+
+def _amax(kind: str):
+    def handler(input, dim=(), keepdim=False, *, out=None):  # noqa: A002
+        return Canon("amax", [input], {"kind": kind, "dim": _norm_dims(dim, input), "keepdim": bool(keepdim)})
+
+    return handler
+
+
+def _max_overloads(kind: str):
+    """torch.max / torch.min: over every entry (values), or elementwise against a tensor. The ``dim``
+    overload returns (values, indices), and the integer indices jump: no rule (opaque, inf)."""
+
+    def handler(input, *args, **kwargs):  # noqa: A002
+        other = args[0] if args else kwargs.get("other", kwargs.get("dim"))
+        if other is None:
+            return _amax(kind)(input)
+        if is_var(other) or isinstance(other, torch.Tensor):
+            return _elementwise_pick(kind)(input, other)
+        return None
+
+    return handler
+
+
+def logsumexp(input, dim, keepdim=False, *, out=None):  # noqa: A002
+    return Canon("logsumexp", [input], {"dim": _norm_dims(dim, input), "keepdim": bool(keepdim)})
+
+
+def where(condition, input=None, other=None, *, out=None):  # noqa: A002
+    if input is None or is_var(condition):
+        return None  # a data-dependent condition switches between branches: no rule
+    vars_, params, flags = [], {"cond": _t(condition).bool()}, []
+    for i, v in enumerate((input, other)):
+        flags.append(is_var(v))
+        if is_var(v):
+            vars_.append(v)
+        else:
+            params[f"const{i}"] = _t(v)
+    return Canon("where_const", vars_, {"var": tuple(flags)}, params)
+
+
+def cumsum(input, dim, *, dtype=None, out=None):  # noqa: A002
+    return Canon("cumsum", [input], {"dim": dim % max(len(input.shape), 1)})
 
 
 # --- dropout and friends ---------------------------------------------------------------
@@ -482,7 +604,7 @@ def _method(handler: Callable[..., Canon | None], *names: str) -> None:
         METHODS[n] = handler
 
 
-for _kind in ("relu", "sigmoid", "tanh", "silu", "mish", "hardswish", "hardsigmoid", "selu", "abs"):
+for _kind in ("relu", "sigmoid", "tanh", "silu", "mish", "hardswish", "hardsigmoid", "selu", "abs", "sin", "cos"):
     _h = relu_like(_kind)
     _targets = [getattr(m, _kind) for m in (F, torch) if hasattr(m, _kind)]
     _targets += [getattr(m, _kind + "_") for m in (F, torch) if hasattr(m, _kind + "_")]
@@ -511,9 +633,14 @@ for _n in (1, 2, 3):
     _fn(_avg_pool(_n), getattr(F, f"avg_pool{_n}d"))
     _fn(_adaptive_avg(_n), getattr(F, f"adaptive_avg_pool{_n}d"))
     _fn(_adaptive_max(_n), getattr(F, f"adaptive_max_pool{_n}d"))
+    if hasattr(F, f"lp_pool{_n}d"):
+        _fn(_lp_pool(_n), getattr(F, f"lp_pool{_n}d"))
 _fn(batch_norm, F.batch_norm)
 _fn(layer_norm, F.layer_norm)
 _fn(group_norm, F.group_norm)
+_fn(instance_norm, F.instance_norm)
+if hasattr(F, "rms_norm"):
+    _fn(rms_norm, F.rms_norm)
 _fn(_reduce("mean"), torch.mean)
 _fn(_reduce("sum"), torch.sum)
 _method(_reduce("mean"), "mean")
@@ -542,6 +669,24 @@ _method(flip, "flip")
 _fn(roll, torch.roll)
 _method(roll, "roll")
 _fn(pad, F.pad)
+_fn(interpolate, F.interpolate, F.upsample)
+_fn(_elementwise_pick("max"), torch.maximum, torch.fmax)
+_fn(_elementwise_pick("min"), torch.minimum, torch.fmin)
+_method(_elementwise_pick("max"), "maximum", "fmax")
+_method(_elementwise_pick("min"), "minimum", "fmin")
+_fn(_max_overloads("max"), torch.max)
+_fn(_max_overloads("min"), torch.min)
+_method(_max_overloads("max"), "max")
+_method(_max_overloads("min"), "min")
+_fn(_amax("max"), torch.amax)
+_fn(_amax("min"), torch.amin)
+_method(_amax("max"), "amax")
+_method(_amax("min"), "amin")
+_fn(logsumexp, torch.logsumexp)
+_method(logsumexp, "logsumexp")
+_fn(where, torch.where)
+_fn(cumsum, torch.cumsum)
+_method(cumsum, "cumsum")
 _fn(pixel_shuffle, F.pixel_shuffle, torch.pixel_shuffle)
 _fn(pixel_unshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
 _fn(channel_shuffle, F.channel_shuffle, torch.channel_shuffle)
@@ -613,6 +758,9 @@ _module((nn.Flatten, nn.Unflatten), lambda m, x: Canon("reshape", [x], {"shape":
 _module((nn.Linear,), lambda m, x: linear(x, m.weight, m.bias))
 _module((nn.LayerNorm,), lambda m, x: layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps))
 _module((nn.GroupNorm,), lambda m, x: group_norm(x, m.num_groups, m.weight, m.bias, m.eps))
+_module((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _instance_norm_module)
+if hasattr(nn, "RMSNorm"):
+    _module((nn.RMSNorm,), lambda m, x: rms_norm(x, m.normalized_shape, m.weight, m.eps))
 
 
 def _conv_module(m: nn.Module, x: Var) -> Canon | None:
@@ -646,6 +794,8 @@ def _pool_module(kind: str):
         if kind == "avg":
             return _avg_pool(ndim)(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                                    getattr(m, "divisor_override", None))
+        if kind == "lp":
+            return _lp_pool(ndim)(x, m.norm_type, m.kernel_size, m.stride, m.ceil_mode)
         if kind == "adaptive_avg":
             return _adaptive_avg(ndim)(x, m.output_size)
         return _adaptive_max(ndim)(x, m.output_size, m.return_indices)
@@ -658,9 +808,11 @@ _module((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_tran
 _module((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _bn_module)
 _module((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), _pool_module("max"))
 _module((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), _pool_module("avg"))
+_module(tuple(getattr(nn, f"LPPool{_n}d") for _n in (1, 2, 3) if hasattr(nn, f"LPPool{_n}d")), _pool_module("lp"))
 _module((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), _pool_module("adaptive_avg"))
 _module((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), _pool_module("adaptive_max"))
 _module((nn.PixelShuffle,), lambda m, x: pixel_shuffle(x, m.upscale_factor))
+_module((nn.Upsample,), _upsample_module)  # UpsamplingNearest2d / UpsamplingBilinear2d subclass it
 _module((nn.ChannelShuffle,), lambda m, x: channel_shuffle(x, m.groups))
 
 
@@ -832,6 +984,38 @@ _aten_fn(div, "div", "div_", "true_divide", "divide")
 _aten_fn(matmul, "matmul", "mm", "bmm")
 _aten_fn(sdpa, "scaled_dot_product_attention")
 _aten_fn(lambda *a, **k: None, "einsum")
+
+for _kind in ("sin", "cos"):
+    _aten_fn(relu_like(_kind), _kind, _kind + "_")
+_aten_fn(cumsum, "cumsum")
+_aten_fn(_elementwise_pick("max"), "maximum", "fmax")
+_aten_fn(_elementwise_pick("min"), "minimum", "fmin")
+_aten_fn(_amax("max"), "amax")
+_aten_fn(_amax("min"), "amin")
+_aten_fn(logsumexp, "logsumexp")
+FUNCTIONS[_aten.where.self] = where
+_aten_fn(lambda input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, *a:  # noqa: A006
+         instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps),
+         "instance_norm")
+_aten_fn(lambda input, normalized_shape, weight=None, eps=None: rms_norm(input, normalized_shape, weight, eps),  # noqa: A006
+         "rms_norm")
+# The ``.vec`` upsample overloads carry F.interpolate's size / scale_factor (the other overloads'
+# per-axis scales are left unmapped: opaque, inf).
+_UPSAMPLE_ATEN = {"upsample_nearest1d": "nearest", "upsample_nearest2d": "nearest", "upsample_nearest3d": "nearest",
+                  "_upsample_nearest_exact1d": "nearest-exact", "_upsample_nearest_exact2d": "nearest-exact",
+                  "_upsample_nearest_exact3d": "nearest-exact", "upsample_linear1d": "linear",
+                  "upsample_bilinear2d": "bilinear", "upsample_trilinear3d": "trilinear",
+                  "upsample_bicubic2d": "bicubic"}
+for _name, _mode in _UPSAMPLE_ATEN.items():
+    _packet = getattr(_aten, _name, None)
+    if _packet is None or "vec" not in _packet.overloads():
+        continue
+    if _mode.startswith("nearest"):
+        FUNCTIONS[_packet.vec] = lambda input, output_size, scale_factors, _m=_mode: interpolate(  # noqa: A006
+            input, output_size, scale_factors, _m)
+    else:
+        FUNCTIONS[_packet.vec] = lambda input, output_size, align_corners, scale_factors, _m=_mode: interpolate(  # noqa: A006
+            input, output_size, scale_factors, _m, align_corners)
 
 #: aten ops returning a tuple whose first entry is the op's result: (op, equivalent torch function, arg adapter).
 TUPLE_FIRST: dict[Any, tuple[Callable[..., Any], Callable[..., tuple[tuple, dict]]]] = {

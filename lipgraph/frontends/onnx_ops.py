@@ -114,7 +114,7 @@ def _np_to_torch(np_dtype: Any) -> torch.dtype:
 # --- activations ------------------------------------------------------------------------------------
 
 _SIMPLE = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softplus": "softplus", "Mish": "mish",
-           "HardSwish": "hardswish", "Abs": "abs"}
+           "HardSwish": "hardswish", "Abs": "abs", "Sin": "sin", "Cos": "cos"}
 
 
 @mapping(*_SIMPLE)
@@ -164,9 +164,16 @@ def _selu(b, node, ins, at):
 
 @mapping("Where")
 def _where(b, node, ins, at):
-    """The dynamo exporter spells softplus's linear regime as Where(x > t, x, Softplus(x)): map it to
-    ``softplus`` with that threshold. Any other Where stays opaque."""
+    """A constant condition: ``where_const``. The dynamo exporter spells softplus's linear regime as
+    Where(x > t, x, Softplus(x)): map it to ``softplus`` with that threshold. Any other Where stays opaque."""
     cond, x, sp = ins
+    if cond is not None and not cond.is_var and x is not None and sp is not None and (x.is_var or sp.is_var):
+        # a constant condition: a selection (the ``where_const`` rule)
+        params = {"cond": cond.value.bool()}
+        for i, v in enumerate((x, sp)):
+            if not v.is_var:
+                params[f"const{i}"] = v.value
+        return b.emit("where_const", [v for v in (x, sp) if v.is_var], {"var": (x.is_var, sp.is_var)}, params)
     if cond is None or x is None or sp is None or not (cond.is_var and x.is_var and sp.is_var):
         raise Unsupported("Where")
     soft = _node_if(b, sp.node, "softplus")
@@ -900,6 +907,21 @@ def _avg_pool(b, node, ins, at):
     return y
 
 
+@mapping("LpPool")
+def _lp_pool(b, node, ins, at):
+    """LpPool, (sum_W |x|^p)^(1/p): ``lp_pool`` with ONNX's |x| (any pads become a zero pad node)."""
+    x = _var(ins[0])
+    nd, k, s, d = _pool_geometry(x, at)
+    if any(v != 1 for v in d):
+        raise Unsupported("dilated LpPool")
+    pads = _spatial_pads(b, at, x.shape[2:], k, s, d)
+    if any(pads):
+        x = b.emit("pad", [x], {"pad": _fpad(pads), "mode": "constant", "value": 0.0})
+    attrs = {"ndim": nd, "norm_type": float(at.get("p", 2)), "kernel_size": tuple(k), "stride": tuple(s),
+             "ceil_mode": bool(int(at.get("ceil_mode", 0))), "abs": True}
+    return b.emit("lp_pool", [x], attrs)
+
+
 @mapping("GlobalAveragePool", "GlobalMaxPool")
 def _global_pool(b, node, ins, at):
     x = _var(ins[0])
@@ -921,13 +943,116 @@ def _reduce(kind: str) -> Mapping:
                 return b.emit("identity", [x])
             axes = list(range(x.ndim))
         dims = tuple(sorted({a % x.ndim for a in axes}))
-        return b.emit(kind, [x], {"dim": dims, "keepdim": keep})
+        attrs = {"dim": dims, "keepdim": keep}
+        if kind == "amax":
+            attrs["kind"] = "max" if node.op_type == "ReduceMax" else "min"
+        return b.emit(kind, [x], attrs)
 
     return fn
 
 
 MAPPINGS["ReduceMean"] = _reduce("mean")
+MAPPINGS["ReduceMax"] = _reduce("amax")
+MAPPINGS["ReduceMin"] = _reduce("amax")
+MAPPINGS["ReduceLogSumExp"] = _reduce("logsumexp")
+
+
+@mapping("Max", "Min")
+def _max_min(b, node, ins, at):
+    """Elementwise max/min of k operands: ``elementwise_max`` (constants folded into one)."""
+    present = [v for v in ins if v is not None]
+    vars_ = [v for v in present if v.is_var]
+    if not vars_:
+        raise Unsupported("Max/Min of constants")
+    pick = torch.maximum if node.op_type == "Max" else torch.minimum
+    const = None
+    for v in present:
+        if not v.is_var:
+            const = v.value if const is None else pick(const, v.value)
+    kind = "max" if node.op_type == "Max" else "min"
+    return b.emit("elementwise_max", vars_, {"kind": kind}, {"const": const} if const is not None else {})
+
+
+@mapping("TopK")
+def _topk(b, node, ins, at):
+    """TopK values (``topk``); the integer indices jump, so a graph that uses them keeps the node opaque."""
+    x = _var(ins[0])
+    if len(node.output) > 1 and node.output[1] and b.uses.get(node.output[1], 0):
+        raise Unsupported("TopK indices")
+    if not int(at.get("sorted", 1)):
+        raise Unsupported("TopK with sorted=0 (order unspecified)")
+    k = int(at["k"]) if b.opset < 10 else (_ints(ins[1]) or [0])[0]
+    dim = int(at.get("axis", -1)) % x.ndim
+    y = b.emit("topk", [x], {"k": k, "dim": dim, "largest": bool(int(at.get("largest", 1)))})
+    return [y, Value(None, torch.topk(x.value, k, dim=dim, largest=bool(int(at.get("largest", 1)))).indices)]
+
+
+@mapping("CumSum")
+def _cumsum(b, node, ins, at):
+    x = _var(ins[0])
+    axis = _ints(ins[1])
+    if not axis:
+        raise Unsupported("CumSum without an axis")
+    return b.emit("cumsum", [x], {"dim": axis[0] % x.ndim, "exclusive": bool(int(at.get("exclusive", 0))),
+                                  "reverse": bool(int(at.get("reverse", 0)))})
 MAPPINGS["ReduceSum"] = _reduce("sum")
+
+
+# --- resampling --------------------------------------------------------------------------------------------
+
+_RESIZE_MODES = {"nearest": "nearest", "linear": "linear", "bilinear": "linear", "cubic": "cubic"}
+
+
+@mapping("Resize", "Upsample")
+def _resize(b, node, ins, at):
+    """Resize (opsets 10-19) and Upsample (7-9): the ``resize`` op with ONNX's own per-axis formulas.
+    Not expressed (so opaque, inf): tf_crop_and_resize, antialias, keep_aspect_ratio_policy != stretch."""
+    x = _var(ins[0])
+    mode = _RESIZE_MODES.get(str(at.get("mode", "nearest")))
+    if mode is None:
+        raise Unsupported(f"Resize mode {at.get('mode')!r}")
+    legacy = node.op_type == "Upsample" or b.opset < 11
+    coord = "asymmetric" if legacy else str(at.get("coordinate_transformation_mode", "half_pixel"))
+    nearest_mode = "simple" if legacy else str(at.get("nearest_mode", "round_prefer_floor"))
+    if coord == "tf_crop_and_resize":
+        raise Unsupported("Resize with tf_crop_and_resize")
+    if int(at.get("antialias", 0)):
+        raise Unsupported("Resize with antialias")
+    if str(at.get("keep_aspect_ratio_policy", "stretch")) != "stretch":
+        raise Unsupported("Resize with keep_aspect_ratio_policy")
+    if node.op_type == "Upsample" and b.opset < 9:
+        scales_v = [float(s) for s in at["scales"]]
+        sizes = None
+    elif node.op_type == "Upsample" or b.opset < 11:
+        scales_v = [float(s) for s in b.const(ins[1], "scales").reshape(-1).tolist()]
+        sizes = None
+    else:
+        sc = ins[2] if len(ins) > 2 else None
+        scales_v = [float(s) for s in b.const(sc, "scales").reshape(-1).tolist()] \
+            if sc is not None and not (not sc.is_var and sc.value.numel() == 0) else None
+        sizes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else None
+    axes = [int(a) % x.ndim for a in at.get("axes", range(x.ndim))]
+    n_in = list(x.shape)
+    scales, outs = [1.0] * x.ndim, list(n_in)
+    if sizes:
+        for ax, s in zip(axes, sizes, strict=True):
+            outs[ax], scales[ax] = int(s), int(s) / n_in[ax]
+    elif scales_v:
+        for ax, s in zip(axes, scales_v, strict=True):
+            # the product in float32, as onnxruntime computes it (5 * 1.8f is 9, not 8.99999976)
+            prod = torch.tensor(n_in[ax], dtype=torch.float32) * torch.tensor(s, dtype=torch.float32)
+            scales[ax], outs[ax] = s, int(math.floor(float(prod)))
+    else:
+        raise Unsupported("Resize without scales or sizes")
+    # the leading axes that are left alone (batch, channels: scale 1, same size) are not part of the op
+    first = next((k for k in range(x.ndim) if scales[k] != 1.0 or outs[k] != n_in[k]), x.ndim)
+    if first == x.ndim:
+        return b.emit("identity", [x])
+    attrs = {"spec": "onnx", "ndim": x.ndim - first, "mode": mode, "coordinate_transformation_mode": coord,
+             "nearest_mode": nearest_mode, "cubic_coeff_a": float(at.get("cubic_coeff_a", -0.75)),
+             "exclude_outside": bool(int(at.get("exclude_outside", 0))), "scales": tuple(scales[first:]),
+             "out_sizes": tuple(outs[first:])}
+    return b.emit("resize", [x], attrs)
 
 
 @mapping("DepthToSpace")

@@ -1,6 +1,6 @@
 """Op rules: one rule per canonical op kind, all registered in :data:`RULES`."""
 
-from . import activations, linear, normalization, pooling, structural  # noqa: F401 - registration
+from . import activations, linear, normalization, pooling, resampling, selections, structural  # noqa: F401 - registration
 from .activations import slope_interval
 from .registry import (
     INF,

@@ -46,6 +46,8 @@ _fixed("mish", F.mish, (-0.112527, 1.088499), "mish' in [-0.112527, 1.088499] (n
 _fixed("hardswish", F.hardswish, (-0.5, 1.5), "hardswish' = (2x+3)/6 on [-3,3], 0 or 1 outside: L = 3/2 (exact, at 3).")
 _fixed("hardsigmoid", F.hardsigmoid, (0.0, 1.0 / 6.0), "hardsigmoid' = 1/6 on (-3,3), 0 outside: L = 1/6 (exact).")
 _fixed("abs", torch.abs, (-1.0, 1.0), "|x|' = +-1: L = 1 (exact).")
+_fixed("sin", torch.sin, (-1.0, 1.0), "sin' = cos in [-1, 1]: L = 1 (exact, at 0).")
+_fixed("cos", torch.cos, (-1.0, 1.0), "cos' = -sin in [-1, 1]: L = 1 (exact, at pi/2).")
 
 
 def _attr(node, name, default):

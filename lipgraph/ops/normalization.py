@@ -1,4 +1,4 @@
-"""Input-dependent normalizations (LayerNorm, GroupNorm, InstanceNorm without running stats).
+"""Input-dependent normalizations (LayerNorm, GroupNorm, InstanceNorm without running stats, RMSNorm).
 
 With ``z = x - mean(x)`` over a normalized group of n entries and
 ``s = sqrt(|z|^2/n + eps)``, ``f(x) = gamma * z / s + beta`` has Jacobian
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 
 from .registry import LocalConstant, Settings, register_rule
@@ -44,7 +45,25 @@ def instance_norm_forward(node, x):
     return F.instance_norm(x, None, None, p.get("weight"), p.get("bias"), True, 0.0, node.attrs["eps"])
 
 
+def rms_norm_forward(node, x):
+    return F.rms_norm(x, node.attrs["normalized_shape"], node.params.get("weight"), node.attrs["eps"])
+
+
+def rms_norm_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """RMSNorm f(x) = gamma x / s, s = sqrt(|x|^2/n + eps): J = diag(gamma) (I - x x^T / (n s^2)) / s, whose
+    middle factor has eigenvalues 1 and eps/s^2, so ||J|| <= max|gamma| / s <= max|gamma| / sqrt(eps), approached
+    as x -> 0: L = max|gamma| / sqrt(eps) (exact). eps = None means finfo(input dtype).eps in PyTorch; the IR
+    does not record the input's dtype, so it takes float64's eps, the smallest (sound for any input dtype,
+    exact for float64 inputs or when eps is given; pass eps explicitly for a tight float32 bound)."""
+    eps = node.attrs["eps"]
+    if eps is None:
+        eps = torch.finfo(torch.float64).eps
+    v = _gamma_max(node) / math.sqrt(eps)
+    return LocalConstant([v], True, "1/sqrt(eps)", lower=v)
+
+
 register_rule("layer_norm", layer_norm_forward, _norm_lipschitz)
+register_rule("rms_norm", rms_norm_forward, rms_norm_lipschitz)
 register_rule("group_norm", group_norm_forward, _norm_lipschitz)
 register_rule("instance_norm", instance_norm_forward, _norm_lipschitz)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import norms
-from .registry import LocalConstant, Settings, as_tuple, register_rule
+from .registry import LocalConstant, Settings, as_tuple, not_lipschitz, register_rule
 
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -184,3 +184,53 @@ def sum_lipschitz(node, ctx: Settings) -> LocalConstant:
 
 
 register_rule("sum", sum_forward, sum_lipschitz, affine=True)
+
+
+# --- power-average (Lp) pooling ------------------------------------------------------------------------
+
+
+def lp_pool_forward(node, x):
+    a = node.attrs
+    p, nd = float(a["norm_type"]), a["ndim"]
+    if a.get("abs"):  # ONNX LpPool: (sum_W |x|^p)^(1/p)
+        s = _AVG[nd](x.abs().pow(p), a["kernel_size"], a["stride"], 0, a.get("ceil_mode", False)) \
+            * math.prod(a["kernel_size"])
+        return s.pow(1.0 / p)
+    fn = {1: F.lp_pool1d, 2: F.lp_pool2d, 3: F.lp_pool3d}[nd]
+    k = a["kernel_size"][0] if nd == 1 else a["kernel_size"]
+    s = a["stride"][0] if nd == 1 else a["stride"]
+    return fn(x, p, k, s, a.get("ceil_mode", False))
+
+
+def lp_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """Lp pooling, y_W = ||x_W||_p per window W (PyTorch: relu(sum_W x^p)^(1/p), the same for even p).
+    With c = max #windows containing an input and B the 0/1 window-membership matrix:
+    p = 1: piecewise linear, J = D B S (D, S diagonal 0/+-1): L = ||B|| = prod_axes ||B_axis|| (exact);
+    p >= 2 (even integers for PyTorch, any p for ONNX's |x|): ||.||_p <= ||.||_2, so
+    sum_W (||a_W||_p - ||b_W||_p)^2 <= c ||a - b||^2: L = sqrt(c) (exact: a one-hot difference attains it);
+    1 < p < 2 (ONNX): ||.||_p <= k^(1/p - 1/2) ||.||_2 on a k-window: L = k^(1/p-1/2) sqrt(c) (certified).
+    PyTorch with odd p >= 3 or fractional p: relu(sum x^p)^(1/p) has unbounded slope where the sum
+    crosses 0 (or is NaN for negative entries): inf."""
+    a = node.attrs
+    p = float(a["norm_type"])
+    geo = {"ndim": a["ndim"], "kernel_size": a["kernel_size"], "stride": a["stride"], "padding": (0,) * a["ndim"],
+           "dilation": (1,) * a["ndim"], "ceil_mode": a.get("ceil_mode", False), "count_include_pad": True}
+    spatial = _spatial(node)
+    if p == 1:
+        mats = [(pool_1d_matrix("avg", n, geo, ax) > 0).to(torch.float64) for ax, n in enumerate(spatial)]
+        r = norms.window_norm(mats)
+        return LocalConstant([r.upper], True, "window-membership", lower=r.lower)
+    if not a.get("abs") and not (p >= 2 and p == int(p) and int(p) % 2 == 0):
+        return not_lipschitz(f"PyTorch lp_pool with norm_type {p:g} (not 1 or an even integer) computes "
+                             f"relu(sum x^p)^(1/p), whose slope is unbounded, at node {node.name!r} ({node.source})")
+    if p < 1:
+        return not_lipschitz(f"LpPool with p = {p:g} < 1 is not a norm and not Lipschitz, at node {node.name!r}")
+    count = math.prod(max_window_counts(n, geo, ax) for ax, n in enumerate(spatial))
+    r = norms.sqrt_count(count)
+    if p >= 2:
+        return LocalConstant([r.upper], True, "window-count", lower=r.lower)
+    factor = math.prod(a["kernel_size"]) ** (1.0 / p - 0.5)
+    return LocalConstant([r.upper * factor * (1 + 1e-12)], True, "window-count, p<2 norm comparison")
+
+
+register_rule("lp_pool", lp_pool_forward, lp_pool_lipschitz)

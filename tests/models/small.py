@@ -20,7 +20,7 @@ class Small(nn.Module):
         return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
 
 
-class WithCumsum(nn.Module):
+class WithCumprod(nn.Module):
     """Contains an op without a rule: the bound is inf, with the node named."""
 
     def __init__(self) -> None:
@@ -28,7 +28,7 @@ class WithCumsum(nn.Module):
         self.fc = nn.Linear(6, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cumsum(self.fc(x), dim=-1)
+        return torch.cumprod(self.fc(x), dim=-1)
 
 
 class Untraceable(nn.Module):

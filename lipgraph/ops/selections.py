@@ -1,0 +1,162 @@
+"""Selections and running sums: elementwise max/min, max/min reductions, logsumexp, where with a
+constant condition, cumulative sums.
+
+* ``maximum(a, b)`` (and min, and ONNX Max/Min over k operands): per entry
+  ``|max_i a_i - max_i a'_i| <= max_i |a_i - a'_i| <= sqrt(sum_i |a_i - a'_i|^2)``, so summing squares
+  ``||M(a) - M(a')||^2 <= sum_i c_i ||a_i - a'_i||^2`` with ``c_i`` the copies broadcasting makes of an
+  entry of ``a_i``: ``combine="l2"``, partial_i = sqrt(|y| / |a_i|) (certified; 1 each without broadcasting).
+* ``amax/amin`` (and ``max(x)``/``min(x)`` over every entry, ONNX ReduceMax/ReduceMin) over disjoint groups:
+  ``|max_G a - max_G a'| <= max_G |a - a'| <= ||(a - a')_G||_2``: L = 1 (exact, attained).
+* ``logsumexp`` over disjoint groups: the gradient is softmax p, ``||p||_2 <= ||p||_1 = 1``: L = 1
+  (certified; approached when one entry dominates).
+* ``topk`` values (ONNX TopK, indices unused): sorting a slice is 1-Lipschitz in l2
+  (``||sort a - sort b|| <= ||a - b||``, rearrangement inequality) and the top k are a coordinate
+  projection of it: L = 1 (exact, attained where the order is locally constant).
+* ``where(c, a, b)`` with a constant condition: every output entry copies an entry of a or of b, so
+  ``||dy||^2 <= k_a ||da||^2 + k_b ||db||^2``: ``combine="l2"``, partials sqrt(|y| / |a|), sqrt(|y| / |b|).
+* ``cumsum`` along a dim of length n: the n x n lower-triangular all-ones matrix T_n (reverse: flipped;
+  exclusive: T_{n-1} padded with a zero row and column), acting on every other index alike, so
+  ``L = ||T_m||_2 = 1 / (2 sin(pi / (2 (2m + 1))))`` with m = n (m = n - 1 exclusive) (exact closed form:
+  T_m^{-1} T_m^{-T} is the path-graph matrix whose eigenvalues are 4 sin^2((2k-1) pi / (2(2m+1)));
+  rounded up by ROUNDING_MARGIN; checked against a float64 SVD in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core import ROUNDING_MARGIN
+from .registry import LocalConstant, Settings, register_rule
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape is not None else 0
+
+
+def _copies(node) -> list[float]:
+    out_n = _numel(node.out_shape)
+    return [math.sqrt(out_n / max(_numel(s), 1)) for s in node.in_shapes]
+
+
+# --- elementwise max / min ----------------------------------------------------------------------------
+
+
+def elementwise_max_forward(node, *xs):
+    pick = torch.maximum if node.attrs["kind"] == "max" else torch.minimum
+    out = xs[0]
+    for x in xs[1:]:
+        out = pick(out, x)
+    const = node.params.get("const")
+    return pick(out, const.to(out.dtype)) if const is not None else out
+
+
+def elementwise_max_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """max/min of k operands: |max_i a_i - max_i a'_i| <= sqrt(sum_i |da_i|^2) per entry, so combine l2 with
+    partial_i = sqrt(|y| / |a_i|) (broadcast copies; 1 without broadcasting) (certified, exact for k = 1)."""
+    return LocalConstant(_copies(node), True, "selection", combine="l2")
+
+
+register_rule("elementwise_max", elementwise_max_forward, elementwise_max_lipschitz)
+
+
+# --- reductions -----------------------------------------------------------------------------------------
+
+
+def amax_forward(node, x):
+    a = node.attrs
+    fn = torch.amax if a["kind"] == "max" else torch.amin
+    dim = a.get("dim")
+    return fn(x, dim=tuple(range(x.ndim)) if dim is None else dim, keepdim=a.get("keepdim", False))
+
+
+def amax_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """max/min over disjoint groups: |max_G a - max_G a'| <= ||(a - a')_G||_2, so L = 1 (exact, attained)."""
+    return LocalConstant([1.0], True, "selection", lower=1.0)
+
+
+register_rule("amax", amax_forward, amax_lipschitz)
+
+
+def logsumexp_forward(node, x):
+    a = node.attrs
+    dim = a.get("dim")
+    return torch.logsumexp(x, dim=tuple(range(x.ndim)) if dim is None else dim, keepdim=a.get("keepdim", False))
+
+
+def logsumexp_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """logsumexp over disjoint groups: gradient softmax p, ||p||_2 <= ||p||_1 = 1: L = 1 (certified, the sup)."""
+    return LocalConstant([1.0], True, "softmax-gradient")
+
+
+register_rule("logsumexp", logsumexp_forward, logsumexp_lipschitz)
+
+
+def topk_forward(node, x):
+    a = node.attrs
+    return torch.topk(x, a["k"], dim=a["dim"], largest=a["largest"], sorted=True).values
+
+
+def topk_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """Top-k values along a dim: a projection of the sorted slice, and sorting is 1-Lipschitz in l2
+    (rearrangement inequality): L = 1 (exact, attained)."""
+    return LocalConstant([1.0], True, "sorting", lower=1.0)
+
+
+register_rule("topk", topk_forward, topk_lipschitz)
+
+
+# --- where with a constant condition -----------------------------------------------------------------------
+
+
+def where_forward(node, *xs):
+    a = node.attrs
+    it = iter(xs)
+    vals = [next(it) if v else node.params[f"const{i}"] for i, v in enumerate(a["var"])]
+    return torch.where(node.params["cond"], *vals)
+
+
+def where_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """where(c, a, b), c constant: each output entry copies one entry of a or of b, so combine l2 with
+    partial = sqrt(|y| / |branch|) (broadcast copies) (certified; exact without broadcasting)."""
+    return LocalConstant(_copies(node), True, "selection", combine="l2")
+
+
+register_rule("where_const", where_forward, where_lipschitz)
+
+
+# --- cumulative sums ---------------------------------------------------------------------------------------
+
+
+def cumsum_forward(node, x):
+    a = node.attrs
+    d = a["dim"]
+    if a.get("reverse"):
+        x = torch.flip(x, (d,))
+    y = torch.cumsum(x, d)
+    if a.get("exclusive"):
+        zero = torch.zeros_like(torch.narrow(y, d, 0, 1))
+        y = torch.cat([zero, torch.narrow(y, d, 0, y.shape[d] - 1)], d)
+    if a.get("reverse"):
+        y = torch.flip(y, (d,))
+    return y
+
+
+def triangular_ones_norm(m: int) -> float:
+    """||T_m||_2 of the m x m lower-triangular all-ones matrix: 1 / (2 sin(pi / (2 (2m + 1)))) (exact)."""
+    if m <= 0:
+        return 0.0
+    return 1.0 / (2.0 * math.sin(math.pi / (2 * (2 * m + 1))))
+
+
+def cumsum_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """cumsum along a dim of length n: L = ||T_m|| = 1 / (2 sin(pi / (2(2m+1)))), m = n (n - 1 if exclusive),
+    reverse is a flip of it (exact closed form, rounded up by ROUNDING_MARGIN)."""
+    a = node.attrs
+    n = node.in_shapes[0][a["dim"]]
+    v = triangular_ones_norm(n - 1 if a.get("exclusive") else n)
+    return LocalConstant([v * (1 + ROUNDING_MARGIN)], True, "closed-form", lower=v)
+
+
+register_rule("cumsum", cumsum_forward, cumsum_lipschitz, affine=True)
