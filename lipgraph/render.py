@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .core import format_number
 from .errors import LipgraphError
 
 FORMATS = ("png", "svg", "pdf", "dot", "gv")
@@ -57,19 +58,7 @@ class RenderError(LipgraphError):
 
 def num(x: float) -> str:
     """A number with 3 significant digits (stable across machines): ``2.59``, ``1.02e4``, ``∞``."""
-    if x is None or math.isnan(x):
-        return "?"
-    if math.isinf(x):
-        return "∞" if x > 0 else "-∞"
-    if x == 0:
-        return "0"
-    if 1e-3 <= abs(x) < 1e4:
-        s = f"{x:.3g}"
-        if "e" not in s:
-            return s
-    mant, exp = f"{x:.2e}".split("e")
-    mant = mant.rstrip("0").rstrip(".")
-    return f"{mant}e{int(exp)}"
+    return format_number(x, 3, unicode_inf=True)
 
 
 #: (log10 L, colour) anchors of the fill scale: blue contracts, white is 1, red expands.
