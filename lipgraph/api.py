@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from . import ir
 from .bounds import METHODS
-from .bounds.local import UserConstant, local_constants
+from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
 from .bounds.lower import lower_bound
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine
 from .errors import InputShapeError, LipgraphError
@@ -74,6 +74,7 @@ def analyze(
     during long work.
     """
     names = _method_names(method)
+    check_constants(constants)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LipgraphError("--device cuda was given but torch.cuda.is_available() is False on this machine")
@@ -84,6 +85,11 @@ def analyze(
     g = trace(model, example_input, leaves=_leaf_keys(constants) if isinstance(model, nn.Module) else ())
     seconds["trace"] = time.perf_counter() - t0
     inputs_shapes = [ir.node(g, n).out_shape for n in g.graph["inputs"]]
+    unmatched = unmatched_constants(g, constants)
+    if unmatched:
+        raise LipgraphError(f"constants key {unmatched[0]!r} matches no node, module path or module class of "
+                            f"{g.graph['name']} (keys are module paths like 'layer1.0', class names like "
+                            "'Conv2d' or node names from the report)")
 
     ctx = Settings(device=dev, power_iterations=power_iterations)
     t0 = time.perf_counter()
