@@ -6,6 +6,15 @@ prints certified robustness radii (see :mod:`lipgraph.certify`).
 MODEL is ``path/file.py:Name``, ``package.module:Name`` (a class or a
 zero-argument factory, e.g. ``torchvision.models:resnet18``) or an ``.onnx``
 file. Errors in the input are reported in one line with exit code 2.
+
+Loading ``file.py:Name`` runs that file's code (as ``python file.py`` would); its folder is on
+``sys.path`` only while the file is imported, so a module beside it (say a ``graphviz.py``)
+cannot shadow a package that lipgraph imports later.
+
+Output paths (``--json``, ``--png``, ``--svg``, ``--dot``, ``--plot``) are checked before any
+analysis: the folder must exist and be writable and the suffix must match the format. A file
+name that starts with ``-`` is written with ``--json=-out.json`` or ``--json ./-out.json``
+(``--json -`` alone means stdout).
 """
 
 from __future__ import annotations
@@ -71,12 +80,18 @@ def load_model(spec: str) -> Any:
         if s is None or s.loader is None:
             raise ModelLoadError(f"cannot import {where}")
         module = importlib.util.module_from_spec(s)
-        sys.path.insert(0, str(path.parent.resolve()))
+        folder = str(path.parent.resolve())
+        saved_path = list(sys.path)
+        before = set(sys.modules)
+        sys.path.insert(0, folder)  # the file may import its neighbours, as under ``python file.py``
         try:
             sys.modules[mod_name] = module
             s.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - the user's file failed; say so in one line
             raise ModelLoadError(f"importing {where} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            sys.path[:] = saved_path
+            _forget_modules_from(folder, before)
     else:
         try:
             module = importlib.import_module(where)
@@ -94,6 +109,73 @@ def load_model(spec: str) -> Any:
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _forget_modules_from(folder: str, before: set[str]) -> None:
+    """Drop modules first imported from ``folder`` by the user's file from ``sys.modules``.
+
+    Their objects stay alive through the user's module; only the names go, so a later
+    ``import graphviz`` (say) finds the installed package, not a file next to the model.
+    """
+    root = os.path.join(folder, "")
+    for name in set(sys.modules) - before:
+        if name.startswith("_lipgraph_user_"):
+            continue
+        origin = getattr(sys.modules.get(name), "__file__", None) or ""
+        if os.path.abspath(origin).startswith(root):
+            del sys.modules[name]
+
+
+#: output option -> the suffixes it can write
+OUTPUT_SUFFIXES = {"json_path": (".json",), "png": (".png",), "svg": (".svg",), "dot": (".dot", ".gv"),
+                   "plot": (".png", ".svg", ".pdf")}
+OUTPUT_FLAGS = {"json_path": "--json"}
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path has a supported suffix and an existing, writable folder (before any work)."""
+    for dest, suffixes in OUTPUT_SUFFIXES.items():
+        path = getattr(args, dest, None)
+        flag = OUTPUT_FLAGS.get(dest, f"--{dest}")
+        if not path or (dest == "json_path" and path == "-"):
+            continue
+        if os.path.splitext(path)[1].lower() not in suffixes:
+            raise LipgraphError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise LipgraphError(f"{flag} {path}: folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise LipgraphError(f"{flag} {path}: is a folder, not a file")
+        if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise LipgraphError(f"{flag} {path}: not writable")
+
+
+def load_constants(path: str) -> dict[str, Any]:
+    """``--constants file.json``: a JSON object of key -> number or key -> {"value": v, "certified": bool}."""
+    import json  # noqa: PLC0415
+
+    from .bounds.local import UserConstant  # noqa: PLC0415
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise LipgraphError(f"--constants {path}: cannot read: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise LipgraphError(f"--constants {path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise LipgraphError(f"--constants {path}: expected a JSON object of name -> number")
+    out: dict[str, Any] = {}
+    for key, v in data.items():
+        if isinstance(v, dict):
+            extra = set(v) - {"value", "certified"}
+            if "value" not in v or extra or not isinstance(v.get("certified", False), bool):
+                raise LipgraphError(f"--constants {path}: entry {key!r} must be a number or "
+                                    '{"value": v, "certified": true/false}')
+            out[key] = UserConstant(v["value"], v.get("certified", False))
+        else:
+            out[key] = v
+    return out
 
 
 class _Progress:
@@ -129,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--png", help="render the annotated graph as PNG")
     a.add_argument("--svg", help="render the annotated graph as SVG")
     a.add_argument("--dot", help="write the annotated graph as DOT")
+    a.add_argument("--constants", metavar="FILE.json",
+                   help='user constants: a JSON object of module path / class / node name -> number '
+                        '(an unverified assumption) or {"value": v, "certified": true}')
     a.add_argument("--depth", type=int, default=None,
                    help="collapse modules deeper than this in the rendering (each shows its own constant)")
     a.add_argument("--no-lower", action="store_true", help="skip the empirical lower bound (Jacobian / secant ascent)")
@@ -177,6 +262,7 @@ def _load_data(path: str) -> tuple[Any, Any]:
 
 
 def _certify(args: argparse.Namespace) -> int:
+    check_outputs(args)
     import lipgraph  # noqa: PLC0415
 
     model = load_model(args.model)
@@ -194,11 +280,14 @@ def _certify(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    check_outputs(args)  # before the (possibly long) analysis
+    constants = load_constants(args.constants) if args.constants else None
+    model = load_model(args.model)  # errors in the spec come back before torch is imported
+
     import torch  # noqa: PLC0415
 
     import lipgraph  # noqa: PLC0415
 
-    model = load_model(args.model)
     example: Any = None
     if args.input_shape:
         torch.manual_seed(args.seed)
@@ -210,7 +299,7 @@ def _analyze(args: argparse.Namespace) -> int:
     progress = _Progress(args.progress or sys.stderr.isatty())
     t0 = time.perf_counter()
     report = lipgraph.analyze(
-        model, example, method=args.method, device=args.device, lower=not args.no_lower,
+        model, example, method=args.method, device=args.device, constants=constants, lower=not args.no_lower,
         lower_budget=args.lower_budget, power_iterations=args.power_iterations, progress=progress,
     )
     elapsed = time.perf_counter() - t0
