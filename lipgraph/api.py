@@ -61,6 +61,7 @@ def analyze(
     lower_budget: float = 20.0,
     power_iterations: int = 100,
     progress: Progress | None = None,
+    seed: int = 0,
 ) -> Report:
     """Bound the l2 Lipschitz constant of ``model`` around nothing in particular: globally.
 
@@ -71,7 +72,8 @@ def analyze(
     :class:`UserConstant` with ``certified=True`` to assert a proof). ``lower``
     runs the Jacobian-ascent search for an attained value (time-boxed by
     ``lower_budget`` seconds). ``progress(stage, done, total)`` is called
-    during long work.
+    during long work. ``seed`` fixes every random choice (power-method starts, the lower-bound
+    search and its random inputs) without touching the caller's global random state.
     """
     names = _method_names(method)
     check_constants(constants)
@@ -91,7 +93,7 @@ def analyze(
                             f"{g.graph['name']} (keys are module paths like 'layer1.0', class names like "
                             "'Conv2d' or node names from the report)")
 
-    ctx = Settings(device=dev, power_iterations=power_iterations)
+    ctx = Settings(device=dev, power_iterations=power_iterations, seed=seed)
     t0 = time.perf_counter()
     cb = (lambda i, n, node: progress("constants", i, n)) if progress else None
     local_full = local_constants(g, ctx, constants, cb)
@@ -132,8 +134,9 @@ def analyze(
     if lower:
         t0 = time.perf_counter()
         fn = model if isinstance(model, nn.Module) else (lambda *xs: ir.execute(g, *xs))
+        gen = torch.Generator().manual_seed(seed)
         xs = _as_inputs(example_input) if example_input is not None else tuple(
-            torch.randn(s) for s in inputs_shapes
+            torch.randn(s, generator=gen) for s in inputs_shapes
         )
         f64 = None
         if isinstance(model, nn.Module):
@@ -145,8 +148,11 @@ def analyze(
                 f64 = lambda *zs, _m=m64: _m(*(z.double() for z in zs))  # noqa: E731
             except Exception:  # noqa: BLE001 - a model that cannot be copied: the float32 value stands
                 f64 = None
+        rng_devices = [dev.index or 0] if dev.type == "cuda" else []
         try:
-            lb = lower_bound(fn, xs, time_budget=lower_budget, f64=f64)
+            with torch.random.fork_rng(devices=rng_devices):  # the search's own draws, seeded, then restored
+                torch.manual_seed(seed)
+                lb = lower_bound(fn, xs, time_budget=lower_budget, f64=f64, seed=seed)
         finally:
             if isinstance(model, nn.Module):
                 model.train(was_training)

@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lower-budget", type=float, default=20.0, help="seconds for the lower-bound search")
     a.add_argument("--power-iterations", type=int, default=100, help="power-method steps for estimates")
     a.add_argument("--rows", type=int, default=60, help="node rows to print (0: none, -1: all)")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0,
+                   help="seed of every random choice: example input, power-method starts, lower-bound search")
     a.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
     c = sub.add_parser("certify", help="certified robustness radii from global Lipschitz bounds")
     c.add_argument("model", help="path/file.py:Name or package.module:Name (a PyTorch classifier)")
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--radius", type=float, nargs="+", default=[], help="radii for certified accuracy")
     c.add_argument("--norm", default="l2", choices=["l2", "linf"])
     c.add_argument("--attack", action="store_true", help="also run the PGD attack (upper estimate of each radius)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the PGD attack and the bounds' random starts")
     c.add_argument("--json", dest="json_path", help="write the certificate as JSON to this file")
     c.add_argument("--plot", help="plot certified accuracy vs radius (PNG/SVG by suffix)")
     return p
@@ -269,7 +271,8 @@ def _certify(args: argparse.Namespace) -> int:
     if isinstance(model, str):
         raise ModelLoadError("certify needs a PyTorch model (file.py:Name or package.module:Name), not ONNX")
     x, y = _load_data(args.data)
-    cert = lipgraph.certify(model, x, y, radius=args.radius, norm=args.norm, attack=args.attack)
+    cert = lipgraph.certify(model, x, y, radius=args.radius, norm=args.norm, attack=args.attack,
+                            seed=args.seed)
     print(cert.table())
     if args.json_path:
         Path(args.json_path).write_text(cert.to_json())
@@ -301,6 +304,7 @@ def _analyze(args: argparse.Namespace) -> int:
     report = lipgraph.analyze(
         model, example, method=args.method, device=args.device, constants=constants, lower=not args.no_lower,
         lower_budget=args.lower_budget, power_iterations=args.power_iterations, progress=progress,
+        seed=args.seed,
     )
     elapsed = time.perf_counter() - t0
     if args.json_path == "-":

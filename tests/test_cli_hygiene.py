@@ -263,3 +263,38 @@ def test_certify_stays_the_function_after_importing_its_submodule() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd="/",
                           timeout=300)
     assert done.stdout.strip() == "True", done.stdout + done.stderr
+
+
+# --- 5. --seed reaches every random choice -----------------------------------------------------------
+
+def test_seed_reaches_settings_and_lower_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = _small()
+    seen: list[int] = []
+    real = lipgraph.api.local_constants
+
+    def spy(g: Any, ctx: Any, *a: Any) -> Any:
+        seen.append(ctx.seed)
+        return real(g, ctx, *a)
+
+    monkeypatch.setattr(lipgraph.api, "local_constants", spy)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    runs = [lipgraph.analyze(model, x, method="autolip", seed=s, lower_budget=120.0).lower for s in (7, 7)]
+    assert seen == [7, 7]
+    assert runs[0] == runs[1]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is left alone
+
+
+def test_cli_seed_reaches_analyze(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    got: dict[str, Any] = {}
+
+    def fake(model: Any, example: Any, **kw: Any) -> Any:
+        got.update(kw, example=example)
+        raise LipgraphError("stop here")
+
+    monkeypatch.setattr(lipgraph, "analyze", fake)
+    for seed in (3, 3, 4):
+        assert main(["analyze", SMALL, "--input-shape", "1,3,8,8", "--seed", str(seed), *FAST]) == 2
+        got[seed] = (got["seed"], got["example"].clone())
+    assert got[3][0] == 3 and got[4][0] == 4
+    assert torch.equal(got[3][1], got[3][1]) and not torch.equal(got[3][1], got[4][1])
