@@ -131,7 +131,10 @@ def analyze(
     modules = module_constants(g, local, relations)
 
     lower_value = None
-    if lower:
+    discrete = example_input is not None and any(
+        isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()) for x in _as_inputs(example_input)
+    )
+    if lower and not discrete:  # no Jacobian along integer inputs (token ids, indices): no lower-bound search
         t0 = time.perf_counter()
         fn = model if isinstance(model, nn.Module) else (lambda *xs: ir.execute(g, *xs))
         gen = torch.Generator().manual_seed(seed)

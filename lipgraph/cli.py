@@ -178,6 +178,15 @@ def load_constants(path: str) -> dict[str, Any]:
     return out
 
 
+INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def _input_dtype(name: str) -> Any:
+    import torch  # noqa: PLC0415
+
+    return getattr(torch, name)
+
+
 class _Progress:
     """A one-line progress indicator on stderr (only on a terminal, or when forced)."""
 
@@ -203,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="bound the Lipschitz constant of a model")
     a.add_argument("model", help="path/file.py:Name, package.module:Name, or model.onnx")
     a.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (several inputs: ';'-separated)")
+    a.add_argument("--input-dtype", default="float32", choices=INPUT_DTYPES,
+                   help="dtype of the example input (float: standard normal; integer/bool, e.g. token ids: zeros)")
     a.add_argument("--method", default="auto", type=parse_methods,
                    help="'auto' (every default bound algorithm) or a comma-separated list of: "
                         + ", ".join(METHODS))
@@ -295,7 +306,11 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.input_shape:
         torch.manual_seed(args.seed)
         shapes = parse_shapes(args.input_shape)
-        example = [torch.randn(s) for s in shapes]
+        dtype = _input_dtype(args.input_dtype)
+        if dtype.is_floating_point:
+            example = [torch.randn(s, dtype=dtype) for s in shapes]
+        else:  # zeros are valid token ids / indices; integer inputs get no lower-bound search
+            example = [torch.zeros(s, dtype=dtype) for s in shapes]
         example = example[0] if len(example) == 1 else tuple(example)
     elif not isinstance(model, str):
         raise InputShapeError("--input-shape is required for a PyTorch model (e.g. --input-shape 1,3,224,224)")

@@ -298,3 +298,34 @@ def test_cli_seed_reaches_analyze(monkeypatch: pytest.MonkeyPatch, capsys: pytes
         got[seed] = (got["seed"], got["example"].clone())
     assert got[3][0] == 3 and got[4][0] == 4
     assert torch.equal(got[3][1], got[3][1]) and not torch.equal(got[3][1], got[4][1])
+
+
+# --- --input-dtype for models with integer inputs -----------------------------------------------------
+
+EMB_SRC = """
+import torch.nn as nn
+
+class Emb(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, i):
+        return self.fc(self.e(i))
+"""
+
+
+def test_integer_input_dtype(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "emb.py").write_text(EMB_SRC)
+    spec = f"{tmp_path / 'emb.py'}:Emb"
+    cfile = tmp_path / "c.json"
+    cfile.write_text('{"e": 1.5}')
+    out = tmp_path / "r.json"
+    rc = main(["analyze", spec, "--input-shape", "1,3", "--input-dtype", "int64", "--method", "autolip",
+               "--constants", str(cfile), "--json", str(out), "--rows", "0", "--lower-budget", "5"])
+    assert rc == 0, capsys.readouterr().err
+    d = json.loads(out.read_text())
+    assert d["lower"] is None and math.isfinite(d["upper"])  # no lower-bound search over token ids
+    with pytest.raises(SystemExit):
+        main(["analyze", spec, "--input-shape", "1,3", "--input-dtype", "complex7"])
