@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from . import ir
 from .bounds import METHODS
-from .bounds.local import UserConstant, local_constants
+from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
 from .bounds.lower import lower_bound
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine
 from .errors import InputShapeError, LipgraphError
@@ -61,6 +61,7 @@ def analyze(
     lower_budget: float = 20.0,
     power_iterations: int = 100,
     progress: Progress | None = None,
+    seed: int = 0,
 ) -> Report:
     """Bound the l2 Lipschitz constant of ``model`` around nothing in particular: globally.
 
@@ -71,9 +72,11 @@ def analyze(
     :class:`UserConstant` with ``certified=True`` to assert a proof). ``lower``
     runs the Jacobian-ascent search for an attained value (time-boxed by
     ``lower_budget`` seconds). ``progress(stage, done, total)`` is called
-    during long work.
+    during long work. ``seed`` fixes every random choice (power-method starts, the lower-bound
+    search and its random inputs) without touching the caller's global random state.
     """
     names = _method_names(method)
+    check_constants(constants)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LipgraphError("--device cuda was given but torch.cuda.is_available() is False on this machine")
@@ -84,8 +87,13 @@ def analyze(
     g = trace(model, example_input, leaves=_leaf_keys(constants) if isinstance(model, nn.Module) else ())
     seconds["trace"] = time.perf_counter() - t0
     inputs_shapes = [ir.node(g, n).out_shape for n in g.graph["inputs"]]
+    unmatched = unmatched_constants(g, constants)
+    if unmatched:
+        raise LipgraphError(f"constants key {unmatched[0]!r} matches no node, module path or module class of "
+                            f"{g.graph['name']} (keys are module paths like 'layer1.0', class names like "
+                            "'Conv2d' or node names from the report)")
 
-    ctx = Settings(device=dev, power_iterations=power_iterations)
+    ctx = Settings(device=dev, power_iterations=power_iterations, seed=seed)
     t0 = time.perf_counter()
     cb = (lambda i, n, node: progress("constants", i, n)) if progress else None
     local_full = local_constants(g, ctx, constants, cb)
@@ -123,11 +131,15 @@ def analyze(
     modules = module_constants(g, local, relations)
 
     lower_value = None
-    if lower:
+    discrete = example_input is not None and any(
+        isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()) for x in _as_inputs(example_input)
+    )
+    if lower and not discrete:  # no Jacobian along integer inputs (token ids, indices): no lower-bound search
         t0 = time.perf_counter()
         fn = model if isinstance(model, nn.Module) else (lambda *xs: ir.execute(g, *xs))
+        gen = torch.Generator().manual_seed(seed)
         xs = _as_inputs(example_input) if example_input is not None else tuple(
-            torch.randn(s) for s in inputs_shapes
+            torch.randn(s, generator=gen) for s in inputs_shapes
         )
         f64 = None
         if isinstance(model, nn.Module):
@@ -139,8 +151,11 @@ def analyze(
                 f64 = lambda *zs, _m=m64: _m(*(z.double() for z in zs))  # noqa: E731
             except Exception:  # noqa: BLE001 - a model that cannot be copied: the float32 value stands
                 f64 = None
+        rng_devices = [dev.index or 0] if dev.type == "cuda" else []
         try:
-            lb = lower_bound(fn, xs, time_budget=lower_budget, f64=f64)
+            with torch.random.fork_rng(devices=rng_devices):  # the search's own draws, seeded, then restored
+                torch.manual_seed(seed)
+                lb = lower_bound(fn, xs, time_budget=lower_budget, f64=f64, seed=seed)
         finally:
             if isinstance(model, nn.Module):
                 model.train(was_training)

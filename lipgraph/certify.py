@@ -276,7 +276,7 @@ def certify(
         radii: list[float] = []
     else:
         radii = [float(radius)] if isinstance(radius, (int, float)) else [float(r) for r in radius]
-    kwargs = {"lower": False, **analyze_kwargs}
+    kwargs = {"lower": False, "seed": seed, **analyze_kwargs}  # one seed for the attack and the bounds
     model = model.eval()
     n_in = int(inputs[0].numel())
     scale = 1.0 if norm == "l2" else 1.0 / math.sqrt(n_in)

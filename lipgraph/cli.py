@@ -6,6 +6,15 @@ prints certified robustness radii (see :mod:`lipgraph.certify`).
 MODEL is ``path/file.py:Name``, ``package.module:Name`` (a class or a
 zero-argument factory, e.g. ``torchvision.models:resnet18``) or an ``.onnx``
 file. Errors in the input are reported in one line with exit code 2.
+
+Loading ``file.py:Name`` runs that file's code (as ``python file.py`` would); its folder is on
+``sys.path`` only while the file is imported, so a module beside it (say a ``graphviz.py``)
+cannot shadow a package that lipgraph imports later.
+
+Output paths (``--json``, ``--png``, ``--svg``, ``--dot``, ``--plot``) are checked before any
+analysis: the folder must exist and be writable and the suffix must match the format. A file
+name that starts with ``-`` is written with ``--json=-out.json`` or ``--json ./-out.json``
+(``--json -`` alone means stdout).
 """
 
 from __future__ import annotations
@@ -71,12 +80,18 @@ def load_model(spec: str) -> Any:
         if s is None or s.loader is None:
             raise ModelLoadError(f"cannot import {where}")
         module = importlib.util.module_from_spec(s)
-        sys.path.insert(0, str(path.parent.resolve()))
+        folder = str(path.parent.resolve())
+        saved_path = list(sys.path)
+        before = set(sys.modules)
+        sys.path.insert(0, folder)  # the file may import its neighbours, as under ``python file.py``
         try:
             sys.modules[mod_name] = module
             s.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - the user's file failed; say so in one line
             raise ModelLoadError(f"importing {where} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            sys.path[:] = saved_path
+            _forget_modules_from(folder, before)
     else:
         try:
             module = importlib.import_module(where)
@@ -94,6 +109,82 @@ def load_model(spec: str) -> Any:
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _forget_modules_from(folder: str, before: set[str]) -> None:
+    """Drop modules first imported from ``folder`` by the user's file from ``sys.modules``.
+
+    Their objects stay alive through the user's module; only the names go, so a later
+    ``import graphviz`` (say) finds the installed package, not a file next to the model.
+    """
+    root = os.path.join(folder, "")
+    for name in set(sys.modules) - before:
+        if name.startswith("_lipgraph_user_"):
+            continue
+        origin = getattr(sys.modules.get(name), "__file__", None) or ""
+        if os.path.abspath(origin).startswith(root):
+            del sys.modules[name]
+
+
+#: output option -> the suffixes it can write
+OUTPUT_SUFFIXES = {"json_path": (".json",), "png": (".png",), "svg": (".svg",), "dot": (".dot", ".gv"),
+                   "plot": (".png", ".svg", ".pdf")}
+OUTPUT_FLAGS = {"json_path": "--json"}
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path has a supported suffix and an existing, writable folder (before any work)."""
+    for dest, suffixes in OUTPUT_SUFFIXES.items():
+        path = getattr(args, dest, None)
+        flag = OUTPUT_FLAGS.get(dest, f"--{dest}")
+        if not path or (dest == "json_path" and path == "-"):
+            continue
+        if os.path.splitext(path)[1].lower() not in suffixes:
+            raise LipgraphError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise LipgraphError(f"{flag} {path}: folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise LipgraphError(f"{flag} {path}: is a folder, not a file")
+        if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise LipgraphError(f"{flag} {path}: not writable")
+
+
+def load_constants(path: str) -> dict[str, Any]:
+    """``--constants file.json``: a JSON object of key -> number or key -> {"value": v, "certified": bool}."""
+    import json  # noqa: PLC0415
+
+    from .bounds.local import UserConstant  # noqa: PLC0415
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise LipgraphError(f"--constants {path}: cannot read: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise LipgraphError(f"--constants {path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise LipgraphError(f"--constants {path}: expected a JSON object of name -> number")
+    out: dict[str, Any] = {}
+    for key, v in data.items():
+        if isinstance(v, dict):
+            extra = set(v) - {"value", "certified"}
+            if "value" not in v or extra or not isinstance(v.get("certified", False), bool):
+                raise LipgraphError(f"--constants {path}: entry {key!r} must be a number or "
+                                    '{"value": v, "certified": true/false}')
+            out[key] = UserConstant(v["value"], v.get("certified", False))
+        else:
+            out[key] = v
+    return out
+
+
+INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def _input_dtype(name: str) -> Any:
+    import torch  # noqa: PLC0415
+
+    return getattr(torch, name)
 
 
 class _Progress:
@@ -121,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="bound the Lipschitz constant of a model")
     a.add_argument("model", help="path/file.py:Name, package.module:Name, or model.onnx")
     a.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (several inputs: ';'-separated)")
+    a.add_argument("--input-dtype", default="float32", choices=INPUT_DTYPES,
+                   help="dtype of the example input (float: standard normal; integer/bool, e.g. token ids: zeros)")
     a.add_argument("--method", default="auto", type=parse_methods,
                    help="'auto' (every default bound algorithm) or a comma-separated list of: "
                         + ", ".join(METHODS))
@@ -129,13 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--png", help="render the annotated graph as PNG")
     a.add_argument("--svg", help="render the annotated graph as SVG")
     a.add_argument("--dot", help="write the annotated graph as DOT")
+    a.add_argument("--constants", metavar="FILE.json",
+                   help='user constants: a JSON object of module path / class / node name -> number '
+                        '(an unverified assumption) or {"value": v, "certified": true}')
     a.add_argument("--depth", type=int, default=None,
                    help="collapse modules deeper than this in the rendering (each shows its own constant)")
     a.add_argument("--no-lower", action="store_true", help="skip the empirical lower bound (Jacobian / secant ascent)")
     a.add_argument("--lower-budget", type=float, default=20.0, help="seconds for the lower-bound search")
     a.add_argument("--power-iterations", type=int, default=100, help="power-method steps for estimates")
     a.add_argument("--rows", type=int, default=60, help="node rows to print (0: none, -1: all)")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0,
+                   help="seed of every random choice: example input, power-method starts, lower-bound search")
     a.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
     c = sub.add_parser("certify", help="certified robustness radii from global Lipschitz bounds")
     c.add_argument("model", help="path/file.py:Name or package.module:Name (a PyTorch classifier)")
@@ -143,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--radius", type=float, nargs="+", default=[], help="radii for certified accuracy")
     c.add_argument("--norm", default="l2", choices=["l2", "linf"])
     c.add_argument("--attack", action="store_true", help="also run the PGD attack (upper estimate of each radius)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the PGD attack and the bounds' random starts")
     c.add_argument("--json", dest="json_path", help="write the certificate as JSON to this file")
     c.add_argument("--plot", help="plot certified accuracy vs radius (PNG/SVG by suffix)")
     return p
@@ -177,13 +275,15 @@ def _load_data(path: str) -> tuple[Any, Any]:
 
 
 def _certify(args: argparse.Namespace) -> int:
+    check_outputs(args)
     import lipgraph  # noqa: PLC0415
 
     model = load_model(args.model)
     if isinstance(model, str):
         raise ModelLoadError("certify needs a PyTorch model (file.py:Name or package.module:Name), not ONNX")
     x, y = _load_data(args.data)
-    cert = lipgraph.certify(model, x, y, radius=args.radius, norm=args.norm, attack=args.attack)
+    cert = lipgraph.certify(model, x, y, radius=args.radius, norm=args.norm, attack=args.attack,
+                            seed=args.seed)
     print(cert.table())
     if args.json_path:
         Path(args.json_path).write_text(cert.to_json())
@@ -194,24 +294,32 @@ def _certify(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    check_outputs(args)  # before the (possibly long) analysis
+    constants = load_constants(args.constants) if args.constants else None
+    model = load_model(args.model)  # errors in the spec come back before torch is imported
+
     import torch  # noqa: PLC0415
 
     import lipgraph  # noqa: PLC0415
 
-    model = load_model(args.model)
     example: Any = None
     if args.input_shape:
         torch.manual_seed(args.seed)
         shapes = parse_shapes(args.input_shape)
-        example = [torch.randn(s) for s in shapes]
+        dtype = _input_dtype(args.input_dtype)
+        if dtype.is_floating_point:
+            example = [torch.randn(s, dtype=dtype) for s in shapes]
+        else:  # zeros are valid token ids / indices; integer inputs get no lower-bound search
+            example = [torch.zeros(s, dtype=dtype) for s in shapes]
         example = example[0] if len(example) == 1 else tuple(example)
     elif not isinstance(model, str):
         raise InputShapeError("--input-shape is required for a PyTorch model (e.g. --input-shape 1,3,224,224)")
     progress = _Progress(args.progress or sys.stderr.isatty())
     t0 = time.perf_counter()
     report = lipgraph.analyze(
-        model, example, method=args.method, device=args.device, lower=not args.no_lower,
+        model, example, method=args.method, device=args.device, constants=constants, lower=not args.no_lower,
         lower_budget=args.lower_budget, power_iterations=args.power_iterations, progress=progress,
+        seed=args.seed,
     )
     elapsed = time.perf_counter() - t0
     if args.json_path == "-":

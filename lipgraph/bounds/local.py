@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from .. import ir, norms
+from ..errors import LipgraphError
 from ..ops import RULES, LocalConstant, Settings
 
 
@@ -24,6 +25,40 @@ class UserConstant:
 
     value: float
     certified: bool = False
+
+
+def check_constants(constants: Mapping[str, float | UserConstant] | None) -> None:
+    """Each user constant is a finite number >= 0 under a string key (one :class:`LipgraphError` naming the key)."""
+    if constants is None:
+        return
+    if not isinstance(constants, Mapping):
+        raise LipgraphError(f"constants must be a mapping of name -> number, not {type(constants).__name__}")
+    for key, v in constants.items():
+        if not isinstance(key, str) or not key:
+            raise LipgraphError(f"constants key {key!r}: must be a module path, class name or node name (a string)")
+        value = v.value if isinstance(v, UserConstant) else v
+        if isinstance(v, UserConstant) and not isinstance(v.certified, bool):
+            raise LipgraphError(f"constants[{key!r}]: certified must be True or False, not {v.certified!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+            raise LipgraphError(f"constants[{key!r}] = {value!r}: a Lipschitz constant must be a number")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise LipgraphError(f"constants[{key!r}] = {value!r}: a Lipschitz constant must be a number") from None
+        if not math.isfinite(f) or f < 0:
+            raise LipgraphError(f"constants[{key!r}] = {value!r}: a Lipschitz constant must be finite and >= 0")
+
+
+def unmatched_constants(g: nx.DiGraph, constants: Mapping[str, float | UserConstant] | None) -> list[str]:
+    """The keys of ``constants`` that match no node name, source, module path or class of ``g``."""
+    if not constants:
+        return []
+    seen: set[str] = set()
+    for n in ir.nodes(g):
+        if n.op in ("input", "output", "constant"):
+            continue
+        seen.update(k for k in (n.name, n.source, n.attrs.get("module_path", ""), n.origin) if k)
+    return [k for k in constants if k not in seen]
 
 
 def _match(n: ir.IRNode, constants: Mapping[str, float | UserConstant]) -> float | UserConstant | None:
