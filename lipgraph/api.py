@@ -58,7 +58,7 @@ def analyze(
     device: str | torch.device | None = None,
     constants: Mapping[str, float | UserConstant] | None = None,
     lower: bool = True,
-    lower_budget: float = 20.0,
+    lower_budget: int = 8,
     power_iterations: int = 100,
     progress: Progress | None = None,
 ) -> Report:
@@ -69,9 +69,10 @@ def analyze(
     certified one). ``constants`` maps module paths, class names or node names
     to user-supplied constants (floats are unverified assumptions; use
     :class:`UserConstant` with ``certified=True`` to assert a proof). ``lower``
-    runs the Jacobian-ascent search for an attained value (time-boxed by
-    ``lower_budget`` seconds). ``progress(stage, done, total)`` is called
-    during long work.
+    runs the Jacobian-ascent search for an attained value with ``lower_budget``
+    restarts (a work count, not seconds: each restart is 11 Jacobian evaluations and 30 secant steps;
+    a float is truncated, at least 1), so the value does not depend on machine load.
+    ``progress(stage, done, total)`` is called during long work.
     """
     names = _method_names(method)
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -140,7 +141,7 @@ def analyze(
             except Exception:  # noqa: BLE001 - a model that cannot be copied: the float32 value stands
                 f64 = None
         try:
-            lb = lower_bound(fn, xs, time_budget=lower_budget, f64=f64)
+            lb = lower_bound(fn, xs, restarts=max(1, int(lower_budget)), f64=f64)
         finally:
             if isinstance(model, nn.Module):
                 model.train(was_training)
