@@ -62,7 +62,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 15) 
             opt.step()
 
 
-def evaluate(name: str, model: nn.Module, example: torch.Tensor, budget: float, max_dense: int,
+def evaluate(name: str, model: nn.Module, example: torch.Tensor, max_nodes: int, max_dense: int,
              estimate: bool, lower_points: torch.Tensor | None) -> dict[str, object]:
     model.eval()
     g = lipgraph.trace(model, example)
@@ -71,7 +71,7 @@ def evaluate(name: str, model: nn.Module, example: torch.Tensor, budget: float, 
 
     auto = autolip.autolip(g, local)[g.graph["output"]]
     t0 = time.perf_counter()
-    res, segs, _ = seqlip.bound(g, local, budget=budget, max_dense=max_dense, total_budget=1e9,
+    res, segs, _ = seqlip.bound(g, local, max_nodes=max_nodes, max_dense=max_dense, total_nodes=10**12,
                                 estimate=estimate)
     secs = time.perf_counter() - t0
     greedy = None
@@ -95,7 +95,7 @@ def evaluate(name: str, model: nn.Module, example: torch.Tensor, budget: float, 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--alexnet", action="store_true", help="AlexNet only (random weights, 64x64 input; minutes)")
-    ap.add_argument("--budget", type=float, default=10.0, help="seconds per inner maximisation")
+    ap.add_argument("--max-nodes", type=int, default=80000, help="branch-and-bound nodes per inner maximisation")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -106,7 +106,7 @@ def main() -> None:
         train(model, xtr, ytr)
         acc = float((model(xte).argmax(1) == yte).float().mean())
         print(f"CNN-{depth}conv test accuracy {acc:.3f}")
-        row = evaluate(f"digits CNN, {depth} conv + 1 fc (acc {acc:.2f})", model, xte[:1], args.budget, 4096,
+        row = evaluate(f"digits CNN, {depth} conv + 1 fc (acc {acc:.2f})", model, xte[:1], args.max_nodes, 4096,
                        True, xte[:64])
         rows.append(row)
     if args.alexnet:

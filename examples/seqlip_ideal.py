@@ -45,10 +45,10 @@ def dominant(out_dim: int, in_dim: int, eps: float, g: torch.Generator) -> torch
     return (u * s) @ v.T
 
 
-def ratio(depth: int, width: int, eps: float, g: torch.Generator, budget: float = 5.0) -> tuple[float, bool]:
+def ratio(depth: int, width: int, eps: float, g: torch.Generator, max_nodes: int = 20000) -> tuple[float, bool]:
     dims = [2] + [width] * (depth - 1) + [1]
     mats = [dominant(dims[i + 1], dims[i], eps, g) for i in range(depth)]
-    cb = seqlip.seqlip_chain(mats, [(0.0, 1.0)] * (depth - 1), budget=budget)
+    cb = seqlip.seqlip_chain(mats, [(0.0, 1.0)] * (depth - 1), max_nodes=max_nodes)
     return cb.value / cb.autolip, all(r.exact for r in cb.inner)
 
 
@@ -68,7 +68,7 @@ def main() -> dict[str, list[float]]:
     key = "sigma_2/sigma_1 = 0.1, n=20"
     curves[key], exact_flags[key] = [], []
     for k in depths[:7]:
-        vals = [ratio(k, 20, 0.1, g, budget=3.0) for _ in range(3)]
+        vals = [ratio(k, 20, 0.1, g, max_nodes=12000) for _ in range(3)]
         curves[key].append(sum(v for v, _ in vals) / len(vals))
         exact_flags[key].append(all(e for _, e in vals))
     limit = [math.pi ** -(k - 1) for k in depths]

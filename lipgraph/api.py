@@ -58,7 +58,7 @@ def analyze(
     device: str | torch.device | None = None,
     constants: Mapping[str, float | UserConstant] | None = None,
     lower: bool = True,
-    lower_budget: float = 20.0,
+    lower_budget: int = 8,
     power_iterations: int = 100,
     progress: Progress | None = None,
     seed: int = 0,
@@ -70,10 +70,12 @@ def analyze(
     certified one). ``constants`` maps module paths, class names or node names
     to user-supplied constants (floats are unverified assumptions; use
     :class:`UserConstant` with ``certified=True`` to assert a proof). ``lower``
-    runs the Jacobian-ascent search for an attained value (time-boxed by
-    ``lower_budget`` seconds). ``progress(stage, done, total)`` is called
-    during long work. ``seed`` fixes every random choice (power-method starts, the lower-bound
-    search and its random inputs) without touching the caller's global random state.
+    runs the Jacobian-ascent search for an attained value with ``lower_budget``
+    restarts (a work count, not seconds: each restart is 11 Jacobian evaluations and 30 secant steps;
+    a float is truncated, at least 1), so the value does not depend on machine load.
+    ``progress(stage, done, total)`` is called during long work. ``seed`` fixes every random choice
+    (power-method starts, the lower-bound search and its random inputs) without touching the caller's
+    global random state.
     """
     names = _method_names(method)
     check_constants(constants)
@@ -155,7 +157,7 @@ def analyze(
         try:
             with torch.random.fork_rng(devices=rng_devices):  # the search's own draws, seeded, then restored
                 torch.manual_seed(seed)
-                lb = lower_bound(fn, xs, time_budget=lower_budget, f64=f64, seed=seed)
+                lb = lower_bound(fn, xs, restarts=max(1, int(lower_budget)), f64=f64, seed=seed)
         finally:
             if isinstance(model, nn.Module):
                 model.train(was_training)

@@ -92,13 +92,13 @@ def test_enumeration_and_branch_and_bound_agree_and_budget_is_honest():
          torch.randn(1, 18, generator=g, dtype=D)]
     (a, b), _ = S.inner_factors(w)
     ex = S.enumerate_max(a, b, 0.0, 1.0)
-    bb = S.branch_and_bound(a, b, 0.0, 1.0, budget=30)
+    bb = S.branch_and_bound(a, b, 0.0, 1.0, max_nodes=10**6)
     assert ex.exact and bb.exact
     assert bb.value == pytest.approx(ex.value, rel=1e-9)
     # A wide layer with a tiny budget: not exact, but a certified value between the best pattern and AutoLip.
     w = [torch.randn(60, 60, generator=g, dtype=D), torch.randn(5, 60, generator=g, dtype=D)]
     (a, b), = S.inner_factors(w)
-    r = S.branch_and_bound(a, b, 0.0, 1.0, budget=0.2)
+    r = S.branch_and_bound(a, b, 0.0, 1.0, max_nodes=20)
     assert r.certified and not r.exact and "not exact" in r.method
     assert r.lower <= r.value <= float(torch.linalg.matrix_norm(w[0], 2) * torch.linalg.matrix_norm(w[1], 2))
 
@@ -175,12 +175,12 @@ def test_conv_segment_dense_and_fallback():
     from lipgraph.ops import Settings
 
     local = {k: v[0] for k, v in local_constants(g, Settings()).items()}
-    res, segs, _ = S.bound(g, local, budget=2.0)
+    res, segs, _ = S.bound(g, local)
     (seg,) = segs
     assert seg["certified"] and "fallback" not in seg["method"]
     assert res.value <= seg["autolip"] * (1 + 1e-6) or not all(local[n].certified for n in seg["nodes"])
     assert _jacobian_lower(model.double(), (1, 1, 6, 6), 16) <= res.value * (1 + 1e-6)
-    _, segs_small, _ = S.bound(g, local, budget=1.0, max_dense=50)
+    _, segs_small, _ = S.bound(g, local, max_nodes=2000, max_dense=50)
     assert "fallback" in segs_small[0]["method"]
     assert segs_small[0]["seqlip"] >= seg["seqlip"] * (1 - 1e-9) or not segs_small[0]["certified"]
 
@@ -205,8 +205,8 @@ def test_branch_and_bound_matches_enumeration_for_any_interval(slope):
         a = torch.randn(p, 12, generator=g, dtype=D)
         b = torch.randn(12, q, generator=g, dtype=D)
         ex = S.enumerate_max(a, b, *slope)
-        bb = S.branch_and_bound(a, b, *slope, budget=20, leaf_width=3)
-        root = S.branch_and_bound(a, b, *slope, budget=0.0, leaf_width=3)  # stops at once: still a bound
+        bb = S.branch_and_bound(a, b, *slope, max_nodes=10**6, leaf_width=3)
+        root = S.branch_and_bound(a, b, *slope, max_nodes=0, leaf_width=3)  # stops at once: still a bound
         assert bb.exact and bb.value == pytest.approx(ex.value, rel=1e-8)
         assert root.value >= ex.lower
 

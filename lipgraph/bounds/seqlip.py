@@ -18,7 +18,7 @@ here is an upper bound on that maximum:
   patterns that cannot beat the best). Exact.
 * :func:`branch_and_bound`: best-first over partial assignments with the bound
   of :func:`_node_bound`; returns the exact maximum when the search finishes,
-  else the largest open upper bound (certified, not exact) at the time budget.
+  else the largest open upper bound (certified, not exact) when its node budget is spent.
 * :func:`greedy_max` and :func:`seqlip_estimate` (top-k singular vectors) are
   *estimates*: values attained by some pattern, possibly below the maximum, so
   a product of them may fall below the true Lipschitz constant. Never used as
@@ -51,12 +51,20 @@ from .relations import AlgorithmResult, Cumulative, Relation, Term, combine
 
 #: Widths up to this are solved by plain enumeration of all 2^n patterns.
 ENUM_MAX_WIDTH = 12
-#: Seconds allowed to each inner maximisation in :func:`bound` (branch and bound stops there).
-INNER_BUDGET = 2.0
+#: Explored branch-and-bound nodes allowed to each inner maximisation in :func:`bound` (it stops there).
+#: Work, not seconds, so results do not depend on machine load. Measured on the 2-core dev machine
+#: (shared with other jobs, so loaded) on the LipSDP MNIST 784-50-10 network: 1750 nodes/s (3499 nodes
+#: in the old 2.0 s budget, bound 24.453); the search finishes exactly (24.2992) after 14308 nodes
+#: (10.0 s loaded). The old 2 s budget reached the exact value on an idle machine (>= ~7000 nodes/s),
+#: so 16000 nodes is about the old 2 s on an idle machine and makes that network exact by default.
+INNER_NODES = 16000
 #: Largest group materialised by :func:`bound` (``analyze``); SVDs of larger matrices take seconds.
 BOUND_MAX_DENSE = 2048
-#: Seconds for all segments of one model in :func:`bound`.
-TOTAL_BUDGET = 10.0
+#: Explored branch-and-bound nodes for all segments of one model in :func:`bound`: five inner budgets,
+#: like the old 10 s pass budget for 2 s inner ones (~70000 nodes at the idle rate above).
+TOTAL_NODES = 5 * INNER_NODES
+#: Smallest node budget an inner maximisation gets once the pass budget is nearly spent (was 0.05 s).
+MIN_INNER_NODES = 64
 #: Low bits tabulated by the enumeration (2^LO_BITS matrices per batch).
 LO_BITS = 11
 _DT = torch.float64
@@ -137,16 +145,16 @@ def _masks(bits: int, start: int = 0, count: int | None = None) -> torch.Tensor:
 
 
 def _enumerate_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
-                  base: torch.Tensor | None = None, deadline: float | None = None) -> InnerMax:
+                  base: torch.Tensor | None = None, max_masks: int | None = None) -> InnerMax:
     """Exact ``max_{d in {lo,hi}^n} ||base + A diag(d) B||`` by enumerating the 2^n vertices.
 
     ``M(S) = base + lo A B + (hi - lo) sum_{j in S} a_j b_j^T``. The sums over the
     low ``LO_BITS`` coordinates are tabulated once; the outer loop over the high
     coordinates adds them to one matrix, and only patterns whose Frobenius norm
     (``>= ||.||_2``) exceeds the best value so far get an eigenvalue solve.
-    Certified and exact (up to rounding). With ``deadline`` (a perf_counter
-    time) it may stop early: the result is then the best pattern seen, an
-    estimate (``certified=False``).
+    Certified and exact (up to rounding). With ``max_masks`` (a number of
+    patterns, counted in whole batches of ``2^LO_BITS``) it may stop early: the
+    result is then the best pattern seen, an estimate (``certified=False``).
     """
     t0 = time.perf_counter()
     a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
@@ -162,7 +170,7 @@ def _enumerate_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi:
     table_n2 = (table * table).sum(1)
     best, best_pat, done = -1.0, None, True
     for h in range(2**nhi):
-        if deadline is not None and h and time.perf_counter() > deadline:
+        if max_masks is not None and h and h * table.shape[0] >= max_masks:
             done = False
             break
         hbits = _masks(nhi, h, 1)[0] if nhi else torch.zeros(0, dtype=_DT)
@@ -180,7 +188,8 @@ def _enumerate_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi:
             best_pat = torch.cat([lo_bits, hbits]).bool()
     best = max(best, 0.0)
     if not done:  # the best pattern seen so far: attained, not a bound
-        return InnerMax(best, best, False, False, "enumeration stopped at the deadline (estimate, not certified)",
+        return InnerMax(best, best, False, False,
+                        f"enumeration stopped after {max_masks} patterns (estimate, not certified)",
                         time.perf_counter() - t0, 0, best_pat)
     return InnerMax(best * (1 + ROUNDING_MARGIN), best, True, True, "enumeration", time.perf_counter() - t0, 2**n,
                     best_pat)
@@ -214,7 +223,7 @@ def _alternating_completion(n_mat: torch.Tensor, a_r: torch.Tensor, b_r: torch.T
 
 
 def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
-                     budget: float = INNER_BUDGET, leaf_width: int = 10, max_nodes: int | None = None) -> InnerMax:
+                     max_nodes: int = INNER_NODES, leaf_width: int = 10, max_open: int | None = None) -> InnerMax:
     """``max_{d in {lo,hi}^n} ||A diag(d) B||`` by best-first branch and bound (certified).
 
     Write ``d_j = c + h t_j``, ``c = (lo+hi)/2``, ``h = (hi-lo)/2``, ``t in {-1,1}^n``.
@@ -227,10 +236,12 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
     (triangle inequality, submultiplicativity). Nodes with at most ``leaf_width``
     free coordinates are solved exactly by :func:`enumerate_max`. The result is
     the maximum found when the search completes (exact), else the largest open
-    bound when ``budget`` seconds are spent (a certified upper bound).
+    bound when ``max_nodes`` nodes have been explored (or more than ``max_open`` are open): a certified
+    upper bound. Both stops count work, so the result is the same at any machine load; the search order
+    compares bounds that come out of float64 norms, so it is bit-identical whenever those norms are
+    (single-threaded small matrices; for large ones BLAS threading could in principle change last bits).
     """
     t0 = time.perf_counter()
-    deadline = t0 + budget
     a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
     p, n = a_mat.shape
     q = b_mat.shape[1]
@@ -277,8 +288,8 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
                 best_ub = min(best_ub, 2.0 * float(torch.linalg.eigvalsh(z)[-1]))
         return best_ub
 
-    if max_nodes is None:
-        max_nodes = max(64, int(2e8 / (8 * p * q)))
+    if max_open is None:
+        max_open = max(64, int(2e8 / (8 * p * q)))
     n0 = c * (a_mat @ b_mat)
     best, best_t = _alternating_completion(n0, a_mat, b_mat, h, iters=3)
     heap: list[tuple[float, int, int, torch.Tensor, torch.Tensor]] = []
@@ -291,7 +302,7 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
         if -heap[0][0] <= best * (1 + 1e-12):
             heap.clear()
             break
-        if time.perf_counter() > deadline or len(heap) > max_nodes:
+        if nodes >= max_nodes or len(heap) > max_open:
             finished = False
             break
         neg_ub, _, k, nm, tfix = heapq.heappop(heap)
@@ -320,14 +331,14 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
     if best_t.numel() == n:
         pattern[order] = best_t > 0
     return InnerMax(upper * (1 + ROUNDING_MARGIN), best, True, finished, "branch-and-bound" if finished else
-                    f"branch-and-bound (stopped after {budget:g}s: certified bound, not exact)",
+                    f"branch-and-bound (stopped after {nodes} nodes: certified bound, not exact)",
                     time.perf_counter() - t0, nodes, pattern)
 
 
 def inner_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
-              budget: float = INNER_BUDGET) -> InnerMax:
+              max_nodes: int = INNER_NODES) -> InnerMax:
     """Certified ``max_{d in [lo,hi]^n} ||A diag(d) B||``: enumeration for n <= ENUM_MAX_WIDTH, else
-    branch and bound within ``budget`` seconds."""
+    branch and bound exploring at most ``max_nodes`` nodes."""
     if hi == lo:
         v = abs(lo) * _norm(a_mat.to(_DT) @ b_mat.to(_DT))
         return InnerMax(v * (1 + ROUNDING_MARGIN), v, True, True, "constant slope")
@@ -341,13 +352,13 @@ def inner_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
         return InnerMax(v * (1 + ROUNDING_MARGIN), v, True, True, "closed form (rank one)", 0.0, 0, pat)
     if a_mat.shape[1] <= ENUM_MAX_WIDTH:
         return enumerate_max(a_mat, b_mat, lo, hi)
-    return branch_and_bound(a_mat, b_mat, lo, hi, budget)
+    return branch_and_bound(a_mat, b_mat, lo, hi, max_nodes)
 
 
-def _greedy_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float, max_iter: int = 1000,
-                     budget: float = 20.0) -> InnerMax:
+def _greedy_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
+                     max_iter: int = 1000) -> InnerMax:
     """ESTIMATE (the published greedy SeqLip): start from d = hi everywhere and flip the single coordinate
-    that increases ``||A diag(d) B||`` most, until none does (or ``budget`` seconds pass). Returns an
+    that increases ``||A diag(d) B||`` most, until none does (or after ``max_iter`` flips). Returns an
     attained value: it may be below the maximum, so it is not certified."""
     t0 = time.perf_counter()
     a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
@@ -359,8 +370,6 @@ def _greedy_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: fl
     cur = _norm(m)
     chunk = max(1, int(2e7 // max(p * q, 1)))
     for _ in range(max_iter):
-        if time.perf_counter() - t0 > budget:
-            break
         sign = torch.where(on, -1.0, 1.0).to(_DT)
         vals = torch.cat([spectral_norms(m[None] + sign[i:i + chunk, None, None] * rank1[i:i + chunk])
                           for i in range(0, n, chunk)])
@@ -378,21 +387,21 @@ def _small(a_mat: torch.Tensor, b_mat: torch.Tensor) -> bool:
 
 
 def enumerate_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
-                  base: torch.Tensor | None = None, deadline: float | None = None) -> InnerMax:
+                  base: torch.Tensor | None = None, max_masks: int | None = None) -> InnerMax:
     with _single_thread(_small(a_mat, b_mat)):
-        return _enumerate_max_impl(a_mat, b_mat, lo, hi, base, deadline)
+        return _enumerate_max_impl(a_mat, b_mat, lo, hi, base, max_masks)
 
 
 def branch_and_bound(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
-                     budget: float = INNER_BUDGET, leaf_width: int = 10, max_nodes: int | None = None) -> InnerMax:
+                     max_nodes: int = INNER_NODES, leaf_width: int = 10, max_open: int | None = None) -> InnerMax:
     with _single_thread(_small(a_mat, b_mat)):
-        return _branch_and_bound_impl(a_mat, b_mat, lo, hi, budget, leaf_width, max_nodes)
+        return _branch_and_bound_impl(a_mat, b_mat, lo, hi, max_nodes, leaf_width, max_open)
 
 
-def greedy_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float, max_iter: int = 1000,
-               budget: float = 20.0) -> InnerMax:
+def greedy_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
+               max_iter: int = 1000) -> InnerMax:
     with _single_thread(_small(a_mat, b_mat)):
-        return _greedy_max_impl(a_mat, b_mat, lo, hi, max_iter, budget)
+        return _greedy_max_impl(a_mat, b_mat, lo, hi, max_iter)
 
 
 enumerate_max.__doc__ = _enumerate_max_impl.__doc__
@@ -401,6 +410,13 @@ greedy_max.__doc__ = _greedy_max_impl.__doc__
 
 
 # --- chains -------------------------------------------------------------------------
+
+
+@dataclass
+class WorkBudget:
+    """Branch-and-bound nodes left to a SeqLip pass (shared by its segments; counted, never timed)."""
+
+    left: int
 
 
 @dataclass
@@ -440,11 +456,12 @@ def inner_factors(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Te
 
 
 def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]],
-                 budget: float = INNER_BUDGET, deadline: float | None = None) -> ChainBound:
+                 max_nodes: int = INNER_NODES, work: WorkBudget | None = None) -> ChainBound:
     """Certified SeqLip bound on ``M_K D_{K-1} ... D_1 M_1`` over all ``D_i = diag([a_i, b_i]^n)``.
 
     ``mats``: dense ``(out, in)`` matrices; ``slopes``: one interval per activation (``len(mats) - 1``);
-    ``budget``: seconds per inner maximum, shortened to end by ``deadline`` (perf_counter) if given.
+    ``max_nodes``: branch-and-bound nodes per inner maximum, at most what is left of ``work`` (a pass-wide
+    node budget, charged with the nodes each inner maximum explores; never below ``MIN_INNER_NODES``).
     Value ``prod_i inner_max_i``, inflated for rounding (see the module docstring); capped by the
     dense AutoLip product ``prod ||M_i|| prod max(|a_i|, |b_i|)``, also certified.
     """
@@ -458,8 +475,11 @@ def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]],
         return ChainBound(auto_cert, True, "dense SVD norm", auto_cert, [], time.perf_counter() - t0)
     results = []
     for (a_m, b_m), (lo, hi) in zip(inner_factors(mats), slopes, strict=True):
-        b_i = budget if deadline is None else max(0.05, min(budget, deadline - time.perf_counter()))
-        results.append(inner_max(a_m, b_m, lo, hi, b_i))
+        b_i = max_nodes if work is None else max(MIN_INNER_NODES, min(max_nodes, work.left))
+        r = inner_max(a_m, b_m, lo, hi, b_i)
+        if work is not None and r.method.startswith("branch-and-bound"):
+            work.left -= r.nodes
+        results.append(r)
     raw = math.prod(r.lower if r.exact else r.value for r in results)
     value = raw * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * auto
     exact = all(r.exact for r in results)
@@ -499,8 +519,8 @@ def _members_autolip(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConst
 
 
 def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant],
-                  budget: float = INNER_BUDGET, max_dense: int = MAX_DENSE,
-                  estimate: bool = False, deadline: float | None = None) -> dict[str, Any]:
+                  max_nodes: int = INNER_NODES, max_dense: int = MAX_DENSE,
+                  estimate: bool = False, work: WorkBudget | None = None) -> dict[str, Any]:
     """SeqLip on one segment; groups too large to materialise (``> max_dense`` entries) split the chain
     and use the rule table's per-node norms (AutoLip) for that group and its neighbouring activations.
     Returns the report dict ``{"nodes", "autolip", "seqlip", "certified", "method", ...}``."""
@@ -518,12 +538,13 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
         nonlocal value, cert, est_value
         if not run:
             return
-        cb = seqlip_chain(run, run_slopes, budget, deadline)
+        cb = seqlip_chain(run, run_slopes, max_nodes, work)
         value *= cb.value
         cert = cert and cb.certified
         notes.append(cb.method)
         inner.extend({"width": r.pattern.numel() if r.pattern is not None else None, "value": r.value,
-                      "attained": r.lower, "exact": r.exact, "method": r.method, "seconds": r.seconds}
+                      "attained": r.lower, "exact": r.exact, "method": r.method, "nodes": r.nodes,
+                      "seconds": r.seconds}
                      for r in cb.inner)
         if est_value is not None:
             est_value *= seqlip_lower_chain(run, run_slopes).value
@@ -571,28 +592,30 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
 
 
 def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None, *,
-        budget: float = INNER_BUDGET, max_dense: int = BOUND_MAX_DENSE, total_budget: float = TOTAL_BUDGET,
+        max_nodes: int = INNER_NODES, max_dense: int = BOUND_MAX_DENSE, total_nodes: int = TOTAL_NODES,
         estimate: bool = False) -> AlgorithmResult:
     """SeqLip on every linear-chain segment, as relations ``L(last) <= SeqLip(segment) * L(entry)``.
 
     Each relation holds for single-entry single-exit chains (see :mod:`lipgraph.bounds.chains`); a segment
-    gives one only when its value is certified and below the product of its members. ``budget``: seconds
-    per inner maximisation; ``total_budget``: seconds for all segments (later segments are recorded as
-    skipped); ``max_dense``: largest group materialised. ``estimate=True`` adds the greedy SeqLip estimate
+    gives one only when its value is certified and below the product of its members. ``max_nodes``:
+    branch-and-bound nodes per inner maximisation; ``total_nodes``: nodes for all segments (later segments
+    are recorded as skipped); ``max_dense``: largest group materialised. All budgets count work, never
+    seconds (the records report seconds as information only). ``estimate=True`` adds the greedy SeqLip estimate
     to each segment record.
     """
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
     relations: list[Relation] = []
+    work = WorkBudget(total_nodes)
     for seg in find_segments(g):
-        if total_budget - (time.perf_counter() - t0) <= 0:
+        if work.left <= 0:
             auto, _ = _members_autolip(g, seg, local)
             records.append({"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
-                            "method": f"skipped: SeqLip time budget ({total_budget:g}s) spent, AutoLip kept",
+                            "method": f"skipped: SeqLip work budget ({total_nodes} nodes) spent, AutoLip kept",
                             "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
             continue
         try:
-            rec = segment_bound(g, seg, local, budget, max_dense, estimate, t0 + total_budget)
+            rec = segment_bound(g, seg, local, max_nodes, max_dense, estimate, work)
         except Exception as exc:  # noqa: BLE001 - a segment SeqLip cannot handle keeps its AutoLip bound
             auto, _ = _members_autolip(g, seg, local)
             rec = {"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
@@ -604,7 +627,8 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
                                       f"segment {seg.nodes[0]}..{seg.last}"))
     used = sum(1 for r in records if r["certified"])
     return AlgorithmResult(relations, records, time.perf_counter() - t0,
-                           {"segments": len(records), "certified_segments": used})
+                           {"segments": len(records), "certified_segments": used,
+                            "nodes": total_nodes - work.left})
 
 
 def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None,
@@ -615,7 +639,8 @@ def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings 
 
 
 __all__ = [
-    "ChainBound", "InnerMax", "bound", "run", "branch_and_bound", "enumerate_max", "greedy_max", "inner_factors",
+    "ChainBound", "InnerMax", "WorkBudget", "bound", "run",
+    "branch_and_bound", "enumerate_max", "greedy_max", "inner_factors",
     "inner_max", "segment_bound", "seqlip_chain", "seqlip_estimate", "seqlip_lower_chain", "spectral_norms",
 ]
 
