@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -15,7 +14,7 @@ from . import ir
 from .bounds import METHODS
 from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
 from .bounds.lower import lower_bound
-from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine
+from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, subgraph_constant
 from .errors import InputShapeError, LipgraphError
 from .frontends import fx as fx_frontend
 from .ops import LocalConstant, Settings, register_rule
@@ -212,15 +211,8 @@ def module_constants(g: nx.DiGraph, local: Mapping[str, LocalConstant],
             by_path.setdefault(".".join(parts[:k]), []).append(n.name)
     out: dict[str, dict[str, Any]] = {}
     for path, members in by_path.items():
-        mset = set(members)
-        outside = {u for m in members for u in ir.node(g, m).inputs if u not in mset}
-        entries = {u: Cumulative(0.0 if ir.node(g, u).op == "constant" else 1.0, True) for u in outside}
-        inner = [r for r in relations if r.node in mset and all(t.entry in mset or t.entry in entries for t in r.terms)]
-        cum = combine(g, local, inner, members=members, entries=entries)
-        exits = [m for m in members if any(s not in mset for s in g.successors(m))] or [members[-1]]
-        ex = [cum[e] for e in exits]
-        value = ex[0].value if len(ex) == 1 else math.sqrt(sum(c.value ** 2 for c in ex))
-        out[path] = {"value": value, "certified": all(c.certified for c in ex), "nodes": len(members)}
+        c = subgraph_constant(g, local, members, relations)
+        out[path] = {"value": c.value, "certified": c.certified, "nodes": len(members)}
     return out
 
 

@@ -156,25 +156,19 @@ class Report:
         """The constant of the sub-DAG ``members`` (external inputs at 1, constants at 0, exits combined in l2)
         from the per-node constants of this report, by the one combinator; a module's is stored in
         :attr:`modules` already."""
-        from .bounds.relations import Cumulative, combine  # noqa: PLC0415
+        from .bounds.relations import subgraph_constant  # noqa: PLC0415
         from .ops import LocalConstant  # noqa: PLC0415
 
         g = self.graph
         mset = set(members)
-        by_name = {n.name: n for n in self.nodes}
-        order = [n for n in g.graph["order"] if n in mset]
         local = {}
-        for n in order:
-            r, ins = by_name[n], g.nodes[n]["ir"].inputs
-            partials = list(r.partials) if len(r.partials) == len(ins) else [r.local] * len(ins)
-            local[n] = LocalConstant(partials, r.certified, r.method, r.combine)
-        outside = {u for m in order for u in g.nodes[m]["ir"].inputs if u not in mset}
-        entries = {u: Cumulative(0.0 if g.nodes[u]["ir"].op == "constant" else 1.0, True) for u in outside}
-        cum = combine(g, local, members=order, entries=entries)
-        exits = [m for m in order if g.nodes[m]["ir"].op == "output" or any(s not in mset for s in g.successors(m))]
-        ex = [cum[e] for e in (exits or order[-1:])]
-        value = ex[0].value if len(ex) == 1 else math.sqrt(sum(c.value**2 for c in ex))
-        return value, all(c.certified for c in ex)
+        for r in self.nodes:
+            if r.name in mset:
+                ins = g.nodes[r.name]["ir"].inputs
+                partials = list(r.partials) if len(r.partials) == len(ins) else [r.local] * len(ins)
+                local[r.name] = LocalConstant(partials, r.certified, r.method, r.combine)
+        c = subgraph_constant(g, local, mset)
+        return c.value, c.certified
 
     def node(self, name: str) -> NodeReport:
         for n in self.nodes:

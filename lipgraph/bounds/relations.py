@@ -166,5 +166,26 @@ def combine(
     return cum
 
 
+def subgraph_constant(
+    g: nx.DiGraph,
+    local: Mapping[str, LocalConstant],
+    members: Iterable[str],
+    relations: Iterable[Relation] = (),
+) -> Cumulative:
+    """The constant of the sub-DAG ``members``: its external inputs at 1 (constants at 0), its exits (members
+    read from outside, or the model output) combined in l2; relations lying wholly inside it are used.
+    Module clusters and the renderer's boxes are bounded by this one function."""
+    mset = set(members)
+    order = [n for n in g.graph["order"] if n in mset]
+    outside = {u for m in order for u in ir.node(g, m).inputs if u not in mset}
+    entries = {u: Cumulative(0.0 if ir.node(g, u).op == "constant" else 1.0, True) for u in outside}
+    inner = [r for r in relations if r.node in mset and all(t.entry in mset or t.entry in entries for t in r.terms)]
+    cum = combine(g, local, inner, members=order, entries=entries)
+    exits = [m for m in order if ir.node(g, m).op == "output" or any(s not in mset for s in g.successors(m))]
+    ex = [cum[e] for e in (exits or order[-1:])]
+    value = ex[0].value if len(ex) == 1 else math.sqrt(sum(c.value**2 for c in ex))
+    return Cumulative(value, all(c.certified for c in ex))
+
+
 __all__ = ["OWN_RULE", "AlgorithmResult", "Cumulative", "Relation", "Term", "better", "combine", "evaluate",
-           "own_rule", "times"]
+           "own_rule", "subgraph_constant", "times"]
