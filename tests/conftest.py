@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +16,32 @@ import torch.nn.functional as F
 import lipgraph
 from lipgraph import norms
 from lipgraph.ops import RULES, LocalConstant, Settings
+
+#: ``../shared/benchmarks`` beside the repository (``LIPGRAPH_SHARED`` overrides it; a git worktree one level
+#: deeper also looks one folder further up). Tests that need it fail loudly when it is missing.
+_SHARED_CANDIDATES = [Path(p) for p in [os.environ.get("LIPGRAPH_SHARED", "")] if p] + [
+    Path(__file__).resolve().parents[2] / "shared" / "benchmarks",
+    Path(__file__).resolve().parents[3] / "shared" / "benchmarks"]
+SHARED = next((c for c in _SHARED_CANDIDATES if c.exists()), _SHARED_CANDIDATES[-2])
+
+
+def shared_file(name: str) -> Path:
+    """A file of the shared benchmark data, or a loud test failure naming where it was looked for."""
+    path = SHARED / name
+    if not path.exists():
+        pytest.fail(f"BENCHMARK DATA MISSING: {path} not found (looked in {[str(c) for c in _SHARED_CANDIDATES]}); "
+                    "these tests need ../shared/benchmarks beside the repository (see its README)", pytrace=False)
+    return path
+
+
+def lipsdp_mnist_net() -> nn.Module:
+    """The shared LipSDP MNIST network 784 -> 50 -> ReLU -> 10 (float32 copy of the float64 weights)."""
+    w = np.load(shared_file("lipsdp_mnist_784_50_10.npz"))
+    net = nn.Sequential(nn.Linear(784, 50, bias=False), nn.ReLU(), nn.Linear(50, 10, bias=False)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.from_numpy(w["W1"]))
+        net[2].weight.copy_(torch.from_numpy(w["W2"]))
+    return net.float()
 
 
 def dense_jacobian(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

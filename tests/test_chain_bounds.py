@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import shared_file
 
 import lipgraph
 from lipgraph.bounds import combettes_pesquet as cp
@@ -26,14 +25,6 @@ from lipgraph.bounds.relations import combine
 from lipgraph.core import Settings
 
 D = torch.float64
-ROOT = Path(__file__).resolve().parents[1]
-#: ``../shared/benchmarks`` next to the repository; a worktree under ``/work/wt/<name>`` also looks one
-#: level further up (``/work/shared``), and ``LIPGRAPH_SHARED`` overrides both.
-_CANDIDATES = [Path(p) for p in [os.environ.get("LIPGRAPH_SHARED", "")] if p] + [
-    ROOT.parent / "shared" / "benchmarks", ROOT.parent.parent / "shared" / "benchmarks"]
-SHARED = next((c for c in _CANDIDATES if c.exists()), _CANDIDATES[0])
-MNIST = SHARED / "lipsdp_mnist_784_50_10.npz"
-CHAINS = SHARED / "chains"
 #: Peer figures of shared/benchmarks/README.md: (Combettes-Pesquet, ECLipsE-Fast), as printed there.
 PEERS = {
     "rand_w80_h2": (2.952, 2.775),
@@ -45,11 +36,8 @@ PEERS = {
 BOUNDS = {"cp": cp.cp_bound, "ef": ef.eclipse_fast_bound}
 
 
-def _load(path: Path) -> list[torch.Tensor]:
-    if not path.exists():
-        pytest.fail(f"benchmark data missing: {path} (looked in {[str(c) for c in _CANDIDATES]}); the shared "
-                    "benchmarks must be present for this test")
-    d = np.load(path)
+def _load(name: str) -> list[torch.Tensor]:
+    d = np.load(shared_file(name))
     keys = sorted((k for k in d.files if k[0] == "W" and k[1:].isdigit()), key=lambda k: int(k[1:]))
     return [torch.from_numpy(d[k]).to(D) for k in keys]
 
@@ -144,7 +132,7 @@ def test_general_slope_intervals() -> None:
 
 
 def test_lipsdp_mnist_published_figures() -> None:
-    mats = _load(MNIST)
+    mats = _load("lipsdp_mnist_784_50_10.npz")
     assert [tuple(m.shape) for m in mats] == [(50, 784), (10, 50)]
     v_cp = cp.cp_bound(mats, [(0.0, 1.0)])
     v_ef = ef.eclipse_fast_bound(mats, [(0.0, 1.0)])
@@ -155,7 +143,7 @@ def test_lipsdp_mnist_published_figures() -> None:
 
 @pytest.mark.parametrize("name", sorted(PEERS))
 def test_shared_chain_networks_peer_figures(name: str) -> None:
-    mats = _load(CHAINS / f"{name}.npz")
+    mats = _load(f"chains/{name}.npz")
     slopes = [(0.0, 1.0)] * (len(mats) - 1)
     peer_cp, peer_ef = PEERS[name]
     # the README prints 3-4 significant figures (1.24e10 is 1.2431e10)

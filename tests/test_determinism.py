@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import lipsdp_mnist_net
 
 import lipgraph
-
-ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "benchmarks" / "lipsdp_mnist_784_50_10.npz"
-if not MNIST.exists():  # a worktree under /work/wt/<name>: the shared folder sits next to /work/main
-    MNIST = ROOT.parent.parent / "shared" / "benchmarks" / "lipsdp_mnist_784_50_10.npz"
 
 
 def _bounds(model: nn.Module, x: torch.Tensor) -> dict:
@@ -59,19 +53,8 @@ def test_same_bounds_idle_and_under_load() -> None:
     assert _values(idle) == _values(loaded)
 
 
-def _mnist() -> nn.Module:
-    if not MNIST.exists():
-        raise FileNotFoundError(f"shared LipSDP MNIST network missing: {MNIST}")
-    w = np.load(MNIST)
-    net = nn.Sequential(nn.Linear(784, 50, bias=False), nn.ReLU(), nn.Linear(50, 10, bias=False)).double()
-    with torch.no_grad():
-        net[0].weight.copy_(torch.from_numpy(w["W1"]))
-        net[2].weight.copy_(torch.from_numpy(w["W2"]))
-    return net.float()
-
-
 def test_mnist_default_seqlip_value_is_tight_and_repeatable() -> None:
-    net, x = _mnist(), torch.randn(1, 784)
+    net, x = lipsdp_mnist_net(), torch.randn(1, 784)
     first = lipgraph.analyze(net, x, lower=False).to_dict()["bounds"]
     with _Competitor():
         second = lipgraph.analyze(net, x, lower=False).to_dict()["bounds"]

@@ -7,18 +7,14 @@ AutoLip (product of spectral norms) is 31.504. A certified bound below 23.584 wo
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import lipsdp_mnist_net
 
 import lipgraph
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "lipsdp_mnist_784_50_10.npz"
-if not DATA.exists():  # a worktree under /work/wt/<name>: the shared folder sits next to /work/main
-    DATA = Path(__file__).resolve().parents[3] / "shared" / "benchmarks" / "lipsdp_mnist_784_50_10.npz"
 KNOWN_LOWER = 23.584  # a Jacobian norm this network attains
 LIPSDP_NEURON = 24.366
 AUTOLIP_PUBLISHED = 31.504
@@ -26,15 +22,7 @@ AUTOLIP_PUBLISHED = 31.504
 
 @pytest.fixture(scope="module")
 def lipsdp_net() -> nn.Module:
-    if not DATA.exists():
-        pytest.fail(f"BENCHMARK DATA MISSING: {DATA} not found; these tests need ../shared/benchmarks beside the "
-                    "repository (see its README)", pytrace=False)
-    w = np.load(DATA)
-    net = nn.Sequential(nn.Linear(784, 50, bias=False), nn.ReLU(), nn.Linear(50, 10, bias=False)).double()
-    with torch.no_grad():
-        net[0].weight.copy_(torch.from_numpy(w["W1"]))
-        net[2].weight.copy_(torch.from_numpy(w["W2"]))
-    return net.float()
+    return lipsdp_mnist_net()
 
 
 def test_autolip_matches_published_product_of_norms(lipsdp_net: nn.Module) -> None:
