@@ -93,6 +93,9 @@ class Settings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     power_iterations: int = 100
     seed: int = 0
+    #: Per-neuron derivative intervals ``name -> (lo, hi)`` of the activations on an input domain (set by the
+    #: domain analysis; ``None`` for a global analysis). SeqLip then maximises only over unstable neurons.
+    neuron_slopes: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

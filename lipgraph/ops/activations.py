@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..domains import Range
 from .registry import LocalConstant, Settings, exact, not_lipschitz, register_rule
 
 _SELU_SCALE = 1.0507009873554805
@@ -31,11 +32,20 @@ def _up(x: float) -> float:
     return math.copysign(math.ceil(abs(x) * 1e6 + 1e-9) / 1e6, x)
 
 
-def _fixed(kind: str, fn, slope: tuple[float, float], doc: str) -> None:
-    register_rule(kind, lambda node, x, _f=fn: _f(x), slope=slope, doc=doc)
+def _fixed(kind: str, fn, slope: tuple[float, float], doc: str, **capabilities) -> None:
+    register_rule(kind, lambda node, x, _f=fn: _f(x), slope=slope, doc=doc, **capabilities)
 
 
-_fixed("relu", F.relu, (0.0, 1.0), "relu' in {0,1}: L = 1 (exact).")
+def relu_neuron_slopes(node, r: Range) -> tuple[torch.Tensor, torch.Tensor]:
+    """relu' on [lo, hi]: 0 where hi < 0 (dead), 1 where lo > 0 (active), [0, 1] otherwise (exact intervals;
+    at 0 the Clarke derivative is [0, 1])."""
+    lo = (r.lo > 0).to(torch.float64)
+    hi = (r.hi >= 0).to(torch.float64)
+    return lo, hi
+
+
+_fixed("relu", F.relu, (0.0, 1.0), "relu' in {0,1}: L = 1 (exact).", monotone=True,
+       neuron_slopes=relu_neuron_slopes)
 _fixed("relu6", F.relu6, (0.0, 1.0), "min(max(x,0),6)' in {0,1}: L = 1 (exact).")
 _fixed("sigmoid", torch.sigmoid, (0.0, 0.25), "sigma' = sigma(1-sigma) in (0,1/4]: L = 1/4 (exact, at 0).")
 _fixed("tanh", torch.tanh, (0.0, 1.0), "tanh' = 1 - tanh^2 in (0,1]: L = 1 (exact, at 0).")

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import norms
+from ..core import ROUNDING_MARGIN
+from ..domains import Range
 from .registry import LocalConstant, Settings, register_rule
 
 
@@ -33,7 +35,19 @@ def linear_lipschitz(node, ctx: Settings) -> LocalConstant:
     return _from_norm(norms.dense_norm(node.params["weight"], ctx.device))
 
 
-register_rule("linear", linear_forward, linear_lipschitz, affine=True)
+def linear_ranges(node, r: Range) -> Range:
+    """Center-radius interval arithmetic: ``W mid + b -+ |W| rad``, rounded outward by
+    ``ROUNDING_MARGIN * (|W| (|mid| + rad) + |b|)`` (float64 dot products of n <= 1e6 terms err by less)."""
+    w = node.params["weight"].detach().to(torch.float64)
+    b = node.params.get("bias")
+    b = b.detach().to(torch.float64) if b is not None else None
+    mid = F.linear(r.mid, w, b)
+    rad = F.linear(r.rad, w.abs())
+    err = ROUNDING_MARGIN * (F.linear(r.mid.abs() + r.rad, w.abs()) + (b.abs() if b is not None else 0.0))
+    return Range(mid - rad - err, mid + rad + err)
+
+
+register_rule("linear", linear_forward, linear_lipschitz, affine=True, ranges=linear_ranges)
 
 
 # --- Convolution ----------------------------------------------------------------

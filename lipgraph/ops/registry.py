@@ -83,6 +83,21 @@ class OpRule:
     and affine regions). ``doc`` is the rule's formula, shown in reports. ``torch_functions``,
     ``torch_modules`` and ``onnx_ops`` are spellings of a *unary* op (one tensor in, no attributes) that the fx and ONNX
     frontends map to this kind by reading the registry, so a new elementwise op needs no frontend edit.
+
+    Input-domain capabilities (all optional; see :mod:`lipgraph.bounds.ranges` and
+    :mod:`lipgraph.bounds.on_domain`):
+
+    * ``ranges(node, *input_ranges) -> Range`` (a tuple of ranges for tuple-valued ops): an elementwise
+      enclosure of the output given enclosures of the inputs (:class:`lipgraph.domains.Range`, float64),
+      rounded outward. ``monotone=True`` instead declares the op nondecreasing in every input, so
+      ``[forward(lo), forward(hi)]`` is its range (widened for rounding by the pass).
+    * ``neuron_slopes(node, input_range) -> (lo, hi)``: for an elementwise activation, tensors of the
+      input's shape holding an interval that contains every derivative (Clarke derivative at kinks) on
+      the input range; a provably active or dead ReLU gets an exact slope.
+    * ``local(node, input_ranges, settings) -> LocalConstant | None``: the op's constant on the input
+      ranges (partials bound ``sup ||d_i f||`` over the ranges). ``None`` keeps the global rule.
+
+    An op without ``ranges``/``monotone`` makes every node downstream fall back to its global rule.
     """
 
     kind: str
@@ -94,6 +109,10 @@ class OpRule:
     torch_functions: tuple[Callable[..., Any], ...] = ()
     onnx_ops: tuple[str, ...] = ()
     torch_modules: tuple[type, ...] = ()
+    ranges: Callable[..., Any] | None = None
+    monotone: bool = False
+    local: Callable[..., LocalConstant | None] | None = None
+    neuron_slopes: Callable[..., Any] | None = None
 
 
 RULES: dict[str, OpRule] = {}
@@ -111,6 +130,10 @@ def register_rule(
     torch_functions: tuple[Callable[..., Any], ...] = (),
     onnx_ops: tuple[str, ...] = (),
     torch_modules: tuple[type, ...] = (),
+    ranges: Callable[..., Any] | None = None,
+    monotone: bool = False,
+    local: Callable[..., LocalConstant | None] | None = None,
+    neuron_slopes: Callable[..., Any] | None = None,
 ) -> OpRule:
     """Register the rule for op ``kind``; the single entry point for new ops.
 
@@ -128,7 +151,8 @@ def register_rule(
             return exact(_b, "slope-bound")
 
     rule = OpRule(kind, forward, lipschitz, slope, affine, doc if doc is not None else (lipschitz.__doc__ or ""),
-                  tuple(torch_functions), tuple(onnx_ops), tuple(torch_modules))
+                  tuple(torch_functions), tuple(onnx_ops), tuple(torch_modules), ranges, monotone, local,
+                  neuron_slopes)
     RULES[kind] = rule
     return rule
 

@@ -63,7 +63,7 @@ def output_lipschitz(node, ctx: Settings) -> LocalConstant:
     return exact(1.0, "concatenation", len(node.inputs), combine="l2")
 
 
-register_rule("output", output_forward, output_lipschitz)
+register_rule("output", output_forward, output_lipschitz, monotone=True)
 
 
 def constant_forward(node):
