@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -14,7 +15,10 @@ from . import ir
 from .bounds import METHODS
 from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
 from .bounds.lower import lower_bound
+from .bounds.on_domain import domain_constants
+from .bounds.ranges import propagate
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, subgraph_constant
+from .domains import Domain, Range
 from .errors import InputShapeError, LipgraphError
 from .frontends import fx as fx_frontend
 from .ops import LocalConstant, Settings, register_rule
@@ -61,8 +65,9 @@ def analyze(
     power_iterations: int = 100,
     progress: Progress | None = None,
     seed: int = 0,
-) -> Report:
-    """Bound the l2 Lipschitz constant of ``model`` around nothing in particular: globally.
+    domain: Domain | Sequence[Domain] | None = None,
+) -> Report | list[Report]:
+    """Bound the l2 Lipschitz constant of ``model``: globally, or on an input ``domain``.
 
     ``method``: ``"autolip"``, ``"seqlip"`` (AutoLip with SeqLip on linear
     chains) or ``"auto"`` (every method available; ``Report.upper`` is the best
@@ -75,8 +80,18 @@ def analyze(
     ``progress(stage, done, total)`` is called during long work. ``seed`` fixes every random choice
     (power-method starts, the lower-bound search and its random inputs) without touching the caller's
     global random state.
+
+    ``domain`` (a :class:`~lipgraph.domains.Box`, :class:`~lipgraph.domains.Ball` or ball within a box, see
+    :mod:`lipgraph.domains`): the constant on that convex set of inputs. Ranges of every node are propagated
+    over it, each node's constant is taken on its inputs' ranges (per-neuron slopes, products, softmax,
+    norms), the domain-aware algorithms run again on those constants, and every global relation is kept (it
+    holds on the domain too), so each node's domain bound is at most its global one. ``Report.upper`` is
+    then the domain bound, the global ones stay in ``Report.bounds``, and the lower bound is attained
+    inside the domain. A list of domains (e.g. balls around a batch of points, :meth:`Ball.batch`) gives a
+    list of reports sharing the trace and the global pass.
     """
     names = _method_names(method)
+    domains = _as_domains(domain)
     check_constants(constants)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -106,7 +121,9 @@ def analyze(
     bounds: dict[str, BoundResult] = {}
     results: dict[str, AlgorithmResult] = {}
     segments: list[dict[str, Any]] = []
-    for name in names:
+    # with a domain, domain-aware algorithms run on the domain only (their domain run is the tighter one)
+    global_names = [n for n in names if domains is None or not METHODS[n].uses_domain]
+    for name in global_names:
         t0 = time.perf_counter()
         res = METHODS[name].runner()(g, local, ctx)
         results[name] = res
@@ -117,7 +134,7 @@ def analyze(
         seconds[name] = time.perf_counter() - t0
         bounds[key] = BoundResult(cum_alone[out].value, cum_alone[out].certified, METHODS[name].doc,
                                   seconds["local"] + seconds[name], dict(res.details))
-    refining = [n for n in names if n != "autolip"]
+    refining = [n for n in global_names if n != "autolip"]
     t0 = time.perf_counter()
     relations = [r for n in refining for r in results[n].relations]
     cum_best = combine(g, local, relations)
@@ -130,11 +147,45 @@ def analyze(
         )
     cum = combine(g, local)
     modules = module_constants(g, local, relations)
+    base = dict(model=model, example_input=example_input, g=g, names=names, ctx=ctx, dev=dev, local=local,
+                local_full=local_full, results=results, relations=relations, bounds=bounds, cum=cum,
+                cum_best=cum_best, modules=modules, segments=segments, seconds=seconds, lower=lower,
+                lower_budget=lower_budget, seed=seed, was_training=was_training, inputs_shapes=inputs_shapes,
+                progress=progress)
+    if domains is None:
+        return _finish(base, None)
+    return [_finish(base, d) for d in domains] if isinstance(domain, Sequence) else _finish(base, domains[0])
+
+
+def _as_domains(domain: Any) -> list[Domain] | None:
+    if domain is None:
+        return None
+    items = list(domain) if isinstance(domain, Sequence) else [domain]
+    for d in items:
+        if not isinstance(d, Domain):
+            raise LipgraphError(f"domain must be a lipgraph.domains.Box or Ball (or a list of them), not "
+                                f"{type(d).__name__}")
+    return items
+
+
+def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
+    """The report of one analysis: the global pass in ``base`` and, with a ``domain``, the domain pass."""
+    g, model, example_input = base["g"], base["model"], base["example_input"]
+    dev, seed, segments = base["dev"], base["seed"], base["segments"]
+    seconds = dict(base["seconds"])
+    bounds = dict(base["bounds"])
+    local_full, cum, cum_best = base["local_full"], base["cum"], base["cum_best"]
+    modules, inputs_shapes, was_training = base["modules"], base["inputs_shapes"], base["was_training"]
+    dom = None
+    if domain is not None:
+        dom = _domain_pass(base, domain, seconds, bounds)
+        modules = module_constants(g, dom["local"], dom["relations"])
 
     lower_value = None
     discrete = example_input is not None and any(
         isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()) for x in _as_inputs(example_input)
     )
+    lower, lower_budget = base["lower"], base["lower_budget"]
     if lower and not discrete:  # no Jacobian along integer inputs (token ids, indices): no lower-bound search
         t0 = time.perf_counter()
         fn = model if isinstance(model, nn.Module) else (lambda *xs: ir.execute(g, *xs))
@@ -156,7 +207,8 @@ def analyze(
         try:
             with torch.random.fork_rng(devices=rng_devices):  # the search's own draws, seeded, then restored
                 torch.manual_seed(seed)
-                lb = lower_bound(fn, xs, restarts=max(1, int(lower_budget)), f64=f64, seed=seed)
+                kw = {"domain": domain} if domain is not None else {}
+                lb = lower_bound(fn, xs, restarts=max(1, int(lower_budget)), f64=f64, seed=seed, **kw)
         finally:
             if isinstance(model, nn.Module):
                 model.train(was_training)
@@ -166,7 +218,7 @@ def analyze(
     nodes = []
     for n in ir.nodes(g):
         lc, secs = local_full[n.name]
-        nodes.append(_node_report(n, lc, cum[n.name], cum_best[n.name], secs))
+        nodes.append(_node_report(n, lc, cum[n.name], cum_best[n.name], secs, dom))
     return Report(
         model=g.graph["name"],
         frontend=g.graph["frontend"],
@@ -179,7 +231,51 @@ def analyze(
         lower=lower_value,
         seconds=seconds,
         graph=g,
+        domain=None if domain is None else {**domain.to_dict(), "description": domain.describe(),
+                                            "ranges_missing": dom["missing"]},
     )
+
+
+def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float],
+                 bounds: dict[str, BoundResult]) -> dict[str, Any]:
+    """Ranges over ``domain``, the nodes' constants on it, the domain-aware algorithms rerun on them, and the
+    combination with every global relation. Adds ``domain:*`` entries to ``bounds``."""
+    g, names, ctx, local = base["g"], base["names"], base["ctx"], base["local"]
+    example = _as_inputs(base["example_input"]) if base["example_input"] is not None else None
+    if example is None or len(example) != 1:
+        raise LipgraphError("an input domain needs a single-input model and its example input")
+    out = g.graph["output"]
+    t0 = time.perf_counter()
+    try:
+        rr = propagate(g, domain, example[0])
+    except ValueError as exc:  # a domain that does not fit the input (shape of the center)
+        raise LipgraphError(f"domain: {exc}") from None
+    dc = domain_constants(g, local, rr, ctx)
+    seconds["domain:ranges"] = time.perf_counter() - t0
+    dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr})
+    relations = list(base["relations"])
+    for name in names:
+        if not METHODS[name].uses_domain:
+            continue
+        t0 = time.perf_counter()
+        res = METHODS[name].runner()(g, dc.local, dctx)
+        relations.extend(res.relations)
+        seconds[f"domain:{name}"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cum_auto = combine(g, dc.local)
+    cum_best = combine(g, dc.local, relations)
+    seconds["domain:combine"] = time.perf_counter() - t0
+    total = sum(v for k, v in seconds.items() if k.startswith("domain:"))
+    bounds["domain:autolip"] = BoundResult(
+        cum_auto[out].value, cum_auto[out].certified,
+        f"AutoLip with every node's constant on the domain ({domain.describe()})", seconds["domain:ranges"],
+        {"unstable": dict(dc.unstable)})
+    bounds["domain:best"] = BoundResult(
+        cum_best[out].value, cum_best[out].certified,
+        "the domain's constants with every algorithm's relations (domain-aware ones rerun on the domain)", total)
+    missing = sorted({r for r in rr.reasons.values()})[:5]
+    return {"ranges": rr, "constants": dc, "local": dc.local, "cum": cum_best, "relations": relations,
+            "missing": missing}
 
 
 def _method_names(method: str | Sequence[str]) -> list[str]:
@@ -216,7 +312,19 @@ def module_constants(g: nx.DiGraph, local: Mapping[str, LocalConstant],
     return out
 
 
-def _node_report(n: ir.IRNode, lc: LocalConstant, c: Cumulative, best: Cumulative, secs: float) -> NodeReport:
+def _node_report(n: ir.IRNode, lc: LocalConstant, c: Cumulative, best: Cumulative, secs: float,
+                 dom: dict[str, Any] | None = None) -> NodeReport:
+    extra: dict[str, Any] = {}
+    if dom is not None:
+        r = dom["ranges"].ranges.get(n.name)
+        dl = dom["local"][n.name]
+        dcum = dom["cum"][n.name]
+        extra = {
+            "domain_local": dl.value, "domain_bound": dcum.value, "domain_certified": dcum.certified,
+            "domain_via": dcum.via, "unstable": dom["constants"].unstable.get(n.name),
+            "range": [r.summary()["lo"], r.summary()["hi"]] if isinstance(r, Range) else None,
+            "domain_note": dom["constants"].sources.get(n.name) or dom["ranges"].reasons.get(n.name),
+        }
     return NodeReport(
         name=n.name,
         op=n.op,
@@ -238,6 +346,7 @@ def _node_report(n: ir.IRNode, lc: LocalConstant, c: Cumulative, best: Cumulativ
         bound_certified=best.certified,
         via=best.via,
         seconds=secs,
+        **extra,
     )
 
 

@@ -235,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0,
                    help="seed of every random choice: example input, power-method starts, lower-bound search")
     a.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
+    a.add_argument("--domain", metavar="box:LO,HI",
+                   help="bound the constant on the input box LO <= x <= HI (e.g. box:0,1 for images in [0,1])")
+    a.add_argument("--ball", type=float, metavar="RADIUS",
+                   help="bound the constant on the ball of this radius around the example input (or --center)")
+    a.add_argument("--norm", default="l2", choices=["l2", "linf"], help="norm of the --ball (default l2)")
+    a.add_argument("--clip", metavar="LO,HI", help="intersect the --ball with the box LO <= x <= HI")
+    a.add_argument("--center", metavar="FILE", help="center of the --ball: a .npy file or a .pt tensor")
     c = sub.add_parser("certify", help="certified robustness radii from global Lipschitz bounds")
     c.add_argument("model", help="path/file.py:Name or package.module:Name (a PyTorch classifier)")
     c.add_argument("--data", required=True, help=".npz with arrays x and y, or .pt holding a dict with x and y")
@@ -315,12 +322,13 @@ def _analyze(args: argparse.Namespace) -> int:
         example = example[0] if len(example) == 1 else tuple(example)
     elif not isinstance(model, str):
         raise InputShapeError("--input-shape is required for a PyTorch model (e.g. --input-shape 1,3,224,224)")
+    domain, example = _domain(args, example)
     progress = _Progress(args.progress or sys.stderr.isatty())
     t0 = time.perf_counter()
     report = lipgraph.analyze(
         model, example, method=args.method, device=args.device, constants=constants, lower=not args.no_lower,
         lower_budget=args.lower_budget, power_iterations=args.power_iterations, progress=progress,
-        seed=args.seed,
+        seed=args.seed, domain=domain,
     )
     elapsed = time.perf_counter() - t0
     if args.json_path == "-":
@@ -343,6 +351,64 @@ def _analyze(args: argparse.Namespace) -> int:
                 print(f"lipgraph: note: {note.message}", file=sys.stderr)
             print(f"wrote {out}", file=sys.stderr if args.json_path == "-" else sys.stdout)
     return 0
+
+
+def _domain(args: argparse.Namespace, example: Any) -> tuple[Any, Any]:
+    """The input domain of ``--domain`` / ``--ball`` (None without them) and the example input to use: a point
+    of the domain (drawn uniformly in the box, seeded, or the ``--center``)."""
+    if args.domain is None and args.ball is None:
+        for flag in ("clip", "center"):
+            if getattr(args, flag):
+                raise LipgraphError(f"--{flag} needs --ball")
+        return None, example
+    if args.domain is not None and args.ball is not None:
+        raise LipgraphError("give either --domain box:LO,HI or --ball RADIUS, not both")
+    import torch  # noqa: PLC0415
+
+    from .domains import Ball, parse_box  # noqa: PLC0415
+
+    if not isinstance(example, torch.Tensor) or not example.is_floating_point():
+        raise LipgraphError("an input domain needs one floating-point input (--input-shape with a single shape)")
+    gen = torch.Generator().manual_seed(args.seed)
+    try:
+        if args.domain is not None:
+            box = parse_box(args.domain)
+            e = box.enclosure(example.double())
+            return box, (e.lo + torch.rand(example.shape, generator=gen, dtype=torch.float64) * (e.hi - e.lo)).to(
+                example.dtype)
+        clip = parse_box(args.clip) if args.clip else None
+        if args.center:
+            center = _load_tensor(args.center).to(example.dtype)
+            if center.numel() != example.numel():
+                raise LipgraphError(f"--center {args.center} has {center.numel()} entries; the input has "
+                                    f"{example.numel()} (shape {tuple(example.shape)})")
+            example = center.reshape(example.shape)
+        elif clip is not None:
+            e = clip.enclosure(example.double())
+            example = (e.lo + torch.rand(example.shape, generator=gen, dtype=torch.float64) * (e.hi - e.lo)).to(
+                example.dtype)
+        return Ball(example, args.ball, args.norm, clip), example
+    except ValueError as exc:
+        raise LipgraphError(f"input domain: {exc}") from None
+
+
+def _load_tensor(path: str) -> Any:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    if not Path(path).is_file():
+        raise LipgraphError(f"--center {path}: no such file")
+    try:
+        if path.endswith(".npy"):
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        t = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a malformed file is one clear line
+        raise LipgraphError(f"--center {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    if not isinstance(t, torch.Tensor):
+        raise LipgraphError(f"--center {path}: holds a {type(t).__name__}, not a tensor")
+    if not bool(torch.isfinite(t).all()):
+        raise LipgraphError(f"--center {path}: has non-finite entries")
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:

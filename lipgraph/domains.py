@@ -180,6 +180,13 @@ class Ball(Domain):
                 ((self.center_point >= self.clip.lo) & (self.center_point <= self.clip.hi)).all()):
             raise ValueError("the ball's center lies outside its clip box")
 
+    @staticmethod
+    def batch(centers: torch.Tensor, radius: float, norm: str = "l2",
+              clip: tuple[Any, Any] | Box | None = None) -> list[Ball]:
+        """One ball per row of ``centers`` (shape ``(B, ...)``), e.g. around a batch of test points; each
+        center gets a leading batch dimension of 1 (``centers[i:i+1]``) to match a model's example input."""
+        return [Ball(centers[i:i + 1], radius, norm, clip) for i in range(centers.shape[0])]
+
     def _c(self, x: torch.Tensor) -> torch.Tensor:
         if self.center_point.numel() != x.numel():
             raise ValueError(f"the ball's center has {self.center_point.numel()} entries, the input {x.numel()}")

@@ -19,8 +19,15 @@ JSON schema ``lipgraph.report/1`` (``Report.to_dict()``)::
       "segments": [{"nodes": [str], "autolip": float, "seqlip": float, "certified": bool, "method": str}],
       "modules": {module_path: {"value": float|"inf", "certified": bool, "nodes": int}},  # sub-DAG constants
       "not_lipschitz": [{"node": str, "reason": str}],
-      "seconds": {"trace": float, "local": float, "autolip": float, ...}
+      "seconds": {"trace": float, "local": float, "autolip": float, ...},
+      "domain": null | {"kind": "box"|"ball", ..., "description": str},  # the input domain, if any
+      "global_upper": float | "inf"    # the best certified bound over all inputs
     }
+
+With a domain, "upper" is the bound on the domain (the "domain:*" entries of "bounds"), "lower" is attained
+inside it, and every node also has "domain_local", "domain_bound", "domain_certified", "domain_via",
+"range" ([lo, hi]), "unstable" (share of an activation's neurons whose slope is not fixed) and
+"domain_note".
 
 Non-finite floats are written as the strings "inf" / "nan" so the file is
 strict JSON.
@@ -81,9 +88,22 @@ class NodeReport:
     bound_certified: bool = False
     via: str = "autolip"
     seconds: float = 0.0
+    # on an input domain (None for a global analysis): the node's constant and cumulative bound there, the
+    # relation that won, the range of its value (smallest lower end, largest upper end), the share of
+    # unstable neurons of an activation, and why the global rule stands where it does
+    domain_local: float | None = None
+    domain_bound: float | None = None
+    domain_certified: bool = False
+    domain_via: str | None = None
+    range: list[float] | None = None
+    unstable: float | None = None
+    domain_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["domain_local"] = jf(self.domain_local)
+        d["domain_bound"] = jf(self.domain_bound)
+        d["range"] = [jf(v) for v in self.range] if self.range is not None else None
         d["local"] = jf(self.local)
         d["local_lower"] = jf(self.local_lower)
         d["partials"] = [jf(p) for p in self.partials]
@@ -106,6 +126,8 @@ class Report:
     lower: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     graph: Any = None  # the IR (networkx.DiGraph); not serialised
+    #: the input domain (``Domain.to_dict()`` plus ``description``) for a domain analysis, else None (global)
+    domain: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         """No report holds a NaN: a NaN bound (0 * inf, a NaN weight that slipped through) becomes an
@@ -136,6 +158,12 @@ class Report:
         if cert:
             return cert[0]
         return min(self.bounds.items(), key=lambda kv: (kv[1].value, not kv[1].certified))
+
+    @property
+    def global_upper(self) -> float:
+        """The best certified bound over all inputs (the domain's bounds left out)."""
+        cert = [b.value for k, b in self.bounds.items() if not k.startswith("domain:") and b.certified]
+        return min(cert) if cert else math.inf
 
     @property
     def upper(self) -> float:
@@ -194,6 +222,8 @@ class Report:
             "modules": {k: {**v, "value": jf(v["value"])} for k, v in self.modules.items()},
             "not_lipschitz": self.not_lipschitz,
             "seconds": self.seconds,
+            "domain": self.domain,
+            "global_upper": jf(self.global_upper),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -202,6 +232,8 @@ class Report:
     def summary(self) -> str:
         """Totals as a few readable lines."""
         lines = [f"model {self.model} ({self.frontend}), input {', '.join(map(str, self.input_shapes))}"]
+        if self.domain is not None:
+            lines.append(f"on the input domain: {self.domain['description']}")
         for name, b in self.bounds.items():
             tag = "not bounded" if math.isinf(b.value) else "certified" if b.certified else "estimate"
             lines.append(f"  {name:<16} {fmt(b.value):>12}  {tag:<9}  ({b.method}, {b.seconds:.2f}s)")
@@ -209,7 +241,8 @@ class Report:
             lines.append(f"  {'lower':<16} {fmt(self.lower):>12}  attained  (Jacobian / secant ascent)")
         lo = fmt(self.lower) if self.lower is not None else "?"
         tag = "not bounded" if math.isinf(self.upper) else "certified" if self.certified else "NOT certified"
-        lines.append(f"Lipschitz constant in [{lo}, {fmt(self.upper)}]  ({tag})")
+        where = " on the domain" if self.domain is not None else ""
+        lines.append(f"Lipschitz constant{where} in [{lo}, {fmt(self.upper)}]  ({tag})")
         for item in self.not_lipschitz[:10]:
             lines.append(f"  inf at {item['node']}: {item['reason']}")
         return "\n".join(lines)

@@ -20,6 +20,9 @@ class Method:
     module: str
     doc: str
     default: bool = True
+    #: The algorithm reads the input domain (``Settings.neuron_slopes``, ``Settings.extra["ranges"]``): with a
+    #: domain it runs again on the domain's constants. Others' relations hold everywhere, so on the domain too.
+    uses_domain: bool = False
 
     def runner(self) -> Callable:
         return importlib.import_module(self.module).run
@@ -29,17 +32,19 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, module: str, doc: str, *, default: bool = True, replace: bool = False) -> Method:
+def register_method(name: str, module: str, doc: str, *, default: bool = True, replace: bool = False,
+                    uses_domain: bool = False) -> Method:
     """Add a bound algorithm: ``module`` (importable path) defines ``run(graph, local, settings)``."""
     if name in METHODS and not replace:
         raise ValueError(f"a bound algorithm named {name!r} is already registered (pass replace=True)")
-    METHODS[name] = m = Method(name, module, doc, default)
+    METHODS[name] = m = Method(name, module, doc, default, uses_domain)
     return m
 
 
 register_method("autolip", "lipgraph.bounds.autolip", "AutoLip: product/sum of per-node constants over the DAG")
 register_method("seqlip", "lipgraph.bounds.seqlip",
-                "SeqLip on single-entry single-exit linear chains (exact / branch-and-bound inner maxima)")
+                "SeqLip on single-entry single-exit linear chains (exact / branch-and-bound inner maxima)",
+                uses_domain=True)
 register_method("affine", "lipgraph.bounds.affine",
                 "maximal affine regions folded into single operators (sum_e ||J_e|| L(e) at exits)")
 register_method("combettes-pesquet", "lipgraph.bounds.combettes_pesquet",
