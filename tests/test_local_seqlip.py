@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-from conftest import lipsdp_mnist_net
+from conftest import as_double, jacobian_norm, lipsdp_mnist_net
 
 import lipgraph
 from lipgraph.bounds import seqlip as S
@@ -238,3 +238,34 @@ def test_local_seqlip_radius_01_below_the_global_value(mnist):
         print(f"\nradius 0.1: local SeqLip {rec['seqlip']:.6f}, sampled {attained:.6f}, {seconds:.3f} s, "
               f"{rec['method']}")
         assert attained <= rec["seqlip"] < GLOBAL_MNIST
+
+
+@pytest.mark.parametrize("kind", ["conv-flatten", "unflatten"])
+def test_neuron_order_matches_the_group_matrices(kind):
+    """Every neuron fixed at its slope at x (the activation pattern of x): local SeqLip is then the exact
+    norm ||J(x)||, which only holds when neuron j of the slope tensor is column j of the next group matrix
+    (a flatten or reshape between them must keep the row-major order)."""
+    torch.manual_seed(1)
+    if kind == "conv-flatten":
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4)).eval()
+        x = torch.randn(1, 2, 6, 6, dtype=D)
+    else:
+        model = nn.Sequential(nn.Linear(5, 12), nn.Unflatten(1, (3, 4)), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(12, 3)).eval()
+        x = torch.randn(1, 5, dtype=D)
+    g = lipgraph.trace(model, x.float())
+    glob = {k: v[0] for k, v in local_constants(g, Settings()).items()}
+    _, values = lipgraph.ir.execute(g, x.float(), keep=True)
+    slopes = {}
+    for n in lipgraph.ir.nodes(g):
+        if n.op == "relu":
+            d = (values[n.inputs[0]] > 0).to(D)
+            slopes[n.name] = (d, d)
+    assert slopes
+    rec = S.segment_bound(g, S.find_segments(g)[0], glob, settings=Settings(neuron_slopes=slopes))
+    assert rec["local"] and "exact norm" in rec["inner"][0]["method"]
+    exact = jacobian_norm(as_double(model), x)
+    assert rec["seqlip"] == pytest.approx(exact, rel=1e-6)
+    shuffled = {k: (v[0].flip(-1), v[1].flip(-1)) for k, v in slopes.items()}  # a wrong order is detected
+    wrong = S.segment_bound(g, S.find_segments(g)[0], glob, settings=Settings(neuron_slopes=shuffled))
+    assert wrong["seqlip"] != pytest.approx(exact, rel=1e-6)
