@@ -93,6 +93,28 @@ def product_interval(intervals: list[tuple[float, float]]) -> tuple[float, float
     return lo, hi
 
 
+def _exact_factor(x: torch.Tensor) -> torch.Tensor:
+    """Entries whose products with any float are exact (0 and +-1)."""
+    return (x == 0) | (x.abs() == 1)
+
+
+def product_interval_tensors(intervals: list[tuple[torch.Tensor, torch.Tensor]]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise :func:`product_interval` of per-neuron intervals ``(lo, hi)`` (same numel, flattened
+    row-major; float64). Certified: a product with no factor in ``{0, +-1}`` may round, so its bounds are
+    moved one ulp outward; products of ReLU slopes (0 and 1) stay exact, so stable neurons stay stable."""
+    lo = torch.ones(intervals[0][0].numel(), dtype=torch.float64)
+    hi = lo.clone()
+    for a, b in intervals:
+        a, b = a.to(torch.float64).reshape(-1), b.to(torch.float64).reshape(-1)
+        c = torch.stack([lo * a, lo * b, hi * a, hi * b])
+        exact = (_exact_factor(lo) & _exact_factor(hi)) | (_exact_factor(a) & _exact_factor(b))
+        new_lo, new_hi = c.min(0).values, c.max(0).values
+        lo = torch.where(exact, new_lo, torch.nextafter(new_lo, torch.full_like(new_lo, -math.inf)))
+        hi = torch.where(exact, new_hi, torch.nextafter(new_hi, torch.full_like(new_hi, math.inf)))
+    return lo, hi
+
+
 def _chainable(n: ir.IRNode) -> bool:
     return is_affine_member(n) or is_activation(n)
 

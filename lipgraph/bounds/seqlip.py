@@ -24,6 +24,13 @@ here is an upper bound on that maximum:
   a product of them may fall below the true Lipschitz constant. Never used as
   certified values.
 
+Local SeqLip (on an input domain): each neuron ``j`` of activation ``i`` has its own derivative interval
+``[lo_j, hi_j]`` (a single point for a provably active or dead ReLU). The product bound above uses only
+submultiplicativity and ``J = U_K S_K V_K^T D_{K-1} ... U_1 S_1 V_1^T`` with ``S = S^(1/2) S^(1/2)``; it holds
+for *any* diagonal matrices ``D_i``, so the maximum of each factor may run over any set containing the
+possible ``D_i``, in particular the per-neuron box ``prod_j [lo_j, hi_j]`` (:func:`inner_max_box`: its
+maximum is again at a vertex, and only the unstable neurons are searched).
+
 Rounding: SVDs are float64 and backward stable; the computed factors reproduce
 each ``M_i`` to ``O(n eps ||M_i||)``, so the computed chain product is within
 ``O(K n eps) prod_i ||M_i||`` of the exact one. Certified chain values are
@@ -44,9 +51,10 @@ from typing import Any
 import networkx as nx
 import torch
 
+from .. import ir
 from ..core import ROUNDING_MARGIN
 from ..ops import LocalConstant, Settings
-from .chains import MAX_DENSE, Segment, find_segments, group_dims, group_matrix
+from .chains import MAX_DENSE, Segment, find_segments, group_dims, group_matrix, product_interval_tensors
 from .relations import AlgorithmResult, Cumulative, Relation, Term, combine
 
 #: Widths up to this are solved by plain enumeration of all 2^n patterns.
@@ -223,12 +231,14 @@ def _alternating_completion(n_mat: torch.Tensor, a_r: torch.Tensor, b_r: torch.T
 
 
 def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
-                     max_nodes: int = INNER_NODES, leaf_width: int = 10, max_open: int | None = None) -> InnerMax:
-    """``max_{d in {lo,hi}^n} ||A diag(d) B||`` by best-first branch and bound (certified).
+                           max_nodes: int = INNER_NODES, leaf_width: int = 10, max_open: int | None = None,
+                           base: torch.Tensor | None = None) -> InnerMax:
+    """``max_{d in {lo,hi}^n} ||base + A diag(d) B||`` by best-first branch and bound (certified).
 
     Write ``d_j = c + h t_j``, ``c = (lo+hi)/2``, ``h = (hi-lo)/2``, ``t in {-1,1}^n``.
     Coordinates are fixed in decreasing order of ``||a_j|| ||b_j||``. A node fixes
-    ``t_j`` for ``j < k`` and holds ``N = c A B + h sum_{j<k} t_j a_j b_j^T``; for
+    ``t_j`` for ``j < k`` and holds ``N = base + c A B + h sum_{j<k} t_j a_j b_j^T`` (``base = 0`` when
+    not given: it only shifts the root; every bound below holds for any ``N``); for
     any free ``t_R in [-1,1]^R``
 
         ||N + h A_R diag(t_R) B_R|| <= ||N|| + h min(||A_R|| ||B_R||, sum_{j in R} ||a_j|| ||b_j||)
@@ -291,6 +301,8 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
     if max_open is None:
         max_open = max(64, int(2e8 / (8 * p * q)))
     n0 = c * (a_mat @ b_mat)
+    if base is not None:
+        n0 = n0 + base.to(_DT)
     best, best_t = _alternating_completion(n0, a_mat, b_mat, h, iters=3)
     heap: list[tuple[float, int, int, torch.Tensor, torch.Tensor]] = []
     counter = 0
@@ -308,6 +320,7 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
         neg_ub, _, k, nm, tfix = heapq.heappop(heap)
         nodes += 1
         if n - k <= leaf_width:
+            # nm = base + c A B + h sum_{j<k} t_j a_j b_j^T; the leaf enumerates base' + A_R diag(d_R) B_R
             fixed = nm - c * (a_mat[:, k:] @ b_mat[k:])
             r = _enumerate_max_impl(a_mat[:, k:], b_mat[k:], lo, hi, base=fixed)
             if r.lower > best:
@@ -355,10 +368,79 @@ def inner_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
     return branch_and_bound(a_mat, b_mat, lo, hi, max_nodes)
 
 
+#: A per-neuron slope interval: ``(lo, hi)`` tensors with one entry per neuron (any shape, row-major order).
+NeuronInterval = tuple[torch.Tensor, torch.Tensor]
+
+
+def _box_parts(a_mat: torch.Tensor, b_mat: torch.Tensor, lo_vec: torch.Tensor, hi_vec: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(C, A_U diag(hi - lo)_U, B_U, U)`` with ``C = A diag(lo) B`` and ``U`` the unstable neurons (``hi > lo``)."""
+    a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
+    lo_vec, hi_vec = lo_vec.to(_DT).reshape(-1), hi_vec.to(_DT).reshape(-1)
+    n = a_mat.shape[1]
+    if lo_vec.numel() != n or hi_vec.numel() != n or b_mat.shape[0] != n:
+        raise ValueError(f"need one slope interval per neuron: {n} neurons, {lo_vec.numel()} intervals")
+    if not bool(torch.isfinite(lo_vec).all() and torch.isfinite(hi_vec).all() and (lo_vec <= hi_vec).all()):
+        raise ValueError("per-neuron slope intervals must be finite with lo <= hi")
+    unstable = hi_vec > lo_vec
+    c_mat = (a_mat * lo_vec[None, :]) @ b_mat
+    return c_mat, a_mat[:, unstable] * (hi_vec - lo_vec)[unstable][None, :], b_mat[unstable], unstable
+
+
+def inner_max_box(a_mat: torch.Tensor, b_mat: torch.Tensor, lo_vec: torch.Tensor, hi_vec: torch.Tensor,
+                  max_nodes: int = INNER_NODES) -> InnerMax:
+    """Certified ``max_{d in prod_j [lo_j, hi_j]} ||A diag(d) B||`` (per-neuron intervals: local SeqLip).
+
+    Convex in ``d``, so the maximum is at a vertex. With ``d = lo + (hi - lo) s``, ``s in {0,1}^n``:
+    ``A diag(d) B = C + A_U diag((hi - lo)_U) diag(s_U) B_U``, ``C = A diag(lo) B``, ``U`` the unstable
+    neurons (``hi_j > lo_j``). So this is :func:`enumerate_max` (``|U| <= ENUM_MAX_WIDTH``: exact) or
+    :func:`branch_and_bound` (exact when it finishes, else a certified bound) with ``lo = 0``, ``hi = 1``,
+    ``base = C`` on the unstable columns only; both sides rank one: the closed form ``max(C + sum_j
+    max(x_j, 0), -(C + sum_j min(x_j, 0)))`` with ``x_j = a_j b_j (hi_j - lo_j)`` (exact). No unstable neuron:
+    the norm of ``C`` (exact). ``pattern`` has one entry per neuron (``True``: at ``hi``; stable ones ``False``).
+    Rounding: ``C`` is one float64 product, within ``O(n eps ||A|| ||B|| max|d|)`` (the chain margin).
+    """
+    t0 = time.perf_counter()
+    c_mat, a_u, b_u, unstable = _box_parts(a_mat, b_mat, lo_vec, hi_vec)
+    n, k = unstable.numel(), int(unstable.sum())
+    tag = f"local, {k} of {n} neurons unstable"
+    if k == 0:
+        v = _norm(c_mat)
+        return InnerMax(v * (1 + ROUNDING_MARGIN), v, True, True, f"local: exact norm ({tag})",
+                        time.perf_counter() - t0, 0, torch.zeros(n, dtype=torch.bool))
+    if c_mat.shape == (1, 1):
+        x = a_u[0] * b_u[:, 0]
+        c0 = float(c_mat[0, 0])
+        pos, neg = c0 + float(x.clamp_min(0).sum()), -(c0 + float(x.clamp_max(0).sum()))
+        v = max(pos, neg, 0.0)
+        sub = x > 0 if pos >= neg else x < 0
+        r = InnerMax(v * (1 + ROUNDING_MARGIN), v, True, True, "closed form (rank one)", 0.0, 0, sub)
+    elif k <= ENUM_MAX_WIDTH:
+        r = enumerate_max(a_u, b_u, 0.0, 1.0, base=c_mat)
+    else:
+        r = branch_and_bound(a_u, b_u, 0.0, 1.0, max_nodes, base=c_mat)
+    pattern = torch.zeros(n, dtype=torch.bool)
+    if r.pattern is not None and r.pattern.numel() == k:
+        pattern[unstable] = r.pattern.bool()
+    return InnerMax(r.value, r.lower, r.certified, r.exact, f"local {r.method} ({tag})",
+                    time.perf_counter() - t0, r.nodes, pattern)
+
+
+def greedy_max_box(a_mat: torch.Tensor, b_mat: torch.Tensor, lo_vec: torch.Tensor, hi_vec: torch.Tensor,
+                   max_iter: int = 1000) -> InnerMax:
+    """ESTIMATE: :func:`greedy_max` on the unstable neurons of a per-neuron box (see :func:`inner_max_box`)."""
+    c_mat, a_u, b_u, unstable = _box_parts(a_mat, b_mat, lo_vec, hi_vec)
+    if not bool(unstable.any()):
+        v = _norm(c_mat)
+        return InnerMax(v, v, False, False, "local greedy (estimate)", 0.0, 0, torch.zeros_like(unstable))
+    r = greedy_max(a_u, b_u, 0.0, 1.0, max_iter, base=c_mat)
+    return InnerMax(r.value, r.lower, False, False, "local " + r.method, r.seconds, 0, r.pattern)
+
+
 def _greedy_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
-                     max_iter: int = 1000) -> InnerMax:
+                     max_iter: int = 1000, base: torch.Tensor | None = None) -> InnerMax:
     """ESTIMATE (the published greedy SeqLip): start from d = hi everywhere and flip the single coordinate
-    that increases ``||A diag(d) B||`` most, until none does (or after ``max_iter`` flips). Returns an
+    that increases ``||base + A diag(d) B||`` most, until none does (or after ``max_iter`` flips). Returns an
     attained value: it may be below the maximum, so it is not certified."""
     t0 = time.perf_counter()
     a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
@@ -367,6 +449,8 @@ def _greedy_max_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: fl
     rank1 = (hi - lo) * torch.einsum("pj,jq->jpq", a_mat, b_mat)
     on = torch.ones(n, dtype=torch.bool)
     m = hi * (a_mat @ b_mat)
+    if base is not None:
+        m = m + base.to(_DT)
     cur = _norm(m)
     chunk = max(1, int(2e7 // max(p * q, 1)))
     for _ in range(max_iter):
@@ -393,15 +477,16 @@ def enumerate_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float
 
 
 def branch_and_bound(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
-                     max_nodes: int = INNER_NODES, leaf_width: int = 10, max_open: int | None = None) -> InnerMax:
+                     max_nodes: int = INNER_NODES, leaf_width: int = 10, max_open: int | None = None,
+                     base: torch.Tensor | None = None) -> InnerMax:
     with _single_thread(_small(a_mat, b_mat)):
-        return _branch_and_bound_impl(a_mat, b_mat, lo, hi, max_nodes, leaf_width, max_open)
+        return _branch_and_bound_impl(a_mat, b_mat, lo, hi, max_nodes, leaf_width, max_open, base)
 
 
 def greedy_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
-               max_iter: int = 1000) -> InnerMax:
+               max_iter: int = 1000, base: torch.Tensor | None = None) -> InnerMax:
     with _single_thread(_small(a_mat, b_mat)):
-        return _greedy_max_impl(a_mat, b_mat, lo, hi, max_iter)
+        return _greedy_max_impl(a_mat, b_mat, lo, hi, max_iter, base)
 
 
 enumerate_max.__doc__ = _enumerate_max_impl.__doc__
@@ -455,11 +540,27 @@ def inner_factors(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Te
     return pairs
 
 
-def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]],
+def _is_neuron(slope: tuple[Any, Any]) -> bool:
+    return isinstance(slope[0], torch.Tensor)
+
+
+def _slope_max(slope: tuple[Any, Any]) -> float:
+    """``max |d|`` over a slope interval, scalar or per neuron (0 for no neuron)."""
+    if _is_neuron(slope):
+        lo, hi = slope
+        return float(torch.maximum(lo.abs(), hi.abs()).max()) if lo.numel() else 0.0
+    return max(abs(slope[0]), abs(slope[1]))
+
+
+def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float] | NeuronInterval],
                  max_nodes: int = INNER_NODES, work: WorkBudget | None = None) -> ChainBound:
     """Certified SeqLip bound on ``M_K D_{K-1} ... D_1 M_1`` over all ``D_i = diag([a_i, b_i]^n)``.
 
-    ``mats``: dense ``(out, in)`` matrices; ``slopes``: one interval per activation (``len(mats) - 1``);
+    ``mats``: dense ``(out, in)`` matrices; ``slopes``: one interval per activation (``len(mats) - 1``),
+    either scalars ``(a, b)`` (every neuron in ``[a, b]``) or per-neuron tensors ``(lo, hi)`` (neuron ``j``
+    in ``[lo_j, hi_j]``, row-major order = the columns of the next matrix: local SeqLip, maximised by
+    :func:`inner_max_box`). The product bound holds for any diagonal ``D_i`` (submultiplicativity on the
+    ``S^(1/2)`` splits), so for any set of them, in particular per-neuron boxes;
     ``max_nodes``: branch-and-bound nodes per inner maximum, at most what is left of ``work`` (a pass-wide
     node budget, charged with the nodes each inner maximum explores; never below ``MIN_INNER_NODES``).
     Value ``prod_i inner_max_i``, inflated for rounding (see the module docstring); capped by the
@@ -469,28 +570,29 @@ def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]],
     if len(slopes) != len(mats) - 1:
         raise ValueError("need one slope interval per activation (len(mats) - 1)")
     norms = [_norm(m.to(_DT)) for m in mats]
-    auto = math.prod(norms) * math.prod(max(abs(a), abs(b)) for a, b in slopes)
+    auto = math.prod(norms) * math.prod(_slope_max(s) for s in slopes)
     auto_cert = auto * (1 + ROUNDING_MARGIN) ** len(mats)
     if len(mats) == 1:
         return ChainBound(auto_cert, True, "dense SVD norm", auto_cert, [], time.perf_counter() - t0)
     results = []
     for (a_m, b_m), (lo, hi) in zip(inner_factors(mats), slopes, strict=True):
         b_i = max_nodes if work is None else max(MIN_INNER_NODES, min(max_nodes, work.left))
-        r = inner_max(a_m, b_m, lo, hi, b_i)
-        if work is not None and r.method.startswith("branch-and-bound"):
+        r = inner_max_box(a_m, b_m, lo, hi, b_i) if _is_neuron((lo, hi)) else inner_max(a_m, b_m, lo, hi, b_i)
+        if work is not None and "branch-and-bound" in r.method:
             work.left -= r.nodes
         results.append(r)
     raw = math.prod(r.lower if r.exact else r.value for r in results)
     value = raw * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * auto
     exact = all(r.exact for r in results)
-    method = "SeqLip, exact inner maxima" if exact else "SeqLip, certified inner bounds (" + ", ".join(
+    name = "local SeqLip (per-neuron slopes on the domain)" if any(_is_neuron(s) for s in slopes) else "SeqLip"
+    method = f"{name}, exact inner maxima" if exact else f"{name}, certified inner bounds (" + ", ".join(
         sorted({r.method for r in results})) + ")"
     if value > auto_cert:
         value, method = auto_cert, method + "; capped by the dense AutoLip product"
     return ChainBound(value, True, method, auto_cert, results, time.perf_counter() - t0)
 
 
-def seqlip_lower_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]],
+def seqlip_lower_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float] | NeuronInterval],
                        method: str = "greedy", topk: int | None = None) -> ChainBound:
     """ESTIMATE of SeqLip (not certified): greedy inner maxima, optionally on the top-``topk`` singular
     triplets of each matrix only (the published heuristic for large layers)."""
@@ -498,10 +600,11 @@ def seqlip_lower_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float
     if topk is not None:
         mats = [(lambda usv: (usv[0][:, :topk] * usv[1][:topk]) @ usv[2][:topk])(_svd(m)) for m in mats]
     norms = [_norm(m.to(_DT)) for m in mats]
-    auto = math.prod(norms) * math.prod(max(abs(a), abs(b)) for a, b in slopes)
+    auto = math.prod(norms) * math.prod(_slope_max(s) for s in slopes)
     if len(mats) == 1:
         return ChainBound(auto, False, "estimate", auto, [], time.perf_counter() - t0)
-    res = [greedy_max(a_m, b_m, lo, hi) for (a_m, b_m), (lo, hi) in zip(inner_factors(mats), slopes, strict=True)]
+    res = [greedy_max_box(a_m, b_m, lo, hi) if _is_neuron((lo, hi)) else greedy_max(a_m, b_m, lo, hi)
+           for (a_m, b_m), (lo, hi) in zip(inner_factors(mats), slopes, strict=True)]
     label = f"greedy SeqLip{f' on top-{topk} singular vectors' if topk else ''} (ESTIMATE, not certified)"
     return ChainBound(math.prod(r.value for r in res), False, label, auto, res, time.perf_counter() - t0)
 
@@ -518,20 +621,43 @@ def _members_autolip(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConst
     return c.value, c.certified
 
 
+def neuron_interval(g: nx.DiGraph, names: list[str], settings: Settings | None) -> NeuronInterval | None:
+    """Per-neuron derivative intervals of an activation run on the domain (``settings.neuron_slopes``),
+    the elementwise interval product over the run, flattened row-major; None unless every activation of
+    the run has intervals with one entry per element of its output (batch 1: ``group_matrix`` flattens the
+    next group's input, the run's output, row-major, so neuron ``j`` is column ``j``)."""
+    slopes = settings.neuron_slopes if settings is not None else None
+    if not slopes or not all(n in slopes for n in names):
+        return None
+    size = math.prod(ir.node(g, names[-1]).out_shape)
+    pairs = [slopes[n] for n in names]
+    if any(lo.numel() != size or hi.numel() != size for lo, hi in pairs):
+        return None
+    return product_interval_tensors(pairs)
+
+
 def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant],
                   max_nodes: int = INNER_NODES, max_dense: int = MAX_DENSE,
-                  estimate: bool = False, work: WorkBudget | None = None) -> dict[str, Any]:
+                  estimate: bool = False, work: WorkBudget | None = None,
+                  settings: Settings | None = None) -> dict[str, Any]:
     """SeqLip on one segment; groups too large to materialise (``> max_dense`` entries) split the chain
     and use the rule table's per-node norms (AutoLip) for that group and its neighbouring activations.
+    With ``settings.neuron_slopes`` covering an activation run, that run's inner maximum is over its
+    per-neuron box (local SeqLip, :func:`inner_max_box`), else over the scalar interval ``seg.slopes``.
     Returns the report dict ``{"nodes", "autolip", "seqlip", "certified", "method", ...}``."""
     t0 = time.perf_counter()
     auto, auto_cert = _members_autolip(g, seg, local)
     mats = [group_matrix(g, grp, max_dense) for grp in seg.groups]
+    act_slopes: list[tuple[float, float] | NeuronInterval] = []
+    for names, scalar in zip(seg.activations, seg.slopes, strict=True):
+        box = neuron_interval(g, names, settings)
+        act_slopes.append(box if box is not None else scalar)
+    n_local = sum(1 for s in act_slopes if _is_neuron(s))
     value, cert = 1.0, True
     notes: list[str] = []
     inner: list[dict[str, Any]] = []
     run: list[torch.Tensor] = []
-    run_slopes: list[tuple[float, float]] = []
+    run_slopes: list[tuple[float, float] | NeuronInterval] = []
     est_value: float | None = 1.0 if estimate else None
 
     def flush() -> None:
@@ -568,16 +694,18 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
                          f"({'certified' if gc else 'estimate'})")
             continue
         if run:
-            run_slopes.append(seg.slopes[i - 1])
+            run_slopes.append(act_slopes[i - 1])
         run.append(m)
     flush()
     # Activations next to a group that was not materialised: their slope bound max(|a|, |b|), once each.
-    for j, (a, b) in enumerate(seg.slopes):
+    for j, sl in enumerate(act_slopes):
         if mats[j] is None or mats[j + 1] is None:
-            value *= max(abs(a), abs(b))
+            value *= _slope_max(sl)
             if est_value is not None:
-                est_value *= max(abs(a), abs(b))
+                est_value *= _slope_max(sl)
     seq = min(value, auto) if cert and auto_cert else value
+    if n_local:
+        notes.insert(0, f"local: per-neuron slopes on the domain for {n_local} of {len(act_slopes)} activation runs")
     method = "; ".join(notes)
     if cert and auto_cert and auto < value:
         method += "; AutoLip product of the members is smaller"
@@ -585,6 +713,7 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
         "nodes": list(seg.nodes), "autolip": auto, "seqlip": seq, "certified": bool(cert),
         "method": method, "entry": seg.entry, "groups": [list(x) for x in seg.groups],
         "slopes": [list(s) for s in seg.slopes], "inner": inner, "seconds": time.perf_counter() - t0,
+        "local": n_local > 0,
     }
     if est_value is not None:
         out["greedy_estimate"] = est_value
@@ -601,7 +730,10 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     branch-and-bound nodes per inner maximisation; ``total_nodes``: nodes for all segments (later segments
     are recorded as skipped); ``max_dense``: largest group materialised. All budgets count work, never
     seconds (the records report seconds as information only). ``estimate=True`` adds the greedy SeqLip estimate
-    to each segment record.
+    to each segment record. With ``settings.neuron_slopes`` (per-neuron derivative intervals on an input
+    domain) the inner maxima run over those boxes (local SeqLip): the relations then hold on that domain
+    only (``x in D`` keeps every activation's input in its range, so each ``D_i`` lies in its box); their
+    records say ``local`` and their labels ``local segment``.
     """
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
@@ -615,7 +747,7 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
                             "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
             continue
         try:
-            rec = segment_bound(g, seg, local, max_nodes, max_dense, estimate, work)
+            rec = segment_bound(g, seg, local, max_nodes, max_dense, estimate, work, settings)
         except Exception as exc:  # noqa: BLE001 - a segment SeqLip cannot handle keeps its AutoLip bound
             auto, _ = _members_autolip(g, seg, local)
             rec = {"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
@@ -623,8 +755,9 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
                    "groups": [list(x) for x in seg.groups]}
         records.append(rec)
         if rec["certified"] and rec["seqlip"] < rec["autolip"]:
+            where = "local segment" if rec.get("local") else "segment"
             relations.append(Relation(seg.last, (Term(seg.entry, rec["seqlip"], True),), "seqlip",
-                                      f"segment {seg.nodes[0]}..{seg.last}"))
+                                      f"{where} {seg.nodes[0]}..{seg.last}"))
     used = sum(1 for r in records if r["certified"])
     return AlgorithmResult(relations, records, time.perf_counter() - t0,
                            {"segments": len(records), "certified_segments": used,
