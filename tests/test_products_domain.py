@@ -208,3 +208,104 @@ def test_gated_model_is_finite_on_a_ball(monotone_helpers) -> None:
     torch.manual_seed(1)
     x = torch.randn(2, 5)
     _domain_check(Gated(), x, Ball(x, 0.5, "l2"), seed=1)
+
+
+# --- attention written out in primitive ops ----------------------------------------------------------
+
+
+def _encoder_block():
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    torch.manual_seed(0)
+    return EncoderBlock(num_heads=2, hidden_dim=8, mlp_dim=16, dropout=0.0, attention_dropout=0.0).eval()
+
+
+def test_vit_encoder_block_traces_to_primitives() -> None:
+    """torchvision's ViT block calls self_attention(x, x, x, need_weights=False)[0]: the IR holds the
+    projections, matmul_var, softmax, no attention/opaque node, and executes equal to the module."""
+    m = _encoder_block()
+    x = torch.randn(2, 5, 8)
+    g = lipgraph.trace(m, x)
+    ops = [n.op for n in lipgraph.ir.nodes(g)]
+    assert "attention" not in ops and "opaque" not in ops
+    assert ops.count("matmul_var") == 2 and "softmax" in ops and ops.count("linear") == 6
+    x2 = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lipgraph.ir.execute(g, x2), m(x2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_layouts_execute_equal(batch_first, separate, need_weights) -> None:
+    torch.manual_seed(2)
+    kdim = 6 if separate else 8
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim).eval()
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = mha
+            self.kp = nn.Linear(8, kdim)
+
+        def forward(self, x):
+            k = self.kp(x)
+            out, w = self.attn(x, k, k, need_weights=need_weights)
+            return out if w is None else (out, w)
+
+    model = M().eval()
+    x = torch.randn(3, 4, 8)
+    g = lipgraph.trace(model, x)
+    assert {"attention", "opaque"}.isdisjoint(n.op for n in lipgraph.ir.nodes(g))
+    x2 = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lipgraph.ir.execute(g, x2), model(x2), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_attention_stays_one_node() -> None:
+    """A mask is not written out: the call stays an attention node (inf)."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool), need_weights=False)[0]
+
+    g = lipgraph.trace(M().eval(), torch.randn(1, 5, 8))
+    assert "attention" in [n.op for n in lipgraph.ir.nodes(g)]
+
+
+def test_sdpa_is_written_out() -> None:
+    import torch.nn.functional as F
+
+    class M(nn.Module):
+        def forward(self, x):
+            q = x.unflatten(-1, (2, 4)).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q * 2, q).transpose(1, 2).flatten(2)
+
+    x = torch.randn(2, 5, 8)
+    g = lipgraph.trace(M(), x)
+    ops = [n.op for n in lipgraph.ir.nodes(g)]
+    assert ops.count("matmul_var") == 2 and "softmax" in ops and "opaque" not in ops
+    x2 = torch.randn(2, 5, 8)
+    torch.testing.assert_close(lipgraph.ir.execute(g, x2), M()(x2), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_block_is_finite_on_a_ball_with_range_rules() -> None:
+    """End to end on a domain. NEEDS softmax and layer_norm ``ranges``/``local`` (written in other
+    branches); skipped until they are registered."""
+    for kind in ("softmax", "layer_norm"):
+        rule = RULES[kind]
+        if rule.ranges is None and not rule.monotone:
+            pytest.skip(f"{kind} has no range rule on this branch")
+    m = _encoder_block().double()
+    x = torch.randn(1, 4, 8, dtype=DT)
+    g = lipgraph.trace(m, x)
+    settings = Settings()
+    glob = {n.name: RULES[n.op].lipschitz(n, settings) for n in lipgraph.ir.nodes(g)}
+    dc = domain_constants(g, glob, propagate(g, Ball(x, 0.1, "l2"), x), settings)
+    for n in lipgraph.ir.nodes(g):
+        if n.op == "matmul_var":
+            assert all(math.isfinite(p) for p in dc.local[n.name].partials), dc.sources.get(n.name)
