@@ -34,7 +34,7 @@ from .. import ir
 from ..errors import InputShapeError, TraceError
 from ..ops import structural
 from ..ops.registry import kind_spelled, module_spellings, torch_spellings
-from . import finite, fx_canon
+from . import finite, fx_attention, fx_canon
 from .fx_canon import Canon, Var
 
 #: Custom ops registered through :func:`lipgraph.register_op`: module type or function -> op kind.
@@ -48,10 +48,37 @@ class _Tracer(fx.Tracer):
         self.leaf_paths = leaf_paths
         self.leaf_types = leaf_types
         self.record_stack_traces = True
+        self._inlining: nn.Module | None = None
+        self.decomposed = 0  # attention calls written out in primitive ops
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        """MultiheadAttention calls that :mod:`fx_attention` reproduces are traced through its primitive
+        forward (projections, matmuls, softmax) instead of one opaque ``attention`` node."""
+        qualname = self.path_of_module(m)
+        if (qualname not in self.leaf_paths and type(m).__name__ not in self.leaf_paths
+                and fx_attention.mha_decomposable(m, args, kwargs)):
+            outer, self._inlining = self._inlining, m
+            try:
+                self.decomposed += 1
+                return super().call_module(m, lambda *a, **k: fx_attention.mha_forward(m, *a, **k), args, kwargs)
+            finally:
+                self._inlining = outer
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     *rest: Any, **more: Any) -> Any:
+        if (kind == "call_function" and target is torch.nn.functional.scaled_dot_product_attention
+                and fx_attention.sdpa_decomposable(args, kwargs)):
+            self.decomposed += 1
+            return fx_attention.sdpa_forward(*args, **kwargs)
+        return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_paths or type(m).__name__ in self.leaf_paths:
             return True
+        if m is self._inlining:
+            return False
         if isinstance(m, tuple(self.leaf_types) + fx_canon.ATTENTION_MODULES + tuple(CUSTOM_MODULES)
                       + module_spellings()):
             return True
@@ -93,7 +120,9 @@ def _trace(model: nn.Module, leaf_paths: set[str], leaf_types: set[type]) -> fx.
         where = _user_frame(exc)
         at = f" at {where}" if where else ""
         raise TraceError(f"cannot trace {type(model).__name__}{at}: {_first_line(exc)}. {_TRACE_HINT}") from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["decomposed_attention"] = tracer.decomposed
+    return gm
 
 
 def _export_frame(exc: BaseException) -> str | None:
@@ -332,6 +361,8 @@ def trace(
         recorder = _Recorder(gm)
         with torch.no_grad():  # clones: an in-place write in the model must not change the caller's input
             expected = recorder.run(*(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs))
+            if gm.meta.get("decomposed_attention"):  # written-out attention: check against the model itself
+                expected = model(*(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs))
         out_spec = None
         if frontend == "torch.export":
             out_spec = gm.graph._codegen.pytree_info.out_spec  # Interpreter.run already applied it
@@ -378,7 +409,8 @@ def _where(n: fx.Node) -> str:
     trace = (n.meta.get("stack_trace") or "").strip().splitlines()
     for i in range(len(trace) - 1, -1, -1):
         m = re.match(r'\s*File "([^"]+)", line (\d+)', trace[i])
-        if m and "/torch/" not in m.group(1).replace("\\", "/"):
+        f = m.group(1).replace("\\", "/") if m else ""
+        if m and "/torch/" not in f and "/lipgraph/frontends/" not in f:  # the tracer's own hooks are not the user's
             code = trace[i + 1].strip() if i + 1 < len(trace) else ""
             return f"at {m.group(1)}:{m.group(2)}: {code}: "
     return ""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
+from . import products
 from .registry import LocalConstant, Settings, exact, not_lipschitz, register_rule
 
 
@@ -266,7 +267,7 @@ register_rule("channel_shuffle", channel_shuffle_forward, lambda node, ctx: exac
 # --- products of variables and opaque calls -------------------------------------------
 
 
-def _product_rule(kind: str, fn, what: str) -> None:
+def _product_rule(kind: str, fn, what: str, **capabilities: Any) -> None:
     def lipschitz(node, ctx: Settings) -> LocalConstant:
         return not_lipschitz(
             f"{what} of two input-dependent tensors is not globally Lipschitz "
@@ -274,13 +275,17 @@ def _product_rule(kind: str, fn, what: str) -> None:
             len(node.inputs),
         )
 
-    lipschitz.__doc__ = f"{what} of two variables: no global constant, L = inf (certified statement)."
-    register_rule(kind, fn, lipschitz)
+    lipschitz.__doc__ = (f"{what} of two variables: no global constant, L = inf (certified statement); finite on "
+                         "an input domain from the factors' ranges (lipgraph.ops.products).")
+    register_rule(kind, fn, lipschitz, **capabilities)
 
 
-_product_rule("mul_var", lambda node, a, b: a * b, "the elementwise product")
-_product_rule("div_var", lambda node, a, b: a / b, "the quotient")
-_product_rule("matmul_var", lambda node, a, b: torch.matmul(a, b), "the matrix product")
+_product_rule("mul_var", lambda node, a, b: a * b, "the elementwise product",
+              ranges=products.mul_var_ranges, local=products.mul_var_local)
+_product_rule("div_var", lambda node, a, b: a / b, "the quotient",
+              ranges=products.div_var_ranges, local=products.div_var_local)
+_product_rule("matmul_var", lambda node, a, b: torch.matmul(a, b), "the matrix product",
+              ranges=products.matmul_var_ranges, local=products.matmul_var_local)
 
 
 class _Arg:

@@ -1,0 +1,311 @@
+"""Products of input-dependent tensors on a domain: interval ranges contain sampled values, local partial
+constants bound float64 Jacobian norms and secant ratios at sampled points, and small models built from
+products (squeeze-excitation, gating) get finite constants on a domain where the global rule is inf."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import dense_jacobian
+
+import lipgraph
+from lipgraph.bounds.on_domain import domain_constants
+from lipgraph.bounds.ranges import propagate
+from lipgraph.core import Settings
+from lipgraph.domains import Ball, Box, Range
+from lipgraph.ops import RULES, products
+
+DT = torch.float64
+
+
+def _range(shape, gen, positive: bool = False, negative: bool = False) -> Range:
+    c = torch.randn(shape, generator=gen, dtype=DT)
+    r = torch.rand(shape, generator=gen, dtype=DT) * 0.5
+    if positive:
+        c = c.abs() + r + 0.3
+    if negative:
+        c = -(c.abs() + r + 0.3)
+    return Range(c - r, c + r)
+
+
+def _sample(r: Range, gen, corner: bool = False) -> torch.Tensor:
+    if corner:
+        pick = torch.rand(r.lo.shape, generator=gen, dtype=DT) < 0.5
+        return torch.where(pick, r.lo, r.hi)
+    return r.lo + (r.hi - r.lo) * torch.rand(r.lo.shape, generator=gen, dtype=DT)
+
+
+def _opnorm(f, x) -> float:
+    return float(torch.linalg.matrix_norm(dense_jacobian(f, x), ord=2))
+
+
+def _node(op: str, sa, sb):
+    a = torch.zeros(sa, dtype=DT)
+    b = torch.ones(sb, dtype=DT)
+    out = tuple(RULES[op].forward(None, a, b).shape)
+    return lipgraph.ir.IRNode("n", op, ["a", "b"], {}, {}, "test", op, [tuple(sa), tuple(sb)], out)
+
+
+def _check_op(op: str, sa, sb, seed: int, **signs) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    ra = _range(sa, gen)
+    rb = _range(sb, gen, **signs)
+    node = _node(op, sa, sb)
+    rule = RULES[op]
+    out = rule.ranges(node, ra, rb)
+    lc = rule.local(node, [ra, rb], Settings())
+    assert out is not None and lc is not None and lc.certified
+    pa, pb = lc.partials
+    assert math.isfinite(pa) and math.isfinite(pb)
+    f = rule.forward
+    worst_a = worst_b = 0.0
+    for k in range(12):
+        a = _sample(ra, gen, corner=k % 2 == 0)
+        b = _sample(rb, gen, corner=k % 3 == 0)
+        y = f(node, a, b)
+        assert out.contains(y), f"{op} range misses a sampled value"
+        ja = _opnorm(lambda t, b=b: f(node, t, b), a)
+        jb = _opnorm(lambda t, a=a: f(node, a, t), b)
+        worst_a, worst_b = max(worst_a, ja), max(worst_b, jb)
+        assert ja <= pa * (1 + 1e-12), (op, ja, pa)
+        assert jb <= pb * (1 + 1e-12), (op, jb, pb)
+        a2, b2 = _sample(ra, gen), _sample(rb, gen)
+        sec_a = float((f(node, a2, b) - y).norm() / (a2 - a).norm())
+        sec_b = float((f(node, a, b2) - y).norm() / (b2 - b).norm())
+        assert sec_a <= pa * (1 + 1e-12) and sec_b <= pb * (1 + 1e-12)
+    assert worst_a > 0 and worst_b > 0
+
+
+MUL_SHAPES = [((2, 3, 4), (2, 3, 4)), ((1, 3, 4, 5), (1, 3, 1, 1)), ((3, 1), (1, 4)), ((4,), (2, 3, 4))]
+
+
+@pytest.mark.parametrize(("sa", "sb"), MUL_SHAPES)
+def test_mul_var_ranges_and_partials(sa, sb) -> None:
+    _check_op("mul_var", sa, sb, seed=hash((sa, sb)) % 1000)
+
+
+@pytest.mark.parametrize(("sa", "sb"), MUL_SHAPES)
+@pytest.mark.parametrize("sign", ["positive", "negative"])
+def test_div_var_ranges_and_partials(sa, sb, sign) -> None:
+    _check_op("div_var", sa, sb, seed=7 + hash((sa, sb)) % 1000, **{sign: True})
+
+
+def test_div_var_by_a_range_holding_zero_keeps_the_global_rule() -> None:
+    r = Range(torch.tensor([-1.0, 0.5], dtype=DT), torch.tensor([1.0, 1.0], dtype=DT))
+    node = _node("div_var", (2,), (2,))
+    assert RULES["div_var"].ranges(node, r, r) is None
+    assert RULES["div_var"].local(node, [r, r], Settings()) is None
+
+
+MATMUL_SHAPES = [((3, 4), (4, 5)), ((2, 3, 4), (2, 4, 5)), ((3, 4), (2, 4, 5)), ((2, 1, 3, 4), (1, 2, 4, 2)),
+                 ((4,), (4, 5)), ((2, 3, 4), (4,))]
+
+
+@pytest.mark.parametrize(("sa", "sb"), MATMUL_SHAPES)
+def test_matmul_var_ranges_and_partials(sa, sb) -> None:
+    _check_op("matmul_var", sa, sb, seed=11 + hash((sa, sb)) % 1000)
+
+
+def test_broadcast_multiply_norm_is_exact_for_a_channel_scale() -> None:
+    """x [1,C,H,W] * s [1,C,1,1]: d_s is the map s -> x * s; its norm at the worst x (every |x| at its max)
+    is attained, so the bound equals the dense Jacobian norm there."""
+    gen = torch.Generator().manual_seed(3)
+    xm = torch.rand(1, 3, 4, 5, generator=gen, dtype=DT) + 0.1
+    bound = products.broadcast_multiply_norm((1, 3, 1, 1), xm)
+    s = torch.rand(1, 3, 1, 1, generator=gen, dtype=DT)
+    exact = _opnorm(lambda t: xm * t, s)
+    assert exact <= bound <= exact * (1 + 1e-8)
+    assert bound == pytest.approx(float((xm ** 2).sum((2, 3)).sqrt().max()), rel=1e-8)
+
+
+def test_abs_bound_spectral_norm_bounds_every_sign_pattern() -> None:
+    gen = torch.Generator().manual_seed(5)
+    m = torch.rand(4, 6, generator=gen, dtype=DT)
+    bound = float(products.abs_bound_spectral_norm(m))
+    for _ in range(50):
+        signs = torch.where(torch.rand(4, 6, generator=gen) < 0.5, -1.0, 1.0).to(DT)
+        b = m * signs * torch.rand(4, 6, generator=gen, dtype=DT)
+        assert float(torch.linalg.matrix_norm(b, ord=2)) <= bound
+
+
+# --- small models: finite constants on a domain ------------------------------------------------------
+
+#: Ops these models need a range for. sigmoid, reshape and average pooling are nondecreasing in every
+#: input (monotone); their range rules are written in other branches, so the tests declare them here
+#: (dataclasses.replace on the registry entry, undone after the test) and do not depend on that work.
+_MONOTONE_FOR_TEST = ("sigmoid", "reshape", "adaptive_avg_pool")
+
+
+@pytest.fixture
+def monotone_helpers(monkeypatch):
+    for kind in _MONOTONE_FOR_TEST:
+        rule = RULES[kind]
+        if rule.ranges is None and not rule.monotone:
+            monkeypatch.setitem(RULES, kind, dataclasses.replace(rule, monotone=True))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, c)
+        self.c = c
+
+    def forward(self, x):
+        s = torch.sigmoid(self.fc(self.pool(x).flatten(1))).reshape(1, self.c, 1, 1)
+        return x * s
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(5, 6)
+        self.a = nn.Linear(5, 6)
+        self.g = nn.Linear(5, 6)
+
+    def forward(self, x):
+        return self.w(x) * (self.a(x) * torch.sigmoid(self.g(x)))
+
+
+def _domain_check(model: nn.Module, x: torch.Tensor, domain, seed: int) -> None:
+    model, x = model.double().eval(), x.to(DT)
+    g = lipgraph.trace(model, x)
+    settings = Settings()
+    glob = {n.name: RULES[n.op].lipschitz(n, settings) for n in lipgraph.ir.nodes(g)}
+    assert any(math.isinf(lc.value) for lc in glob.values())  # the products are inf globally
+    rr = propagate(g, domain, x)
+    dc = domain_constants(g, glob, rr, settings)
+    for n in lipgraph.ir.nodes(g):
+        lc = dc.local[n.name]
+        assert all(math.isfinite(p) for p in lc.partials), (n.name, n.op, dc.sources.get(n.name), lc)
+    # the products' partials bound the Jacobians at sampled inputs of the domain
+    gen = torch.Generator().manual_seed(seed)
+    for z in domain.sample(8, x.to(DT), gen):
+        _, vals = lipgraph.ir.execute(g, z.to(DT), keep=True)
+        for n in lipgraph.ir.nodes(g):
+            r = rr.ranges[n.name]
+            if isinstance(r, Range):
+                assert r.contains(vals[n.name].to(DT), tol=1e-6), n.name
+            if n.op != "mul_var":
+                continue
+            a, b = (vals[i].to(DT) for i in n.inputs)
+            pa, pb = dc.local[n.name].partials
+            assert _opnorm(lambda t, b=b: t * b, a) <= pa * (1 + 1e-9) + 1e-9
+            assert _opnorm(lambda t, a=a: a * t, b) <= pb * (1 + 1e-9) + 1e-9
+
+
+def test_squeeze_excitation_is_finite_on_a_box(monotone_helpers) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(1, 4, 3, 3)
+    _domain_check(SqueezeExcite(), x, Box(torch.zeros_like(x), torch.ones_like(x)), seed=0)
+
+
+def test_gated_model_is_finite_on_a_ball(monotone_helpers) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 5)
+    _domain_check(Gated(), x, Ball(x, 0.5, "l2"), seed=1)
+
+
+# --- attention written out in primitive ops ----------------------------------------------------------
+
+
+def _encoder_block():
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    torch.manual_seed(0)
+    return EncoderBlock(num_heads=2, hidden_dim=8, mlp_dim=16, dropout=0.0, attention_dropout=0.0).eval()
+
+
+def test_vit_encoder_block_traces_to_primitives() -> None:
+    """torchvision's ViT block calls self_attention(x, x, x, need_weights=False)[0]: the IR holds the
+    projections, matmul_var, softmax, no attention/opaque node, and executes equal to the module."""
+    m = _encoder_block()
+    x = torch.randn(2, 5, 8)
+    g = lipgraph.trace(m, x)
+    ops = [n.op for n in lipgraph.ir.nodes(g)]
+    assert "attention" not in ops and "opaque" not in ops
+    assert ops.count("matmul_var") == 2 and "softmax" in ops and ops.count("linear") == 6
+    x2 = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lipgraph.ir.execute(g, x2), m(x2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_layouts_execute_equal(batch_first, separate, need_weights) -> None:
+    torch.manual_seed(2)
+    kdim = 6 if separate else 8
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim).eval()
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = mha
+            self.kp = nn.Linear(8, kdim)
+
+        def forward(self, x):
+            k = self.kp(x)
+            out, w = self.attn(x, k, k, need_weights=need_weights)
+            return out if w is None else (out, w)
+
+    model = M().eval()
+    x = torch.randn(3, 4, 8)
+    g = lipgraph.trace(model, x)
+    assert {"attention", "opaque"}.isdisjoint(n.op for n in lipgraph.ir.nodes(g))
+    x2 = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lipgraph.ir.execute(g, x2), model(x2), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_attention_stays_one_node() -> None:
+    """A mask is not written out: the call stays an attention node (inf)."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool), need_weights=False)[0]
+
+    g = lipgraph.trace(M().eval(), torch.randn(1, 5, 8))
+    assert "attention" in [n.op for n in lipgraph.ir.nodes(g)]
+
+
+def test_sdpa_is_written_out() -> None:
+    import torch.nn.functional as F
+
+    class M(nn.Module):
+        def forward(self, x):
+            q = x.unflatten(-1, (2, 4)).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q * 2, q).transpose(1, 2).flatten(2)
+
+    x = torch.randn(2, 5, 8)
+    g = lipgraph.trace(M(), x)
+    ops = [n.op for n in lipgraph.ir.nodes(g)]
+    assert ops.count("matmul_var") == 2 and "softmax" in ops and "opaque" not in ops
+    x2 = torch.randn(2, 5, 8)
+    torch.testing.assert_close(lipgraph.ir.execute(g, x2), M()(x2), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_block_is_finite_on_a_ball_with_range_rules() -> None:
+    """End to end on a domain. NEEDS softmax and layer_norm ``ranges``/``local`` (written in other
+    branches); skipped until they are registered."""
+    for kind in ("softmax", "layer_norm"):
+        rule = RULES[kind]
+        if rule.ranges is None and not rule.monotone:
+            pytest.skip(f"{kind} has no range rule on this branch")
+    m = _encoder_block().double()
+    x = torch.randn(1, 4, 8, dtype=DT)
+    g = lipgraph.trace(m, x)
+    settings = Settings()
+    glob = {n.name: RULES[n.op].lipschitz(n, settings) for n in lipgraph.ir.nodes(g)}
+    dc = domain_constants(g, glob, propagate(g, Ball(x, 0.1, "l2"), x), settings)
+    for n in lipgraph.ir.nodes(g):
+        if n.op == "matmul_var":
+            assert all(math.isfinite(p) for p in dc.local[n.name].partials), dc.sources.get(n.name)
