@@ -12,7 +12,7 @@ PKG = Path(__file__).parents[1] / "lipgraph"
 
 #: module (dotted, relative to lipgraph) -> layer; higher layers may import lower ones, never the reverse.
 LAYERS = {
-    "core": 0, "errors": 0,
+    "core": 0, "errors": 0, "domains": 0,
     "ir": 1, "frontends": 1,
     "ops": 2, "norms": 2,
     "bounds": 3,
