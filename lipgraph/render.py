@@ -152,6 +152,7 @@ class Box:
     reason: str | None = None
     method: str = ""
     best: str = ""  # output box: the best bound when tighter than the AutoLip cumulative
+    domain_text: str = ""  # on an input domain: the value range, the unstable share and the global constant
 
 
 @dataclass
@@ -416,9 +417,21 @@ def build_view(report: Any, depth: int | None = None, fold: int | None = 4) -> V
         chain = _container_chain(model, model.path[n]) if kind == "node" else ()
         if depth is not None:
             chain = tuple(c for c in chain if len(_parts(c)) < depth)
+        local, cumulative, cum_cert = r.local, r.cumulative, r.cumulative_certified
+        domain_text = ""
+        if report.domain is not None and r.domain_local is not None:  # draw the numbers on the domain
+            if r.domain_local < local:
+                domain_text = f"global L ≤ {num(local)}"
+            local = r.domain_local
+            cumulative, cum_cert = r.domain_bound, r.domain_certified
+            if r.range is not None:
+                domain_text = "  ·  ".join(
+                    t for t in (f"range [{num(r.range[0])}, {num(r.range[1])}]",
+                                f"{100 * r.unstable:.0f}% unstable" if r.unstable is not None else "",
+                                domain_text) if t)
         boxes.append(Box(
-            _node_id(n, used), kind, [n], title, note, path, _shape_text(r.out_shape), r.local, r.certified,
-            r.cumulative, r.cumulative_certified, chain, r.reason, r.method,
+            _node_id(n, used), kind, [n], title, note, path, _shape_text(r.out_shape), local, r.certified,
+            cumulative, cum_cert, chain, r.reason, r.method, domain_text=domain_text,
         ))
         box_of[n] = boxes[-1].key
     boxes.sort(key=lambda b: model.pos[b.members[0]])
@@ -561,6 +574,9 @@ def _box_label(b: Box, base: str = "") -> str:
     if where:
         rows.append(f'<tr><td colspan="2"><font point-size="9" color="{dim}">{_esc("  ·  ".join(where), 60)}</font>'
                     "</td></tr>")
+    if b.domain_text:
+        rows.append(f'<tr><td colspan="2"><font point-size="9" color="{dim}">{_esc(b.domain_text, 70)}</font>'
+                    "</td></tr>")
     crel = "≤" if b.cum_certified else "≈"
     ccol = "#ff5a5a" if math.isinf(b.cumulative) and not inf else dim
     cum = f'<font point-size="9" color="{ccol}">cumul. {crel} {num(b.cumulative)}</font>'
@@ -621,6 +637,10 @@ def _title(report: Any, view: View, timings: bool) -> str:
     shapes = ", ".join(_shape_text(s) for s in report.input_shapes)
     rows = [f'<tr><td align="left" colspan="20"><font point-size="16"><b>{_esc(report.model, 60)}</b></font>'
             f'  <font color="#555555">({_esc(report.frontend)}, input {_esc(shapes, 60)})</font></td></tr>']
+    if report.domain is not None:
+        rows.append(f'<tr><td align="left" colspan="20">on the input domain: <b>'
+                    f'{_esc(report.domain["description"], 110)}</b>  <font color="#555555">(global bound ≤ '
+                    f'{num(report.global_upper)}; boxes show constants on the domain)</font></td></tr>')
     parts = []
     al = report.bounds.get("autolip")
     if al is not None:
