@@ -269,6 +269,10 @@ def test_log_softmax_local_constant_and_exact_norm() -> None:
     value, seen, glob = _jacobian_checks(Fn(lambda x: F.log_softmax(x, dim=-1)), box, torch.zeros(2, 7, dtype=DT),
                                          "log_softmax")
     assert value < glob and value < 2.0 * seen
+    lo[:, 2] += 15  # a dominant logit: p is nearly one-hot, ||J|| = sqrt(n) ||p|| is nearly sqrt(n) and attained
+    value, seen, glob = _jacobian_checks(Fn(lambda x: F.log_softmax(x, dim=-1)), Box(lo, lo + 0.5),
+                                         torch.zeros(2, 7, dtype=DT), "log_softmax")
+    assert seen <= value <= seen * (1 + 1e-6) < glob
 
 
 def _affine(m: nn.Module, gen: torch.Generator) -> nn.Module:
