@@ -153,8 +153,9 @@ def test_stable_slopes_are_exact(name: str, lo: float, hi: float, slope: float) 
 
 
 @pytest.mark.parametrize(("name", "lo", "hi", "below"), [
-    ("sigmoid", 3.0, 4.0, 0.05), ("tanh", 2.0, 2.5, 0.08), ("silu", -6.0, -5.9, 0.04), ("gelu", 3.0, 3.02, 1.02),
-    ("mish", 4.0, 4.02, 1.015), ("softplus", -3.0, -2.0, 0.02), ("softplus-threshold", -3.0, 4.0, 1.0),
+    ("sigmoid", 3.0, 4.0, 0.05), ("tanh", 2.0, 2.5, 0.08), ("silu", -6.0, -5.0, 0.03), ("gelu", 3.0, 3.5, 1.012),
+    ("mish", 4.0, 5.0, 1.005), ("silu", 0.0, 2.0, 1.0999), ("gelu", 2.0, 9.0, 1.09),
+    ("softplus", -3.0, -2.0, 0.02), ("softplus-threshold", -3.0, 4.0, 1.0),
     ("sin", 1.4, 1.6, 0.2), ("cos", -0.1, 0.1, 0.11), ("hardsigmoid", 3.5, 9.0, 0.0),
 ])
 def test_local_slope_constant_is_below_the_global(name: str, lo: float, hi: float, below: float) -> None:
@@ -187,6 +188,21 @@ def test_second_derivative_bounds_and_closed_form_derivatives(f, k2: float, fpri
     assert float(d2.abs().max()) >= 0.9 * k2  # not vacuous
     _, d1 = _grid_derivative(f, 1)
     assert torch.allclose(fprime(x), d1, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "f"), [
+    ("silu", F.silu), ("gelu", F.gelu), ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh")), ("mish", F.mish),
+])
+def test_slope_critical_points(name: str, f) -> None:
+    """f'' changes sign only inside the two brackets (on a 1e-5 grid of [-30, 30]), from - to + at the first."""
+    x = torch.linspace(-30, 30, 6_000_001, dtype=DT).requires_grad_(True)
+    (d1,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), x)
+    x = x.detach()
+    (a0, b0), (a1, b1) = AD.SLOPE_CRITICAL[name]
+    # (non-strict: f'' underflows to 0 far in the tails)
+    assert bool((d2[x < a0] <= 0).all()) and bool((d2[(x > b0) & (x < a1)] > 0).all())
+    assert bool((d2[x > b1] <= 0).all())
 
 
 @pytest.mark.parametrize(("name", "f"), [

@@ -6,10 +6,12 @@ Everything is float64 and rounded outward. Two kinds of derivative intervals:
   branch of elu/celu/selu) get the exact set of derivatives on ``[lo, hi]`` (Clarke hull at a kink), and the
   monotone derivatives (sigmoid/tanh: even and decreasing in ``|x|``; softplus: increasing; the exponential
   branch of elu/celu/selu: monotone) get their endpoint values, rounded outward relatively;
-* *Taylor*: for a smooth activation whose derivative is not monotone (silu, gelu, mish),
-  ``f'(x) in f'(m) +- K2 (hi - lo)/2`` with ``m`` the midpoint and ``K2 >= sup |f''|`` (mean value theorem),
-  intersected with the global slope interval. ``f'(m)`` is a closed form in float64 and gets an absolute
-  margin :data:`SLOPE_EVAL_MARGIN`.
+* *critical points*: for a smooth activation whose derivative is not monotone (silu, gelu, mish), f' has two
+  bracketed critical points (:data:`SLOPE_CRITICAL`) and is monotone between them, so the endpoint values and
+  the global extremes (where a bracket is met) give its range; intersected with the *Taylor* enclosure
+  ``f'(x) in f'(m) +- K2 (hi - lo)/2`` (``m`` the midpoint, ``K2 >= sup |f''|``, mean value theorem) and the
+  global slope interval. ``f'`` is a closed form in float64 with an absolute margin
+  :data:`SLOPE_EVAL_MARGIN`.
 
 Ranges: monotone pieces give endpoint values; the quasi-convex activations (silu, gelu, mish, hardswish:
 decreasing then increasing, one minimiser ``x*``) give ``[min f, max(f(lo), f(hi))]`` where ``min f`` is a
@@ -213,6 +215,36 @@ def taylor_slopes(r: Range, fprime, k2: float, glob: tuple[float, float]) -> tup
     lo = torch.clamp(d - err, min=glob[0])
     hi = torch.clamp(d + err, max=glob[1])
     return lo, hi
+
+
+#: The two critical points of f' (zeros of f''), bracketed: f' falls to its global minimum at the first,
+#: rises to its global maximum at the second, and is monotone on each side. silu: x tanh(x/2) = 2 (even, and
+#: increasing on x > 0: exactly two roots, +-2.39936); gelu: 2 - x^2 = 0, +-sqrt(2) (exact); the tanh gelu
+#: and mish: the only sign changes of f'' on a 1e-5 grid of [-30, 30] (tested; f' tends monotonically to its
+#: limits beyond).
+SLOPE_CRITICAL = {
+    "silu": ((-2.3994, -2.3993), (2.3993, 2.3994)),
+    "gelu": ((-1.414214, -1.414213), (1.414213, 1.414214)),
+    "gelu_tanh": ((-1.41852, -1.41849), (1.41849, 1.41852)),
+    "mish": ((-2.25639, -2.25636), (1.49056, 1.49059)),
+}
+
+
+def critical_slopes(r: Range, fprime, name: str, glob: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact derivative range of a smooth activation whose f' has the two critical points
+    ``SLOPE_CRITICAL[name]`` (a minimum then a maximum, the global interval's ends ``glob``): f' is monotone on
+    any interval missing both brackets, so its range is the hull of the endpoint values (plus the evaluation
+    margin), extended to ``glob[0]`` / ``glob[1]`` where ``[lo, hi]`` meets the minimum's / maximum's bracket;
+    intersected with the Taylor enclosure (both are sound)."""
+    (a0, b0), (a1, b1) = SLOPE_CRITICAL[name]
+    da, db = fprime(r.lo), fprime(r.hi)
+    lo = torch.minimum(da, db) - SLOPE_EVAL_MARGIN
+    hi = torch.maximum(da, db) + SLOPE_EVAL_MARGIN
+    lo = torch.where((r.lo <= b0) & (r.hi >= a0), torch.full_like(lo, glob[0]), lo).clamp(min=glob[0])
+    hi = torch.where((r.lo <= b1) & (r.hi >= a1), torch.full_like(hi, glob[1]), hi).clamp(max=glob[1])
+    k2 = {"silu": K2_SILU, "gelu": K2_GELU, "gelu_tanh": K2_GELU_TANH, "mish": K2_MISH}[name]
+    t_lo, t_hi = taylor_slopes(r, fprime, k2, glob)
+    return torch.maximum(lo, t_lo), torch.minimum(hi, t_hi)
 
 
 def silu_prime(x: torch.Tensor) -> torch.Tensor:

@@ -58,10 +58,10 @@ _fixed("selu", F.selu, (0.0, _up(_SELU_SCALE * _SELU_ALPHA)),
        neuron_slopes=lambda node, r: AD.exp_branch_slopes(r, _SELU_SCALE * _SELU_ALPHA, 1.0, _SELU_SCALE))
 _fixed("silu", F.silu, (-0.09984, 1.09984), "(x sigma(x))' in [-0.099840, 1.099840] (numerical sup at x=+-2.3994).",
        ranges=lambda node, r: AD.quasi_convex_range(F.silu, "silu", r),
-       neuron_slopes=lambda node, r: AD.taylor_slopes(r, AD.silu_prime, AD.K2_SILU, (-0.09984, 1.09984)))
+       neuron_slopes=lambda node, r: AD.critical_slopes(r, AD.silu_prime, "silu", (-0.09984, 1.09984)))
 _fixed("mish", F.mish, (-0.112527, 1.088499), "mish' in [-0.112527, 1.088499] (numerical sup at x=1.4906).",
        ranges=lambda node, r: AD.quasi_convex_range(F.mish, "mish", r),
-       neuron_slopes=lambda node, r: AD.taylor_slopes(r, AD.mish_prime, AD.K2_MISH, (-0.112527, 1.088499)))
+       neuron_slopes=lambda node, r: AD.critical_slopes(r, AD.mish_prime, "mish", (-0.112527, 1.088499)))
 _fixed("hardswish", F.hardswish, (-0.5, 1.5), "hardswish' = (2x+3)/6 on [-3,3], 0 or 1 outside: L = 3/2 (exact, at 3).",
        ranges=lambda node, r: AD.quasi_convex_range(F.hardswish, "hardswish", r),
        neuron_slopes=lambda node, r: AD.hardswish_slopes(r))
@@ -281,8 +281,8 @@ def _gelu_ranges(node, r: Range) -> Range:
 def _gelu_slopes(node, r: Range):
     glob = _gelu_interval(node)
     if _attr(node, "approximate", "none") == "tanh":
-        return AD.taylor_slopes(r, AD.gelu_tanh_prime, AD.K2_GELU_TANH, glob)
-    return AD.taylor_slopes(r, AD.gelu_prime, AD.K2_GELU, glob)
+        return AD.critical_slopes(r, AD.gelu_tanh_prime, "gelu_tanh", glob)
+    return AD.critical_slopes(r, AD.gelu_prime, "gelu", glob)
 
 
 _interval_rule(
