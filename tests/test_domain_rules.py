@@ -347,3 +347,14 @@ def test_variance_lower_bound_against_a_grid() -> None:
     # the box's variance is never below the bound (sampled points)
     xs = lo + torch.rand(2000, 50, 4, generator=gen, dtype=DT) * (hi - lo)
     assert bool((xs.var(dim=2, unbiased=False) >= low).all())
+
+
+def test_layer_norm_without_eps_on_a_constant_box_has_no_nan() -> None:
+    model = nn.LayerNorm(4, eps=0.0).double()
+    box = Box(torch.zeros(1, 4, dtype=DT), torch.ones(1, 4, dtype=DT))
+    example = torch.arange(4, dtype=DT)[None]  # tracing at a constant input would give NaN
+    node, res, dc, glob = _analyse(model, box, example, "layer_norm")
+    rng = res.ranges[node.name]
+    assert not bool(torch.isnan(rng.lo).any() or torch.isnan(rng.hi).any())
+    assert bool((rng.lo >= -math.sqrt(3) * 1.01).all()) and bool((rng.hi <= math.sqrt(3) * 1.01).all())
+    assert math.isinf(dc.local[node.name].value)

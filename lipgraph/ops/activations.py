@@ -257,7 +257,7 @@ def _softplus_slopes(node, r: Range):
     lo, hi = lo.clamp(min=0.0), hi.clamp(max=1.0)
     if jump == 0.0:
         return lo, hi
-    slack = 1e-9 * (1 + abs(threshold))
+    slack = 1e-6 * (1 + abs(threshold))  # the model may compare beta * x with the threshold in float32
     below = beta * r.hi < threshold - slack
     above = beta * r.lo > threshold + slack
     one, inf = torch.ones_like(lo), torch.full_like(lo, math.inf)

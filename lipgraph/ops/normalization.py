@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..domains import Range
-from .registry import LocalConstant, Settings, register_rule
+from .registry import LocalConstant, Settings, not_lipschitz, register_rule
 
 
 def _gamma_max(node) -> float:
@@ -26,7 +26,10 @@ def _gamma_max(node) -> float:
 
 
 def _norm_lipschitz(node, ctx: Settings) -> LocalConstant:
-    """L = max|gamma| / sqrt(eps) (certified; see the module docstring)."""
+    """L = max|gamma| / sqrt(eps) (certified; see the module docstring); eps = 0: inf (near-constant inputs are
+    scaled without bound)."""
+    if not node.attrs["eps"] > 0:
+        return not_lipschitz(f"{node.op} at node {node.name!r} has eps = {node.attrs['eps']}: no finite constant")
     v = _gamma_max(node) / math.sqrt(node.attrs["eps"])
     return LocalConstant([v], True, "1/sqrt(eps)")
 
@@ -192,11 +195,12 @@ def norm_ranges(node, r: Range) -> Range:
         w = (hi - lo) / n
         num_lo = lo - hi.mean(dim=1, keepdim=True) + w
         num_hi = hi - lo.mean(dim=1, keepdim=True) - w
-        err = 1e-12 * (lo.abs().amax(dim=1, keepdim=True) + hi.abs().amax(dim=1, keepdim=True))
+        err = _SUM_SLACK * (lo.abs().amax(dim=1, keepdim=True) + hi.abs().amax(dim=1, keepdim=True))
         num_lo, num_hi = num_lo - err, num_hi + err
         cap = math.sqrt(max(n - 1, 0))
     big = torch.maximum(num_lo * num_lo, num_hi * num_hi)
-    s_lo = torch.sqrt(_scale_lower(node, lo, hi))[:, None]
+    # s_lo = 0 (eps = 0 on a box holding a constant input) would give 0/0: a tiny floor, and the cap bounds t
+    s_lo = torch.sqrt(_scale_lower(node, lo, hi)).clamp(min=1e-300)[:, None]
     s_hi = torch.sqrt(big.mean(dim=1) * (1 + _SUM_SLACK) + _eps(node))[:, None] * (1 + 1e-12)
     t_lo, t_hi = _divide(num_lo, num_hi, s_lo, s_hi)
     t_lo = torch.clamp(t_lo - 1e-12 * t_lo.abs() - 1e-300, min=-cap * (1 + 1e-12)).reshape(shape)
