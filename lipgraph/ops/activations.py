@@ -8,6 +8,11 @@ where they exist, otherwise the sup of the derivative found on a 1e-5 grid
 over [-30, 30] in float64 (outside it the derivative is monotone to its limit)
 and rounded *outward* at the 6th decimal, which exceeds the grid error of
 order ``1e-10`` (tested against a numerical sup in ``tests/test_rules.py``).
+
+On an input domain (issue 12) every activation also has a range (``monotone=True`` or a ``ranges`` function)
+and per-neuron derivative intervals (``neuron_slopes``); the interval math is in
+:mod:`lipgraph.ops.activation_domain`. softmax / log_softmax get ranges and ``local`` constants from the
+probability ranges (tested in ``tests/test_domain_rules.py``).
 """
 
 from __future__ import annotations
