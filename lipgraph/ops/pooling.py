@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import ir, norms
-from ..core import ROUNDING_MARGIN
 from ..domains import Range
 from .registry import LocalConstant, Settings, as_tuple, not_lipschitz, register_rule
 
@@ -240,31 +239,26 @@ def lp_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
 
 
 def lp_pool_ranges(node, r: Range) -> Range | None:
-    """Lp pooling ranges (enclosures, rounded outward by ``ROUNDING_MARGIN * f(max |x|)`` or more):
+    """Lp pooling ranges (enclosures, rounded outward by ``ROUNDING_MARGIN * f(max |x|)``):
 
     * ONNX (``|x|``) or PyTorch with an even integer p: ``y_W = ||x_W||_p`` is nondecreasing in every ``|x_i|``:
       ``[f(abs_min), f(abs_max)]``;
-    * PyTorch p = 1 (``sum_W x``) or an odd integer p (``relu(sum_W x^p)^(1/p)``): nondecreasing in every x_i:
-      ``[f(lo), f(hi)]`` (``f(abs_max)`` bounds ``sum_W |x|``); for odd p >= 3 the sum may cancel, and
-      ``|a^(1/p) - b^(1/p)| <= |a - b|^(1/p)`` turns its rounding ``margin * sum |x|^p`` into
-      ``margin^(1/p) * ||x_W||_p``, added to the widening;
-    * PyTorch with a fractional p: nondecreasing where ``lo >= 0`` (``x^p`` is NaN below 0), else None.
+    * PyTorch p = 1 (``sum_W x``): nondecreasing in every x_i: ``[f(lo), f(hi)]`` (``f(abs_max)`` bounds
+      ``sum_W |x|``);
+    * PyTorch with another p (odd or fractional): the forward is ``(sum_W x^p)^(1/p)``, NaN where the sum is
+      negative, and nondecreasing where ``lo >= 0``: ``[f(lo), f(hi)]`` there, else None.
     """
     a = node.attrs
     p = float(a["norm_type"])
     n64 = ir.as_float64(node)
-    norm_of_abs = a.get("abs") or (p == int(p) and int(p) % 2 == 0)
     top = lp_pool_forward(n64, r.abs_max)
-    if norm_of_abs:
+    if a.get("abs") or (p == int(p) and int(p) % 2 == 0):
         lo, hi = lp_pool_forward(n64, r.abs_min), top
-    elif p == int(p) or bool((r.lo >= 0).all()):
+    elif p == 1 or bool((r.lo >= 0).all()):
         lo, hi = lp_pool_forward(n64, r.lo), lp_pool_forward(n64, r.hi)
     else:
         return None
-    odd = not norm_of_abs and p == int(p) and p >= 3
-    extra = ROUNDING_MARGIN ** (1.0 / p) * top if odd else 0.0
-    eps = ROUNDING_MARGIN * top.abs() + extra + 2.2250738585072014e-308
-    out = Range(torch.minimum(lo, hi) - eps, torch.maximum(lo, hi) + eps)
+    out = Range(torch.minimum(lo, hi), torch.maximum(lo, hi)).widened(top.abs())
     if not (torch.isfinite(out.lo).all() and torch.isfinite(out.hi).all()):
         return None
     return out
