@@ -7,12 +7,13 @@ certified is whatever the norm routine reports.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .. import norms
+from .. import ir, norms
 from ..core import ROUNDING_MARGIN
 from ..domains import Range
 from .registry import LocalConstant, Settings, register_rule
@@ -50,6 +51,29 @@ def linear_ranges(node, r: Range) -> Range:
 register_rule("linear", linear_forward, linear_lipschitz, affine=True, ranges=linear_ranges)
 
 
+def _center_radius(mid: torch.Tensor, rad: torch.Tensor, mag: torch.Tensor) -> Range:
+    """``[mid - rad, mid + rad]`` rounded outward by ``ROUNDING_MARGIN * mag`` (``mag`` bounds the sizes of the
+    terms the float64 evaluation summed)."""
+    err = ROUNDING_MARGIN * mag
+    return Range(mid - rad - err, mid + rad + err)
+
+
+def _with_abs_weight(node):
+    """The float64 node with its weight replaced by ``|weight|`` and no bias (for radii)."""
+    n64 = ir.as_float64(node)
+    params = {k: v for k, v in n64.params.items() if k != "bias"}
+    params["weight"] = n64.params["weight"].abs()
+    return dataclasses.replace(n64, params=params)
+
+
+def _bias_abs(node, out: torch.Tensor) -> torch.Tensor | float:
+    """``|b|`` of a conv-like node's bias, shaped to broadcast over its channel dim 1 (0 without a bias)."""
+    b = node.params.get("bias")
+    if b is None:
+        return 0.0
+    return b.detach().to(torch.float64).abs().reshape(1, -1, *([1] * (out.ndim - 2)))
+
+
 # --- Convolution ----------------------------------------------------------------
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -82,7 +106,19 @@ def conv_lipschitz(node, ctx: Settings) -> LocalConstant:
     )
 
 
-register_rule("conv", conv_forward, conv_lipschitz, affine=True)
+def conv_ranges(node, r: Range) -> Range:
+    """Center-radius interval arithmetic: ``conv_W(mid) + b -+ conv_|W|(rad)``, rounded outward by
+    ``ROUNDING_MARGIN * (conv_|W|(|mid| + rad) + |b|)`` (an enclosure; padding modes only copy entries, so
+    they commute with taking the radius)."""
+    n64 = ir.as_float64(node)
+    na = _with_abs_weight(node)
+    mid = conv_apply(n64, r.mid)
+    rad = conv_apply(na, r.rad, bias=False)
+    mag = conv_apply(na, r.mid.abs() + r.rad, bias=False) + _bias_abs(node, mid)
+    return _center_radius(mid, rad, mag)
+
+
+register_rule("conv", conv_forward, conv_lipschitz, affine=True, ranges=conv_ranges)
 
 
 def conv_transpose_apply(node, x, bias: bool = True):
@@ -109,7 +145,19 @@ def conv_transpose_lipschitz(node, ctx: Settings) -> LocalConstant:
     )
 
 
-register_rule("conv_transpose", conv_transpose_forward, conv_transpose_lipschitz, affine=True)
+def conv_transpose_ranges(node, r: Range) -> Range:
+    """Center-radius interval arithmetic: ``convT_W(mid) + b -+ convT_|W|(rad)``, rounded outward by
+    ``ROUNDING_MARGIN * (convT_|W|(|mid| + rad) + |b|)`` (an enclosure)."""
+    n64 = ir.as_float64(node)
+    na = _with_abs_weight(node)
+    mid = conv_transpose_apply(n64, r.mid)
+    rad = conv_transpose_apply(na, r.rad, bias=False)
+    mag = conv_transpose_apply(na, r.mid.abs() + r.rad, bias=False) + _bias_abs(node, mid)
+    return _center_radius(mid, rad, mag)
+
+
+register_rule("conv_transpose", conv_transpose_forward, conv_transpose_lipschitz, affine=True,
+              ranges=conv_transpose_ranges)
 
 
 # --- BatchNorm (eval) ---------------------------------------------------------
@@ -139,7 +187,24 @@ def batch_norm_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([r.upper], True, "diagonal", lower=r.lower)
 
 
-register_rule("batch_norm", batch_norm_forward, batch_norm_lipschitz, affine=True)
+def batch_norm_ranges(node, r: Range) -> Range:
+    """Eval BatchNorm per channel (dim 1): ``y = s x + t`` with ``s = gamma / sqrt(var + eps)``,
+    ``t = beta - s mu``: ``s mid + t -+ |s| rad``, rounded outward by
+    ``ROUNDING_MARGIN * (|s| (|mid| + rad) + |s mu| + |beta| + |t|)`` (an enclosure; the extra terms cover the
+    forward's ``(x - mu) s + beta`` order of operations)."""
+    p = node.params
+    view = (1, -1, *([1] * (r.mid.ndim - 2)))
+    s = batch_norm_scale(node).reshape(view)
+    mu = p["running_mean"].detach().to(torch.float64).reshape(view)
+    beta = p["bias"].detach().to(torch.float64).reshape(view) if p.get("bias") is not None else torch.zeros_like(mu)
+    t = beta - s * mu
+    mid = s * r.mid + t
+    rad = s.abs() * r.rad
+    mag = s.abs() * (r.mid.abs() + r.rad) + (s * mu).abs() + beta.abs() + t.abs()
+    return _center_radius(mid, rad, mag)
+
+
+register_rule("batch_norm", batch_norm_forward, batch_norm_lipschitz, affine=True, ranges=batch_norm_ranges)
 
 
 # --- Constant scales and matmuls -----------------------------------------------
@@ -177,7 +242,20 @@ def scale_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([v], True, "scale", lower=v)
 
 
-register_rule("scale", scale_forward, scale_lipschitz, affine=True)
+def scale_ranges(node, r: Range) -> Range | None:
+    """``y = x c`` (or ``x / c`` = ``x (1/c)``), c constant, broadcast: ``c mid -+ |c| rad``, rounded outward by
+    ``ROUNDING_MARGIN * |c| (|mid| + rad)`` (an enclosure). A division by a constant containing 0: None."""
+    c = node.params["const"].detach().to(torch.float64)
+    if node.attrs.get("divide"):
+        if bool((c == 0).any()):
+            return None
+        c = 1.0 / c
+    mid = r.mid * c
+    rad = r.rad * c.abs()
+    return _center_radius(mid, rad, (r.mid.abs() + r.rad) * c.abs())
+
+
+register_rule("scale", scale_forward, scale_lipschitz, affine=True, ranges=scale_ranges)
 
 
 def matmul_const_forward(node, x):
@@ -204,4 +282,17 @@ def matmul_const_lipschitz(node, ctx: Settings) -> LocalConstant:
     return _from_norm(r)
 
 
-register_rule("matmul_const", matmul_const_forward, matmul_const_lipschitz, affine=True)
+def matmul_const_ranges(node, r: Range) -> Range:
+    """``y = x @ W`` (or ``W @ x``), W constant: ``mid @ W -+ rad @ |W|``, rounded outward by
+    ``ROUNDING_MARGIN * (|mid| + rad) @ |W|`` (an enclosure)."""
+    w = node.params["const"].detach().to(torch.float64)
+    left = node.attrs.get("left")
+
+    def mm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, x) if left else torch.matmul(x, a)
+
+    return _center_radius(mm(w, r.mid), mm(w.abs(), r.rad), mm(w.abs(), r.mid.abs() + r.rad))
+
+
+register_rule("matmul_const", matmul_const_forward, matmul_const_lipschitz, affine=True,
+              ranges=matmul_const_ranges)

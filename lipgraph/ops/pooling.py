@@ -11,6 +11,10 @@ own 1-D op (the same index arithmetic: padding, ceil mode, clipped windows):
   input, and an input can win every window that contains it. So
   ``L = sqrt(max_p #windows containing p) = sqrt(prod_k max count_k)``
   (exact). Non-overlapping pools give 1; kernel 3, stride 2 in 2-D gives 2.
+
+Ranges (input domains): max pools, average pools (nonnegative weights, zero padding a constant), sums and
+means are nondecreasing in every input entry, so ``monotone=True`` (``[f(lo), f(hi)]``, widened by the pass);
+Lp pooling has its own rule (a norm is nondecreasing in the entries' absolute values).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import norms
+from .. import ir, norms
+from ..domains import Range
 from .registry import LocalConstant, Settings, as_tuple, not_lipschitz, register_rule
 
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -81,7 +86,7 @@ def max_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([r.upper], True, "window-count", lower=r.lower)
 
 
-register_rule("max_pool", max_pool_forward, max_pool_lipschitz)
+register_rule("max_pool", max_pool_forward, max_pool_lipschitz, monotone=True)
 
 
 def adaptive_max_pool_forward(node, x):
@@ -98,7 +103,7 @@ def adaptive_max_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([r.upper], True, "window-count", lower=r.lower)
 
 
-register_rule("adaptive_max_pool", adaptive_max_pool_forward, adaptive_max_pool_lipschitz)
+register_rule("adaptive_max_pool", adaptive_max_pool_forward, adaptive_max_pool_lipschitz, monotone=True)
 
 
 # --- average pooling -------------------------------------------------------------
@@ -125,7 +130,7 @@ def avg_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([r.upper * scale], True, r.method, lower=(r.lower or 0.0) * scale)
 
 
-register_rule("avg_pool", avg_pool_forward, avg_pool_lipschitz, affine=True)
+register_rule("avg_pool", avg_pool_forward, avg_pool_lipschitz, affine=True, monotone=True)
 
 
 def adaptive_avg_pool_forward(node, x):
@@ -139,7 +144,7 @@ def adaptive_avg_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([r.upper], True, r.method, lower=r.lower)
 
 
-register_rule("adaptive_avg_pool", adaptive_avg_pool_forward, adaptive_avg_pool_lipschitz, affine=True)
+register_rule("adaptive_avg_pool", adaptive_avg_pool_forward, adaptive_avg_pool_lipschitz, affine=True, monotone=True)
 
 
 # --- reductions --------------------------------------------------------------------
@@ -167,7 +172,7 @@ def mean_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([v], True, "exact", lower=v)
 
 
-register_rule("mean", mean_forward, mean_lipschitz, affine=True)
+register_rule("mean", mean_forward, mean_lipschitz, affine=True, monotone=True)
 
 
 def sum_forward(node, x):
@@ -183,7 +188,7 @@ def sum_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([v], True, "exact", lower=v)
 
 
-register_rule("sum", sum_forward, sum_lipschitz, affine=True)
+register_rule("sum", sum_forward, sum_lipschitz, affine=True, monotone=True)
 
 
 # --- power-average (Lp) pooling ------------------------------------------------------------------------
@@ -233,4 +238,30 @@ def lp_pool_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([r.upper * factor * (1 + 1e-12)], True, "window-count, p<2 norm comparison")
 
 
-register_rule("lp_pool", lp_pool_forward, lp_pool_lipschitz)
+def lp_pool_ranges(node, r: Range) -> Range | None:
+    """Lp pooling ranges (enclosures, rounded outward by ``ROUNDING_MARGIN * f(max |x|)``):
+
+    * ONNX (``|x|``) or PyTorch with an even integer p: ``y_W = ||x_W||_p`` is nondecreasing in every ``|x_i|``:
+      ``[f(abs_min), f(abs_max)]``;
+    * PyTorch p = 1 (``sum_W x``): nondecreasing in every x_i: ``[f(lo), f(hi)]`` (``f(abs_max)`` bounds
+      ``sum_W |x|``);
+    * PyTorch with another p (odd or fractional): the forward is ``(sum_W x^p)^(1/p)``, NaN where the sum is
+      negative, and nondecreasing where ``lo >= 0``: ``[f(lo), f(hi)]`` there, else None.
+    """
+    a = node.attrs
+    p = float(a["norm_type"])
+    n64 = ir.as_float64(node)
+    top = lp_pool_forward(n64, r.abs_max)
+    if a.get("abs") or (p == int(p) and int(p) % 2 == 0):
+        lo, hi = lp_pool_forward(n64, r.abs_min), top
+    elif p == 1 or bool((r.lo >= 0).all()):
+        lo, hi = lp_pool_forward(n64, r.lo), lp_pool_forward(n64, r.hi)
+    else:
+        return None
+    out = Range(torch.minimum(lo, hi), torch.maximum(lo, hi)).widened(top.abs())
+    if not (torch.isfinite(out.lo).all() and torch.isfinite(out.hi).all()):
+        return None
+    return out
+
+
+register_rule("lp_pool", lp_pool_forward, lp_pool_lipschitz, ranges=lp_pool_ranges)

@@ -15,6 +15,9 @@ and ``||A||_2 = prod_k ||A_k||_2`` exactly. The 1-D matrices are small and built
 
 The norms come from a float64 SVD plus :data:`~lipgraph.core.ROUNDING_MARGIN` (certified, exact
 up to rounding). Nearest 2x upsampling in 2-D copies every entry 4 times: ``L = 2``.
+
+Ranges (input domains): center-radius with the same matrices, ``A mid -+ |A| rad``; for nearest, linear and
+area (nonnegative weights) that is the exact range, for cubic (negative weights) an enclosure.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import norms
+from ..core import ROUNDING_MARGIN
+from ..domains import Range
 from .registry import LocalConstant, Settings, not_lipschitz, register_rule
 
 _TORCH_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "bicubic", "area"}
@@ -182,4 +187,23 @@ def resize_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([r.upper], True, "kronecker-svd", lower=r.lower)
 
 
-register_rule("resize", resize_forward, resize_lipschitz, affine=True)
+def resize_ranges(node, r: Range) -> Range | None:
+    """``y = A x`` per channel, ``A = A_1 (x) ... (x) A_d``: center-radius ``A mid -+ |A| rad`` (``|A|`` is
+    the Kronecker product of the ``|A_k|``), rounded outward by ``ROUNDING_MARGIN * |A| (|mid| + rad)``
+    (an enclosure). Modes without a verified matrix (antialias, unknown modes): None."""
+    a = node.attrs
+    if a["spec"] == "torch" and (a["mode"] not in _TORCH_MODES or a.get("antialias")):
+        return None
+    try:
+        mats = axis_matrices(node)
+    except ValueError:
+        return None
+    axes = list(range(r.mid.ndim - a["ndim"], r.mid.ndim))
+    pos = [m.abs() for m in mats]
+    mid = apply_axis_matrices(r.mid, mats, axes)
+    rad = apply_axis_matrices(r.rad, pos, axes)
+    err = ROUNDING_MARGIN * apply_axis_matrices(r.mid.abs() + r.rad, pos, axes)
+    return Range(mid - rad - err, mid + rad + err)
+
+
+register_rule("resize", resize_forward, resize_lipschitz, affine=True, ranges=resize_ranges)

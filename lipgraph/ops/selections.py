@@ -19,6 +19,12 @@ constant condition, cumulative sums.
   ``L = ||T_m||_2 = 1 / (2 sin(pi / (2 (2m + 1))))`` with m = n (m = n - 1 exclusive) (exact closed form:
   T_m^{-1} T_m^{-T} is the path-graph matrix whose eigenvalues are 4 sin^2((2k-1) pi / (2(2m+1)));
   rounded up by ROUNDING_MARGIN; checked against a float64 SVD in the tests).
+
+Ranges (input domains): every op here is nondecreasing in each input entry, so ``monotone=True``
+(``[f(lo), f(hi)]``, widened by the pass): max/min of several operands or over a group; the top-k values (the
+j-th largest entry is ``max over j-subsets of the subset's min``, a max-min of coordinates); where with a
+constant condition (each entry copies an input entry or a constant); cumsum (0/1 weights). ``logsumexp`` is
+monotone too, with its own rule for the rounding of ``log``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import math
 import torch
 
 from ..core import ROUNDING_MARGIN
+from ..domains import Range
 from .registry import LocalConstant, Settings, register_rule
 
 
@@ -58,7 +65,7 @@ def elementwise_max_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant(_copies(node), True, "selection", combine="l2")
 
 
-register_rule("elementwise_max", elementwise_max_forward, elementwise_max_lipschitz)
+register_rule("elementwise_max", elementwise_max_forward, elementwise_max_lipschitz, monotone=True)
 
 
 # --- reductions -----------------------------------------------------------------------------------------
@@ -76,7 +83,7 @@ def amax_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([1.0], True, "selection", lower=1.0)
 
 
-register_rule("amax", amax_forward, amax_lipschitz)
+register_rule("amax", amax_forward, amax_lipschitz, monotone=True)
 
 
 def logsumexp_forward(node, x):
@@ -90,7 +97,17 @@ def logsumexp_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([1.0], True, "softmax-gradient")
 
 
-register_rule("logsumexp", logsumexp_forward, logsumexp_lipschitz)
+def logsumexp_ranges(node, r: Range) -> Range:
+    """logsumexp is nondecreasing in every entry: ``[f(lo), f(hi)]``, rounded outward by
+    ``ROUNDING_MARGIN * (f(max |x|) + 1)`` (an enclosure: the float64 evaluation ``m + log(sum exp(x - m))``
+    errs by a few ulps of ``|m| + log(n) + 1``, and ``f(max |x|) >= max(|m|, log n)``)."""
+    lo = logsumexp_forward(node, r.lo)
+    hi = logsumexp_forward(node, r.hi)
+    eps = ROUNDING_MARGIN * (logsumexp_forward(node, r.abs_max).abs() + 1.0)
+    return Range(lo - eps, hi + eps)
+
+
+register_rule("logsumexp", logsumexp_forward, logsumexp_lipschitz, ranges=logsumexp_ranges)
 
 
 def topk_forward(node, x):
@@ -104,7 +121,7 @@ def topk_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([1.0], True, "sorting", lower=1.0)
 
 
-register_rule("topk", topk_forward, topk_lipschitz)
+register_rule("topk", topk_forward, topk_lipschitz, monotone=True)
 
 
 # --- where with a constant condition -----------------------------------------------------------------------
@@ -123,7 +140,7 @@ def where_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant(_copies(node), True, "selection", combine="l2")
 
 
-register_rule("where_const", where_forward, where_lipschitz)
+register_rule("where_const", where_forward, where_lipschitz, monotone=True)
 
 
 # --- cumulative sums ---------------------------------------------------------------------------------------
@@ -159,4 +176,4 @@ def cumsum_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant([v * (1 + ROUNDING_MARGIN)], True, "closed-form", lower=v)
 
 
-register_rule("cumsum", cumsum_forward, cumsum_lipschitz, affine=True)
+register_rule("cumsum", cumsum_forward, cumsum_lipschitz, affine=True, monotone=True)

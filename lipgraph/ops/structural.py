@@ -6,6 +6,11 @@ Shape ops are selections: every output entry is one input entry (or a
 constant). Such a 0/1 matrix ``P`` has ``P^T P = diag(count)``, so
 ``||P|| = sqrt(max_p count_p)`` exactly: 1 for reshape/permute/slicing, the
 square root of the number of copies for expand/repeat/reflect padding.
+
+Ranges (input domains): a selection copies entries (or writes a constant, the pad value), so it is
+nondecreasing in its input and ``monotone=True`` gives its exact range ``[f(lo), f(hi)]``; split and unbind
+return the tuple of their parts' ranges and ``tuple_getitem`` picks one. ``add`` and ``identity`` (casts)
+have their own rules, each an enclosure rounded outward.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
+from .. import ir
+from ..core import ROUNDING_MARGIN
+from ..domains import Range
 from . import products
 from .registry import LocalConstant, Settings, exact, not_lipschitz, register_rule
 
@@ -100,7 +108,24 @@ def add_lipschitz(node, ctx: Settings) -> LocalConstant:
     return LocalConstant(partials, True, "linear-combination")
 
 
-register_rule("add", add_forward, add_lipschitz, affine=True)
+def add_ranges(node, *rs: Range) -> Range:
+    """``y = sum_i c_i x_i + b``: center-radius, ``sum_i c_i mid_i + b -+ sum_i |c_i| rad_i``, rounded outward
+    by ``ROUNDING_MARGIN * (sum_i |c_i| (|mid_i| + rad_i) + |b|)`` (an enclosure; broadcasting as the forward)."""
+    coeffs = node.attrs.get("coeffs") or [1.0] * len(rs)
+    const = node.params.get("const")
+    const = const.detach().to(torch.float64) if const is not None else None
+    mid = add_forward(ir.as_float64(node), *[r.mid for r in rs])
+    rad: Any = 0.0
+    mag: Any = const.abs() if const is not None else 0.0
+    for c, r in zip(coeffs, rs, strict=True):
+        rad = rad + abs(c) * r.rad
+        mag = mag + abs(c) * (r.mid.abs() + r.rad)
+    err = ROUNDING_MARGIN * mag
+    lo, hi = mid - rad - err, mid + rad + err
+    return Range(torch.broadcast_to(lo, mid.shape).clone(), torch.broadcast_to(hi, mid.shape).clone())
+
+
+register_rule("add", add_forward, add_lipschitz, affine=True, ranges=add_ranges)
 
 
 def cat_forward(node, *xs):
@@ -116,15 +141,15 @@ def _concat_lipschitz(node, ctx: Settings) -> LocalConstant:
     return exact(1.0, "concatenation", len(node.inputs), combine="l2")
 
 
-register_rule("cat", cat_forward, _concat_lipschitz, affine=True)
-register_rule("stack", stack_forward, _concat_lipschitz, affine=True)
+register_rule("cat", cat_forward, _concat_lipschitz, affine=True, monotone=True)
+register_rule("stack", stack_forward, _concat_lipschitz, affine=True, monotone=True)
 
 
 def split_forward(node, x):
     return tuple(torch.split(x, node.attrs["sizes"], dim=node.attrs["dim"]))
 
 
-register_rule("split", split_forward, lambda node, ctx: exact(1.0, "partition"), affine=True,
+register_rule("split", split_forward, lambda node, ctx: exact(1.0, "partition"), affine=True, monotone=True,
               doc="split / chunk / unbind partition the input: L = 1 (exact).")
 
 
@@ -132,7 +157,7 @@ def unbind_forward(node, x):
     return tuple(torch.unbind(x, dim=node.attrs["dim"]))
 
 
-register_rule("unbind", unbind_forward, lambda node, ctx: exact(1.0, "partition"), affine=True,
+register_rule("unbind", unbind_forward, lambda node, ctx: exact(1.0, "partition"), affine=True, monotone=True,
               doc="unbind partitions the input: L = 1 (exact).")
 
 
@@ -140,8 +165,14 @@ def tuple_getitem_forward(node, x):
     return x[node.attrs["index"]]
 
 
+def tuple_getitem_ranges(node, r: Any) -> Any:
+    """Part ``index`` of a tuple-valued op's ranges (the input's range is the tuple of its parts' ranges):
+    exact, no arithmetic."""
+    return r[node.attrs["index"]] if isinstance(r, (tuple, list)) else None
+
+
 register_rule("tuple_getitem", tuple_getitem_forward, lambda node, ctx: exact(1.0, "projection"), affine=True,
-              doc="One part of a tuple-valued op: a projection, L <= 1 (certified).")
+              ranges=tuple_getitem_ranges, doc="One part of a tuple-valued op: a projection, L <= 1 (certified).")
 
 
 # --- shape ops (selections) ------------------------------------------------------------
@@ -151,7 +182,7 @@ def reshape_forward(node, x):
     return x.reshape(node.attrs["shape"])
 
 
-register_rule("reshape", reshape_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
+register_rule("reshape", reshape_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True, monotone=True,
               doc="view/reshape/flatten/squeeze/unsqueeze reorder entries: L = 1 (exact).")
 
 
@@ -159,7 +190,7 @@ def permute_forward(node, x):
     return x.permute(node.attrs["dims"])
 
 
-register_rule("permute", permute_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
+register_rule("permute", permute_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True, monotone=True,
               doc="permute/transpose reorder entries: L = 1 (exact).")
 
 
@@ -178,7 +209,32 @@ def identity_lipschitz(node, ctx: Settings) -> LocalConstant:
     return exact(1.0, "identity")
 
 
-register_rule("identity", identity_forward, identity_lipschitz, affine=True)
+def identity_ranges(node, r: Range) -> Range | None:
+    """Identity and casts. No cast or a float cast: the input's range, widened by the target type's relative
+    rounding ``eps * max(|lo|, |hi|)`` for a narrower float (an enclosure of the rounded value). A cast to an
+    integer type truncates toward zero, a nondecreasing map: ``[trunc(lo), trunc(hi)]`` (exact) when the range
+    fits the type, else None (it would wrap). A cast to bool: ``{0, 1}``, exactly 1 or 0 where the range
+    excludes or is 0. Complex casts: None."""
+    dtype = node.attrs.get("dtype")
+    if dtype is None or not isinstance(dtype, torch.dtype) or dtype == torch.float64:
+        return Range(r.lo, r.hi)
+    if dtype.is_complex:
+        return None
+    if dtype.is_floating_point:
+        if bool((r.abs_max > torch.finfo(dtype).max).any()):
+            return None  # the cast overflows to inf
+        return r.widened(r.abs_max, margin=float(torch.finfo(dtype).eps))
+    if dtype == torch.bool:
+        zero = (r.lo == 0) & (r.hi == 0)
+        nonzero = (r.lo > 0) | (r.hi < 0)
+        return Range(torch.where(nonzero, 1.0, 0.0).to(torch.float64), torch.where(zero, 0.0, 1.0).to(torch.float64))
+    info = torch.iinfo(dtype)
+    if bool((r.lo < info.min).any() or (r.hi > info.max).any()):
+        return None
+    return Range(torch.trunc(r.lo), torch.trunc(r.hi))
+
+
+register_rule("identity", identity_forward, identity_lipschitz, affine=True, ranges=identity_ranges)
 
 
 def getitem_forward(node, x):
@@ -191,7 +247,7 @@ def getitem_lipschitz(node, ctx: Settings) -> LocalConstant:
     return _selection_constant(node, lambda t: t[index])
 
 
-register_rule("getitem", getitem_forward, getitem_lipschitz, affine=True)
+register_rule("getitem", getitem_forward, getitem_lipschitz, affine=True, monotone=True)
 
 
 def expand_forward(node, x):
@@ -200,7 +256,7 @@ def expand_forward(node, x):
 
 register_rule("expand", expand_forward,
               lambda node, ctx: _selection_constant(node, lambda t: t.expand(node.attrs["shape"])), affine=True,
-              doc="expand/broadcast copies each entry k times: L = sqrt(k) (exact).")
+              monotone=True, doc="expand/broadcast copies each entry k times: L = sqrt(k) (exact).")
 
 
 def repeat_forward(node, x):
@@ -209,14 +265,14 @@ def repeat_forward(node, x):
 
 register_rule("repeat", repeat_forward,
               lambda node, ctx: _selection_constant(node, lambda t: t.repeat(node.attrs["repeats"])), affine=True,
-              doc="repeat copies each entry k times: L = sqrt(k) (exact).")
+              monotone=True, doc="repeat copies each entry k times: L = sqrt(k) (exact).")
 
 
 def flip_forward(node, x):
     return torch.flip(x, node.attrs["dims"])
 
 
-register_rule("flip", flip_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
+register_rule("flip", flip_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True, monotone=True,
               doc="flip reorders entries: L = 1 (exact).")
 
 
@@ -224,7 +280,7 @@ def roll_forward(node, x):
     return torch.roll(x, node.attrs["shifts"], node.attrs.get("dims"))
 
 
-register_rule("roll", roll_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
+register_rule("roll", roll_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True, monotone=True,
               doc="roll reorders entries: L = 1 (exact).")
 
 
@@ -244,7 +300,7 @@ def pad_lipschitz(node, ctx: Settings) -> LocalConstant:
     return _selection_constant(node, lambda t: F.pad(t, a["pad"], mode=a["mode"]))
 
 
-register_rule("pad", pad_forward, pad_lipschitz, affine=True)
+register_rule("pad", pad_forward, pad_lipschitz, affine=True, monotone=True)
 
 
 def pixel_shuffle_forward(node, x):
@@ -253,6 +309,7 @@ def pixel_shuffle_forward(node, x):
 
 
 register_rule("pixel_shuffle", pixel_shuffle_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
+              monotone=True,
               doc="pixel (un)shuffle reorders entries: L = 1 (exact).")
 
 
@@ -261,7 +318,7 @@ def channel_shuffle_forward(node, x):
 
 
 register_rule("channel_shuffle", channel_shuffle_forward, lambda node, ctx: exact(1.0, "permutation"),
-              affine=True, doc="channel shuffle reorders entries: L = 1 (exact).")
+              affine=True, monotone=True, doc="channel shuffle reorders entries: L = 1 (exact).")
 
 
 # --- products of variables and opaque calls -------------------------------------------
