@@ -322,16 +322,21 @@ def test_linear_after_input_has_the_exact_interval(monkeypatch: pytest.MonkeyPat
         assert bool((rr.lo <= exact_lo).all() and (rr.hi >= exact_hi).all())
 
 
+class _Round(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+
 def test_op_without_range_rule_gives_none_with_reason() -> None:
-    model = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=-1), nn.Linear(3, 2), nn.ReLU()).double()
+    model = nn.Sequential(nn.Linear(4, 3), _Round(), nn.Linear(3, 2), nn.ReLU()).double()
     x = torch.zeros(1, 4, dtype=torch.float64)
     g = lipgraph.trace(model, x)
     res = ranges_mod.propagate(g, Box(-1, 1), x)
-    sm = node_of(g, "softmax")
+    rounded = node_of(g, "discontinuous")
     assert res.ranges[node_of(g, "linear").name] is not None
-    assert res.ranges[sm.name] is None and "softmax" in res.reasons[sm.name]
+    assert res.ranges[rounded.name] is None and "discontinuous" in res.reasons[rounded.name]
     after = [n for n in ir.nodes(g) if n.op in ("relu", "output")]
-    assert after and all(res.ranges[n.name] is None and "softmax" in res.reasons[n.name] for n in after)
+    assert after and all(res.ranges[n.name] is None and "discontinuous" in res.reasons[n.name] for n in after)
 
 
 # --- rules on hand-made ranges against brute force -----------------------------------------------------------
