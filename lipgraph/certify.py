@@ -33,6 +33,8 @@ on its own, the largest one is the input's radius (``InputCertificate.method`` s
 * ``"margin-range"``: the largest radius verified by range propagation
   (:func:`lipgraph.bounds.ranges.propagate` on the ``PairDiff`` graph): the lower end of the enclosure of
   ``f_y - f_j`` over the ball is ``> 0`` for every ``j != y``.
+* ``"lipschitz-or-range"``: per pair, either check (each proves ``f_y - f_j > 0`` on the ball, and the
+  prediction is kept when every pair has a proof): searched upward from the larger of the two above.
 
 The searches: a fixed number of steps (``local_steps`` checks per kind and input: work, not seconds).
 Robustness on ``B(x, r)`` implies it on every smaller ball (a subset), so the radius kept is the largest
@@ -73,7 +75,7 @@ SQRT2 = math.sqrt(2.0)
 #: Relative safety of the local checks: ``m (1 - SAFETY) > r L (1 + SAFETY)`` covers the float64 rounding
 #: of the margin (a difference of two float64 logits), of ``sqrt(n)`` and of the product.
 SAFETY = 1e-9
-KINDS = ("global", "local-lipschitz", "margin-range")
+KINDS = ("global", "local-lipschitz", "margin-range", "lipschitz-or-range")
 
 
 class PairDiff(nn.Module):
@@ -425,6 +427,9 @@ def certify(
             r0 = r if rc else 0.0  # an estimated global radius is no verified start
             c.radii["local-lipschitz"] = search.lipschitz_radius(r0, local_steps)
             c.radii["margin-range"] = search.range_radius(r0, local_steps)
+            c.radii["lipschitz-or-range"] = search.grow(
+                search.either_ok, max(c.radii["local-lipschitz"], c.radii["margin-range"]), local_steps,
+                known=True)
             c.seconds = time.perf_counter() - t0
             best_kind = max(KINDS, key=lambda k: (c.radii[k] if k != "global" or rc else 0.0))
             if best_kind != "global" and c.radii[best_kind] > (r if rc else 0.0):
@@ -478,14 +483,7 @@ class _LocalSearch:
 
     def lipschitz_ok(self, r: float) -> bool:
         """``m_j > r_2 L_{y,j}(B(x, r))`` for every ``j`` (certified constants only)."""
-        for j in self._order():
-            if self.verified.get(j, -1.0) >= r or self._global_ok(j, r):
-                continue  # robust on a larger ball, or by the global constant (which holds on every ball)
-            lj = self._constant(j, r)
-            if lj is None or not self.margins[j] * (1 - SAFETY) > r * self.to_l2 * lj * (1 + SAFETY):
-                return False
-            self.verified[j] = r
-        return True
+        return all(self._lipschitz_pair_ok(j, r) for j in self._order())
 
     def _constant(self, j: int, r: float) -> float | None:
         """The certified constant of ``f_y - f_j`` on ``B(x, r)`` (min with the global pair constant), or None."""
@@ -538,32 +536,51 @@ class _LocalSearch:
                 if self.local_l.get(j, p.value) > 0]
         return min(caps) if caps else math.inf
 
-    def range_ok(self, r: float) -> bool:
-        """The lower end of the range of ``f_y - f_j`` over ``B(x, r)`` is ``> 0`` for every ``j``."""
+    def _range_pair_ok(self, j: int, r: float) -> bool:
         from . import trace  # noqa: PLC0415
         from .bounds.ranges import propagate  # noqa: PLC0415
 
-        for j in self._order():
-            if j not in self.graphs:
-                self.graphs[j] = trace(self._module(j), self.x)
-            g = self.graphs[j]
-            rng = propagate(g, self.ball(r), self.x).ranges.get(g.graph["output"])
-            if not isinstance(rng, Range) or not bool(torch.isfinite(rng.lo).all()) or not float(rng.lo.min()) > 0:
-                return False
+        if j not in self.graphs:
+            self.graphs[j] = trace(self._module(j), self.x)
+        g = self.graphs[j]
+        rng = propagate(g, self.ball(r), self.x).ranges.get(g.graph["output"])
+        return isinstance(rng, Range) and bool(torch.isfinite(rng.lo).all()) and float(rng.lo.min()) > 0
+
+    def range_ok(self, r: float) -> bool:
+        """The lower end of the range of ``f_y - f_j`` over ``B(x, r)`` is ``> 0`` for every ``j``."""
+        return all(self._range_pair_ok(j, r) for j in self._order())
+
+    def _lipschitz_pair_ok(self, j: int, r: float) -> bool:
+        if self.verified.get(j, -1.0) >= r or self._global_ok(j, r):
+            return True
+        lj = self._constant(j, r)
+        if lj is None or not self.margins[j] * (1 - SAFETY) > r * self.to_l2 * lj * (1 + SAFETY):
+            return False
+        self.verified[j] = r
         return True
 
+    def either_ok(self, r: float) -> bool:
+        """Every pair is proved on ``B(x, r)`` by its range or by its local constant (the cheap range first)."""
+        return all(self._range_pair_ok(j, r) or self._lipschitz_pair_ok(j, r) for j in self._order())
+
     def range_radius(self, r0: float, steps: int) -> float:
-        """The largest radius verified by :meth:`range_ok` in ``steps`` checks: doubling from ``r0`` (from the
-        Lipschitz search's upper end when ``r0 = 0``) until a check fails, then bisecting between the last pass
-        and the first failure; 0 when no check passes."""
-        lo, hi, guess = 0.0, math.inf, r0 if r0 > 0 else self._cap()
+        """The largest radius verified by :meth:`range_ok` in ``steps`` checks (:meth:`grow` from ``r0``, from
+        the Lipschitz search's upper end when ``r0 = 0``); 0 when no check passes."""
+        return self.grow(self.range_ok, r0 if r0 > 0 else self._cap(), steps)
+
+    @staticmethod
+    def grow(ok: Any, start: float, steps: int, known: bool = False) -> float:
+        """The largest radius where ``ok`` passed in ``steps`` checks: doubling from ``start`` until a check fails,
+        then bisecting between the last pass and the first failure. ``known``: ``start`` is already verified
+        (returned when nothing larger passes); otherwise 0 when no check passes."""
+        lo, hi = (start if known else 0.0), math.inf
+        guess = 2 * start if known else start
         if not (math.isfinite(guess) and guess > 0):
-            return 0.0
+            return lo
         for _ in range(steps):
             mid = guess if not math.isfinite(hi) else 0.5 * (lo + hi)
-            if self.range_ok(mid):
-                lo = mid
-                guess = 2 * mid
+            if ok(mid):
+                lo, guess = mid, 2 * mid
             else:
                 hi = mid
         return lo
