@@ -279,7 +279,7 @@ class Certificate:
         ax.plot(rs, [self.certified_accuracy(r) for r in rs],
                 label="certified (best radius)" if self.local else "certified (pairwise bounds)")
         if self.local:
-            for k, style in zip(KINDS, ("-.", (0, (1, 1)), (0, (5, 1))), strict=True):
+            for k, style in zip(KINDS, ("-.", (0, (1, 1)), (0, (5, 1)), (0, (3, 1, 1, 1))), strict=True):
                 ax.plot(rs, [self.certified_accuracy(r, kind=k) for r in rs], linestyle=style, alpha=0.7,
                         label=f"certified ({k})")
         ax.plot(rs, [self.certified_accuracy(r, baseline=True) for r in rs], "--", label="certified (Tsuzuku)")
@@ -442,8 +442,11 @@ def certify(
         for c in certs:
             if c.correct:
                 hi = max(4 * c.radius, 4 * c.tsuzuku_radius, 1e-3)
+                box = None if domain is None or c.method == "global" else (
+                    float(domain.lo.min()), float(domain.hi.max()))  # a scalar box: the attack stays in it
                 c.attack_radius = attack_radius(model, inputs[c.index], c.label, norm=norm, steps=attack_steps,
-                                                bisections=attack_bisections, seed=seed + c.index, start=hi)
+                                                bisections=attack_bisections, seed=seed + c.index, start=hi,
+                                                clip=box)
     return result
 
 
@@ -586,10 +589,17 @@ class _LocalSearch:
         return lo
 
 
-def _pgd(model: nn.Module, x: torch.Tensor, y: int, eps: float, norm: str, steps: int, gen: torch.Generator):
-    """Minimise the margin in the ``norm`` ball of radius ``eps``; return the best point's perturbation."""
+def _pgd(model: nn.Module, x: torch.Tensor, y: int, eps: float, norm: str, steps: int, gen: torch.Generator,
+         clip: tuple[float, float] | None = None):
+    """Minimise the margin in the ``norm`` ball of radius ``eps`` (within the box ``clip``); return the best
+    point's perturbation."""
+
+    def proj(d: torch.Tensor) -> torch.Tensor:
+        d = _project(d, eps, norm)  # clamping toward a box holding x keeps the point in the ball
+        return d if clip is None else (x + d).clamp(clip[0], clip[1]) - x
+
     delta = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-    delta = _project(delta * eps * 0.5 / max(float(_norm(delta, norm)), 1e-12), eps, norm)
+    delta = proj(delta * eps * 0.5 / max(float(_norm(delta, norm)), 1e-12))
     alpha = 2.5 * eps / steps
     best, best_m = None, math.inf
     for _ in range(steps):
@@ -607,7 +617,7 @@ def _pgd(model: nn.Module, x: torch.Tensor, y: int, eps: float, norm: str, steps
                 step = g / max(float(g.norm()), 1e-12)
             else:
                 step = g.sign()
-            delta = _project(delta.detach() - alpha * step, eps, norm)
+            delta = proj(delta.detach() - alpha * step)
     with torch.no_grad():
         m = float(_margin(model((x + delta).unsqueeze(0))[0], y))
     if m < best_m:
@@ -637,6 +647,7 @@ def attack_radius(
     seed: int = 0,
     start: float = 0.1,
     max_radius: float = 1e4,
+    clip: tuple[float, float] | None = None,
 ) -> float:
     """The smallest radius at which a fixed-budget PGD attack on the margin flips the prediction.
 
@@ -644,7 +655,8 @@ def attack_radius(
     is doubled from ``start`` until the attack succeeds, then bisected ``bisections`` times. The
     value returned is the ``norm`` of a concrete perturbation that changes the prediction (checked
     by re-evaluating the model), so it is an upper estimate of the true robustness radius;
-    ``inf`` when nothing is found up to ``max_radius``.
+    ``inf`` when nothing is found up to ``max_radius``. ``clip``: the attack stays in the box
+    ``clip[0] <= x <= clip[1]`` (to compare with radii certified on balls clipped to it).
     """
     if norm not in ("l2", "linf"):
         raise LipgraphError(f"unknown norm {norm!r}: use 'l2' or 'linf'")
@@ -653,7 +665,7 @@ def attack_radius(
     gen = torch.Generator().manual_seed(seed)
 
     def broken(eps: float) -> float | None:
-        d, m = _pgd(model, x, label, eps, norm, steps, gen)
+        d, m = _pgd(model, x, label, eps, norm, steps, gen, clip)
         if d is None or m >= 0:
             return None
         with torch.no_grad():  # the point itself must be misclassified
