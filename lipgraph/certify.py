@@ -12,13 +12,40 @@ next to it.
 
 Soundness: only certified constants give certified radii; a radius from an
 uncertified constant is reported with ``certified: false`` (an estimate) and
-never counts in certified accuracy. The radii are global-bound radii: a
-radius that uses the local behaviour of ``f`` in the ball needs the domain
-analysis of issue 12. The margins and the pairwise constants are computed on a
+never counts in certified accuracy. The margins and the pairwise constants are computed on a
 float64 copy of the model: the certificate is a statement about the real-valued
 function with the model's weights (float32 inference rounding is not modelled).
 Each pair's constant is the smaller certified one of the ``PairDiff`` analysis
 and ``sqrt(2)`` times the whole-network bound (both bound ``Lip(f_y - f_j)``).
+
+Local radii (``local=True``, issue 13 items 1(b) and 1(c)). Three kinds of radius per input, each sound
+on its own, the largest one is the input's radius (``InputCertificate.method`` says which):
+
+* ``"global"``: ``min_j m_j / L_{y,j}`` with the global pair constants (above).
+* ``"local-lipschitz"``: the largest radius ``r`` *verified* by ``m_j > r_2 L_{y,j}(B(x, r))`` for every
+  ``j != y``, where ``L_{y,j}(B)`` is the certified l2 constant of ``f_y - f_j`` on the ball (from
+  :func:`lipgraph.analyze` with ``domain=Ball(x, r, norm, clip)``, min with the global pair constant, which
+  holds on every set). Proof: the ball is convex and contains ``x``, so for ``x'`` in it,
+  ``f_y(x') - f_j(x') >= m_j - L(B) ||x' - x||_2 >= m_j - L(B) r_2 > 0``. For ``norm="l2"``, ``r_2 = r``.
+  For ``norm="linf"`` the constant is taken on the l_inf ball itself (a smaller set than the l2 ball of
+  radius ``sqrt(n) r`` that contains it, so a smaller constant) and ``r_2 = sqrt(n) r`` since
+  ``||d||_2 <= sqrt(n) ||d||_inf``; the constant stays an l2 one (lipgraph bounds l2 constants only).
+* ``"margin-range"``: the largest radius verified by range propagation
+  (:func:`lipgraph.bounds.ranges.propagate` on the ``PairDiff`` graph): the lower end of the enclosure of
+  ``f_y - f_j`` over the ball is ``> 0`` for every ``j != y``.
+* ``"lipschitz-or-range"``: per pair, either check (each proves ``f_y - f_j > 0`` on the ball, and the
+  prediction is kept when every pair has a proof): searched upward from the larger of the two above.
+
+The searches: a fixed number of steps (``local_steps`` checks per kind and input: work, not seconds).
+Robustness on ``B(x, r)`` implies it on every smaller ball (a subset), so the radius kept is the largest
+one where the check *succeeded*, never an interpolated value; bisection assumes that the checks are
+monotone in ``r`` only to be efficient (``L(B(x, r))`` is nondecreasing in ``r``; a non-monotone bound only
+makes the search miss radii). The local-Lipschitz search starts from the global radius (valid: the local
+constant is at most the global one) with ``min_j m_j / L_{y,j}(B(x, r_lo))`` as its upper end; the range
+search doubles from the global radius until a check fails, then bisects. Both compare with a relative
+safety of :data:`SAFETY` against the float64 rounding of margins and products. With ``domain=Box(lo, hi)``
+every ball is intersected with the box: the local radii then certify perturbations that stay in the box
+only (``Certificate.domain`` says so); the global radius holds for every perturbation.
 
 :func:`attack_radius` is the empirical check: a deterministic PGD attack on the
 margin, bisected on the radius; it returns the norm of a concrete
@@ -31,6 +58,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,11 +66,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .domains import Ball, Box, Range
 from .errors import InputShapeError, LipgraphError
 from .report import fmt, jf
 
 SCHEMA = "lipgraph.certificate/1"
 SQRT2 = math.sqrt(2.0)
+#: Relative safety of the local checks: ``m (1 - SAFETY) > r L (1 + SAFETY)`` covers the float64 rounding
+#: of the margin (a difference of two float64 logits), of ``sqrt(n)`` and of the product.
+SAFETY = 1e-9
+KINDS = ("global", "local-lipschitz", "margin-range", "lipschitz-or-range")
 
 
 class PairDiff(nn.Module):
@@ -100,6 +133,9 @@ class InputCertificate:
     binding_class: int | None  # the j attaining min_j m_j / L_{y,j}
     tsuzuku_radius: float  # margin / (sqrt(2) L_whole), same norm
     attack_radius: float | None = None  # norm of a concrete adversarial point found by PGD (upper estimate)
+    method: str = "global"  # the kind of the best radius (``radius``), one of KINDS
+    radii: dict[str, float] = field(default_factory=dict)  # every kind's radius (local kinds when computed)
+    seconds: float = 0.0  # time of the local searches for this input
 
     @property
     def gap(self) -> float | None:
@@ -109,8 +145,9 @@ class InputCertificate:
         return {
             "index": self.index, "label": self.label, "prediction": self.prediction, "correct": self.correct,
             "margin": jf(self.margin), "radius": jf(self.radius), "radius_certified": self.radius_certified,
+            "method": self.method, "radii": {k: jf(v) for k, v in self.radii.items()},
             "binding_class": self.binding_class, "tsuzuku_radius": jf(self.tsuzuku_radius),
-            "attack_radius": jf(self.attack_radius), "gap": jf(self.gap),
+            "attack_radius": jf(self.attack_radius), "gap": jf(self.gap), "seconds": self.seconds,
         }
 
 
@@ -124,6 +161,8 @@ class Certificate:
     pairs: dict[tuple[int, int], PairConstant]
     inputs: list[InputCertificate]
     radii: list[float] = field(default_factory=list)
+    local: bool = False  # the local kinds were searched
+    domain: str | None = None  # the box the local balls are clipped to (local radii hold inside it only)
 
     @property
     def certified(self) -> bool:
@@ -135,19 +174,29 @@ class Certificate:
     def clean_accuracy(self) -> float:
         return sum(c.correct for c in self.inputs) / max(len(self.inputs), 1)
 
-    def certified_accuracy(self, radius: float, *, baseline: bool = False) -> float:
-        """Fraction of inputs correctly classified with a certified radius >= ``radius``
-        (``baseline``: with the Tsuzuku radius instead)."""
+    def certified_accuracy(self, radius: float, *, baseline: bool = False, kind: str | None = None) -> float:
+        """Fraction of inputs correctly classified with a certified radius >= ``radius`` (the best radius;
+        ``kind``: that kind's radius only; ``baseline``: the Tsuzuku radius instead)."""
         n = 0
         for c in self.inputs:
             if not c.correct:
                 continue
             if baseline:
                 ok = self.whole_certified and c.tsuzuku_radius >= radius
+            elif kind is not None:
+                ok = c.radii.get(kind, 0.0) >= radius and (kind != "global" or c.radius_certified)
             else:
                 ok = c.radius_certified and c.radius >= radius
             n += ok
         return n / max(len(self.inputs), 1)
+
+    def kind_counts(self) -> dict[str, int]:
+        """How many correct inputs got their best radius from each kind."""
+        out = dict.fromkeys(KINDS, 0)
+        for c in self.inputs:
+            if c.correct:
+                out[c.method] = out.get(c.method, 0) + 1
+        return out
 
     def attack_accuracy(self, radius: float) -> float | None:
         """Fraction correct and not broken by the attack at ``radius`` (an upper estimate of robust accuracy)."""
@@ -167,9 +216,13 @@ class Certificate:
             "pairs": [{"y": y, "j": j, "value": jf(p.value), "certified": p.certified,
                        "pair_value": jf(p.pair_value), "pair_certified": p.pair_certified, "method": p.method}
                       for (y, j), p in sorted(self.pairs.items())],
+            "local": self.local,
+            "domain": self.domain,
+            "best_radius_from": self.kind_counts(),
             "certified_accuracy": [
                 {"radius": r, "pairwise": self.certified_accuracy(r),
-                 "tsuzuku": self.certified_accuracy(r, baseline=True), "attack_upper": self.attack_accuracy(r)}
+                 "tsuzuku": self.certified_accuracy(r, baseline=True), "attack_upper": self.attack_accuracy(r),
+                 **({k: self.certified_accuracy(r, kind=k) for k in KINDS} if self.local else {})}
                 for r in self.radii
             ],
             "inputs": [c.to_dict() for c in self.inputs],
@@ -186,6 +239,15 @@ class Certificate:
         ]
         if not self.certified:
             lines.append("WARNING: some radii rest on uncertified constants: they are estimates, not certificates")
+        if self.local:
+            counts = ", ".join(f"{k} {v}" for k, v in self.kind_counts().items())
+            lines.append(f"local radii searched; best radius from: {counts}")
+            for k in KINDS:
+                vals = sorted(c.radii.get(k, 0.0) for c in self.inputs if c.correct)
+                if vals:
+                    lines.append(f"  {k:>15}: median radius {fmt(vals[len(vals) // 2])}, max {fmt(vals[-1])}")
+        if self.domain:
+            lines.append(f"local radii certify perturbations inside {self.domain} only (the global radius: all)")
         head = f"{'radius':>10} {'pairwise':>10} {'tsuzuku':>10} {'attack<=':>10}"
         lines += [head, "-" * len(head)]
         for r in self.radii:
@@ -200,7 +262,8 @@ class Certificate:
             ar = sorted(c.attack_radius for c in self.inputs if c.correct and c.attack_radius is not None)
             med_gap = sorted(gaps)[len(gaps) // 2]
             lines.append(f"median attack radius {fmt(ar[len(ar) // 2])}, median gap {fmt(med_gap)}")
-        lines.append("(pairwise/tsuzuku: certified accuracy; attack<=: accuracy under PGD, an upper estimate)")
+        lines.append("(pairwise/tsuzuku: certified accuracy (pairwise: the best radius of each input); "
+                     "attack<=: accuracy under PGD, an upper estimate)")
         return "\n".join(lines)
 
     def plot(self, path: str, radii: Sequence[float] | None = None) -> str:
@@ -213,7 +276,12 @@ class Certificate:
         top = max([c.radius for c in self.inputs] + [c.attack_radius or 0.0 for c in self.inputs] + [1e-6])
         rs = list(radii) if radii is not None else [top * i / 200 for i in range(201)]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(rs, [self.certified_accuracy(r) for r in rs], label="certified (pairwise bounds)")
+        ax.plot(rs, [self.certified_accuracy(r) for r in rs],
+                label="certified (best radius)" if self.local else "certified (pairwise bounds)")
+        if self.local:
+            for k, style in zip(KINDS, ("-.", (0, (1, 1)), (0, (5, 1)), (0, (3, 1, 1, 1))), strict=True):
+                ax.plot(rs, [self.certified_accuracy(r, kind=k) for r in rs], linestyle=style, alpha=0.7,
+                        label=f"certified ({k})")
         ax.plot(rs, [self.certified_accuracy(r, baseline=True) for r in rs], "--", label="certified (Tsuzuku)")
         if all(a is not None for a in (self.attack_accuracy(0.0),)):
             ax.plot(rs, [self.attack_accuracy(r) for r in rs], ":", label="PGD attack (upper estimate)")
@@ -254,6 +322,10 @@ def certify(
     attack_steps: int = 20,
     attack_bisections: int = 12,
     seed: int = 0,
+    local: bool = False,
+    local_steps: int = 8,
+    local_method: str | Sequence[str] = "auto",
+    domain: Box | None = None,
     **analyze_kwargs: Any,
 ) -> Certificate:
     """Certified radii of ``inputs`` (batch on dim 0) under ``model`` from global Lipschitz bounds.
@@ -262,13 +334,19 @@ def certify(
     ``||d||_2 <= sqrt(n) ||d||_inf``). ``radius``: radii at which to report certified accuracy.
     ``pair_method``: the ``analyze`` method for the class pairs (default ``"autolip"`` when the
     head folds into one linear row, else ``"auto"``). ``attack``: also run :func:`attack_radius`
-    on every correctly classified input. Other keyword arguments go to :func:`lipgraph.analyze`
-    (``lower`` defaults to False here).
+    on every correctly classified input. ``local``: also search the local-Lipschitz and margin-range
+    radii (module docstring) with ``local_steps`` checks each per input, the pair constants on the balls
+    from ``analyze(..., method=local_method)``; ``domain``: a :class:`Box` the balls are clipped to (the
+    local radii then hold for perturbations inside it). Other keyword arguments go to
+    :func:`lipgraph.analyze` (``lower`` defaults to False here).
     """
     if norm not in ("l2", "linf"):
         raise LipgraphError(f"unknown norm {norm!r}: use 'l2' or 'linf'")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         raise InputShapeError("inputs must be a tensor with a batch dimension, e.g. shape (N, 64)")
+    if domain is not None and not isinstance(domain, Box):
+        raise LipgraphError(f"certify's domain must be a lipgraph.domains.Box (the data box), "
+                            f"not {type(domain).__name__}")
     labels_t = torch.as_tensor(labels).reshape(-1).long()
     if labels_t.numel() != inputs.shape[0]:
         raise InputShapeError(f"{inputs.shape[0]} inputs but {labels_t.numel()} labels")
@@ -338,22 +416,190 @@ def certify(
             tz = (marg / (SQRT2 * whole) if whole > 0 else math.inf) * scale
         elif correct:
             correct = False  # a tie is not a correct prediction
-        certs.append(InputCertificate(i, lab, pred, correct, marg, r, rc, binding, tz))
+        c = InputCertificate(i, lab, pred, correct, marg, r, rc, binding, tz, radii={"global": r})
+        if local and correct:
+            t0 = time.perf_counter()
+            x64 = inputs[i:i + 1].detach().double()
+            if domain is not None and not bool(((x64 >= domain.lo) & (x64 <= domain.hi)).all()):
+                raise LipgraphError(f"input {i} lies outside the certify domain {domain.describe()}")
+            search = _LocalSearch(m64, x64, lab, logits[i], norm, domain, local_method, kwargs,
+                                  {j: pair(lab, j) for j in range(n_cls) if j != lab})
+            r0 = r if rc else 0.0  # an estimated global radius is no verified start
+            c.radii["local-lipschitz"] = search.lipschitz_radius(r0, local_steps)
+            c.radii["margin-range"] = search.range_radius(r0, local_steps)
+            c.radii["lipschitz-or-range"] = search.grow(
+                search.either_ok, max(c.radii["local-lipschitz"], c.radii["margin-range"]), local_steps,
+                known=True)
+            c.seconds = time.perf_counter() - t0
+            best_kind = max(KINDS, key=lambda k: (c.radii[k] if k != "global" or rc else 0.0))
+            if best_kind != "global" and c.radii[best_kind] > (r if rc else 0.0):
+                c.method, c.radius, c.radius_certified = best_kind, c.radii[best_kind], True
+        certs.append(c)
 
-    result = Certificate(norm, n_in, whole, whole_cert, whole_method, pairs, certs, radii)
+    result = Certificate(norm, n_in, whole, whole_cert, whole_method, pairs, certs, radii, local,
+                         None if domain is None else domain.describe())
     if attack:
         for c in certs:
             if c.correct:
                 hi = max(4 * c.radius, 4 * c.tsuzuku_radius, 1e-3)
+                box = None if domain is None or c.method == "global" else (
+                    float(domain.lo.min()), float(domain.hi.max()))  # a scalar box: the attack stays in it
                 c.attack_radius = attack_radius(model, inputs[c.index], c.label, norm=norm, steps=attack_steps,
-                                                bisections=attack_bisections, seed=seed + c.index, start=hi)
+                                                bisections=attack_bisections, seed=seed + c.index, start=hi,
+                                                clip=box)
     return result
 
 
-def _pgd(model: nn.Module, x: torch.Tensor, y: int, eps: float, norm: str, steps: int, gen: torch.Generator):
-    """Minimise the margin in the ``norm`` ball of radius ``eps``; return the best point's perturbation."""
+class _LocalSearch:
+    """The local radii of one input ``x`` (float64, batch 1) with label ``y``: the checks of the module docstring
+    and the two fixed-step searches. ``pairs[j]``: the global constant of ``f_y - f_j``."""
+
+    def __init__(self, m64: nn.Module, x: torch.Tensor, y: int, logits: torch.Tensor, norm: str,
+                 clip: Box | None, method: str | Sequence[str], kwargs: dict[str, Any],
+                 pairs: dict[int, PairConstant]) -> None:
+        self.m64, self.x, self.y, self.norm, self.clip = m64, x, y, norm, clip
+        self.method, self.kwargs = method, {k: v for k, v in kwargs.items() if k not in ("method", "domain")}
+        self.margins = {j: float(logits[y] - logits[j]) for j in pairs}
+        self.pairs = pairs
+        self.to_l2 = 1.0 if norm == "l2" else math.sqrt(x.numel())  # ||d||_2 <= sqrt(n) ||d||_inf
+        self.modules: dict[int, nn.Module] = {}
+        self.graphs: dict[int, Any] = {}
+        self.verified: dict[int, float] = {}  # per pair: the largest radius its local-Lipschitz check passed
+        self.local_l: dict[int, float] = {}  # per pair: the constant on the last ball checked
+
+    def _module(self, j: int) -> nn.Module:
+        if j not in self.modules:
+            self.modules[j] = PairDiff(self.m64, self.y, j).eval()  # f_y - f_j itself (not |.|-symmetrised)
+        return self.modules[j]
+
+    def ball(self, r: float) -> Ball:
+        return Ball(self.x, r, self.norm, clip=self.clip)
+
+    def _global_ok(self, j: int, r: float) -> bool:
+        p = self.pairs[j]
+        return p.certified and self.margins[j] * (1 - SAFETY) > r * self.to_l2 * p.value * (1 + SAFETY)
+
+    def _order(self) -> list[int]:
+        """Pairs, most binding (smallest global radius) first: a failing check fails early."""
+        return sorted(self.pairs, key=lambda j: self.margins[j] / self.pairs[j].value if self.pairs[j].value > 0
+                      else math.inf)
+
+    def lipschitz_ok(self, r: float) -> bool:
+        """``m_j > r_2 L_{y,j}(B(x, r))`` for every ``j`` (certified constants only)."""
+        return all(self._lipschitz_pair_ok(j, r) for j in self._order())
+
+    def _constant(self, j: int, r: float) -> float | None:
+        """The certified constant of ``f_y - f_j`` on ``B(x, r)`` (min with the global pair constant), or None."""
+        import lipgraph  # noqa: PLC0415
+
+        rep = lipgraph.analyze(self._module(j), self.x, domain=self.ball(r), **{
+            **self.kwargs, "method": self.method, "lower": False})
+        if not rep.certified or not math.isfinite(rep.upper):
+            return None
+        lj = min(rep.upper, self.pairs[j].value) if self.pairs[j].certified else rep.upper
+        self.local_l[j] = lj
+        return lj
+
+    def _first_cap(self, r0: float) -> float:
+        """``min_j m_j / (r_2-scale L_j(B(x, r0)))``: past it no check passes when the constants are monotone.
+        Pairs whose global-constant radius is already above the running minimum cannot lower it: skipped."""
+        cap = math.inf
+        for j in self._order():
+            p = self.pairs[j]
+            if p.value > 0 and self.margins[j] / (self.to_l2 * p.value) >= cap:
+                continue
+            lj = self._constant(j, r0)
+            if lj is None:
+                return r0
+            if lj > 0:
+                cap = min(cap, self.margins[j] / (self.to_l2 * lj))
+        return cap
+
+    def lipschitz_radius(self, r0: float, steps: int) -> float:
+        """The largest radius verified by :meth:`lipschitz_ok` in ``steps`` checks, bisecting up from the verified
+        ``r0`` (the global radius, or 0) with the upper end :meth:`_first_cap`, lowered after each passed check
+        by the constants on the larger ball. The result is ``r0`` or a radius whose check passed."""
+        if steps <= 0:
+            return r0
+        lo, hi = r0, self._first_cap(r0)
+        for _ in range(steps):
+            if not hi > lo * (1 + 1e-6) or not math.isfinite(hi):
+                break
+            mid = 0.5 * (lo + hi)
+            if self.lipschitz_ok(mid):
+                lo, hi = mid, min(hi, self._cap())
+            else:
+                hi = mid
+        return lo
+
+    def _cap(self) -> float:
+        """``min_j m_j / (r_2-scale L_j)`` with each pair's constant on the last ball it was checked on (its global
+        constant when never checked)."""
+        caps = [self.margins[j] / (self.to_l2 * self.local_l.get(j, p.value)) for j, p in self.pairs.items()
+                if self.local_l.get(j, p.value) > 0]
+        return min(caps) if caps else math.inf
+
+    def _range_pair_ok(self, j: int, r: float) -> bool:
+        from . import trace  # noqa: PLC0415
+        from .bounds.ranges import propagate  # noqa: PLC0415
+
+        if j not in self.graphs:
+            self.graphs[j] = trace(self._module(j), self.x)
+        g = self.graphs[j]
+        rng = propagate(g, self.ball(r), self.x).ranges.get(g.graph["output"])
+        return isinstance(rng, Range) and bool(torch.isfinite(rng.lo).all()) and float(rng.lo.min()) > 0
+
+    def range_ok(self, r: float) -> bool:
+        """The lower end of the range of ``f_y - f_j`` over ``B(x, r)`` is ``> 0`` for every ``j``."""
+        return all(self._range_pair_ok(j, r) for j in self._order())
+
+    def _lipschitz_pair_ok(self, j: int, r: float) -> bool:
+        if self.verified.get(j, -1.0) >= r or self._global_ok(j, r):
+            return True
+        lj = self._constant(j, r)
+        if lj is None or not self.margins[j] * (1 - SAFETY) > r * self.to_l2 * lj * (1 + SAFETY):
+            return False
+        self.verified[j] = r
+        return True
+
+    def either_ok(self, r: float) -> bool:
+        """Every pair is proved on ``B(x, r)`` by its range or by its local constant (the cheap range first)."""
+        return all(self._range_pair_ok(j, r) or self._lipschitz_pair_ok(j, r) for j in self._order())
+
+    def range_radius(self, r0: float, steps: int) -> float:
+        """The largest radius verified by :meth:`range_ok` in ``steps`` checks (:meth:`grow` from ``r0``, from
+        the Lipschitz search's upper end when ``r0 = 0``); 0 when no check passes."""
+        return self.grow(self.range_ok, r0 if r0 > 0 else self._cap(), steps)
+
+    @staticmethod
+    def grow(ok: Any, start: float, steps: int, known: bool = False) -> float:
+        """The largest radius where ``ok`` passed in ``steps`` checks: doubling from ``start`` until a check fails,
+        then bisecting between the last pass and the first failure. ``known``: ``start`` is already verified
+        (returned when nothing larger passes); otherwise 0 when no check passes."""
+        lo, hi = (start if known else 0.0), math.inf
+        guess = 2 * start if known else start
+        if not (math.isfinite(guess) and guess > 0):
+            return lo
+        for _ in range(steps):
+            mid = guess if not math.isfinite(hi) else 0.5 * (lo + hi)
+            if ok(mid):
+                lo, guess = mid, 2 * mid
+            else:
+                hi = mid
+        return lo
+
+
+def _pgd(model: nn.Module, x: torch.Tensor, y: int, eps: float, norm: str, steps: int, gen: torch.Generator,
+         clip: tuple[float, float] | None = None):
+    """Minimise the margin in the ``norm`` ball of radius ``eps`` (within the box ``clip``); return the best
+    point's perturbation."""
+
+    def proj(d: torch.Tensor) -> torch.Tensor:
+        d = _project(d, eps, norm)  # clamping toward a box holding x keeps the point in the ball
+        return d if clip is None else (x + d).clamp(clip[0], clip[1]) - x
+
     delta = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-    delta = _project(delta * eps * 0.5 / max(float(_norm(delta, norm)), 1e-12), eps, norm)
+    delta = proj(delta * eps * 0.5 / max(float(_norm(delta, norm)), 1e-12))
     alpha = 2.5 * eps / steps
     best, best_m = None, math.inf
     for _ in range(steps):
@@ -371,7 +617,7 @@ def _pgd(model: nn.Module, x: torch.Tensor, y: int, eps: float, norm: str, steps
                 step = g / max(float(g.norm()), 1e-12)
             else:
                 step = g.sign()
-            delta = _project(delta.detach() - alpha * step, eps, norm)
+            delta = proj(delta.detach() - alpha * step)
     with torch.no_grad():
         m = float(_margin(model((x + delta).unsqueeze(0))[0], y))
     if m < best_m:
@@ -401,6 +647,7 @@ def attack_radius(
     seed: int = 0,
     start: float = 0.1,
     max_radius: float = 1e4,
+    clip: tuple[float, float] | None = None,
 ) -> float:
     """The smallest radius at which a fixed-budget PGD attack on the margin flips the prediction.
 
@@ -408,7 +655,8 @@ def attack_radius(
     is doubled from ``start`` until the attack succeeds, then bisected ``bisections`` times. The
     value returned is the ``norm`` of a concrete perturbation that changes the prediction (checked
     by re-evaluating the model), so it is an upper estimate of the true robustness radius;
-    ``inf`` when nothing is found up to ``max_radius``.
+    ``inf`` when nothing is found up to ``max_radius``. ``clip``: the attack stays in the box
+    ``clip[0] <= x <= clip[1]`` (to compare with radii certified on balls clipped to it).
     """
     if norm not in ("l2", "linf"):
         raise LipgraphError(f"unknown norm {norm!r}: use 'l2' or 'linf'")
@@ -417,7 +665,7 @@ def attack_radius(
     gen = torch.Generator().manual_seed(seed)
 
     def broken(eps: float) -> float | None:
-        d, m = _pgd(model, x, label, eps, norm, steps, gen)
+        d, m = _pgd(model, x, label, eps, norm, steps, gen, clip)
         if d is None or m >= 0:
             return None
         with torch.no_grad():  # the point itself must be misclassified
