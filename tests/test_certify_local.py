@@ -75,16 +75,23 @@ def test_exhaustive_2d(norm: str, clip: bool) -> None:
 
 
 def test_teeth_of_the_grid_check() -> None:
-    """The exhaustive check rejects a radius 1.5x past the true one (it can fail)."""
+    """The grid bound is what it says: a grid point at that distance is misclassified and none closer is
+    (checked by evaluating the float64 model), so the exhaustive test compares radii with a real bound."""
     model = _net2d()
     x = torch.rand(5, 2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = model(x).argmax(1)
     grid = _grid(-1.5, 2.5, 0.004)
+    m64 = nn.Sequential(*list(model)).double()
     for i in range(5):
         t = _nearest_flip(model, x[i], int(y[i]), grid, "l2")
         assert math.isfinite(t)
-        assert not 1.5 * t <= t
+        d = (grid - x[i].double()).norm(dim=1)
+        at_t = grid[(d - t).abs() < 1e-9]  # the grid points at the reported distance: one must be misclassified
+        with torch.no_grad():
+            assert any(int(m64(p[None]).argmax()) != int(y[i]) for p in at_t)
+            inside = grid[d < t - 1e-9]  # and none closer is
+            assert bool((m64(inside).argmax(1) == int(y[i])).all())
 
 
 @pytest.fixture(scope="module")
