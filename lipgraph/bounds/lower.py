@@ -180,7 +180,10 @@ def lower_bound(
             obj = jv.norm()
             if not obj.requires_grad:
                 break
-            (grad,) = torch.autograd.grad(obj, zz, allow_unused=True)
+            try:
+                (grad,) = torch.autograd.grad(obj, zz, allow_unused=True)
+            except RuntimeError:  # an op without a second derivative (hardsigmoid's backward): stop ascending
+                break
             if grad is None or float(grad.norm()) == 0.0:
                 break
             z = (zz + step * grad / grad.norm()).detach()
@@ -281,7 +284,10 @@ def _ascent_step(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, v: 
     obj = jv.norm()
     if not obj.requires_grad:
         return None
-    (grad,) = torch.autograd.grad(obj, zz, allow_unused=True)
+    try:
+        (grad,) = torch.autograd.grad(obj, zz, allow_unused=True)
+    except RuntimeError:  # an op without a second derivative (hardsigmoid's backward): no ascent step
+        return None
     if grad is None or float(grad.norm()) == 0.0:
         return None
     return proj((zz + step * grad / grad.norm()).detach())
