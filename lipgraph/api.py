@@ -157,6 +157,40 @@ def analyze(
     return [_finish(base, d) for d in domains] if isinstance(domain, Sequence) else _finish(base, domains[0])
 
 
+def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: Domain | None, restarts: int,
+              seed: int) -> Any:
+    """The lower-bound search on the model (its float64 copy re-evaluates the witness), else on the IR (float32
+    search, float64 IR re-evaluation): the IR path serves ONNX files and models whose ops lack forward-mode AD
+    (PyTorch's fused CPU attention), since the IR runs attention as matmuls and softmax. None if both fail."""
+    g64 = ir.to_float64(g)
+
+    def run_ir(*zs: torch.Tensor) -> Any:
+        return ir.execute(g, *zs)
+
+    def run_ir64(*zs: torch.Tensor) -> Any:
+        return ir.execute(g64, *(z.double() for z in zs))
+
+    tries: list[tuple[Any, Any]] = []
+    if isinstance(model, nn.Module):
+        model.eval()  # restored by the caller: analyze leaves the model as it was
+        import copy  # noqa: PLC0415
+
+        try:
+            m64 = copy.deepcopy(model).double()
+            tries.append((model, lambda *zs, _m=m64: _m(*(z.double() for z in zs))))
+        except Exception:  # noqa: BLE001 - a model that cannot be copied: the IR's float64 copy re-evaluates
+            tries.append((model, run_ir64))
+    tries += [(run_ir, run_ir64), (run_ir, None)]
+    kw = {"domain": domain} if domain is not None else {}
+    for fn, f64 in tries:
+        torch.manual_seed(seed)
+        try:
+            return lower_bound(fn, xs, restarts=restarts, f64=f64, seed=seed, **kw)
+        except (NotImplementedError, RuntimeError, TypeError):  # no forward AD, a dtype the op refuses: next
+            continue
+    return None
+
+
 def _as_domains(domain: Any) -> list[Domain] | None:
     if domain is None:
         return None
@@ -188,31 +222,18 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
     lower, lower_budget = base["lower"], base["lower_budget"]
     if lower and not discrete:  # no Jacobian along integer inputs (token ids, indices): no lower-bound search
         t0 = time.perf_counter()
-        fn = model if isinstance(model, nn.Module) else (lambda *xs: ir.execute(g, *xs))
         gen = torch.Generator().manual_seed(seed)
         xs = _as_inputs(example_input) if example_input is not None else tuple(
             torch.randn(s, generator=gen) for s in inputs_shapes
         )
-        f64 = None
-        if isinstance(model, nn.Module):
-            model.eval()  # restored below: analyze leaves the model as it was
-            import copy  # noqa: PLC0415
-
-            try:
-                m64 = copy.deepcopy(model).double()
-                f64 = lambda *zs, _m=m64: _m(*(z.double() for z in zs))  # noqa: E731
-            except Exception:  # noqa: BLE001 - a model that cannot be copied: the float32 value stands
-                f64 = None
         rng_devices = [dev.index or 0] if dev.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=rng_devices):  # the search's own draws, seeded, then restored
-                torch.manual_seed(seed)
-                kw = {"domain": domain} if domain is not None else {}
-                lb = lower_bound(fn, xs, restarts=max(1, int(lower_budget)), f64=f64, seed=seed, **kw)
+                lb = _attained(model, g, xs, domain, max(1, int(lower_budget)), seed)
         finally:
             if isinstance(model, nn.Module):
                 model.train(was_training)
-        lower_value = lb.value
+        lower_value = lb.value if lb is not None else None
         seconds["lower"] = time.perf_counter() - t0
 
     nodes = []

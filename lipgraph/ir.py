@@ -94,6 +94,15 @@ def as_float64(n: IRNode) -> IRNode:
     return dataclasses.replace(n, params=params, attrs=attrs)
 
 
+def to_float64(g: nx.DiGraph) -> nx.DiGraph:
+    """A copy of ``g`` whose every node is :func:`as_float64` (the same structure; for float64 evaluation)."""
+    h = g.copy()
+    for name in h.nodes:
+        h.nodes[name]["ir"] = as_float64(g.nodes[name]["ir"])
+    h.graph = dict(g.graph)
+    return h
+
+
 def node(g: nx.DiGraph, name: str) -> IRNode:
     return g.nodes[name]["ir"]
 
