@@ -71,6 +71,17 @@ BOUND_MAX_DENSE = 2048
 #: Explored branch-and-bound nodes for all segments of one model in :func:`bound`: five inner budgets,
 #: like the old 10 s pass budget for 2 s inner ones (~70000 nodes at the idle rate above).
 TOTAL_NODES = 5 * INNER_NODES
+#: Budgets of a SeqLip pass on an input domain (it runs once per domain, after the global pass, so a tenth of
+#: the global pass: mobilenet_v3_small at 64x64 spent minutes at the global budget). Local inner maxima run
+#: over unstable neurons only, so on small domains most are enumerations that never reach the budget (the
+#: MNIST network at l_inf radius 0.02: 5-9 unstable neurons, 0.01 s).
+DOMAIN_INNER_NODES = INNER_NODES // 4
+#: A domain pass skips segments with more unstable neurons than this in one activation run: branch and bound
+#: over that many free slopes on wide layers rarely finishes (the head of mobilenet_v3_small on the box [0,1],
+#: 1024 unstable hardswish neurons between 576x1024 and 1024x1000 matrices, spent minutes), and the domain's
+#: per-node constants and the other algorithms' relations still bound the segment.
+DOMAIN_MAX_UNSTABLE = 64
+DOMAIN_TOTAL_NODES = TOTAL_NODES // 10
 #: Smallest node budget an inner maximisation gets once the pass budget is nearly spent (was 0.05 s).
 MIN_INNER_NODES = 64
 #: Low bits tabulated by the enumeration (2^LO_BITS matrices per batch).
@@ -738,8 +749,19 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
     relations: list[Relation] = []
+    if settings is not None and settings.neuron_slopes is not None:  # a domain pass: its own, smaller budgets
+        max_nodes = min(max_nodes, DOMAIN_INNER_NODES)
+        total_nodes = min(total_nodes, DOMAIN_TOTAL_NODES)
     work = WorkBudget(total_nodes)
     for seg in find_segments(g):
+        unstable = _most_unstable(seg, settings)
+        if unstable > DOMAIN_MAX_UNSTABLE:
+            auto, _ = _members_autolip(g, seg, local)
+            records.append({"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
+                            "method": f"skipped on the domain: {unstable} unstable neurons in one activation run "
+                                      f"(> {DOMAIN_MAX_UNSTABLE}), the domain's AutoLip kept",
+                            "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
+            continue
         if work.left <= 0:
             auto, _ = _members_autolip(g, seg, local)
             records.append({"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
@@ -762,6 +784,21 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     return AlgorithmResult(relations, records, time.perf_counter() - t0,
                            {"segments": len(records), "certified_segments": used,
                             "nodes": total_nodes - work.left})
+
+
+def _most_unstable(seg: Segment, settings: Settings | None) -> int:
+    """The largest number of unstable neurons (slope interval not a point) in one activation run of ``seg`` on
+    the domain of ``settings`` (0 for a global pass)."""
+    slopes = settings.neuron_slopes if settings is not None else None
+    if not slopes:
+        return 0
+    worst = 0
+    for run_names in seg.activations:
+        for name in run_names:
+            if name in slopes:
+                lo, hi = slopes[name]
+                worst = max(worst, int((hi > lo).sum()))
+    return worst
 
 
 def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None,
