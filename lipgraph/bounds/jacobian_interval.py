@@ -30,7 +30,8 @@ batch norm), so its error is covered by ``dM``.
 
 The bound: for every ``x`` in ``D``, ``J_v(x) = Jc + E`` with ``|E| <= Jr`` entrywise, so
 ``||J_v(x)||_2 <= ||Jc||_2 + ||E||_2 <= ||Jc||_2 + ||Jr||_2`` (a nonnegative matrix dominates the norm of every
-matrix it bounds entrywise). Both norms are certified by :func:`lipgraph.norms.dense_norm`. The relation
+matrix it bounds entrywise); also ``|J_v(x)| <= |Jc| + Jr``, so ``|| |Jc| + Jr ||_2`` bounds it too: the smaller wins.
+All norms are certified by :func:`lipgraph.norms.dense_norm`. The relation
 ``L(v) <= (||Jc|| + ||Jr||) * L(input)`` is emitted for every node with an enclosure (the combinator multiplies
 by ``L(input) = 1``). Convexity of the domain makes this a Lipschitz constant on ``D``.
 
@@ -360,10 +361,14 @@ def matrices(enc: Enc) -> Enc:
 
 
 def enclosure_bound(enc: Enc) -> tuple[float, bool]:
-    """``||Jc||_2 + ||Jr||_2`` (certified when both norms are), rounded up."""
+    """``min(||Jc||_2 + ||Jr||_2, || |Jc| + Jr ||_2)`` (certified when its norms are), rounded up."""
     jc, jr = matrices(enc)
     a, b = norms.dense_norm(jc), norms.dense_norm(jr)
-    return (a.upper + b.upper) * (1 + _M), a.certified and b.certified
+    m = norms.dense_norm(_up(jc.abs() + jr))  # |J| <= |Jc| + Jr entrywise, so ||J|| <= || |Jc| + Jr ||
+    best = (a.upper + b.upper) * (1 + _M)
+    if m.certified and m.upper < best:
+        return m.upper, True
+    return best, a.certified and b.certified
 
 
 def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
