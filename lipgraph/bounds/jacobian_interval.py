@@ -32,8 +32,9 @@ The bound: for every ``x`` in ``D``, ``J_v(x) = Jc + E`` with ``|E| <= Jr`` entr
 ``||J_v(x)||_2 <= ||Jc||_2 + ||E||_2 <= ||Jc||_2 + ||Jr||_2`` (a nonnegative matrix dominates the norm of every
 matrix it bounds entrywise); also ``|J_v(x)| <= |Jc| + Jr``, so ``|| |Jc| + Jr ||_2`` bounds it too: the smaller wins.
 All norms are certified by :func:`lipgraph.norms.dense_norm`. The relation
-``L(v) <= (||Jc|| + ||Jr||) * L(input)`` is emitted for every node with an enclosure (the combinator multiplies
-by ``L(input) = 1``). Convexity of the domain makes this a Lipschitz constant on ``D``.
+``L(v) <= min(||Jc|| + ||Jr||, || |Jc| + Jr ||) * L(input)`` is emitted for every node with an
+enclosure (the combinator multiplies by ``L(input) = 1``). Convexity of the domain makes this a Lipschitz
+constant on ``D``.
 
 Work limits count entries, never seconds: a node whose enclosure would exceed :data:`JACOBIAN_ENTRIES`
 entries (``numel(v) * numel(input)``), or whose materialised linear part would exceed it, stops there with
