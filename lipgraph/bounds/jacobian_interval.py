@@ -1,0 +1,408 @@
+"""Interval Jacobian propagation on an input domain: ``L_D(v) <= sup_{x in D} ||J_v(x)||_2``, enclosed.
+
+For every node ``v`` the pass encloses the Jacobian ``J_v(x) = d v / d input`` over all ``x`` of the domain as
+an interval matrix ``[Jc - Jr, Jc + Jr]`` (dense float64, ``Jr >= 0``), walking the graph once in its order
+with the chain rule in interval arithmetic. Columns are kept batched: a node's enclosure is a pair of
+tensors of shape ``(numel(input), *shape(v))`` (column ``j`` is ``d v / d x_j``).
+
+* input: ``J = I``, radius 0; constant: ``J = 0``; a single-tensor output: its input's enclosure.
+* linear / conv / conv_transpose: centre ``W Jc`` (the op without bias on every column), radius ``|W| Jr``
+  (the same op with ``|W|``).
+* any other affine op (``rule.affine``, tensor-valued): its dense linear part ``M_i`` in each variable input,
+  materialised as ``f(e_j) - f(0)`` (constants at their values), with an entry error ``dM = margin (|f(e_j)|
+  + |f(0)|)`` for the cancellation of that difference; then ``J = sum_i M_i J_i`` in interval arithmetic.
+* elementwise activations: the derivative ``d`` lies in the per-neuron interval of
+  ``settings.neuron_slopes`` (else the rule's global slope interval): ``J = diag(d) J_in``.
+* ``mul_var`` ``a * b``: ``J = diag(b) J_a + diag(a) J_b`` with ``a``, ``b`` in their ranges (broadcasting).
+* ``matmul_var`` ``A @ B``: ``dA B + A dB`` with ``A``, ``B`` in their ranges.
+* ``softmax``: ``J_sm = diag(p) - p p^T`` per slice, with ``p`` in the softmax's range (entrywise intervals:
+  ``p_i (1 - p_i)`` on the diagonal, ``-p_i p_j`` off it).
+* any other op, or an operand without a range: no enclosure, for that node and everything downstream.
+
+Interval products (certified). For ``X in [Xc -+ Xr]``, ``Y in [Yc -+ Yr]`` and a bilinear map ``op`` with
+nonnegative structure (``|op(x, y)| <= op(|x|, |y|)``: products, matmuls, the ops with ``|W|``):
+``|op(X, Y) - op(Xc, Yc)| <= op(|Xc|, Yr) + op(Xr, |Yc| + Yr)``. The float64 evaluation of ``op(Xc, Yc)`` errs by
+at most ``gamma_k op(|Xc|, |Yc|)`` (``k`` terms, ``gamma_k ~ k u < ROUNDING_MARGIN`` for ``k <= 4e6``), so every
+product adds ``ROUNDING_MARGIN op(|Xc| + Xr, |Yc| + Yr)`` to the radius, sums add ``ROUNDING_MARGIN (|a| + |b|)``,
+and every radius is finally multiplied by ``1 + ROUNDING_MARGIN`` for its own rounding. The materialised
+``M`` of a generic affine op assumes ``f(e_j)`` is a few-flop evaluation (selections, scalings, means,
+batch norm), so its error is covered by ``dM``.
+
+The bound: for every ``x`` in ``D``, ``J_v(x) = Jc + E`` with ``|E| <= Jr`` entrywise, so
+``||J_v(x)||_2 <= ||Jc||_2 + ||E||_2 <= ||Jc||_2 + ||Jr||_2`` (a nonnegative matrix dominates the norm of every
+matrix it bounds entrywise); also ``|J_v(x)| <= |Jc| + Jr``, so ``|| |Jc| + Jr ||_2`` bounds it too: the smaller wins.
+All norms are certified by :func:`lipgraph.norms.dense_norm`. The relation
+``L(v) <= min(||Jc|| + ||Jr||, || |Jc| + Jr ||) * L(input)`` is emitted for every node with an
+enclosure (the combinator multiplies by ``L(input) = 1``). Convexity of the domain makes this a Lipschitz
+constant on ``D``.
+
+Work limits count entries, never seconds: a node whose enclosure would exceed :data:`JACOBIAN_ENTRIES`
+entries (``numel(v) * numel(input)``), or whose materialised linear part would exceed it, stops there with
+a record; :data:`TOTAL_ENTRIES` bounds the whole pass. Without a domain (``settings.extra["ranges"]`` unset:
+the global analysis) the pass returns no relation, at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import networkx as nx
+import torch
+
+from .. import ir, norms
+from ..core import ROUNDING_MARGIN, Settings
+from ..domains import Range
+from ..ops import RULES, LocalConstant, slope_interval
+from .relations import AlgorithmResult, Relation, Term
+
+#: Largest enclosure (entries of ``Jc``) of one node, and largest materialised linear part of an affine op:
+#: 4e6 float64 entries are 32 MB per tensor.
+JACOBIAN_ENTRIES = 4_000_000
+#: Entries of all enclosures of one pass together; later nodes stop with a record.
+TOTAL_ENTRIES = 100_000_000
+SOURCE = "jacobian-interval"
+_DT = torch.float64
+_M = ROUNDING_MARGIN
+_WEIGHTED = ("linear", "conv", "conv_transpose")
+
+Enc = tuple[torch.Tensor, torch.Tensor]
+
+
+class _Stop(Exception):  # noqa: N818 - internal signal: no enclosure at this node, with the reason
+    """This node gets no enclosure (the message says why)."""
+
+
+def _up(r: torch.Tensor) -> torch.Tensor:
+    """A radius rounded up for its own float64 evaluation."""
+    return r * (1 + _M)
+
+
+def bilinear(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], xc: torch.Tensor, xr: torch.Tensor,
+             yc: torch.Tensor, yr: torch.Tensor) -> Enc:
+    """Enclosure of ``op(X, Y)`` for ``X in [xc -+ xr]``, ``Y in [yc -+ yr]``: centre ``op(xc, yc)``, radius
+    ``op(|xc|, yr) + op(xr, |yc| + yr) + margin op(|xc| + xr, |yc| + yr)`` (certified for bilinear ``op`` with
+    ``|op(x, y)| <= op(|x|, |y|)``; the margin covers the rounding of the centre)."""
+    ax, ay = xc.abs(), yc.abs()
+    rad = op(ax, yr) + op(xr, ay + yr) + _M * op(ax + xr, ay + yr)
+    return op(xc, yc), _up(rad)
+
+
+def add_enc(a: Enc, b: Enc) -> Enc:
+    """Sum of two enclosures, the centre's rounding added to the radius."""
+    c = a[0] + b[0]
+    return c, _up(a[1] + b[1] + _M * (a[0].abs() + b[0].abs()))
+
+
+def _pad(t: torch.Tensor, ndim: int, batched: bool) -> torch.Tensor:
+    """``t`` with leading singleton dims so that its value part has ``ndim`` dims (after the column dim)."""
+    k = t.dim() - (1 if batched else 0)
+    if k >= ndim:
+        return t
+    shape = list(t.shape)
+    at = 1 if batched else 0
+    return t.reshape(shape[:at] + [1] * (ndim - k) + shape[at:])
+
+
+def _interval(r: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(r, Range):
+        raise _Stop(f"no range for {name}")
+    return r.mid, _up(r.rad + _M * r.abs_max)
+
+
+# --- per-op rules ---------------------------------------------------------------------------------------
+
+
+def _weighted(n: ir.IRNode, enc: Enc) -> Enc:
+    """linear / conv / conv_transpose: centre ``W Jc``, radius ``|W| Jr + margin |W| (|Jc| + Jr)``."""
+    n64 = ir.as_float64(n)
+    params = {k: v for k, v in n64.params.items() if k != "bias"}
+    plain = dataclasses.replace(n64, params=params)
+    absw = dataclasses.replace(n64, params={**params, "weight": params["weight"].abs()})
+    f = RULES[n.op].forward
+
+    def lin(x: torch.Tensor, node: ir.IRNode) -> torch.Tensor:
+        return torch.vmap(lambda col: f(node, col))(x)
+
+    c, r = enc
+    centre = lin(c, plain)
+    rad = lin(r, absw) + _M * lin(c.abs() + r, absw)
+    return centre, _up(rad)
+
+
+def _linear_parts(n: ir.IRNode, consts: Mapping[str, torch.Tensor], var_pos: list[int]) -> list[Enc]:
+    """For each variable argument position: ``(M^T, dM^T)`` of shape ``(numel(u), numel(v))``, with
+    ``M = f(e_j) - f(0)`` (other variable arguments 0, constants at their values) and ``dM`` its entry error."""
+    n64 = ir.as_float64(n)
+    f = RULES[n.op].forward
+    shapes = [tuple(s) for s in n.in_shapes]
+    base = [consts[i] if i in consts else torch.zeros(shapes[k], dtype=_DT) for k, i in enumerate(n.inputs)]
+    y0 = f(n64, *base)
+    if not isinstance(y0, torch.Tensor):
+        raise _Stop(f"{n.op} is not tensor-valued")
+    y0 = y0.reshape(-1)
+    out = []
+    for k in var_pos:
+        nu = math.prod(shapes[k])
+        if nu * y0.numel() > JACOBIAN_ENTRIES:
+            raise _Stop(f"linear part of {n.op} has {nu * y0.numel()} entries (limit {JACOBIAN_ENTRIES})")
+        eye = torch.eye(nu, dtype=_DT).reshape(nu, *shapes[k])
+
+        def at(e: torch.Tensor, k: int = k) -> torch.Tensor:
+            args = list(base)
+            args[k] = e
+            return f(n64, *args).reshape(-1)
+
+        fe = torch.vmap(at)(eye)  # (nu, numel(v))
+        mt = fe - y0
+        dm = _up(_M * (fe.abs() + y0.abs()) + 2.2250738585072014e-308)
+        out.append((mt, dm))
+    return out
+
+
+def _affine(n: ir.IRNode, encs: list[Enc | None], consts: Mapping[str, torch.Tensor]) -> Enc:
+    """A generic affine op: ``J = sum_i M_i J_i`` with each ``M_i`` materialised (interval ``[M -+ dM]``)."""
+    var_pos = [k for k, i in enumerate(n.inputs) if i not in consts]
+    if not var_pos:
+        raise _Stop("no variable input")
+    total: Enc | None = None
+    for k, (mt, dm) in zip(var_pos, _linear_parts(n, consts, var_pos), strict=True):
+        c, r = encs[k]
+        nc = c.shape[0]
+        c2, r2 = c.reshape(nc, -1), r.reshape(nc, -1)
+        term = bilinear(torch.matmul, c2, r2, mt, dm)
+        total = term if total is None else add_enc(total, term)
+    shape = (total[0].shape[0], *tuple(n.out_shape))
+    return total[0].reshape(shape), total[1].reshape(shape)
+
+
+def _activation(n: ir.IRNode, enc: Enc, settings: Settings) -> Enc:
+    """``J = diag(d) J_in`` with ``d`` in its per-neuron interval (or the rule's global slope interval)."""
+    shape = tuple(n.in_shapes[0])
+    slopes = (settings.neuron_slopes or {}).get(n.name)
+    if slopes is not None:
+        lo = torch.broadcast_to(torch.as_tensor(slopes[0], dtype=_DT), shape)
+        hi = torch.broadcast_to(torch.as_tensor(slopes[1], dtype=_DT), shape)
+    else:
+        s = slope_interval(n)
+        if s is None:
+            raise _Stop(f"no slope interval for {n.op}")
+        lo, hi = torch.full(shape, float(s[0]), dtype=_DT), torch.full(shape, float(s[1]), dtype=_DT)
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise _Stop(f"non-finite slopes at {n.name}")
+    dc = 0.5 * (lo + hi)
+    dr = _up(torch.maximum(hi - dc, dc - lo).clamp_min(0.0) + _M * torch.maximum(lo.abs(), hi.abs()))
+    return bilinear(torch.mul, enc[0], enc[1], dc, dr)
+
+
+def _mul_var(n: ir.IRNode, encs: list[Enc], ranges: Mapping[str, Any]) -> Enc:
+    """``d(a b) = da * b + a * db`` (elementwise, broadcast), ``a``, ``b`` in their ranges."""
+    nd = len(n.out_shape)
+    (ac, ar), (bc, br) = (_interval(ranges.get(i), i) for i in n.inputs)
+    ta = bilinear(torch.mul, _pad(encs[0][0], nd, True), _pad(encs[0][1], nd, True), _pad(bc, nd, False),
+                  _pad(br, nd, False))
+    tb = bilinear(torch.mul, _pad(encs[1][0], nd, True), _pad(encs[1][1], nd, True), _pad(ac, nd, False),
+                  _pad(ar, nd, False))
+    return add_enc(ta, tb)
+
+
+def _matmul_var(n: ir.IRNode, encs: list[Enc], ranges: Mapping[str, Any]) -> Enc:
+    """``d(A B) = dA B + A dB``, ``A``, ``B`` in their ranges (both at least 2-d)."""
+    if any(len(s) < 2 for s in n.in_shapes):
+        raise _Stop("matmul_var of a vector")
+    nd = len(n.out_shape)
+    (ac, ar), (bc, br) = (_interval(ranges.get(i), i) for i in n.inputs)
+    ta = bilinear(torch.matmul, _pad(encs[0][0], nd, True), _pad(encs[0][1], nd, True), _pad(bc, nd, False),
+                  _pad(br, nd, False))
+    tb = bilinear(lambda x, a: torch.matmul(a, x), _pad(encs[1][0], nd, True), _pad(encs[1][1], nd, True),
+                  _pad(ac, nd, False), _pad(ar, nd, False))
+    return add_enc(ta, tb)
+
+
+def softmax_jacobian(p: Range) -> Enc:
+    """Entrywise enclosure ``(centre, radius)`` of ``diag(p) - p p^T`` over ``p`` in ``p`` (last dim: the softmax
+    dim; result ``(..., k, k)``): ``p_i (1 - p_i)`` on the diagonal (increasing up to 1/2), ``-p_i p_j`` off it."""
+    lo, hi = p.lo.clamp(0.0, 1.0), p.hi.clamp(0.0, 1.0)
+    k = lo.shape[-1]
+    off_lo = -(hi[..., :, None] * hi[..., None, :])
+    off_hi = -(lo[..., :, None] * lo[..., None, :])
+
+    def g(t: torch.Tensor) -> torch.Tensor:
+        return t * (1 - t)
+
+    d_lo = torch.minimum(g(lo), g(hi))
+    d_hi = g(torch.minimum(torch.maximum(torch.full_like(lo, 0.5), lo), hi))
+    eye = torch.eye(k, dtype=torch.bool)
+    m_lo = torch.where(eye, torch.diag_embed(d_lo), off_lo)
+    m_hi = torch.where(eye, torch.diag_embed(d_hi), off_hi)
+    c = 0.5 * (m_lo + m_hi)
+    r = torch.maximum(m_hi - c, c - m_lo).clamp_min(0.0) + 4 * _M * torch.maximum(m_lo.abs(), m_hi.abs())
+    return c, _up(r + 2.2250738585072014e-308)
+
+
+def _softmax(n: ir.IRNode, enc: Enc, ranges: Mapping[str, Any]) -> Enc:
+    """``J = J_sm J_in`` per slice along the softmax dim, ``J_sm`` entrywise enclosed from the output's range."""
+    p = ranges.get(n.name)
+    if not isinstance(p, Range):
+        raise _Stop(f"no range for {n.name}")
+    nd = len(n.out_shape)
+    dim = n.attrs["dim"] % nd
+    p_last = Range(p.lo.movedim(dim, -1), p.hi.movedim(dim, -1))
+    mc, mr = softmax_jacobian(p_last)
+    c, r = enc[0].movedim(dim + 1, -1), enc[1].movedim(dim + 1, -1)
+
+    def op(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(m, x[..., None])[..., 0]
+
+    oc, orad = bilinear(op, c, r, mc, mr)
+    return oc.movedim(-1, dim + 1), orad.movedim(-1, dim + 1)
+
+
+# --- the pass -------------------------------------------------------------------------------------------
+
+
+def _step(n: ir.IRNode, encs: list[Enc | None], consts: Mapping[str, torch.Tensor], ranges: Mapping[str, Any],
+          settings: Settings) -> Enc:
+    rule = RULES.get(n.op)
+    if rule is None:
+        raise _Stop(f"no rule for {n.op}")
+    if n.op == "output":
+        if len(n.inputs) != 1:
+            raise _Stop("output of several tensors")
+        return encs[0]
+    if not isinstance(n.out_shape, (tuple, list)) or not all(isinstance(d, int) for d in n.out_shape):
+        raise _Stop(f"{n.op} is not tensor-valued")
+    if n.op in _WEIGHTED and len(n.inputs) == 1 and "weight" in n.params:
+        return _weighted(n, encs[0])
+    if n.op in ("mul_var", "matmul_var") and len(n.inputs) == 2:
+        fill = [e if e is not None else _zero(n.in_shapes[k], encs) for k, e in enumerate(encs)]
+        return (_mul_var if n.op == "mul_var" else _matmul_var)(n, fill, ranges)
+    if n.op == "softmax" and len(n.inputs) == 1:
+        return _softmax(n, encs[0], ranges)
+    if slope_interval(n) is not None and len(n.inputs) == 1:
+        return _activation(n, encs[0], settings)
+    if rule.affine and n.op not in ("split", "unbind", "tuple_getitem"):
+        return _affine(n, encs, consts)
+    raise _Stop(f"no interval Jacobian rule for {n.op}")
+
+
+def _zero(shape: Any, encs: list[Enc | None]) -> Enc:
+    ncol = next(e[0].shape[0] for e in encs if e is not None)
+    z = torch.zeros((ncol, *tuple(shape)), dtype=_DT)
+    return z, z
+
+
+def propagate(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings) -> tuple[dict[str, Enc], dict[str, str]]:
+    """Enclosures ``name -> (Jc, Jr)`` (column-batched, see the module doc) and ``name -> reason`` where none."""
+    (inp,) = g.graph["inputs"]
+    shape = tuple(ir.node(g, inp).out_shape)
+    nin = math.prod(shape)
+    encs: dict[str, Enc] = {}
+    reasons: dict[str, str] = {}
+    consts: dict[str, torch.Tensor] = {}
+    used = 0
+    for n in ir.nodes(g):
+        if n.op == "input":
+            if nin * nin > JACOBIAN_ENTRIES:
+                reasons[n.name] = f"input of {nin} entries: J has {nin * nin} entries (limit {JACOBIAN_ENTRIES})"
+                continue
+            eye = torch.eye(nin, dtype=_DT).reshape(nin, *shape)
+            encs[n.name] = (eye, torch.zeros_like(eye))
+            used += nin * nin
+            continue
+        if n.op == "constant":
+            v = RULES["constant"].forward(ir.as_float64(n))
+            if isinstance(v, torch.Tensor):
+                consts[n.name] = v.detach().to(_DT)
+            continue
+        var = [i for i in n.inputs if i not in consts]
+        missing = [i for i in var if i not in encs]
+        if missing:
+            reasons[n.name] = reasons.get(missing[0], f"no enclosure for {missing[0]}")
+            continue
+        if not var:
+            reasons[n.name] = "constant-valued node"
+            continue
+        size = _numel(n.out_shape) * nin
+        if size is None or size > JACOBIAN_ENTRIES or used + size > TOTAL_ENTRIES:
+            reasons[n.name] = (f"work limit: enclosure of {size} entries (node limit {JACOBIAN_ENTRIES}, "
+                               f"pass limit {TOTAL_ENTRIES}, used {used})")
+            continue
+        try:
+            e = _step(n, [encs.get(i) for i in n.inputs], consts, ranges, settings)
+        except _Stop as exc:
+            reasons[n.name] = str(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a rule that cannot handle this node: no enclosure, said why
+            reasons[n.name] = f"interval Jacobian of {n.op} failed ({type(exc).__name__}: {exc})"
+            continue
+        if not (torch.isfinite(e[0]).all() and torch.isfinite(e[1]).all()):
+            reasons[n.name] = "non-finite enclosure"
+            continue
+        encs[n.name] = e
+        used += size
+    return encs, reasons
+
+
+def _numel(shape: Any) -> int | None:
+    if isinstance(shape, (tuple, list)) and len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]  # a single-tensor output
+    if isinstance(shape, (tuple, list)) and all(isinstance(d, int) for d in shape):
+        return math.prod(shape)
+    return None
+
+
+def matrices(enc: Enc) -> Enc:
+    """The enclosure as ``(numel(v), numel(input))`` matrices ``(Jc, Jr)``."""
+    c, r = enc
+    return c.reshape(c.shape[0], -1).T, r.reshape(r.shape[0], -1).T
+
+
+def enclosure_bound(enc: Enc) -> tuple[float, bool]:
+    """``min(||Jc||_2 + ||Jr||_2, || |Jc| + Jr ||_2)`` (certified when its norms are), rounded up."""
+    jc, jr = matrices(enc)
+    a, b = norms.dense_norm(jc), norms.dense_norm(jr)
+    m = norms.dense_norm(_up(jc.abs() + jr))  # |J| <= |Jc| + Jr entrywise, so ||J|| <= || |Jc| + Jr ||
+    best = (a.upper + b.upper) * (1 + _M)
+    if m.certified and m.upper < best:
+        return m.upper, True
+    return best, a.certified and b.certified
+
+
+def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
+    """Relations ``L(v) <= (||Jc_v|| + ||Jr_v||) L(input)`` for every node with an interval Jacobian on the domain
+    (``settings.extra["ranges"]``); none without a domain (see the module doc)."""
+    t0 = time.perf_counter()
+    settings = settings or Settings()
+    rr = settings.extra.get("ranges")
+    if rr is None:
+        return AlgorithmResult([], [{"method": SOURCE, "skipped": "needs a domain (no ranges: global analysis)"}],
+                               time.perf_counter() - t0)
+    if len(g.graph["inputs"]) != 1:
+        return AlgorithmResult([], [{"method": SOURCE, "skipped": "single-input models only"}],
+                               time.perf_counter() - t0)
+    encs, reasons = propagate(g, rr.ranges, settings)
+    inp = g.graph["inputs"][0]
+    relations: list[Relation] = []
+    records: list[dict[str, Any]] = []
+    for n in ir.nodes(g):
+        if n.name not in encs or n.op in ("input", "constant"):
+            continue
+        value, certified = enclosure_bound(encs[n.name])
+        if not math.isfinite(value):
+            continue
+        records.append({"node": n.name, "bound": value, "certified": certified,
+                        "radius_max": float(matrices(encs[n.name])[1].abs().max())})
+        relations.append(Relation(n.name, (Term(inp, value, certified),), SOURCE, f"interval Jacobian at {n.name}"))
+    stopped = {k: v for k, v in reasons.items() if ir.node(g, k).op not in ("constant",)}
+    if stopped:
+        records.append({"method": SOURCE, "stopped": stopped})
+    return AlgorithmResult(relations, records, time.perf_counter() - t0,
+                           {"enclosed": len(encs), "stopped": len(stopped)})
+
+
+__all__ = ["JACOBIAN_ENTRIES", "SOURCE", "TOTAL_ENTRIES", "add_enc", "bilinear", "enclosure_bound", "matrices",
+           "propagate", "run", "softmax_jacobian"]
