@@ -53,6 +53,6 @@ register_method("eclipse-fast", "lipgraph.bounds.eclipse_fast",
                 "ECLipsE-Fast on linear-chain segments (closed form, every PSD step proven by Cholesky)")
 register_method("jacobian-interval", "lipgraph.bounds.jacobian_interval",
                 "interval Jacobian on an input domain: ||Jc|| + ||Jr|| of an enclosure of every node's Jacobian "
-                "(needs a domain; nothing in a global analysis)")
+                "(needs a domain; nothing in a global analysis)", uses_domain=True)
 
 __all__ = ["METHODS", "Method", "register_method"]
