@@ -14,7 +14,7 @@ import torch.nn as nn
 from . import ir
 from .bounds import METHODS
 from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
-from .bounds.lower import lower_bound
+from .bounds.lower import PatternTargets, lower_bound
 from .bounds.on_domain import domain_constants
 from .bounds.ranges import propagate
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, subgraph_constant
@@ -158,7 +158,7 @@ def analyze(
 
 
 def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: Domain | None, restarts: int,
-              seed: int) -> Any:
+              seed: int, patterns: PatternTargets | None = None) -> Any:
     """The lower-bound search on the model (its float64 copy re-evaluates the witness), else on the IR (float32
     search, float64 IR re-evaluation): the IR path serves ONNX files and models whose ops lack forward-mode AD
     (PyTorch's fused CPU attention), since the IR runs attention as matmuls and softmax. None if both fail."""
@@ -181,7 +181,7 @@ def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: D
         except Exception:  # noqa: BLE001 - a model that cannot be copied: the IR's float64 copy re-evaluates
             tries.append((model, run_ir64))
     tries += [(run_ir, run_ir64), (run_ir, None)]
-    kw = {"domain": domain} if domain is not None else {}
+    kw: dict[str, Any] = {"domain": domain, "patterns": patterns} if domain is not None else {}
     for fn, f64 in tries:
         torch.manual_seed(seed)
         try:
@@ -229,7 +229,8 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
         rng_devices = [dev.index or 0] if dev.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=rng_devices):  # the search's own draws, seeded, then restored
-                lb = _attained(model, g, xs, domain, max(1, int(lower_budget)), seed)
+                lb = _attained(model, g, xs, domain, max(1, int(lower_budget)), seed,
+                               dom["patterns"] if dom is not None else None)
         finally:
             if isinstance(model, nn.Module):
                 model.train(was_training)
@@ -275,12 +276,15 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
     seconds["domain:ranges"] = time.perf_counter() - t0
     dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr})
     relations = list(base["relations"])
+    seq_records: list[dict[str, Any]] = []
     for name in names:
         if not METHODS[name].uses_domain:
             continue
         t0 = time.perf_counter()
         res = METHODS[name].runner()(g, dc.local, dctx)
         relations.extend(res.relations)
+        if name == "seqlip":
+            seq_records = list(res.records)
         seconds[f"domain:{name}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cum_auto = combine(g, dc.local)
@@ -296,7 +300,71 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
         "the domain's constants with every algorithm's relations (domain-aware ones rerun on the domain)", total)
     missing = sorted({r for r in rr.reasons.values()})[:5]
     return {"ranges": rr, "constants": dc, "local": dc.local, "cum": cum_best, "relations": relations,
-            "missing": missing}
+            "missing": missing, "patterns": pattern_targets(g, dc.slopes, rr, seq_records)}
+
+
+#: Ops whose derivative is at the top of its interval exactly for positive inputs (piecewise linear, one kink
+#: at 0): the pattern search steers their unstable neurons by the sign of the pre-activation.
+_SIGN_OPS = ("relu", "leaky_relu")
+#: The pattern search's margin past the kink, as a share of the smaller side of the pre-activation range.
+MARGIN = 0.05
+
+
+def _sign_nodes(g: nx.DiGraph, slopes: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[ir.IRNode]:
+    """The ReLU-type activations (slope 1 for ``z > 0``, a smaller one for ``z < 0``) with unstable neurons."""
+    out = []
+    for n in ir.nodes(g):
+        if n.op not in _SIGN_OPS or n.name not in slopes:
+            continue
+        if n.op == "leaky_relu" and float(n.attrs.get("negative_slope", 0.01)) > 1.0:
+            continue
+        lo, hi = slopes[n.name]
+        if bool((hi > lo).any()):
+            out.append(n)
+    return out
+
+
+def pattern_targets(g: nx.DiGraph, slopes: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rr: Any,
+                    records: Sequence[Mapping[str, Any]]) -> PatternTargets | None:
+    """Targets of the lower bound's pattern search on a domain (see :class:`PatternTargets`): the unstable
+    neurons of the ReLU-type activations, their pre-activations read from ``ir.execute(g, x, keep=True)``,
+    and sign vectors to reach: the domain SeqLip's maximising pattern (every segment's inner maximum over a
+    single activation; neurons of activations without one stay free), then every unstable neuron active.
+    Margin: ``MARGIN`` times the smaller side of each neuron's pre-activation range on the domain
+    (``min(hi, -lo)``, so each neuron alone can reach either sign with it). None without such neurons."""
+    nodes = _sign_nodes(g, slopes)
+    if not nodes:
+        return None
+    idx = {n.name: torch.nonzero((slopes[n.name][1] > slopes[n.name][0]).reshape(-1)).reshape(-1) for n in nodes}
+    shape = tuple(g.nodes[g.graph["inputs"][0]]["ir"].out_shape)
+    margins = []
+    for n in nodes:
+        r = rr.ranges.get(n.inputs[0])
+        if isinstance(r, Range):  # the smaller side of the kink: a margin every neuron can reach alone
+            side = torch.minimum(r.hi, -r.lo).reshape(-1)[idx[n.name]].clamp_min(0.0)
+        else:
+            side = torch.zeros(len(idx[n.name]))
+        margins.append(MARGIN * side.to(torch.float64))
+    hinted: dict[str, torch.Tensor] = {}
+    for rec in records:
+        for inner in rec.get("inner", ()):
+            acts, at_hi = inner.get("activations") or [], inner.get("at_hi")
+            if len(acts) == 1 and acts[0] in idx and at_hi is not None:
+                lo, _ = slopes[acts[0]]
+                s = -torch.ones(lo.numel(), dtype=torch.float64)
+                s[torch.tensor(at_hi, dtype=torch.long)] = 1.0
+                hinted[acts[0]] = s[idx[acts[0]]]
+    signs = []
+    if hinted:
+        signs.append(torch.cat([hinted.get(n.name, torch.zeros(len(idx[n.name]), dtype=torch.float64))
+                                for n in nodes]))
+    signs.append(torch.ones(sum(len(v) for v in idx.values()), dtype=torch.float64))
+
+    def preact(x: torch.Tensor) -> torch.Tensor:
+        _, values = ir.execute(g, x.reshape(shape), keep=True)
+        return torch.cat([values[n.inputs[0]].reshape(-1)[idx[n.name]] for n in nodes])
+
+    return PatternTargets(preact, signs, torch.cat(margins))
 
 
 def _method_names(method: str | Sequence[str]) -> list[str]:

@@ -42,6 +42,20 @@ class LowerBound:
     witness: tuple[Any, ...] | None = None  # ("jacobian", x, unit v) or ("secant", x, y), flat, as evaluated
 
 
+@dataclass
+class PatternTargets:
+    """Activation patterns to reach inside a domain (the pattern search of :func:`lower_bound`).
+
+    ``preact``: flat input -> flat pre-activations ``z`` of the targeted (unstable) neurons of
+    ReLU-type activations; ``signs``: target sign vectors (``+1``: ``z_j > 0``, ``-1``: ``z_j < 0``,
+    ``0``: free), one entry per targeted neuron, tried in order; ``margin``: how far past the kink a
+    neuron is pushed (a number or one per neuron, in the pre-activation's units)."""
+
+    preact: Callable[[torch.Tensor], torch.Tensor]
+    signs: list[torch.Tensor]
+    margin: torch.Tensor | float = 0.0
+
+
 def _flat_fn(f: Callable[..., object], shapes: Sequence[tuple[int, ...]]) -> Callable[[torch.Tensor], torch.Tensor]:
     sizes = [math.prod(s) for s in shapes]
 
@@ -121,6 +135,9 @@ def lower_bound(
     seed: int = 0,
     f64: Callable[..., object] | None = None,
     domain: Domain | None = None,
+    patterns: PatternTargets | None = None,
+    pattern_steps: int = 100,
+    climb_rounds: int = 2,
 ) -> LowerBound:
     """Largest ``||J_f(x)||_2`` found around ``example_inputs`` (an attained value: a lower bound).
 
@@ -149,12 +166,25 @@ def lower_bound(
     for ``||J||`` at each restart were tried and found nothing more on the LipSDP MNIST network (l_inf
     ball 0.02 in [0, 1]: 16.47/16.06/16.06 with 0, 8 or 32 corners per restart), so there are none.
 
+    ``patterns`` (with a ``domain`` only; ignored without one): the *pattern search* for piecewise
+    linear networks, where the Jacobian is constant on each activation region and the ascent has
+    nothing to follow. For each target sign vector ``s`` (e.g. the domain SeqLip's maximising pattern),
+    ``pattern_steps`` steps of projected Adam from the domain's center on the hinge loss
+    ``sum_j relu(margin_j - s_j z_j(x))``, every iterate projected into the domain; the point of least
+    loss (and the last one) are evaluated for ``||J(x)||`` like any other point. Whatever pattern the
+    point actually reaches, its Jacobian norm is a valid lower bound (the same argument as above), so
+    a target that is infeasible in the domain (a partial pattern reached) still counts. Then a hill
+    climb over the patterns the domain allows (:func:`pattern_climb`, ``climb_rounds`` passes): flip
+    one targeted neuron of the pattern reached, steer there (``pattern_steps // 4`` steps), keep the
+    point if it reaches that pattern with a larger ``||J||``.
+
     The work is fixed (``restarts`` x (``ascent_steps + 1`` Jacobian evaluations + ``secant_steps`` secant
     steps)), never timed, so the value is the same
     at any machine load; ``seconds`` is information."""
     if domain is not None:
         return _lower_on_domain(f, example_inputs, domain, restarts=restarts, ascent_steps=ascent_steps,
-                                power_iters=power_iters, secant_steps=secant_steps, seed=seed, f64=f64)
+                                power_iters=power_iters, secant_steps=secant_steps, seed=seed, f64=f64,
+                                patterns=patterns, pattern_steps=pattern_steps, climb_rounds=climb_rounds)
     t0 = time.perf_counter()
     shapes = [tuple(x.shape) for x in example_inputs]
     g = _flat_fn(f, shapes)
@@ -220,7 +250,8 @@ def _domain_size(domain: Domain, like: torch.Tensor) -> tuple[float, bool]:
 
 def _lower_on_domain(f: Callable[..., object], example_inputs: Sequence[torch.Tensor], domain: Domain, *,
                      restarts: int, ascent_steps: int, power_iters: int, secant_steps: int, seed: int,
-                     f64: Callable[..., object] | None) -> LowerBound:
+                     f64: Callable[..., object] | None, patterns: PatternTargets | None = None,
+                     pattern_steps: int = 100, climb_rounds: int = 2) -> LowerBound:
     """:func:`lower_bound` with every evaluated point in ``domain`` (see its docstring)."""
     t0 = time.perf_counter()
     if len(example_inputs) != 1:
@@ -269,11 +300,85 @@ def _lower_on_domain(f: Callable[..., object], example_inputs: Sequence[torch.Te
             if pair:
                 consider("secant", sec, pair[0], pair[0] + pair[1])
             points += secant_steps
+    if patterns is not None and full:
+        def norm_at(z: torch.Tensor) -> tuple[float, torch.Tensor]:
+            return jacobian_norm(g, z, power_iters, torch.randn(n, generator=gen).to(dtype).to(dev))
+
+        for s in patterns.signs:
+            try:
+                found = [(*norm_at(z), z) for z in pattern_points(patterns, s, proj(starts[0].to(dtype).to(dev)), proj,
+                                                                 size, pattern_steps)]
+                sigma, v, z = max(found, key=lambda t: t[0])
+                sigma, v, z, evals = pattern_climb(patterns, norm_at, (sigma, v, z), proj, size,
+                                                   max(1, pattern_steps // 4), climb_rounds)
+                consider("jacobian", sigma, z, v)
+                points += len(found) + evals
+            except (RuntimeError, TypeError, ValueError):  # pre-activations the search cannot run: skip
+                continue
     if witness is not None:
         g_eval = _flat_fn(f64, [shape]) if f64 is not None else g
         best, witness = _reevaluate_on_domain(g_eval, witness, _flat_projection(domain, shape),
                                               torch.float64 if f64 is not None else dtype)
     return LowerBound(best, time.perf_counter() - t0, points, "domain-search", witness)
+
+
+def pattern_points(targets: PatternTargets, signs: torch.Tensor, z0: torch.Tensor, proj: Projection,
+                   size: float, steps: int) -> list[torch.Tensor]:
+    """Points of the domain steered toward the sign pattern ``signs`` of ``targets.preact``: projected Adam
+    (step ``0.02 size / sqrt(n)`` per coordinate, ``size`` the domain's diameter) from ``z0`` on the hinge
+    loss ``sum_j relu(margin_j - s_j z_j(x))``. Returns the point of least loss and the last point (both
+    projected; one point when they agree). Fixed work: ``steps`` forward and backward passes."""
+    s = signs.to(z0.dtype).to(z0.device)
+    margin = targets.margin.to(z0.dtype).to(z0.device) if isinstance(targets.margin, torch.Tensor) \
+        else targets.margin
+    x = z0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.02 * size / math.sqrt(max(1, z0.numel())))
+    best_loss, best = math.inf, z0.detach().clone()
+    for _ in range(steps):
+        loss = torch.relu(margin - s * targets.preact(x)).sum()
+        if float(loss.detach()) < best_loss:
+            best_loss, best = float(loss.detach()), x.detach().clone()
+        if best_loss == 0.0 or not loss.requires_grad:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            x.copy_(proj(x))
+    last = x.detach().clone()
+    return [best] if torch.equal(best, last) else [best, last]
+
+
+def _reached(targets: PatternTargets, z: torch.Tensor) -> torch.Tensor:
+    """The sign pattern of the targeted neurons at ``z`` (``+1``: ``z_j > 0``, else ``-1``)."""
+    with torch.no_grad():
+        return torch.where(targets.preact(z).to(torch.float64) > 0, 1.0, -1.0)
+
+
+def pattern_climb(targets: PatternTargets, norm_at: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
+                  start: tuple[float, torch.Tensor, torch.Tensor], proj: Projection, size: float, steps: int,
+                  rounds: int) -> tuple[float, torch.Tensor, torch.Tensor, int]:
+    """Hill climb over reachable patterns: from ``start = (||J(z)||, v, z)``, for each targeted neuron in
+    turn, steer (:func:`pattern_points`, ``steps`` steps from ``z``) toward the pattern reached at ``z``
+    with that neuron flipped; a point that reaches it with a larger ``||J||`` replaces ``z``. ``rounds``
+    passes (fewer when a pass changes nothing). Returns ``(value, v, z, Jacobian evaluations)``."""
+    sigma, v, z = start
+    evals = 0
+    for _ in range(rounds):
+        improved = False
+        for j in range(len(_reached(targets, z))):
+            want = _reached(targets, z)
+            want[j] = -want[j]
+            for cand in pattern_points(targets, want, z, proj, size, steps)[:1]:
+                if not torch.equal(_reached(targets, cand), want):
+                    continue
+                s2, v2 = norm_at(cand)
+                evals += 1
+                if s2 > sigma:
+                    sigma, v, z, improved = s2, v2, cand, True
+        if not improved:
+            break
+    return sigma, v, z, evals
 
 
 def _ascent_step(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, v: torch.Tensor, step: float,

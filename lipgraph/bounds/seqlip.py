@@ -647,6 +647,14 @@ def neuron_interval(g: nx.DiGraph, names: list[str], settings: Settings | None) 
     return product_interval_tensors(pairs)
 
 
+def _at_hi(r: InnerMax, slope: tuple[float, float] | NeuronInterval) -> list[int] | None:
+    """The neurons (flat indices) at the top of their slope interval in the maximising pattern of a
+    per-neuron inner maximum (local SeqLip); None for a scalar interval or without a pattern."""
+    if not _is_neuron(slope) or r.pattern is None or r.pattern.numel() != slope[0].numel():
+        return None
+    return [int(j) for j in torch.nonzero(r.pattern.reshape(-1)).reshape(-1)]
+
+
 def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant],
                   max_nodes: int = INNER_NODES, max_dense: int = MAX_DENSE,
                   estimate: bool = False, work: WorkBudget | None = None,
@@ -669,6 +677,7 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
     inner: list[dict[str, Any]] = []
     run: list[torch.Tensor] = []
     run_slopes: list[tuple[float, float] | NeuronInterval] = []
+    run_acts: list[list[str]] = []
     est_value: float | None = 1.0 if estimate else None
 
     def flush() -> None:
@@ -681,12 +690,14 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
         notes.append(cb.method)
         inner.extend({"width": r.pattern.numel() if r.pattern is not None else None, "value": r.value,
                       "attained": r.lower, "exact": r.exact, "method": r.method, "nodes": r.nodes,
-                      "seconds": r.seconds}
-                     for r in cb.inner)
+                      "seconds": r.seconds, "activations": list(acts),
+                      "at_hi": _at_hi(r, sl)}
+                     for r, sl, acts in zip(cb.inner, run_slopes, run_acts, strict=True))
         if est_value is not None:
             est_value *= seqlip_lower_chain(run, run_slopes).value
         run.clear()
         run_slopes.clear()
+        run_acts.clear()
 
     for i, (grp, m) in enumerate(zip(seg.groups, mats, strict=True)):
         if m is None:
@@ -706,6 +717,7 @@ def segment_bound(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant
             continue
         if run:
             run_slopes.append(act_slopes[i - 1])
+            run_acts.append(list(seg.activations[i - 1]))
         run.append(m)
     flush()
     # Activations next to a group that was not materialised: their slope bound max(|a|, |b|), once each.
