@@ -84,17 +84,16 @@ def test_analyze_on_a_domain_attains_at_most_the_pattern_maximum(seed: int) -> N
 
 # measured on the seeded MNIST points (bench/bench_mnist_domains.py), radius 0.02: the attained value
 # before the pattern search (the Jacobian norm at the center) and the worst certified/attained ratio after.
-MNIST_BEFORE_002: list[float] = []
-MNIST_RATIO_002 = 1.0
+MNIST_BEFORE_002 = [16.4261, 15.9955, 16.0599, 16.3844, 15.6629, 15.7081, 15.9955, 16.0599, 15.9342, 15.7081]
+MNIST_RATIO_002 = 1.0852  # point 4; measured after: 1.0046 1.0766 1.0319 1.0423 1.0852 1.0160 1.0 1.0832 1.0 1.0
 
 
-@pytest.mark.skip(reason="numbers pinned below once measured")
 def test_mnist_attained_values_improve() -> None:
     net = lipsdp_mnist_net()
     gen = torch.Generator().manual_seed(12)
     for before in MNIST_BEFORE_002:
         x = torch.rand(1, 784, generator=gen)
         rep = lipgraph.analyze(net, x, domain=Ball(x, 0.02, "linf", clip=(0, 1)))
-        assert rep.lower >= before * (1 - 1e-6)
+        assert rep.lower >= before * (1 - 1e-4)
         assert rep.lower <= rep.upper
         assert rep.upper / rep.lower <= MNIST_RATIO_002 + 0.005
