@@ -273,7 +273,8 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
         raise LipgraphError(f"domain: {exc}") from None
     dc = domain_constants(g, local, rr, ctx)
     seconds["domain:ranges"] = time.perf_counter() - t0
-    dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr})
+    dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr,
+                                                                            "domain": (domain, example[0])})
     relations = list(base["relations"])
     for name in names:
         if not METHODS[name].uses_domain:
