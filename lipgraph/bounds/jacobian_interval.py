@@ -208,9 +208,13 @@ def _activation(n: ir.IRNode, enc: Enc, settings: Settings, refined: Range | Non
         lo, hi = torch.full(shape, float(s[0]), dtype=_DT), torch.full(shape, float(s[1]), dtype=_DT)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise _Stop(f"non-finite slopes at {n.name}")
+    return bilinear(torch.mul, enc[0], enc[1], *_centre_radius(lo, hi))
+
+
+def _centre_radius(lo: torch.Tensor, hi: torch.Tensor) -> Enc:
+    """``[lo, hi]`` as centre and radius (rounded up)."""
     dc = 0.5 * (lo + hi)
-    dr = _up(torch.maximum(hi - dc, dc - lo).clamp_min(0.0) + _M * torch.maximum(lo.abs(), hi.abs()))
-    return bilinear(torch.mul, enc[0], enc[1], dc, dr)
+    return dc, _up(torch.maximum(hi - dc, dc - lo).clamp_min(0.0) + _M * torch.maximum(lo.abs(), hi.abs()))
 
 
 def _mul_var(n: ir.IRNode, encs: list[Enc], ranges: Mapping[str, Any]) -> Enc:
@@ -449,6 +453,135 @@ def mean_value_range(enc: Enc, at_center: Range, domain: Any, x: torch.Tensor) -
     return out.widened(out.abs_max)
 
 
+# --- second order: the centred (mean-value) form --------------------------------------------------------
+
+_SMOOTH2 = ("sigmoid", "tanh")
+
+
+def _second_slopes(n: ir.IRNode, ranges: Mapping[str, Any], first: Enc) -> Enc:
+    """Enclosure of ``f''(u)`` on the input range: sigmoid ``s' (1 - 2 s)``, tanh ``-2 t t'`` with ``s``, ``t`` in
+    the node's output range and ``s'``, ``t'`` in the first-derivative enclosure ``first`` (certified: interval
+    products, rounding in the radius)."""
+    out = ranges.get(n.name)
+    if not isinstance(out, Range):
+        raise _Stop(f"no range for {n.name}")
+    dlo, dhi = first[0] - first[1], first[0] + first[1]
+    if n.op == "sigmoid":
+        lo, hi = _interval_mul(dlo, dhi, 1 - 2 * out.hi, 1 - 2 * out.lo)
+    else:
+        lo, hi = _interval_mul(dlo, dhi, -2 * out.hi, -2 * out.lo)
+    c, r = _centre_radius(lo, hi)
+    return c, _up(r + 4 * _M * torch.maximum(lo.abs(), hi.abs()))
+
+
+def _slopes_on(n: ir.IRNode, ranges: Mapping[str, Any], settings: Settings) -> Enc:
+    """The first-derivative enclosure that :func:`_activation` uses."""
+    one = torch.ones((1, *tuple(n.in_shapes[0])), dtype=_DT)
+    r = ranges.get(n.inputs[0])
+    c, rad = _activation(n, (one, torch.zeros_like(one)), settings, r if isinstance(r, Range) else None)
+    return c[0], rad[0]
+
+
+def _outer(ja: Enc, jb: Enc) -> Enc:
+    """``J_a[j] * J_b[k]`` for all column pairs: shape ``(nin, nin, *shape)``."""
+    return bilinear(torch.mul, ja[0][:, None], ja[1][:, None], jb[0][None], jb[1][None])
+
+
+def _flat2(h: Enc) -> Enc:
+    return h[0].reshape(-1, *h[0].shape[2:]), h[1].reshape(-1, *h[1].shape[2:])
+
+
+def _step2(n: ir.IRNode, hs: list[Enc | None], js: list[Enc | None], consts: Mapping[str, torch.Tensor],
+           ranges: Mapping[str, Any], settings: Settings, nin: int) -> Enc:
+    """Second-order rule: ``H_v[j, k] = d^2 v / dx_j dx_k`` enclosed (``(nin, nin, *shape)``). Linear ops act on
+    ``H`` as on ``J``; ``sigmoid``/``tanh``: ``f'(u) H_u + f''(u) J_u[j] J_u[k]``; ``mul_var``: ``b H_a + a H_b +
+    J_a[j] J_b[k] + J_b[j] J_a[k]``; anything else stops (the op may not be twice differentiable)."""
+    def back(e: Enc) -> Enc:
+        return e[0].reshape(nin, nin, *e[0].shape[1:]), e[1].reshape(nin, nin, *e[1].shape[1:])
+
+    if n.op == "output":
+        return hs[0]
+    if n.op in _WEIGHTED and len(n.inputs) == 1 and "weight" in n.params:
+        return back(_weighted(n, _flat2(hs[0])))
+    if n.op in _SMOOTH2 and len(n.inputs) == 1:
+        d1 = _slopes_on(n, ranges, settings)
+        d2 = _second_slopes(n, ranges, d1)
+        t1 = bilinear(torch.mul, hs[0][0], hs[0][1], *d1)
+        jj = _outer(js[0], js[0])
+        return add_enc(t1, bilinear(torch.mul, jj[0], jj[1], *d2))
+    if n.op == "mul_var" and len(n.inputs) == 2 and all(h is not None for h in hs):
+        (ac, ar), (bc, br) = (_interval(ranges.get(i), i) for i in n.inputs)
+        if any(tuple(s) != tuple(n.out_shape) for s in n.in_shapes):
+            raise _Stop("second order: broadcasting mul_var")
+        t = add_enc(bilinear(torch.mul, hs[0][0], hs[0][1], bc, br), bilinear(torch.mul, hs[1][0], hs[1][1], ac, ar))
+        ab = _outer(js[0], js[1])
+        ba = (ab[0].transpose(0, 1), ab[1].transpose(0, 1))
+        return add_enc(t, add_enc(ab, ba))
+    rule = RULES.get(n.op)
+    if rule is not None and rule.affine and n.op not in ("split", "unbind", "tuple_getitem") and all(
+            h is not None for k, h in enumerate(hs) if n.inputs[k] not in consts):
+        flat = [_flat2(h) if h is not None else None for h in hs]
+        return back(_affine(n, flat, consts))
+    raise _Stop(f"no second-order rule for {n.op}")
+
+
+def second_order(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings,
+                 encs: Mapping[str, Enc]) -> dict[str, Enc]:
+    """Enclosures of every node's second derivatives over the domain (``(nin, nin, *shape)``), as far as the
+    rules of :func:`_step2` reach (small inputs only: ``nin^2 numel(v)`` entries within the work limits)."""
+    (inp,) = g.graph["inputs"]
+    nin = math.prod(tuple(ir.node(g, inp).out_shape))
+    hs: dict[str, Enc] = {}
+    consts: dict[str, torch.Tensor] = {}
+    for n in ir.nodes(g):
+        if n.op == "input":
+            z = torch.zeros((nin, nin, *tuple(n.out_shape)), dtype=_DT)
+            hs[n.name] = (z, z)
+            continue
+        if n.op == "constant":
+            v = RULES["constant"].forward(ir.as_float64(n))
+            if isinstance(v, torch.Tensor):
+                consts[n.name] = v.detach().to(_DT)
+            continue
+        var = [i for i in n.inputs if i not in consts]
+        if not var or any(i not in hs or i not in encs for i in var) or n.name not in encs:
+            continue
+        size = _numel(n.out_shape)
+        if size is None or size * nin * nin > JACOBIAN_ENTRIES:
+            continue
+        try:
+            h = _step2(n, [hs.get(i) for i in n.inputs], [encs.get(i) for i in n.inputs], consts, ranges,
+                       settings, nin)
+        except Exception:  # noqa: BLE001 - no second-order enclosure here (a _Stop or an op it cannot handle)
+            continue
+        if torch.isfinite(h[0]).all() and torch.isfinite(h[1]).all():
+            hs[n.name] = h
+    return hs
+
+
+def centred_bound(h: Enc, at_center: Enc, rho: float) -> float:
+    """``sup_D ||J|| <= ||J(c)|| + rho min(sup ||[H_1 ... H_n]||, sqrt(sum_k sup ||H_k||^2))``: ``J(x) - J(c) =
+    int_0^1 sum_k delta_k H_k(c + t delta) dt`` with ``H_k = dJ/dx_k`` in its enclosure on the (convex) domain and
+    ``||delta||_2 <= rho``; ``sum_k delta_k H_k = [H_1 ... H_n] (delta (x) I)`` with ``||delta (x) I|| = ||delta||``
+    (and Cauchy-Schwarz for the second form); ``||J(c)||`` from the zero-radius enclosure at ``c``, the sups by
+    :func:`enclosure_bound` (certified; inf when a norm is not)."""
+    jc_val, ok = enclosure_bound(at_center)
+    if not ok:
+        return math.inf
+    wide, ok = enclosure_bound(_flat2(h))  # (numel(v), n*n): columns (j, k), the blocks H_j side by side
+    step = math.inf
+    if ok:
+        step = wide * (1 + 4 * _M)
+    total = 0.0
+    for k in range(h[0].shape[1]):
+        b, ok = enclosure_bound((h[0][:, k], h[1][:, k]))
+        if not ok:
+            return math.inf
+        total += b * b
+    step = min(step, math.sqrt(total * (1 + 4 * _M)) * (1 + 4 * _M))
+    return (jc_val + rho * step) * (1 + 4 * _M)
+
+
 # --- the pass -------------------------------------------------------------------------------------------
 
 
@@ -574,6 +707,21 @@ def enclosure_bound(enc: Enc) -> tuple[float, bool]:
     return best, a.certified and b.certified
 
 
+def _refined_ranges(g: nx.DiGraph, ranges: Mapping[str, Any], encs: Mapping[str, Enc], at_center: Mapping[str, Any],
+                    domain: Any) -> dict[str, Any]:
+    """The ranges intersected with every enclosed node's mean-value range, as :func:`propagate` uses them."""
+    out = dict(ranges)
+    for name, e in encs.items():
+        if isinstance(at_center.get(name), Range):
+            try:
+                mv = mean_value_range(e, at_center[name], domain[0], domain[1])
+            except Exception:  # noqa: BLE001 - the range pass's range stands
+                continue
+            if torch.isfinite(mv.lo).all() and torch.isfinite(mv.hi).all():
+                out[name] = _intersect(out.get(name), mv)
+    return out
+
+
 def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
     """Relations ``L(v) <= (||Jc_v|| + ||Jr_v||) L(input)`` for every node with an interval Jacobian on the domain
     (``settings.extra["ranges"]``); none without a domain (see the module doc)."""
@@ -591,6 +739,14 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
         c = domain[0].center(domain[1]).to(_DT).reshape(tuple(domain[1].shape))
         at_center = range_pass(g, Ball(c, 0.0), domain[1]).ranges
     encs, reasons = propagate(g, rr.ranges, settings, domain, at_center)
+    centred: dict[str, float] = {}
+    if domain is not None:
+        encs0, _ = propagate(g, at_center, settings)
+        rho = _rho(domain)
+        refined = _refined_ranges(g, rr.ranges, encs, at_center, domain)
+        for name, h in second_order(g, refined, settings, encs).items():
+            if name in encs0 and ir.node(g, name).op not in ("input", "constant"):
+                centred[name] = centred_bound(h, encs0[name], rho)
     inp = g.graph["inputs"][0]
     relations: list[Relation] = []
     records: list[dict[str, Any]] = []
@@ -598,6 +754,8 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
         if n.name not in encs or n.op in ("input", "constant"):
             continue
         value, certified = enclosure_bound(encs[n.name])
+        if certified and centred.get(n.name, math.inf) < value:
+            value = centred[n.name]
         if not math.isfinite(value):
             continue
         records.append({"node": n.name, "bound": value, "certified": certified,
