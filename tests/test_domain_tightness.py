@@ -211,15 +211,15 @@ def test_gated_tightness_on_ball() -> None:
 
 
 def test_block_tightness_on_ball() -> None:
-    """One-block transformer on Ball(x, 0.1): measured (see the report): the certified bound is far above the
-    attained value; the numbers pin what the interval Jacobian with LN reaches today."""
+    """One-block transformer on Ball(x, 0.1): measured certified 58.576, attained 0.49777 (report.lower; float64
+    sampling 0.49544): ratio 117.7. The issue's 5% is NOT reached here: the first-order interval hull loosens at
+    every dense op (ln1 2.26 vs 1.55 at the center, QK^T 11.7 vs 4.2, ln2 184 vs 2.1 in the interval pass), and
+    the centred form has no second-order rules for layer_norm, softmax, matmul_var or GELU yet."""
     upper, attained = _tightness(_build(Block), _point((1, 4, 8)))
     assert upper >= attained
-    print("block: certified", upper, "attained", attained, "ratio", upper / attained)
-    assert upper / attained <= BLOCK_RATIO
-
-
-BLOCK_RATIO = 1e9
+    assert upper == pytest.approx(58.576, rel=1e-3)
+    assert attained == pytest.approx(0.49777, rel=1e-3)
+    assert upper / attained <= 118.0
 
 
 # --- second order (the centred form) ---------------------------------------------------------------------
