@@ -33,7 +33,11 @@ batch norm), so its error is covered by ``dM``.
 The bound: for every ``x`` in ``D``, ``J_v(x) = Jc + E`` with ``|E| <= Jr`` entrywise, so
 ``||J_v(x)||_2 <= ||Jc||_2 + ||E||_2 <= ||Jc||_2 + ||Jr||_2`` (a nonnegative matrix dominates the norm of every
 matrix it bounds entrywise); also ``|J_v(x)| <= |Jc| + Jr``, so ``|| |Jc| + Jr ||_2`` bounds it too: the smaller wins.
-All norms are certified by :func:`lipgraph.norms.dense_norm`. The relation
+All norms are certified by :func:`lipgraph.norms.dense_norm`.
+With the domain known (``settings.extra["domain"] = (domain, example)``, set by analyze): every enclosed node's
+range is intersected with its mean-value range (:func:`mean_value_range`), normalization factors come from the
+input's enclosure (:func:`_centred_factors`), and where the second-order rules reach (:func:`second_order`) the
+centred form :func:`centred_bound` competes. The relation
 ``L(v) <= min(||Jc|| + ||Jr||, || |Jc| + Jr ||) * L(input)`` is emitted for every node with an
 enclosure (the combinator multiplies by ``L(input) = 1``). Convexity of the domain makes this a Lipschitz
 constant on ``D``.
@@ -736,8 +740,11 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
                                time.perf_counter() - t0)
     domain, at_center = settings.extra.get("domain"), None
     if domain is not None:
-        c = domain[0].center(domain[1]).to(_DT).reshape(tuple(domain[1].shape))
-        at_center = range_pass(g, Ball(c, 0.0), domain[1]).ranges
+        try:
+            c = domain[0].center(domain[1]).to(_DT).reshape(tuple(domain[1].shape))
+            at_center = range_pass(g, Ball(c, 0.0), domain[1]).ranges
+        except Exception:  # noqa: BLE001 - no centre pass: the plain interval pass, without refinements
+            domain = None
     encs, reasons = propagate(g, rr.ranges, settings, domain, at_center)
     centred: dict[str, float] = {}
     if domain is not None:
