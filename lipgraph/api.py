@@ -274,7 +274,8 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
         raise LipgraphError(f"domain: {exc}") from None
     dc = domain_constants(g, local, rr, ctx)
     seconds["domain:ranges"] = time.perf_counter() - t0
-    dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr})
+    dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr,
+                                                                            "domain": (domain, example[0])})
     relations = list(base["relations"])
     seq_records: list[dict[str, Any]] = []
     for name in names:

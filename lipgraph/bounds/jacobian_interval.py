@@ -17,6 +17,8 @@ tensors of shape ``(numel(input), *shape(v))`` (column ``j`` is ``d v / d x_j``)
 * ``matmul_var`` ``A @ B``: ``dA B + A dB`` with ``A``, ``B`` in their ranges.
 * ``softmax``: ``J_sm = diag(p) - p p^T`` per slice, with ``p`` in the softmax's range (entrywise intervals:
   ``p_i (1 - p_i)`` on the diagonal, ``-p_i p_j`` off it).
+* layer / rms / group / instance norm: ``J = diag(gamma) (1/s) (I - 11^T/n - t t^T/n) J_in`` per group, the
+  middle matrix entrywise enclosed from the input's range (:func:`norm_jacobian`).
 * any other op, or an operand without a range: no enclosure, for that node and everything downstream.
 
 Interval products (certified). For ``X in [Xc -+ Xr]``, ``Y in [Yc -+ Yr]`` and a bilinear map ``op`` with
@@ -31,7 +33,11 @@ batch norm), so its error is covered by ``dM``.
 The bound: for every ``x`` in ``D``, ``J_v(x) = Jc + E`` with ``|E| <= Jr`` entrywise, so
 ``||J_v(x)||_2 <= ||Jc||_2 + ||E||_2 <= ||Jc||_2 + ||Jr||_2`` (a nonnegative matrix dominates the norm of every
 matrix it bounds entrywise); also ``|J_v(x)| <= |Jc| + Jr``, so ``|| |Jc| + Jr ||_2`` bounds it too: the smaller wins.
-All norms are certified by :func:`lipgraph.norms.dense_norm`. The relation
+All norms are certified by :func:`lipgraph.norms.dense_norm`.
+With the domain known (``settings.extra["domain"] = (domain, example)``, set by analyze): every enclosed node's
+range is intersected with its mean-value range (:func:`mean_value_range`), normalization factors come from the
+input's enclosure (:func:`_centred_factors`), and where the second-order rules reach (:func:`second_order`) the
+centred form :func:`centred_bound` competes. The relation
 ``L(v) <= min(||Jc|| + ||Jr||, || |Jc| + Jr ||) * L(input)`` is emitted for every node with an
 enclosure (the combinator multiplies by ``L(input) = 1``). Convexity of the domain makes this a Lipschitz
 constant on ``D``.
@@ -55,8 +61,10 @@ import torch
 
 from .. import ir, norms
 from ..core import ROUNDING_MARGIN, Settings
-from ..domains import Range
+from ..domains import Ball, Range
 from ..ops import RULES, LocalConstant, slope_interval
+from ..ops.normalization import norm_gamma_rows, normalized_factors
+from .ranges import propagate as range_pass
 from .relations import AlgorithmResult, Relation, Term
 
 #: Largest enclosure (entries of ``Jc``) of one node, and largest materialised linear part of an affine op:
@@ -179,10 +187,21 @@ def _affine(n: ir.IRNode, encs: list[Enc | None], consts: Mapping[str, torch.Ten
     return total[0].reshape(shape), total[1].reshape(shape)
 
 
-def _activation(n: ir.IRNode, enc: Enc, settings: Settings) -> Enc:
-    """``J = diag(d) J_in`` with ``d`` in its per-neuron interval (or the rule's global slope interval)."""
+def _activation(n: ir.IRNode, enc: Enc, settings: Settings, refined: Range | None = None) -> Enc:
+    """``J = diag(d) J_in`` with ``d`` in its per-neuron interval (or the rule's global slope interval),
+    intersected with the rule's per-neuron interval on the refined input range when there is one."""
     shape = tuple(n.in_shapes[0])
     slopes = (settings.neuron_slopes or {}).get(n.name)
+    rule = RULES[n.op]
+    if refined is not None and rule.neuron_slopes is not None:
+        lo2, hi2 = rule.neuron_slopes(n, refined)
+        lo2 = torch.broadcast_to(torch.as_tensor(lo2, dtype=_DT), shape)
+        hi2 = torch.broadcast_to(torch.as_tensor(hi2, dtype=_DT), shape)
+        if slopes is not None:
+            lo2 = torch.maximum(lo2, torch.broadcast_to(torch.as_tensor(slopes[0], dtype=_DT), shape))
+            hi2 = torch.minimum(hi2, torch.broadcast_to(torch.as_tensor(slopes[1], dtype=_DT), shape))
+        if bool((lo2 <= hi2).all()):
+            slopes = (lo2, hi2)
     if slopes is not None:
         lo = torch.broadcast_to(torch.as_tensor(slopes[0], dtype=_DT), shape)
         hi = torch.broadcast_to(torch.as_tensor(slopes[1], dtype=_DT), shape)
@@ -193,9 +212,13 @@ def _activation(n: ir.IRNode, enc: Enc, settings: Settings) -> Enc:
         lo, hi = torch.full(shape, float(s[0]), dtype=_DT), torch.full(shape, float(s[1]), dtype=_DT)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise _Stop(f"non-finite slopes at {n.name}")
+    return bilinear(torch.mul, enc[0], enc[1], *_centre_radius(lo, hi))
+
+
+def _centre_radius(lo: torch.Tensor, hi: torch.Tensor) -> Enc:
+    """``[lo, hi]`` as centre and radius (rounded up)."""
     dc = 0.5 * (lo + hi)
-    dr = _up(torch.maximum(hi - dc, dc - lo).clamp_min(0.0) + _M * torch.maximum(lo.abs(), hi.abs()))
-    return bilinear(torch.mul, enc[0], enc[1], dc, dr)
+    return dc, _up(torch.maximum(hi - dc, dc - lo).clamp_min(0.0) + _M * torch.maximum(lo.abs(), hi.abs()))
 
 
 def _mul_var(n: ir.IRNode, encs: list[Enc], ranges: Mapping[str, Any]) -> Enc:
@@ -261,11 +284,313 @@ def _softmax(n: ir.IRNode, enc: Enc, ranges: Mapping[str, Any]) -> Enc:
     return oc.movedim(-1, dim + 1), orad.movedim(-1, dim + 1)
 
 
+_NORMS = ("layer_norm", "rms_norm", "group_norm", "instance_norm")
+
+
+def _interval_mul(alo: torch.Tensor, ahi: torch.Tensor, blo: torch.Tensor,
+                  bhi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[a] * [b]`` entrywise (the four corners; rounding left to the caller's margin)."""
+    corners = torch.stack([alo * blo, alo * bhi, ahi * blo, ahi * bhi])
+    return corners.amin(dim=0), corners.amax(dim=0)
+
+
+def norm_jacobian(n: ir.IRNode, r: Range, factors: tuple[torch.Tensor, ...] | None = None) -> Enc:
+    """Entrywise enclosure ``(centre, radius)``, shape ``(groups, n, n)``, of the per-group Jacobian of a
+    normalization over the input range ``r``: ``J = diag(gamma) (1/s) (I - 11^T/n - t t^T/n)`` (no ``11^T/n``
+    for RMSNorm), ``t = (x - mu)/s`` and ``s = sqrt(var + eps)`` in the enclosures of
+    :func:`~lipgraph.ops.normalization.normalized_factors`. Interval arithmetic entry by entry: ``t_i t_j``,
+    then ``delta_ij - 1/n - t_i t_j / n``, then times ``1/s in [1/s_hi, 1/s_lo]`` and ``gamma_i``; every step
+    a few flops, covered by a radius margin of ``16 margin max(|lo|, |hi|)`` (certified)."""
+    shape = tuple(r.lo.shape)
+    t_lo, t_hi, s_lo, s_hi = normalized_factors(n, r) if factors is None else factors
+    gamma = norm_gamma_rows(n, shape)
+    k = t_lo.shape[1]
+    p_lo, p_hi = _interval_mul(t_lo[:, :, None], t_hi[:, :, None], t_lo[:, None, :], t_hi[:, None, :])
+    eye = torch.eye(k, dtype=_DT)
+    base = eye if n.op == "rms_norm" else eye - 1.0 / k
+    a_lo, a_hi = base - p_hi / k, base - p_lo / k
+    inv_lo, inv_hi = (1.0 / s_hi)[:, :, None], (1.0 / s_lo)[:, :, None]
+    m_lo, m_hi = _interval_mul(a_lo, a_hi, inv_lo, inv_hi)
+    g = gamma[:, :, None]
+    m_lo, m_hi = torch.minimum(g * m_lo, g * m_hi), torch.maximum(g * m_lo, g * m_hi)
+    c = 0.5 * (m_lo + m_hi)
+    rad = torch.maximum(m_hi - c, c - m_lo).clamp_min(0.0) + 16 * _M * torch.maximum(m_lo.abs(), m_hi.abs())
+    return c, _up(rad + 2.2250738585072014e-308)
+
+
+def _rho(domain: Any) -> float:
+    """``sup_{x in D} ||x - c||_2`` bounded: the l2 norm of the box half-widths about ``c``, and the radius of an
+    l2 ball (the smaller; rounded up)."""
+    dom, x = domain
+    c = dom.center(x).to(_DT).reshape(-1)
+    box = dom.enclosure(x)
+    w = torch.maximum(box.hi.reshape(-1) - c, c - box.lo.reshape(-1)).clamp_min(0.0)
+    rho = float(torch.linalg.vector_norm(w)) * (1 + 4 * _M)
+    if getattr(dom, "norm", None) == "l2":
+        rho = min(rho, float(dom.radius))
+    return rho
+
+
+def _group_norm_bound(jc: torch.Tensor, jr: torch.Tensor) -> float:
+    """``sup ||M||_2`` over ``M`` in ``[jc -+ jr]`` (matrices), as in :func:`enclosure_bound`; inf if uncertified."""
+    value, certified = enclosure_bound((jc.T.contiguous(), jr.T.contiguous()))
+    return value if certified else math.inf
+
+
+def _centred_factors(n: ir.IRNode, r: Range, enc: Enc, at_c: Range, rho: float) -> tuple[torch.Tensor, ...]:
+    """The enclosures of :func:`normalized_factors` tightened by the input's Jacobian enclosure ``enc`` (certified,
+    each intersected with the plain one). With ``N = P u`` (``P`` removes the group mean; ``I`` for RMSNorm) and
+    ``u(x) - u(c) = M (x - c)``, ``M = int J_u`` in ``[Jc -+ Jr]``, ``||x - c||_2 <= rho``:
+    ``N_i(x) in N_i(c) -+ rho (||(P Jc)_i||_2 + ||(|P| Jr)_i||_2)``; ``A = ||N_g||_2 / sqrt(n)`` moves by at most
+    ``rho ||M_g||_2 / sqrt(n)`` (``||P|| <= 1``), ``||M_g||`` bounded as in :func:`enclosure_bound` on the group's
+    rows; ``s = sqrt(A^2 + eps)``; ``t = N / s``. Centre values from the range pass at ``c`` (``at_c``)."""
+    t0_lo, t0_hi, s0_lo, s0_hi = normalized_factors(n, r)
+    _, _, sc_lo, sc_hi = normalized_factors(n, at_c)
+    jc, jr = matrices(enc)  # (numel(u), nin)
+    k = t0_lo.shape[1]
+    jc_g, jr_g = jc.reshape(-1, k, jc.shape[1]), jr.reshape(-1, k, jr.shape[1])
+    if n.op == "rms_norm":
+        pjc, pjr = jc_g, jr_g
+    else:
+        pjc = jc_g - jc_g.mean(dim=1, keepdim=True)
+        pjr = jr_g * (1 - 1 / k) + (jr_g.sum(dim=1, keepdim=True) - jr_g) / k
+    dev_n = rho * (torch.linalg.vector_norm(pjc, dim=2) + torch.linalg.vector_norm(pjr, dim=2)
+                   + _M * 8 * (torch.linalg.vector_norm(jc_g.abs() + jr_g, dim=2) * k))
+    dev_n = _up(dev_n)
+    lo_c, hi_c = at_c.lo.reshape(-1, k), at_c.hi.reshape(-1, k)
+    if n.op == "rms_norm":
+        nlo, nhi = lo_c, hi_c
+    else:
+        wdt = (hi_c - lo_c) / k
+        err = 1e-9 * (lo_c.abs().amax(dim=1, keepdim=True) + hi_c.abs().amax(dim=1, keepdim=True))
+        nlo = lo_c - hi_c.mean(dim=1, keepdim=True) + wdt - err
+        nhi = hi_c - lo_c.mean(dim=1, keepdim=True) - wdt + err
+    nlo, nhi = nlo - dev_n, nhi + dev_n
+    mg = torch.tensor([_group_norm_bound(c_, r_) for c_, r_ in zip(jc_g, jr_g, strict=True)], dtype=_DT)
+    eps = n.attrs["eps"]
+    eps = torch.finfo(_DT).eps if eps is None else float(eps)
+    a_c_lo = torch.sqrt(torch.clamp(sc_lo[:, 0] ** 2 - eps, min=0.0)) * (1 - 1e-9)
+    a_c_hi = torch.sqrt(sc_hi[:, 0] ** 2) * (1 + 1e-9)
+    da = _up(rho * mg / math.sqrt(k) * (1 + 1e-9))
+    a_lo, a_hi = torch.clamp(a_c_lo - da, min=0.0), a_c_hi + da
+    s_lo = torch.maximum(torch.sqrt(a_lo * a_lo + eps) * (1 - 1e-9), s0_lo[:, 0])[:, None]
+    s_hi = torch.minimum(torch.sqrt(a_hi * a_hi + eps) * (1 + 1e-9), s0_hi[:, 0])[:, None]
+    t_lo = torch.where(nlo >= 0, nlo / s_hi, nlo / s_lo)
+    t_hi = torch.where(nhi >= 0, nhi / s_lo, nhi / s_hi)
+    t_lo = t_lo - 1e-12 * t_lo.abs() - 1e-300
+    t_hi = t_hi + 1e-12 * t_hi.abs() + 1e-300
+    return torch.maximum(t_lo, t0_lo), torch.minimum(t_hi, t0_hi), s_lo, s_hi
+
+
+def _norm(n: ir.IRNode, enc: Enc, ranges: Mapping[str, Any], domain: Any = None,
+          at_center: Mapping[str, Any] | None = None) -> Enc:
+    """``J = J_norm J_in`` per normalization group, ``J_norm`` entrywise enclosed (:func:`norm_jacobian`), its
+    factors tightened by the input's enclosure when the domain is known (:func:`_centred_factors`)."""
+    r = ranges.get(n.inputs[0])
+    if not isinstance(r, Range):
+        raise _Stop(f"no range for {n.inputs[0]}")
+    factors = None
+    at_c = (at_center or {}).get(n.inputs[0])
+    if domain is not None and isinstance(at_c, Range):
+        factors = _centred_factors(n, r, enc, at_c, _rho(domain))
+        if not bool((factors[0] <= factors[1]).all() and (factors[2] <= factors[3]).all()):
+            factors = None
+    mc, mr = norm_jacobian(n, r, factors)
+    ncol, k = enc[0].shape[0], mc.shape[-1]
+    c, rad = enc[0].reshape(ncol, -1, k), enc[1].reshape(ncol, -1, k)
+
+    def op(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(m, x[..., None])[..., 0]
+
+    oc, orad = bilinear(op, c, rad, mc, mr)
+    return oc.reshape(enc[0].shape), orad.reshape(enc[1].shape)
+
+
+def _intersect(a: Any, b: Range) -> Range:
+    """The intersection of two enclosures of the same values (``b`` alone when ``a`` is not a matching Range)."""
+    if not isinstance(a, Range) or tuple(a.lo.shape) != tuple(b.lo.shape):
+        return b
+    lo, hi = torch.maximum(a.lo, b.lo), torch.minimum(a.hi, b.hi)
+    if not bool((lo <= hi).all()):  # cannot happen for two sound enclosures; keep the first
+        return a
+    return Range(lo, hi)
+
+
+def _with_own_range(n: ir.IRNode, ranges: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``ranges`` with the node's own range recomputed by its rule from its (refined) input ranges and
+    intersected with the range pass's (both sound enclosures)."""
+    rule = RULES[n.op]
+    ins = [ranges.get(i) for i in n.inputs]
+    if rule.ranges is None or not all(isinstance(r, Range) for r in ins):
+        return ranges
+    try:
+        own = rule.ranges(n, *ins)
+    except Exception:  # noqa: BLE001 - no recomputed range: the pass's own stands
+        return ranges
+    if not isinstance(own, Range):
+        return ranges
+    return {**ranges, n.name: _intersect(ranges.get(n.name), own)}
+
+
+def mean_value_range(enc: Enc, at_center: Range, domain: Any, x: torch.Tensor) -> Range:
+    """Mean-value enclosure of ``v`` over a convex domain: ``v(x) = v(c) + int_0^1 J_v(c + t(x - c)) (x - c) dt``
+    with ``J_v`` in ``[Jc -+ Jr]`` on the domain, so ``v_i(x) in v_i(c) + Jc_i (x - c) -+ Jr_i |x - c|``;
+    ``Jc_i (x - c)`` ranges over ``domain.linear_range(Jc, .) - Jc_i c`` (rounding of ``Jc_i c`` added), and
+    ``Jr_i |x - c| <= Jr_i w`` (``w``: the half-widths of the domain's box about ``c``), also
+    ``<= r ||Jr_i||_2`` on an l2 ball of radius ``r``; ``v(c)`` in ``at_center`` (the range pass at the point ``c``).
+    Certified (outward margins)."""
+    jc, jr = matrices(enc)
+    c = domain.center(x).to(_DT).reshape(-1)
+    box = domain.enclosure(x)
+    w = torch.maximum(box.hi.reshape(-1) - c, c - box.lo.reshape(-1)).clamp_min(0.0)
+    lin = domain.linear_range(jc, x)
+    jcc = jc @ c
+    err = _M * (jc.abs() @ c.abs()) * 4
+    dev = jr @ w
+    if getattr(domain, "norm", None) == "l2" and hasattr(domain, "radius"):
+        dev = torch.minimum(dev, domain.radius * torch.linalg.vector_norm(jr, dim=1))
+    dev = _up(dev * (1 + 4 * _M))
+    lo = at_center.lo.reshape(-1) + (lin.lo.reshape(-1) - jcc) - dev - err
+    hi = at_center.hi.reshape(-1) + (lin.hi.reshape(-1) - jcc) + dev + err
+    shape = tuple(at_center.lo.shape)
+    out = Range(lo.reshape(shape), hi.reshape(shape))
+    return out.widened(out.abs_max)
+
+
+# --- second order: the centred (mean-value) form --------------------------------------------------------
+
+_SMOOTH2 = ("sigmoid", "tanh")
+
+
+def _second_slopes(n: ir.IRNode, ranges: Mapping[str, Any], first: Enc) -> Enc:
+    """Enclosure of ``f''(u)`` on the input range: sigmoid ``s' (1 - 2 s)``, tanh ``-2 t t'`` with ``s``, ``t`` in
+    the node's output range and ``s'``, ``t'`` in the first-derivative enclosure ``first`` (certified: interval
+    products, rounding in the radius)."""
+    out = ranges.get(n.name)
+    if not isinstance(out, Range):
+        raise _Stop(f"no range for {n.name}")
+    dlo, dhi = first[0] - first[1], first[0] + first[1]
+    if n.op == "sigmoid":
+        lo, hi = _interval_mul(dlo, dhi, 1 - 2 * out.hi, 1 - 2 * out.lo)
+    else:
+        lo, hi = _interval_mul(dlo, dhi, -2 * out.hi, -2 * out.lo)
+    c, r = _centre_radius(lo, hi)
+    return c, _up(r + 4 * _M * torch.maximum(lo.abs(), hi.abs()))
+
+
+def _slopes_on(n: ir.IRNode, ranges: Mapping[str, Any], settings: Settings) -> Enc:
+    """The first-derivative enclosure that :func:`_activation` uses."""
+    one = torch.ones((1, *tuple(n.in_shapes[0])), dtype=_DT)
+    r = ranges.get(n.inputs[0])
+    c, rad = _activation(n, (one, torch.zeros_like(one)), settings, r if isinstance(r, Range) else None)
+    return c[0], rad[0]
+
+
+def _outer(ja: Enc, jb: Enc) -> Enc:
+    """``J_a[j] * J_b[k]`` for all column pairs: shape ``(nin, nin, *shape)``."""
+    return bilinear(torch.mul, ja[0][:, None], ja[1][:, None], jb[0][None], jb[1][None])
+
+
+def _flat2(h: Enc) -> Enc:
+    return h[0].reshape(-1, *h[0].shape[2:]), h[1].reshape(-1, *h[1].shape[2:])
+
+
+def _step2(n: ir.IRNode, hs: list[Enc | None], js: list[Enc | None], consts: Mapping[str, torch.Tensor],
+           ranges: Mapping[str, Any], settings: Settings, nin: int) -> Enc:
+    """Second-order rule: ``H_v[j, k] = d^2 v / dx_j dx_k`` enclosed (``(nin, nin, *shape)``). Linear ops act on
+    ``H`` as on ``J``; ``sigmoid``/``tanh``: ``f'(u) H_u + f''(u) J_u[j] J_u[k]``; ``mul_var``: ``b H_a + a H_b +
+    J_a[j] J_b[k] + J_b[j] J_a[k]``; anything else stops (the op may not be twice differentiable)."""
+    def back(e: Enc) -> Enc:
+        return e[0].reshape(nin, nin, *e[0].shape[1:]), e[1].reshape(nin, nin, *e[1].shape[1:])
+
+    if n.op == "output":
+        return hs[0]
+    if n.op in _WEIGHTED and len(n.inputs) == 1 and "weight" in n.params:
+        return back(_weighted(n, _flat2(hs[0])))
+    if n.op in _SMOOTH2 and len(n.inputs) == 1:
+        d1 = _slopes_on(n, ranges, settings)
+        d2 = _second_slopes(n, ranges, d1)
+        t1 = bilinear(torch.mul, hs[0][0], hs[0][1], *d1)
+        jj = _outer(js[0], js[0])
+        return add_enc(t1, bilinear(torch.mul, jj[0], jj[1], *d2))
+    if n.op == "mul_var" and len(n.inputs) == 2 and all(h is not None for h in hs):
+        (ac, ar), (bc, br) = (_interval(ranges.get(i), i) for i in n.inputs)
+        if any(tuple(s) != tuple(n.out_shape) for s in n.in_shapes):
+            raise _Stop("second order: broadcasting mul_var")
+        t = add_enc(bilinear(torch.mul, hs[0][0], hs[0][1], bc, br), bilinear(torch.mul, hs[1][0], hs[1][1], ac, ar))
+        ab = _outer(js[0], js[1])
+        ba = (ab[0].transpose(0, 1), ab[1].transpose(0, 1))
+        return add_enc(t, add_enc(ab, ba))
+    rule = RULES.get(n.op)
+    if rule is not None and rule.affine and n.op not in ("split", "unbind", "tuple_getitem") and all(
+            h is not None for k, h in enumerate(hs) if n.inputs[k] not in consts):
+        flat = [_flat2(h) if h is not None else None for h in hs]
+        return back(_affine(n, flat, consts))
+    raise _Stop(f"no second-order rule for {n.op}")
+
+
+def second_order(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings,
+                 encs: Mapping[str, Enc]) -> dict[str, Enc]:
+    """Enclosures of every node's second derivatives over the domain (``(nin, nin, *shape)``), as far as the
+    rules of :func:`_step2` reach (small inputs only: ``nin^2 numel(v)`` entries within the work limits)."""
+    (inp,) = g.graph["inputs"]
+    nin = math.prod(tuple(ir.node(g, inp).out_shape))
+    hs: dict[str, Enc] = {}
+    consts: dict[str, torch.Tensor] = {}
+    for n in ir.nodes(g):
+        if n.op == "input":
+            z = torch.zeros((nin, nin, *tuple(n.out_shape)), dtype=_DT)
+            hs[n.name] = (z, z)
+            continue
+        if n.op == "constant":
+            v = RULES["constant"].forward(ir.as_float64(n))
+            if isinstance(v, torch.Tensor):
+                consts[n.name] = v.detach().to(_DT)
+            continue
+        var = [i for i in n.inputs if i not in consts]
+        if not var or any(i not in hs or i not in encs for i in var) or n.name not in encs:
+            continue
+        size = _numel(n.out_shape)
+        if size is None or size * nin * nin > JACOBIAN_ENTRIES:
+            continue
+        try:
+            h = _step2(n, [hs.get(i) for i in n.inputs], [encs.get(i) for i in n.inputs], consts, ranges,
+                       settings, nin)
+        except Exception:  # noqa: BLE001 - no second-order enclosure here (a _Stop or an op it cannot handle)
+            continue
+        if torch.isfinite(h[0]).all() and torch.isfinite(h[1]).all():
+            hs[n.name] = h
+    return hs
+
+
+def centred_bound(h: Enc, at_center: Enc, rho: float) -> float:
+    """``sup_D ||J|| <= ||J(c)|| + rho min(sup ||[H_1 ... H_n]||, sqrt(sum_k sup ||H_k||^2))``: ``J(x) - J(c) =
+    int_0^1 sum_k delta_k H_k(c + t delta) dt`` with ``H_k = dJ/dx_k`` in its enclosure on the (convex) domain and
+    ``||delta||_2 <= rho``; ``sum_k delta_k H_k = [H_1 ... H_n] (delta (x) I)`` with ``||delta (x) I|| = ||delta||``
+    (and Cauchy-Schwarz for the second form); ``||J(c)||`` from the zero-radius enclosure at ``c``, the sups by
+    :func:`enclosure_bound` (certified; inf when a norm is not)."""
+    jc_val, ok = enclosure_bound(at_center)
+    if not ok:
+        return math.inf
+    wide, ok = enclosure_bound(_flat2(h))  # (numel(v), n*n): columns (j, k), the blocks H_j side by side
+    step = math.inf
+    if ok:
+        step = wide * (1 + 4 * _M)
+    total = 0.0
+    for k in range(h[0].shape[1]):
+        b, ok = enclosure_bound((h[0][:, k], h[1][:, k]))
+        if not ok:
+            return math.inf
+        total += b * b
+    step = min(step, math.sqrt(total * (1 + 4 * _M)) * (1 + 4 * _M))
+    return (jc_val + rho * step) * (1 + 4 * _M)
+
+
 # --- the pass -------------------------------------------------------------------------------------------
 
 
 def _step(n: ir.IRNode, encs: list[Enc | None], consts: Mapping[str, torch.Tensor], ranges: Mapping[str, Any],
-          settings: Settings) -> Enc:
+          settings: Settings, domain: Any = None, at_center: Mapping[str, Any] | None = None) -> Enc:
     rule = RULES.get(n.op)
     if rule is None:
         raise _Stop(f"no rule for {n.op}")
@@ -281,9 +606,12 @@ def _step(n: ir.IRNode, encs: list[Enc | None], consts: Mapping[str, torch.Tenso
         fill = [e if e is not None else _zero(n.in_shapes[k], encs) for k, e in enumerate(encs)]
         return (_mul_var if n.op == "mul_var" else _matmul_var)(n, fill, ranges)
     if n.op == "softmax" and len(n.inputs) == 1:
-        return _softmax(n, encs[0], ranges)
+        return _softmax(n, encs[0], _with_own_range(n, ranges))
+    if n.op in _NORMS and len(n.inputs) == 1:
+        return _norm(n, encs[0], ranges, domain, at_center)
     if slope_interval(n) is not None and len(n.inputs) == 1:
-        return _activation(n, encs[0], settings)
+        r = ranges.get(n.inputs[0])
+        return _activation(n, encs[0], settings, r if isinstance(r, Range) else None)
     if rule.affine and n.op not in ("split", "unbind", "tuple_getitem"):
         return _affine(n, encs, consts)
     raise _Stop(f"no interval Jacobian rule for {n.op}")
@@ -295,8 +623,12 @@ def _zero(shape: Any, encs: list[Enc | None]) -> Enc:
     return z, z
 
 
-def propagate(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings) -> tuple[dict[str, Enc], dict[str, str]]:
-    """Enclosures ``name -> (Jc, Jr)`` (column-batched, see the module doc) and ``name -> reason`` where none."""
+def propagate(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings, domain: Any = None,
+              at_center: Mapping[str, Any] | None = None) -> tuple[dict[str, Enc], dict[str, str]]:
+    """Enclosures ``name -> (Jc, Jr)`` (column-batched, see the module doc) and ``name -> reason`` where none.
+    With ``domain = (Domain, example)`` and ``at_center`` (the range pass at the domain's center), every enclosed
+    node's range is intersected with its mean-value range (:func:`mean_value_range`) before later nodes use it."""
+    ranges = dict(ranges)
     (inp,) = g.graph["inputs"]
     shape = tuple(ir.node(g, inp).out_shape)
     nin = math.prod(shape)
@@ -332,7 +664,7 @@ def propagate(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings) -> t
                                f"pass limit {TOTAL_ENTRIES}, used {used})")
             continue
         try:
-            e = _step(n, [encs.get(i) for i in n.inputs], consts, ranges, settings)
+            e = _step(n, [encs.get(i) for i in n.inputs], consts, ranges, settings, domain, at_center)
         except _Stop as exc:
             reasons[n.name] = str(exc)
             continue
@@ -344,6 +676,13 @@ def propagate(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings) -> t
             continue
         encs[n.name] = e
         used += size
+        if domain is not None and at_center is not None and isinstance(at_center.get(n.name), Range):
+            try:
+                mv = mean_value_range(e, at_center[n.name], domain[0], domain[1])
+            except Exception:  # noqa: BLE001 - no refinement: the range pass's range stands
+                continue
+            if torch.isfinite(mv.lo).all() and torch.isfinite(mv.hi).all():
+                ranges[n.name] = _intersect(ranges.get(n.name), mv)
     return encs, reasons
 
 
@@ -372,6 +711,21 @@ def enclosure_bound(enc: Enc) -> tuple[float, bool]:
     return best, a.certified and b.certified
 
 
+def _refined_ranges(g: nx.DiGraph, ranges: Mapping[str, Any], encs: Mapping[str, Enc], at_center: Mapping[str, Any],
+                    domain: Any) -> dict[str, Any]:
+    """The ranges intersected with every enclosed node's mean-value range, as :func:`propagate` uses them."""
+    out = dict(ranges)
+    for name, e in encs.items():
+        if isinstance(at_center.get(name), Range):
+            try:
+                mv = mean_value_range(e, at_center[name], domain[0], domain[1])
+            except Exception:  # noqa: BLE001 - the range pass's range stands
+                continue
+            if torch.isfinite(mv.lo).all() and torch.isfinite(mv.hi).all():
+                out[name] = _intersect(out.get(name), mv)
+    return out
+
+
 def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
     """Relations ``L(v) <= (||Jc_v|| + ||Jr_v||) L(input)`` for every node with an interval Jacobian on the domain
     (``settings.extra["ranges"]``); none without a domain (see the module doc)."""
@@ -384,7 +738,22 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     if len(g.graph["inputs"]) != 1:
         return AlgorithmResult([], [{"method": SOURCE, "skipped": "single-input models only"}],
                                time.perf_counter() - t0)
-    encs, reasons = propagate(g, rr.ranges, settings)
+    domain, at_center = settings.extra.get("domain"), None
+    if domain is not None:
+        try:
+            c = domain[0].center(domain[1]).to(_DT).reshape(tuple(domain[1].shape))
+            at_center = range_pass(g, Ball(c, 0.0), domain[1]).ranges
+        except Exception:  # noqa: BLE001 - no centre pass: the plain interval pass, without refinements
+            domain = None
+    encs, reasons = propagate(g, rr.ranges, settings, domain, at_center)
+    centred: dict[str, float] = {}
+    if domain is not None:
+        encs0, _ = propagate(g, at_center, settings)
+        rho = _rho(domain)
+        refined = _refined_ranges(g, rr.ranges, encs, at_center, domain)
+        for name, h in second_order(g, refined, settings, encs).items():
+            if name in encs0 and ir.node(g, name).op not in ("input", "constant"):
+                centred[name] = centred_bound(h, encs0[name], rho)
     inp = g.graph["inputs"][0]
     relations: list[Relation] = []
     records: list[dict[str, Any]] = []
@@ -392,6 +761,8 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
         if n.name not in encs or n.op in ("input", "constant"):
             continue
         value, certified = enclosure_bound(encs[n.name])
+        if certified and centred.get(n.name, math.inf) < value:
+            value = centred[n.name]
         if not math.isfinite(value):
             continue
         records.append({"node": n.name, "bound": value, "certified": certified,
@@ -405,4 +776,4 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
 
 
 __all__ = ["JACOBIAN_ENTRIES", "SOURCE", "TOTAL_ENTRIES", "add_enc", "bilinear", "enclosure_bound", "matrices",
-           "propagate", "run", "softmax_jacobian"]
+           "norm_jacobian", "propagate", "run", "softmax_jacobian"]

@@ -182,14 +182,14 @@ def _divide(num_lo: torch.Tensor, num_hi: torch.Tensor, s_lo: torch.Tensor,
     return lo, hi
 
 
-def norm_ranges(node, r: Range) -> Range:
-    """y = gamma t + beta with t = (x_i - mu)/s (x_i/s for RMSNorm). The numerator: x_i - mu =
-    (1 - 1/n) x_i - mean_{j != i} x_j / n in [lo_i - mean(hi) + (hi_i - lo_i)/n, hi_i - mean(lo) - (hi_i - lo_i)/n]
-    (x_i for RMSNorm); s in [sqrt(s2_min), sqrt(s2_max)] with s2_max = mean_i max(num_lo_i^2, num_hi_i^2) + eps
-    (mean of x^2 over the box for RMSNorm); t also lies in [-sqrt(n - 1), sqrt(n - 1)] (sqrt(n) for RMSNorm)
-    since (x_i - mu)^2 <= (n - 1) var. Rounded outward (certified enclosure)."""
-    shape = tuple(r.lo.shape)
-    gamma, beta = _affine_full(node, shape)
+def normalized_factors(node, r: Range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group (rows ``(groups, n)``, see :func:`_group_rows`): an enclosure ``[t_lo, t_hi]`` of the normalised
+    entries ``t = (x_i - mu)/s`` (``x_i/s`` for RMSNorm) and ``[s_lo, s_hi]`` of ``s = sqrt(var + eps)`` (``ms + eps``)
+    over the input range (certified, rounded outward; ``s_lo`` a column ``(groups, 1)``, likewise ``s_hi``).
+    The numerator: x_i - mu = (1 - 1/n) x_i - mean_{j != i} x_j / n in [lo_i - mean(hi) + (hi_i - lo_i)/n,
+    hi_i - mean(lo) - (hi_i - lo_i)/n] (x_i for RMSNorm); s^2 >= :func:`_scale_lower`, s^2 <= mean_i
+    max(num_lo_i^2, num_hi_i^2) + eps; t also lies in [-sqrt(n - 1), sqrt(n - 1)] (sqrt(n) for RMSNorm)
+    since (x_i - mu)^2 <= (n - 1) var."""
     lo, hi = _group_rows(node, r.lo), _group_rows(node, r.hi)
     n = lo.shape[1]
     if node.op == "rms_norm":
@@ -204,14 +204,29 @@ def norm_ranges(node, r: Range) -> Range:
         cap = math.sqrt(max(n - 1, 0))
     big = torch.maximum(num_lo * num_lo, num_hi * num_hi)
     # s_lo = 0 (eps = 0 on a box holding a constant input) would give 0/0: a tiny floor, and the cap bounds t
-    s_lo = torch.sqrt(_scale_lower(node, lo, hi)).clamp(min=1e-300)[:, None]
+    s_lo = torch.sqrt(_scale_lower(node, lo, hi)).clamp(min=1e-300)[:, None] * (1 - 1e-12)
     s_hi = torch.sqrt(big.mean(dim=1) * (1 + _SUM_SLACK) + _eps(node))[:, None] * (1 + 1e-12)
     t_lo, t_hi = _divide(num_lo, num_hi, s_lo, s_hi)
-    t_lo = torch.clamp(t_lo - 1e-12 * t_lo.abs() - 1e-300, min=-cap * (1 + 1e-12)).reshape(shape)
-    t_hi = torch.clamp(t_hi + 1e-12 * t_hi.abs() + 1e-300, max=cap * (1 + 1e-12)).reshape(shape)
+    t_lo = torch.clamp(t_lo - 1e-12 * t_lo.abs() - 1e-300, min=-cap * (1 + 1e-12))
+    t_hi = torch.clamp(t_hi + 1e-12 * t_hi.abs() + 1e-300, max=cap * (1 + 1e-12))
+    return t_lo, t_hi, s_lo, s_hi
+
+
+def norm_ranges(node, r: Range) -> Range:
+    """y = gamma t + beta with t in the enclosure of :func:`normalized_factors`. Rounded outward (certified
+    enclosure)."""
+    shape = tuple(r.lo.shape)
+    gamma, beta = _affine_full(node, shape)
+    t_lo, t_hi, _, _ = normalized_factors(node, r)
+    t_lo, t_hi = t_lo.reshape(shape), t_hi.reshape(shape)
     a, b = gamma * t_lo, gamma * t_hi
     out = Range(torch.minimum(a, b) + beta, torch.maximum(a, b) + beta)
     return out.widened(gamma.abs() * torch.maximum(t_lo.abs(), t_hi.abs()) + beta.abs())
+
+
+def norm_gamma_rows(node, shape: tuple[int, ...]) -> torch.Tensor:
+    """gamma broadcast to the input's shape, as rows ``(groups, n)``."""
+    return _group_rows(node, _affine_full(node, shape)[0])
 
 
 register_rule("layer_norm", layer_norm_forward, _norm_lipschitz, ranges=norm_ranges, local=norm_local)
