@@ -31,7 +31,7 @@ from lipgraph.domains import Ball, Box
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_zoo import MIN_SIDE, MODELS, build  # noqa: E402
 
-DOMAINS = ["box [0,1]", "linf 1e-2", "linf 1e-3", "l2 1e-2", "l2 1e-3"]
+DOMAINS = ["box 0..1", "linf 1e-2", "linf 1e-3", "l2 1e-2", "l2 1e-3"]
 
 
 def domains_around(x: torch.Tensor) -> list:
@@ -50,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
     p.add_argument("--size", type=int, default=64, help="input side (raised to the model's minimum)")
     p.add_argument("--lower-budget", type=int, default=1, help="restarts of the attained-value search")
-    p.add_argument("--lower-on", default="box [0,1]",
+    p.add_argument("--lower-on", default="box 0..1",
                    help="comma-separated domains (names as in the header) that get the attained-value search "
                         "('all' for every one; it dominates the time on CNNs: ~1 min per domain for resnet18)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "domains.txt"))
+    p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             "x = torch.rand seed 0; "
             "cells: certified upper / attained lower / seconds of the domain pass\n")
     cols = f"{'model':<20} {'side':>4} {'global':>10} " + " ".join(f"{d:>26}" for d in DOMAINS) + "  total s"
-    with out.open("w") as f:
+    with out.open("a" if args.append else "w") as f:
         f.write(head + cols + "\n")
     print(head + cols, flush=True)
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         doms = domains_around(x)
         reps = lipgraph.analyze(model, x, domain=doms, lower=False)
         lowers: list[float | None] = []
-        for name, d in zip(DOMAINS, doms, strict=True):
-            if args.lower_on != "all" and name not in args.lower_on.split(","):
+        for label, d in zip(DOMAINS, doms, strict=True):
+            if args.lower_on != "all" and label not in args.lower_on.split(","):
                 lowers.append(None)
                 continue
             with torch.random.fork_rng():

@@ -540,7 +540,7 @@ class _LocalSearch:
         return min(caps) if caps else math.inf
 
     def _range_pair_ok(self, j: int, r: float) -> bool:
-        from . import trace  # noqa: PLC0415
+        from .api import trace  # noqa: PLC0415
         from .bounds.ranges import propagate  # noqa: PLC0415
 
         if j not in self.graphs:
