@@ -422,6 +422,10 @@ def _case(name: str, tmp: Path):
         p = save(tmp, name, [n], [vi("x", [2, 3, 4])], [Y], [init("g", rng.uniform(0.5, 2, (3, 4))),
                                                                init("bb", np.zeros((3, 4)))])
         return p, torch.randn(2, 3, 4), None
+    if name == "rmsnorm_opset23":
+        n = helper.make_node("RMSNormalization", ["x", "g"], ["y"], axis=-1, epsilon=1e-3)
+        p = save(tmp, name, [n], [vi("x", [2, 3, 4])], [Y], [init("g", rng.uniform(0.5, 2, (4,)))], opset=23)
+        return p, torch.randn(2, 3, 4), None
     if name == "shape_arithmetic_reshape":
         n1 = helper.make_node("Shape", ["x"], ["s"])
         n2 = helper.make_node("Gather", ["s", "zero"], ["b"], axis=0)
@@ -446,7 +450,7 @@ CASES = [
     "global_pools", "pad_reflect_axes_opset18", "pad_constant_opset9", "split_slice_opset11",
     "split_num_outputs_opset18", "squeeze_unsqueeze_opset11", "squeeze_unsqueeze_opset13", "reducemean_opset13",
     "reducemean_opset18", "softmax_opset11_axis1", "sum_sub_const_div", "gather_expand_tile_flatten",
-    "layernorm_axis", "shape_arithmetic_reshape", "dropout_identity_cast",
+    "layernorm_axis", "rmsnorm_opset23", "shape_arithmetic_reshape", "dropout_identity_cast",
 ]
 
 

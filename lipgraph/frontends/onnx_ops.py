@@ -467,6 +467,20 @@ def _layer_norm(b, node, ins, at):
     return b.emit("layer_norm", [x], {"normalized_shape": shape, "eps": float(at.get("epsilon", 1e-5))}, params)
 
 
+@mapping("RMSNormalization")
+def _rms_norm(b, node, ins, at):
+    """Opset 23: ``X / sqrt(mean(X^2 over axes [axis, rank)) + epsilon) * Scale`` (``stash_type`` only chooses
+    the precision of the computation; the IR evaluates in the input's dtype, float64 for the bounds)."""
+    x = _var(ins[0])
+    axis = int(at.get("axis", -1)) % x.ndim
+    shape = tuple(x.shape[axis:])
+    if len(ins) < 2 or ins[1] is None:
+        raise Unsupported("RMSNormalization without its Scale input")
+    weight = b.const(ins[1], "scale").expand(shape).contiguous()
+    return b.emit("rms_norm", [x], {"normalized_shape": shape, "eps": float(at.get("epsilon", 1e-5))},
+                  {"weight": weight})
+
+
 # --- arithmetic ----------------------------------------------------------------------------------------
 
 
