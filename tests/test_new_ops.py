@@ -94,6 +94,18 @@ def test_interpolate_rule_is_the_exact_jacobian_norm(shape, kw) -> None:
     assert_exact(lc.value, jacobian_norm(m, x))
 
 
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=(2, 3), stride=2),
+                                dict(kernel_size=2, dilation=2, padding=1, stride=(1, 2))])
+def test_unfold_rule_is_the_exact_jacobian_norm(kw) -> None:
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    for m in (Fn(lambda z: F.unfold(z, **kw)), nn.Unfold(**kw)):
+        lc = one_constant(m, x, "unfold")
+        assert lc.certified
+        assert_exact(lc.value, jacobian_norm(m, x))
+    g = lipgraph.trace(nn.Unfold(**kw), x)
+    assert torch.equal(ir.execute(g, x), F.unfold(x, **kw))
+
+
 def test_antialiased_interpolation_is_honest_inf() -> None:
     m = Fn(lambda z: F.interpolate(z, size=(3, 5), mode="bilinear", antialias=True))
     lc = one_constant(m, torch.randn(1, 1, 7, 8), "resize")

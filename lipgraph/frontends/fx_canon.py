@@ -467,6 +467,11 @@ def pixel_shuffle(input, upscale_factor):  # noqa: A002
     return Canon("pixel_shuffle", [input], {"factor": int(upscale_factor)})
 
 
+def unfold(input, kernel_size, dilation=1, padding=0, stride=1):  # noqa: A002
+    return Canon("unfold", [input], {"kernel_size": kernel_size, "dilation": dilation, "padding": padding,
+                                     "stride": stride})
+
+
 def pixel_unshuffle(input, downscale_factor):  # noqa: A002
     return Canon("pixel_shuffle", [input], {"factor": int(downscale_factor), "inverse": True})
 
@@ -688,6 +693,7 @@ _fn(where, torch.where)
 _fn(cumsum, torch.cumsum)
 _method(cumsum, "cumsum")
 _fn(pixel_shuffle, F.pixel_shuffle, torch.pixel_shuffle)
+_fn(unfold, F.unfold)
 _fn(pixel_unshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
 _fn(channel_shuffle, F.channel_shuffle, torch.channel_shuffle)
 _fn(cat, torch.cat, torch.concat, torch.concatenate)
@@ -812,6 +818,7 @@ _module(tuple(getattr(nn, f"LPPool{_n}d") for _n in (1, 2, 3) if hasattr(nn, f"L
 _module((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), _pool_module("adaptive_avg"))
 _module((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), _pool_module("adaptive_max"))
 _module((nn.PixelShuffle,), lambda m, x: pixel_shuffle(x, m.upscale_factor))
+_module((nn.Unfold,), lambda m, x: unfold(x, m.kernel_size, m.dilation, m.padding, m.stride))
 _module((nn.Upsample,), _upsample_module)  # UpsamplingNearest2d / UpsamplingBilinear2d subclass it
 _module((nn.ChannelShuffle,), lambda m, x: channel_shuffle(x, m.groups))
 
@@ -964,6 +971,7 @@ _aten_fn(roll, "roll")
 _aten_fn(lambda input, padding, value=0.0: pad(input, padding, "constant", value), "constant_pad_nd")  # noqa: A002
 _aten_fn(pad, "pad")
 _aten_fn(pixel_shuffle, "pixel_shuffle")
+_aten_fn(unfold, "im2col")
 _aten_fn(pixel_unshuffle, "pixel_unshuffle")
 _aten_fn(channel_shuffle, "channel_shuffle", "native_channel_shuffle")
 _aten_fn(cat, "cat", "concat", "concatenate")

@@ -308,6 +308,21 @@ def pixel_shuffle_forward(node, x):
     return F.pixel_shuffle(x, r) if node.attrs.get("inverse") is not True else F.pixel_unshuffle(x, r)
 
 
+def unfold_forward(node, x):
+    a = node.attrs
+    return F.unfold(x, a["kernel_size"], a["dilation"], a["padding"], a["stride"])
+
+
+def unfold_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """F.unfold / nn.Unfold (im2col): every output entry copies one input entry or a zero pad, so the op is a
+    0/1 matrix with at most one 1 per row: L = sqrt(max copies of one entry) (exact; up to prod(kernel) for
+    overlapping windows)."""
+    return _selection_constant(node, lambda t: unfold_forward(node, t))
+
+
+register_rule("unfold", unfold_forward, unfold_lipschitz, affine=True, monotone=True)
+
+
 register_rule("pixel_shuffle", pixel_shuffle_forward, lambda node, ctx: exact(1.0, "permutation"), affine=True,
               monotone=True,
               doc="pixel (un)shuffle reorders entries: L = 1 (exact).")
