@@ -123,7 +123,9 @@ def analyze(
     segments: list[dict[str, Any]] = []
     # with a domain, domain-aware algorithms run on the domain only (their domain run is the tighter one)
     global_names = [n for n in names if domains is None or not METHODS[n].uses_domain]
-    for name in global_names:
+    for k, name in enumerate(global_names):
+        if progress:
+            progress(f"bounds ({name})", k, len(global_names))
         t0 = time.perf_counter()
         res = METHODS[name].runner()(g, local, ctx)
         results[name] = res
@@ -211,8 +213,15 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
     local_full, cum, cum_best = base["local_full"], base["cum"], base["cum_best"]
     modules, inputs_shapes, was_training = base["modules"], base["inputs_shapes"], base["was_training"]
     dom = None
+    progress = base["progress"]
+    if progress:
+        progress("bounds", 1, 1)
     if domain is not None:
+        if progress:
+            progress("domain", 0, 1)
         dom = _domain_pass(base, domain, seconds, bounds)
+        if progress:
+            progress("domain", 1, 1)
         modules = module_constants(g, dom["local"], dom["relations"])
 
     lower_value = None
@@ -221,6 +230,8 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
     )
     lower, lower_budget = base["lower"], base["lower_budget"]
     if lower and not discrete:  # no Jacobian along integer inputs (token ids, indices): no lower-bound search
+        if progress:
+            progress("lower bound", 0, 1)
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(seed)
         xs = _as_inputs(example_input) if example_input is not None else tuple(
@@ -236,6 +247,8 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
                 model.train(was_training)
         lower_value = lb.value if lb is not None else None
         seconds["lower"] = time.perf_counter() - t0
+        if progress:
+            progress("lower bound", 1, 1)
 
     nodes = []
     for n in ir.nodes(g):

@@ -202,7 +202,8 @@ class _Progress:
             return
         self.last = now
         end = "\n" if done >= total else ""
-        sys.stderr.write(f"\r{stage}: {done}/{total} nodes{end}")
+        unit = " nodes" if stage == "constants" else ""
+        sys.stderr.write(f"\r{stage}: {done}/{total}{unit}".ljust(40) + end)
         sys.stderr.flush()
 
 
