@@ -37,7 +37,9 @@ All norms are certified by :func:`lipgraph.norms.dense_norm`.
 With the domain known (``settings.extra["domain"] = (domain, example)``, set by analyze): every enclosed node's
 range is intersected with its mean-value range (:func:`mean_value_range`), normalization factors come from the
 input's enclosure (:func:`_centred_factors`), and where the second-order rules reach (:func:`second_order`) the
-centred form :func:`centred_bound` competes. The relation
+centred form :func:`centred_bound` competes (second-order rules: linear / affine ops, sigmoid, tanh, exact GELU,
+mul_var, matmul_var, softmax, layer / rms norm; see :func:`_step2`); up to :data:`ROUNDS` passes feed each node's
+best certified bound to its norm consumers' factors (:func:`_rounds`). The relation
 ``L(v) <= min(||Jc|| + ||Jr||, || |Jc| + Jr ||) * L(input)`` is emitted for every node with an
 enclosure (the combinator multiplies by ``L(input) = 1``). Convexity of the domain makes this a Lipschitz
 constant on ``D``.
