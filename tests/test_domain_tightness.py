@@ -211,15 +211,18 @@ def test_gated_tightness_on_ball() -> None:
 
 
 def test_block_tightness_on_ball() -> None:
-    """One-block transformer on Ball(x, 0.1): measured certified 58.576, attained 0.49777 (report.lower; float64
-    sampling 0.49544): ratio 117.7. The issue's 5% is NOT reached here: the first-order interval hull loosens at
-    every dense op (ln1 2.26 vs 1.55 at the center, QK^T 11.7 vs 4.2, ln2 184 vs 2.1 in the interval pass), and
-    the centred form has no second-order rules for layer_norm, softmax, matmul_var or GELU yet."""
+    """One-block transformer on Ball(x, 0.1): measured certified 57.774 (58.576 before the second-order rules for
+    layer_norm, softmax, matmul_var and GELU), attained 0.49777 (report.lower; float64 sampling 0.49544): ratio
+    116.1. The issue's 5% is NOT reached here. The centred form now reaches every node (ln1 1.97 vs 1.55 at the
+    center, QK^T 7.27 vs 4.18, softmax 1.79 vs 0.48, the residual add 9.06 vs 1.60), but ln2 stays at 184 vs 2.1:
+    its scale s is enclosed in [0.36, 1.03] on the first group (0.68 at the center), because A = ||N||/sqrt(n)
+    moves by rho sup||J_add|| / sqrt(n) with sup||J_add|| <= 9.06, and 1/s^2 in its second derivative makes the
+    centred form worse than the interval hull from ln2 on (rho ||H|| ~ 1300)."""
     upper, attained = _tightness(_build(Block), _point((1, 4, 8)))
     assert upper >= attained
-    assert upper == pytest.approx(58.576, rel=1e-3)
+    assert upper == pytest.approx(57.774, rel=1e-3)
     assert attained == pytest.approx(0.49777, rel=1e-3)
-    assert upper / attained <= 118.0
+    assert upper / attained <= 116.5
 
 
 # --- second order (the centred form) ---------------------------------------------------------------------
@@ -236,13 +239,47 @@ class TanhSquare(nn.Module):
         return self.w(torch.tanh(self.a(x)) * self.b(x))
 
 
-@pytest.mark.parametrize("cls", [Gated, TanhSquare])
-@pytest.mark.parametrize("radius", [0.1, 0.6])
-def test_second_order_encloses_sampled_hessians(cls, radius) -> None:
+class SoftAttn(nn.Module):
+    """Single-head attention on a (3, 2) input: ``softmax(q k^T) v`` with q, k, v linear (matmul_var, softmax)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        s = torch.matmul(self.q(x), self.k(x).transpose(-1, -2))
+        return torch.matmul(torch.softmax(s, dim=-1), self.v(x))
+
+
+class NormGelu(nn.Module):
+    """``w(gelu(norm(a(x))))`` with a layer or rms norm (non-trivial gamma/beta) and exact GELU."""
+
+    def __init__(self, norm: str = "layer") -> None:
+        super().__init__()
+        self.a, self.w = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.n = nn.LayerNorm(6) if norm == "layer" else nn.RMSNorm(6, eps=1e-5)
+        with torch.no_grad():
+            self.n.weight.uniform_(0.5, 1.5)
+            if getattr(self.n, "bias", None) is not None:
+                self.n.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.w(nn.functional.gelu(self.n(self.a(x))))
+
+
+_SHAPES = {Gated: (1, 8), TanhSquare: (1, 5), SoftAttn: (3, 2), NormGelu: (1, 5)}
+
+
+@pytest.mark.parametrize("cls,arg", [(Gated, None), (TanhSquare, None), (SoftAttn, None), (NormGelu, "layer"),
+                                     (NormGelu, "rms")])
+@pytest.mark.parametrize("radius", [0.01, 0.1, 0.6])  # 0.01: tight enough that dropping any D2 term fails
+def test_second_order_encloses_sampled_hessians(cls, arg, radius) -> None:
     """Every float64 second derivative d^2 out / dx_j dx_k at sampled ball points lies in the second-order
-    enclosure, and the centred bound dominates the sampled Jacobian norms."""
-    model = _build(cls)
-    x = _point((1, 8 if cls is Gated else 5))
+    enclosure (the rules of linear ops, sigmoid, tanh, mul_var, matmul_var, softmax, layer / rms norm, exact
+    GELU), and the centred bound dominates the sampled Jacobian norms."""
+    torch.manual_seed(0)
+    model = (cls() if arg is None else cls(arg)).double().eval()
+    x = _point(_SHAPES[cls])
     dom = Ball(x, radius)
     res, g, st = _pass(model, x, dom)
     rr = st.extra["ranges"]
@@ -258,6 +295,7 @@ def test_second_order_encloses_sampled_hessians(cls, radius) -> None:
             lambda t: torch.autograd.functional.jacobian(lambda u: model(u.reshape(x.shape)).reshape(-1), t,
                                                          create_graph=True), p.reshape(-1))  # (m, nin, nin)
         h = h.permute(1, 2, 0).reshape(hc.shape)
+        assert bool((hr < 1e6).all())  # a finite, non-vacuous enclosure
         assert bool(((h - hc).abs() <= hr).all()), float(((h - hc).abs() - hr).max())
     bound = _bound_at(res, out)
     assert bound is not None and bound >= _max_sampled(model, x, radius, 200)

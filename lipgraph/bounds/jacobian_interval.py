@@ -37,7 +37,9 @@ All norms are certified by :func:`lipgraph.norms.dense_norm`.
 With the domain known (``settings.extra["domain"] = (domain, example)``, set by analyze): every enclosed node's
 range is intersected with its mean-value range (:func:`mean_value_range`), normalization factors come from the
 input's enclosure (:func:`_centred_factors`), and where the second-order rules reach (:func:`second_order`) the
-centred form :func:`centred_bound` competes. The relation
+centred form :func:`centred_bound` competes (second-order rules: linear / affine ops, sigmoid, tanh, exact GELU,
+mul_var, matmul_var, softmax, layer / rms norm; see :func:`_step2`); up to :data:`ROUNDS` passes feed each node's
+best certified bound to its norm consumers' factors (:func:`_rounds`). The relation
 ``L(v) <= min(||Jc|| + ||Jr||, || |Jc| + Jr ||) * L(input)`` is emitted for every node with an
 enclosure (the combinator multiplies by ``L(input) = 1``). Convexity of the domain makes this a Lipschitz
 constant on ``D``.
@@ -337,13 +339,16 @@ def _group_norm_bound(jc: torch.Tensor, jr: torch.Tensor) -> float:
     return value if certified else math.inf
 
 
-def _centred_factors(n: ir.IRNode, r: Range, enc: Enc, at_c: Range, rho: float) -> tuple[torch.Tensor, ...]:
+def _centred_factors(n: ir.IRNode, r: Range, enc: Enc, at_c: Range, rho: float,
+                     cap: float = math.inf) -> tuple[torch.Tensor, ...]:
     """The enclosures of :func:`normalized_factors` tightened by the input's Jacobian enclosure ``enc`` (certified,
     each intersected with the plain one). With ``N = P u`` (``P`` removes the group mean; ``I`` for RMSNorm) and
     ``u(x) - u(c) = M (x - c)``, ``M = int J_u`` in ``[Jc -+ Jr]``, ``||x - c||_2 <= rho``:
     ``N_i(x) in N_i(c) -+ rho (||(P Jc)_i||_2 + ||(|P| Jr)_i||_2)``; ``A = ||N_g||_2 / sqrt(n)`` moves by at most
     ``rho ||M_g||_2 / sqrt(n)`` (``||P|| <= 1``), ``||M_g||`` bounded as in :func:`enclosure_bound` on the group's
-    rows; ``s = sqrt(A^2 + eps)``; ``t = N / s``. Centre values from the range pass at ``c`` (``at_c``)."""
+    rows and by ``cap`` (a certified ``sup_D ||J_u||_2`` from an earlier round, the centred form: a group's rows are
+    a submatrix, ``||M_g|| <= sup ||J_u||``); ``s = sqrt(A^2 + eps)``; ``t = N / s``. Centre values from the range
+    pass at ``c`` (``at_c``)."""
     t0_lo, t0_hi, s0_lo, s0_hi = normalized_factors(n, r)
     _, _, sc_lo, sc_hi = normalized_factors(n, at_c)
     jc, jr = matrices(enc)  # (numel(u), nin)
@@ -367,6 +372,7 @@ def _centred_factors(n: ir.IRNode, r: Range, enc: Enc, at_c: Range, rho: float) 
         nhi = hi_c - lo_c.mean(dim=1, keepdim=True) - wdt + err
     nlo, nhi = nlo - dev_n, nhi + dev_n
     mg = torch.tensor([_group_norm_bound(c_, r_) for c_, r_ in zip(jc_g, jr_g, strict=True)], dtype=_DT)
+    mg = torch.clamp(mg, max=cap)
     eps = n.attrs["eps"]
     eps = torch.finfo(_DT).eps if eps is None else float(eps)
     a_c_lo = torch.sqrt(torch.clamp(sc_lo[:, 0] ** 2 - eps, min=0.0)) * (1 - 1e-9)
@@ -383,7 +389,7 @@ def _centred_factors(n: ir.IRNode, r: Range, enc: Enc, at_c: Range, rho: float) 
 
 
 def _norm(n: ir.IRNode, enc: Enc, ranges: Mapping[str, Any], domain: Any = None,
-          at_center: Mapping[str, Any] | None = None) -> Enc:
+          at_center: Mapping[str, Any] | None = None, cap: float = math.inf) -> Enc:
     """``J = J_norm J_in`` per normalization group, ``J_norm`` entrywise enclosed (:func:`norm_jacobian`), its
     factors tightened by the input's enclosure when the domain is known (:func:`_centred_factors`)."""
     r = ranges.get(n.inputs[0])
@@ -392,7 +398,7 @@ def _norm(n: ir.IRNode, enc: Enc, ranges: Mapping[str, Any], domain: Any = None,
     factors = None
     at_c = (at_center or {}).get(n.inputs[0])
     if domain is not None and isinstance(at_c, Range):
-        factors = _centred_factors(n, r, enc, at_c, _rho(domain))
+        factors = _centred_factors(n, r, enc, at_c, _rho(domain), cap)
         if not bool((factors[0] <= factors[1]).all() and (factors[2] <= factors[3]).all()):
             factors = None
     mc, mr = norm_jacobian(n, r, factors)
@@ -459,7 +465,7 @@ def mean_value_range(enc: Enc, at_center: Range, domain: Any, x: torch.Tensor) -
 
 # --- second order: the centred (mean-value) form --------------------------------------------------------
 
-_SMOOTH2 = ("sigmoid", "tanh")
+_SMOOTH2 = ("sigmoid", "tanh", "gelu")
 
 
 def _second_slopes(n: ir.IRNode, ranges: Mapping[str, Any], first: Enc) -> Enc:
@@ -495,11 +501,171 @@ def _flat2(h: Enc) -> Enc:
     return h[0].reshape(-1, *h[0].shape[2:]), h[1].reshape(-1, *h[1].shape[2:])
 
 
+def _gelu_second(x: torch.Tensor) -> torch.Tensor:
+    """``gelu''(x) = phi(x) (2 - x^2)`` (exact GELU), in float64."""
+    return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi) * (2 - x * x)
+
+
+def _gelu_second_slopes(n: ir.IRNode, ranges: Mapping[str, Any]) -> Enc:
+    """Enclosure of ``gelu''(u) = phi(u) (2 - u^2)`` on the input range ``[lo, hi]`` (exact GELU only): its
+    derivative ``phi(u) u (u^2 - 4)`` vanishes only at ``0, -2, 2``, so the extremes on ``[lo, hi]`` are among the
+    endpoints and those critical points inside; each value is a few float64 flops plus ``exp`` (relative error far
+    below ``1e-12``), covered by a margin ``1e-12 max|value| + 1e-300`` (certified)."""
+    if n.attrs.get("approximate", "none") != "none":
+        raise _Stop("second order: tanh-approximate gelu")
+    r = ranges.get(n.inputs[0])
+    if not isinstance(r, Range) or not (torch.isfinite(r.lo).all() and torch.isfinite(r.hi).all()):
+        raise _Stop(f"no finite range for {n.inputs[0]}")
+    lo, hi = r.lo.to(_DT), r.hi.to(_DT)
+    vals = [_gelu_second(lo), _gelu_second(hi)]
+    for c in (-2.0, 0.0, 2.0):
+        inside = (lo <= c) & (c <= hi)
+        v = torch.full_like(lo, float(_gelu_second(torch.tensor(c, dtype=_DT))))
+        vals.append(torch.where(inside, v, vals[0]))
+    st = torch.stack(vals)
+    vlo, vhi = st.amin(dim=0), st.amax(dim=0)
+    pad = 1e-12 * torch.maximum(vlo.abs(), vhi.abs()) + 1e-300
+    return _centre_radius(vlo - pad, vhi + pad)
+
+
+def _softmax_second(p: Range) -> Enc:
+    """Entrywise enclosure, shape ``(..., k, k, k)`` (indices ``i, j, k``), of the softmax's second derivative
+    ``d^2 p_i / ds_j ds_k = p_i [(delta_ij - p_j)(delta_ik - p_k) - p_j (delta_jk - p_k)]`` over ``p`` in the
+    range (last dim the softmax dim; certified: interval products of the factors, each a few flops, rounding
+    covered by ``16 margin max(|lo|, |hi|)``)."""
+    lo, hi = p.lo.clamp(0.0, 1.0), p.hi.clamp(0.0, 1.0)
+    k = lo.shape[-1]
+    eye = torch.eye(k, dtype=_DT)
+    # a_ij = delta_ij - p_j in [delta_ij - hi_j, delta_ij - lo_j]
+    a_lo, a_hi = eye - hi[..., None, :], eye - lo[..., None, :]
+    # (delta_ij - p_j)(delta_ik - p_k): (..., i, j, k)
+    f_lo, f_hi = _interval_mul(a_lo[..., :, :, None], a_hi[..., :, :, None], a_lo[..., :, None, :],
+                               a_hi[..., :, None, :])
+    # p_j (delta_jk - p_k): (..., j, k), broadcast over i
+    g_lo, g_hi = _interval_mul(lo[..., :, None], hi[..., :, None], a_lo, a_hi)
+    d_lo, d_hi = f_lo - g_hi[..., None, :, :], f_hi - g_lo[..., None, :, :]
+    m_lo, m_hi = _interval_mul(lo[..., :, None, None], hi[..., :, None, None], d_lo, d_hi)
+    c = 0.5 * (m_lo + m_hi)
+    r = torch.maximum(m_hi - c, c - m_lo).clamp_min(0.0) + 16 * _M * torch.maximum(m_lo.abs(), m_hi.abs())
+    return c, _up(r + 2.2250738585072014e-308)
+
+
+def norm_second(n: ir.IRNode, factors: tuple[torch.Tensor, ...], gamma: torch.Tensor) -> Enc:
+    """Entrywise enclosure, shape ``(groups, n, n, n)`` (indices ``i, j, k``), of the second derivative of a
+    layer / rms norm per group: with ``t = N/s``, ``N = P x`` (``P = I - 11^T/n``; ``I`` for RMSNorm),
+    ``s = sqrt(|N|^2/n + eps)``: ``ds/dx_k = t_k/n``, ``dt_i/dx_j = A_ij/s`` with ``A_ij = P_ij - t_i t_j/n``, so
+    ``d^2 y_i / dx_j dx_k = -gamma_i (A_ik t_j + A_jk t_i + A_ij t_k) / (n s^2)``; interval arithmetic entry by entry
+    from the enclosures ``factors = (t_lo, t_hi, s_lo, s_hi)`` (certified, rounding covered by a radius margin
+    ``32 margin max(|lo|, |hi|)``)."""
+    t_lo, t_hi, s_lo, s_hi = factors
+    k = t_lo.shape[1]
+    eye = torch.eye(k, dtype=_DT)
+    base = eye if n.op == "rms_norm" else eye - 1.0 / k
+    tt_lo, tt_hi = _interval_mul(t_lo[:, :, None], t_hi[:, :, None], t_lo[:, None, :], t_hi[:, None, :])
+    a_lo, a_hi = base - tt_hi / k, base - tt_lo / k  # (G, n, n), symmetric
+    # A_ik t_j: (G, i, j, k); A_jk t_i; A_ij t_k
+    x1 = _interval_mul(a_lo[:, :, None, :], a_hi[:, :, None, :], t_lo[:, None, :, None], t_hi[:, None, :, None])
+    x2 = _interval_mul(a_lo[:, None, :, :], a_hi[:, None, :, :], t_lo[:, :, None, None], t_hi[:, :, None, None])
+    x3 = _interval_mul(a_lo[:, :, :, None], a_hi[:, :, :, None], t_lo[:, None, None, :], t_hi[:, None, None, :])
+    sum_lo, sum_hi = x1[0] + x2[0] + x3[0], x1[1] + x2[1] + x3[1]
+    inv_lo = (1.0 / (s_hi * s_hi * k))[:, :, None, None]
+    inv_hi = (1.0 / (s_lo * s_lo * k))[:, :, None, None]
+    m_lo, m_hi = _interval_mul(-sum_hi, -sum_lo, inv_lo, inv_hi)
+    g = gamma[:, :, None, None]
+    m_lo, m_hi = torch.minimum(g * m_lo, g * m_hi), torch.maximum(g * m_lo, g * m_hi)
+    c = 0.5 * (m_lo + m_hi)
+    r = torch.maximum(m_hi - c, c - m_lo).clamp_min(0.0) + 32 * _M * torch.maximum(m_lo.abs(), m_hi.abs())
+    return c, _up(r + 2.2250738585072014e-308)
+
+
+def _contract2(d1h: Enc, d2: Enc, j: Enc) -> Enc:
+    """``H_out[a, b, g, i] = (D1 H_in)[a, b, g, i] + sum_{j, k} D2[g, i, j, k] J[a, g, j] J[b, g, k]`` (the chain rule
+    of a map applied per group ``g``), the second term by two nested interval contractions (:func:`bilinear`):
+    ``M[a, g, i, k] = sum_j D2[g, i, j, k] J[a, g, j]``, then ``sum_k M[a, g, i, k] J[b, g, k]``; ``d1h`` the first
+    term, already enclosed, shape ``(nin, nin, G, n)``."""
+    m = bilinear(lambda x, y: torch.einsum("agj,gijk->agik", x, y), j[0], j[1], d2[0], d2[1])
+    t = bilinear(lambda x, y: torch.einsum("agik,bgk->abgi", x, y), m[0], m[1], j[0], j[1])
+    return add_enc(d1h, t)
+
+
+def _matmul_var2(n: ir.IRNode, hs: list[Enc], js: list[Enc], ranges: Mapping[str, Any]) -> Enc:
+    """``C = A B``: ``d^2 C / dx_j dx_k = H_A[j, k] B + A H_B[j, k] + J_A[j] J_B[k] + J_A[k] J_B[j]`` (matrix
+    products; ``A``, ``B`` in their ranges, equal ranks, no batch broadcasting of the enclosures needed)."""
+    if not (len(n.in_shapes[0]) == len(n.in_shapes[1]) == len(n.out_shape) >= 2):
+        raise _Stop("second order: matmul_var of unequal ranks")
+    nin = hs[0][0].shape[0]
+    (ac, ar), (bc, br) = (_interval(ranges.get(i), i) for i in n.inputs)
+    ha, hb = _flat2(hs[0]), _flat2(hs[1])
+    ta = bilinear(torch.matmul, ha[0], ha[1], bc, br)
+    tb = bilinear(lambda x, a: torch.matmul(a, x), hb[0], hb[1], ac, ar)
+    t = add_enc(ta, tb)
+    t = (t[0].reshape(nin, nin, *t[0].shape[1:]), t[1].reshape(nin, nin, *t[1].shape[1:]))
+    ab = bilinear(torch.matmul, js[0][0][:, None], js[0][1][:, None], js[1][0][None], js[1][1][None])
+    ba = (ab[0].transpose(0, 1), ab[1].transpose(0, 1))
+    return add_enc(t, add_enc(ab, ba))
+
+
+def _apply_rows(m: Enc, x: Enc) -> Enc:
+    """``out[..., g, i] = sum_j M[g, i, j] x[..., g, j]`` in interval arithmetic."""
+    def op(v: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(mm, v[..., None])[..., 0]
+
+    return bilinear(op, x[0], x[1], m[0], m[1])
+
+
+def _softmax2(n: ir.IRNode, h: Enc, j: Enc, ranges: Mapping[str, Any]) -> Enc:
+    """``p = softmax(s)`` per slice: ``H_p = J_sm H_s + D2[J_s, J_s]`` (:func:`softmax_jacobian`,
+    :func:`_softmax_second` from the output's range, contracted by :func:`_contract2`)."""
+    p = _with_own_range(n, ranges).get(n.name)
+    if not isinstance(p, Range):
+        raise _Stop(f"no range for {n.name}")
+    nd = len(n.out_shape)
+    dim = n.attrs["dim"] % nd
+    nin = j[0].shape[0]
+    p_last = Range(p.lo.movedim(dim, -1), p.hi.movedim(dim, -1))
+    moved = tuple(p_last.lo.shape)
+    k = moved[-1]
+    d1 = tuple(t.reshape(-1, k, k) for t in softmax_jacobian(p_last))
+    d2 = tuple(t.reshape(-1, k, k, k) for t in _softmax_second(p_last))
+    hl = tuple(t.movedim(dim + 2, -1).reshape(nin, nin, -1, k) for t in h)
+    jl = tuple(t.movedim(dim + 1, -1).reshape(nin, -1, k) for t in j)
+    out = _contract2(_apply_rows(d1, hl), d2, jl)
+    return tuple(t.reshape(nin, nin, *moved).movedim(-1, dim + 2) for t in out)  # type: ignore[return-value]
+
+
+def _norm2(n: ir.IRNode, h: Enc, j: Enc, ranges: Mapping[str, Any], domain: Any = None,
+           at_center: Mapping[str, Any] | None = None, cap: float = math.inf) -> Enc:
+    """Layer / rms norm per group: ``H_y = J_norm H_u + D2[J_u, J_u]`` (:func:`norm_jacobian`, :func:`norm_second`
+    from the factors' enclosures, tightened as in :func:`_norm` when the domain is known)."""
+    r = ranges.get(n.inputs[0])
+    if not isinstance(r, Range):
+        raise _Stop(f"no range for {n.inputs[0]}")
+    factors = normalized_factors(n, r)
+    at_c = (at_center or {}).get(n.inputs[0])
+    if domain is not None and isinstance(at_c, Range):
+        f2 = _centred_factors(n, r, j, at_c, _rho(domain), cap)
+        if bool((f2[0] <= f2[1]).all() and (f2[2] <= f2[3]).all()):
+            factors = f2
+    shape = tuple(r.lo.shape)
+    gamma = norm_gamma_rows(n, shape)
+    d1 = norm_jacobian(n, r, factors)
+    d2 = norm_second(n, factors, gamma)
+    k = d1[0].shape[-1]
+    nin = j[0].shape[0]
+    hl = tuple(t.reshape(nin, nin, -1, k) for t in h)
+    jl = tuple(t.reshape(nin, -1, k) for t in j)
+    out = _contract2(_apply_rows(d1, hl), d2, jl)
+    return out[0].reshape(h[0].shape), out[1].reshape(h[1].shape)
+
+
 def _step2(n: ir.IRNode, hs: list[Enc | None], js: list[Enc | None], consts: Mapping[str, torch.Tensor],
-           ranges: Mapping[str, Any], settings: Settings, nin: int) -> Enc:
+           ranges: Mapping[str, Any], settings: Settings, nin: int, domain: Any = None,
+           at_center: Mapping[str, Any] | None = None, caps: Mapping[str, float] | None = None) -> Enc:
     """Second-order rule: ``H_v[j, k] = d^2 v / dx_j dx_k`` enclosed (``(nin, nin, *shape)``). Linear ops act on
-    ``H`` as on ``J``; ``sigmoid``/``tanh``: ``f'(u) H_u + f''(u) J_u[j] J_u[k]``; ``mul_var``: ``b H_a + a H_b +
-    J_a[j] J_b[k] + J_b[j] J_a[k]``; anything else stops (the op may not be twice differentiable)."""
+    ``H`` as on ``J``; ``sigmoid``/``tanh``/exact ``gelu``: ``f'(u) H_u + f''(u) J_u[j] J_u[k]``; ``mul_var``:
+    ``b H_a + a H_b + J_a[j] J_b[k] + J_b[j] J_a[k]``; ``matmul_var`` likewise with matrix products
+    (:func:`_matmul_var2`); ``softmax`` and layer / rms norm: ``D1 H_in + D2[J_in, J_in]`` per slice or group
+    (:func:`_softmax2`, :func:`_norm2`); anything else stops (the op may not be twice differentiable)."""
     def back(e: Enc) -> Enc:
         return e[0].reshape(nin, nin, *e[0].shape[1:]), e[1].reshape(nin, nin, *e[1].shape[1:])
 
@@ -509,7 +675,7 @@ def _step2(n: ir.IRNode, hs: list[Enc | None], js: list[Enc | None], consts: Map
         return back(_weighted(n, _flat2(hs[0])))
     if n.op in _SMOOTH2 and len(n.inputs) == 1:
         d1 = _slopes_on(n, ranges, settings)
-        d2 = _second_slopes(n, ranges, d1)
+        d2 = _gelu_second_slopes(n, ranges) if n.op == "gelu" else _second_slopes(n, ranges, d1)
         t1 = bilinear(torch.mul, hs[0][0], hs[0][1], *d1)
         jj = _outer(js[0], js[0])
         return add_enc(t1, bilinear(torch.mul, jj[0], jj[1], *d2))
@@ -521,6 +687,12 @@ def _step2(n: ir.IRNode, hs: list[Enc | None], js: list[Enc | None], consts: Map
         ab = _outer(js[0], js[1])
         ba = (ab[0].transpose(0, 1), ab[1].transpose(0, 1))
         return add_enc(t, add_enc(ab, ba))
+    if n.op == "matmul_var" and len(n.inputs) == 2 and all(h is not None for h in hs):
+        return _matmul_var2(n, hs, js, ranges)
+    if n.op == "softmax" and len(n.inputs) == 1:
+        return _softmax2(n, hs[0], js[0], ranges)
+    if n.op in ("layer_norm", "rms_norm") and len(n.inputs) == 1:
+        return _norm2(n, hs[0], js[0], ranges, domain, at_center, (caps or {}).get(n.inputs[0], math.inf))
     rule = RULES.get(n.op)
     if rule is not None and rule.affine and n.op not in ("split", "unbind", "tuple_getitem") and all(
             h is not None for k, h in enumerate(hs) if n.inputs[k] not in consts):
@@ -529,8 +701,9 @@ def _step2(n: ir.IRNode, hs: list[Enc | None], js: list[Enc | None], consts: Map
     raise _Stop(f"no second-order rule for {n.op}")
 
 
-def second_order(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings,
-                 encs: Mapping[str, Enc]) -> dict[str, Enc]:
+def second_order(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings, encs: Mapping[str, Enc],
+                 domain: Any = None, at_center: Mapping[str, Any] | None = None,
+                 caps: Mapping[str, float] | None = None) -> dict[str, Enc]:
     """Enclosures of every node's second derivatives over the domain (``(nin, nin, *shape)``), as far as the
     rules of :func:`_step2` reach (small inputs only: ``nin^2 numel(v)`` entries within the work limits)."""
     (inp,) = g.graph["inputs"]
@@ -555,7 +728,7 @@ def second_order(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings,
             continue
         try:
             h = _step2(n, [hs.get(i) for i in n.inputs], [encs.get(i) for i in n.inputs], consts, ranges,
-                       settings, nin)
+                       settings, nin, domain, at_center, caps)
         except Exception:  # noqa: BLE001 - no second-order enclosure here (a _Stop or an op it cannot handle)
             continue
         if torch.isfinite(h[0]).all() and torch.isfinite(h[1]).all():
@@ -590,7 +763,8 @@ def centred_bound(h: Enc, at_center: Enc, rho: float) -> float:
 
 
 def _step(n: ir.IRNode, encs: list[Enc | None], consts: Mapping[str, torch.Tensor], ranges: Mapping[str, Any],
-          settings: Settings, domain: Any = None, at_center: Mapping[str, Any] | None = None) -> Enc:
+          settings: Settings, domain: Any = None, at_center: Mapping[str, Any] | None = None,
+          caps: Mapping[str, float] | None = None) -> Enc:
     rule = RULES.get(n.op)
     if rule is None:
         raise _Stop(f"no rule for {n.op}")
@@ -608,7 +782,7 @@ def _step(n: ir.IRNode, encs: list[Enc | None], consts: Mapping[str, torch.Tenso
     if n.op == "softmax" and len(n.inputs) == 1:
         return _softmax(n, encs[0], _with_own_range(n, ranges))
     if n.op in _NORMS and len(n.inputs) == 1:
-        return _norm(n, encs[0], ranges, domain, at_center)
+        return _norm(n, encs[0], ranges, domain, at_center, (caps or {}).get(n.inputs[0], math.inf))
     if slope_interval(n) is not None and len(n.inputs) == 1:
         r = ranges.get(n.inputs[0])
         return _activation(n, encs[0], settings, r if isinstance(r, Range) else None)
@@ -624,10 +798,12 @@ def _zero(shape: Any, encs: list[Enc | None]) -> Enc:
 
 
 def propagate(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings, domain: Any = None,
-              at_center: Mapping[str, Any] | None = None) -> tuple[dict[str, Enc], dict[str, str]]:
+              at_center: Mapping[str, Any] | None = None,
+              caps: Mapping[str, float] | None = None) -> tuple[dict[str, Enc], dict[str, str]]:
     """Enclosures ``name -> (Jc, Jr)`` (column-batched, see the module doc) and ``name -> reason`` where none.
     With ``domain = (Domain, example)`` and ``at_center`` (the range pass at the domain's center), every enclosed
-    node's range is intersected with its mean-value range (:func:`mean_value_range`) before later nodes use it."""
+    node's range is intersected with its mean-value range (:func:`mean_value_range`) before later nodes use it.
+    ``caps``: certified ``sup_D ||J_u||_2`` per node from an earlier round (they tighten the norm factors)."""
     ranges = dict(ranges)
     (inp,) = g.graph["inputs"]
     shape = tuple(ir.node(g, inp).out_shape)
@@ -664,7 +840,7 @@ def propagate(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings, doma
                                f"pass limit {TOTAL_ENTRIES}, used {used})")
             continue
         try:
-            e = _step(n, [encs.get(i) for i in n.inputs], consts, ranges, settings, domain, at_center)
+            e = _step(n, [encs.get(i) for i in n.inputs], consts, ranges, settings, domain, at_center, caps)
         except _Stop as exc:
             reasons[n.name] = str(exc)
             continue
@@ -726,6 +902,41 @@ def _refined_ranges(g: nx.DiGraph, ranges: Mapping[str, Any], encs: Mapping[str,
     return out
 
 
+#: Rounds of the domain-aware pass: each feeds its certified node bounds to the next one's norm factors.
+ROUNDS = 3
+
+
+def _rounds(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings, domain: Any, at_center: Mapping[str, Any],
+            encs: dict[str, Enc], reasons: dict[str, str],
+            encs0: Mapping[str, Enc]) -> tuple[dict[str, Enc], dict[str, str], dict[str, float]]:
+    """The centred bounds of :func:`second_order`, then up to :data:`ROUNDS` - 1 reruns of :func:`propagate` with
+    every node's best certified bound so far as its ``cap`` (the norm factors of its consumers tighten), while some
+    bound improves. Every round's enclosures are sound on their own, so the last one stands."""
+    rho = _rho(domain)
+    centred: dict[str, float] = {}
+    caps: dict[str, float] = {}
+    for rnd in range(ROUNDS):
+        refined = _refined_ranges(g, ranges, encs, at_center, domain)
+        for name, h in second_order(g, refined, settings, encs, domain, at_center, caps).items():
+            if name in encs0 and ir.node(g, name).op not in ("input", "constant"):
+                centred[name] = min(centred.get(name, math.inf), centred_bound(h, encs0[name], rho))
+        new = dict(caps)
+        for name, e in encs.items():
+            value, certified = enclosure_bound(e)
+            best = min(value if certified else math.inf, centred.get(name, math.inf))
+            if math.isfinite(best):
+                new[name] = min(best, new.get(name, math.inf))
+        if rnd == ROUNDS - 1 or not any(ir.node(g, n).op in _NORMS for n in encs) or all(
+                new[k] >= caps.get(k, math.inf) * (1 - 1e-6) for k in new):
+            break
+        caps = new
+        encs2, reasons2 = propagate(g, ranges, settings, domain, at_center, caps)
+        if not set(encs).issubset(encs2):
+            break
+        encs, reasons = encs2, reasons2
+    return encs, reasons, centred
+
+
 def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
     """Relations ``L(v) <= (||Jc_v|| + ||Jr_v||) L(input)`` for every node with an interval Jacobian on the domain
     (``settings.extra["ranges"]``); none without a domain (see the module doc)."""
@@ -749,11 +960,7 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     centred: dict[str, float] = {}
     if domain is not None:
         encs0, _ = propagate(g, at_center, settings)
-        rho = _rho(domain)
-        refined = _refined_ranges(g, rr.ranges, encs, at_center, domain)
-        for name, h in second_order(g, refined, settings, encs).items():
-            if name in encs0 and ir.node(g, name).op not in ("input", "constant"):
-                centred[name] = centred_bound(h, encs0[name], rho)
+        encs, reasons, centred = _rounds(g, rr.ranges, settings, domain, at_center, encs, reasons, encs0)
     inp = g.graph["inputs"][0]
     relations: list[Relation] = []
     records: list[dict[str, Any]] = []
