@@ -709,6 +709,8 @@ def second_order(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings, e
     (inp,) = g.graph["inputs"]
     nin = math.prod(tuple(ir.node(g, inp).out_shape))
     hs: dict[str, Enc] = {}
+    if nin ** 3 > JACOBIAN_ENTRIES:  # even the input's (zero) second derivatives exceed the work limit
+        return hs
     consts: dict[str, torch.Tensor] = {}
     for n in ir.nodes(g):
         if n.op == "input":
