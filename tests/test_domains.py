@@ -170,3 +170,16 @@ def test_cli_ball_within_a_box(capsys: pytest.CaptureFixture[str], tmp_path) -> 
     assert rc == 0 and "on the input domain: linf ball of radius 0.05" in text
     d = json.loads(out_json.read_text())
     assert d["domain"]["clip"]["kind"] == "box" and d["upper"] <= d["global_upper"]
+
+
+def test_rendering_draws_the_domain_numbers_the_report_holds(tmp_path) -> None:
+    net = _relu_mlp(6)
+    x = torch.rand(1, 6, generator=torch.Generator().manual_seed(6))
+    rep = lipgraph.analyze(net, x, domain=Ball(x, 0.05, "linf", clip=(0, 1)), lower=False)
+    dot = (tmp_path / "d.dot")
+    rep.render(str(dot))
+    text = dot.read_text()
+    assert "on the input domain" in text and "linf ball of radius 0.05" in text
+    relu = next(n for n in rep.nodes if n.op == "relu")
+    assert f"{100 * relu.unstable:.0f}% unstable" in text
+    assert "range [" in text
