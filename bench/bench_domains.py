@@ -80,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                 lowers.append(None)
                 continue
             with torch.random.fork_rng():
-                lb = lower_bound(model, (x,), restarts=args.lower_budget, seed=0, domain=d)
+                try:
+                    lb = lower_bound(model, (x,), restarts=args.lower_budget, seed=0, domain=d)
+                except NotImplementedError:  # PyTorch's fused CPU attention has no forward-mode AD: run the IR
+                    g = reps[0].graph
+                    lb = lower_bound(lambda z, _g=g: lipgraph.ir.execute(_g, z), (x,), restarts=args.lower_budget,
+                                     seed=0, domain=d)
             lowers.append(lb.value)
         total = time.perf_counter() - t0
         cells = []
