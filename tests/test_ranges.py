@@ -487,3 +487,28 @@ def test_cast_rules_on_hand_made_ranges() -> None:
 def test_scale_dividing_by_zero_has_no_range() -> None:
     n = ir.IRNode("s", "scale", ["x"], {"divide": True}, {"const": torch.tensor([1.0, 0.0])})
     assert RULES["scale"].ranges(n, _hand_range((2,), 0)) is None
+
+
+class _HalfCast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+        with torch.no_grad():
+            self.lin.weight.fill_(1.0)
+            self.lin.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).half().float()
+
+
+def test_a_narrowing_cast_keeps_its_rounding_in_the_range() -> None:
+    """``x -> half(x)`` at x = 1.0007 rounds up to 1.000977: the exact affine form of the Linear before it must not
+    replace the cast's own (rounding-aware) range."""
+    model = _HalfCast().double()
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    g = lipgraph.trace(model, x)
+    rr = ranges_mod.propagate(g, Box(0.0, 1.0007), x)
+    _, values = ir.execute(g, torch.full((1, 1), 1.0007, dtype=torch.float64), keep=True)
+    for name, r in rr.ranges.items():
+        if isinstance(r, Range) and isinstance(values.get(name), torch.Tensor):
+            assert r.contains(values[name].double()), (name, r, values[name])

@@ -776,6 +776,9 @@ def _step(n: ir.IRNode, encs: list[Enc | None], consts: Mapping[str, torch.Tenso
         return encs[0]
     if not isinstance(n.out_shape, (tuple, list)) or not all(isinstance(d, int) for d in n.out_shape):
         raise _Stop(f"{n.op} is not tensor-valued")
+    dtype = n.attrs.get("dtype")
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:  # a cast to an integer type jumps
+        raise _Stop(f"{n.op} casts to {dtype}: discontinuous")
     if n.op in _WEIGHTED and len(n.inputs) == 1 and "weight" in n.params:
         return _weighted(n, encs[0])
     if n.op in ("mul_var", "matmul_var") and len(n.inputs) == 2:
