@@ -43,9 +43,8 @@ def linear_ranges(node, r: Range) -> Range:
     b = node.params.get("bias")
     b = b.detach().to(torch.float64) if b is not None else None
     mid = F.linear(r.mid, w, b)
-    rad = F.linear(r.rad, w.abs())
-    err = ROUNDING_MARGIN * (F.linear(r.mid.abs() + r.rad, w.abs()) + (b.abs() if b is not None else 0.0))
-    return Range(mid - rad - err, mid + rad + err)
+    mag = F.linear(r.mid.abs() + r.rad, w.abs()) + (b.abs() if b is not None else 0.0)
+    return _center_radius(mid, F.linear(r.rad, w.abs()), mag)
 
 
 register_rule("linear", linear_forward, linear_lipschitz, affine=True, ranges=linear_ranges)
@@ -106,16 +105,24 @@ def conv_lipschitz(node, ctx: Settings) -> LocalConstant:
     )
 
 
-def conv_ranges(node, r: Range) -> Range:
-    """Center-radius interval arithmetic: ``conv_W(mid) + b -+ conv_|W|(rad)``, rounded outward by
-    ``ROUNDING_MARGIN * (conv_|W|(|mid| + rad) + |b|)`` (an enclosure; padding modes only copy entries, so
-    they commute with taking the radius)."""
-    n64 = ir.as_float64(node)
-    na = _with_abs_weight(node)
-    mid = conv_apply(n64, r.mid)
-    rad = conv_apply(na, r.rad, bias=False)
-    mag = conv_apply(na, r.mid.abs() + r.rad, bias=False) + _bias_abs(node, mid)
-    return _center_radius(mid, rad, mag)
+def weighted_ranges(apply):
+    """The range rule of a conv-like op ``apply(node, x, bias=True)``: center-radius interval arithmetic,
+    ``op_W(mid) + b -+ op_|W|(rad)``, rounded outward by ``ROUNDING_MARGIN * (op_|W|(|mid| + rad) + |b|)`` (an
+    enclosure; padding modes only copy entries, so they commute with taking the radius)."""
+
+    def ranges(node, r: Range) -> Range:
+        n64 = ir.as_float64(node)
+        na = _with_abs_weight(node)
+        mid = apply(n64, r.mid)
+        rad = apply(na, r.rad, bias=False)
+        mag = apply(na, r.mid.abs() + r.rad, bias=False) + _bias_abs(node, mid)
+        return _center_radius(mid, rad, mag)
+
+    ranges.__doc__ = weighted_ranges.__doc__
+    return ranges
+
+
+conv_ranges = weighted_ranges(conv_apply)
 
 
 register_rule("conv", conv_forward, conv_lipschitz, affine=True, ranges=conv_ranges)
@@ -145,15 +152,7 @@ def conv_transpose_lipschitz(node, ctx: Settings) -> LocalConstant:
     )
 
 
-def conv_transpose_ranges(node, r: Range) -> Range:
-    """Center-radius interval arithmetic: ``convT_W(mid) + b -+ convT_|W|(rad)``, rounded outward by
-    ``ROUNDING_MARGIN * (convT_|W|(|mid| + rad) + |b|)`` (an enclosure)."""
-    n64 = ir.as_float64(node)
-    na = _with_abs_weight(node)
-    mid = conv_transpose_apply(n64, r.mid)
-    rad = conv_transpose_apply(na, r.rad, bias=False)
-    mag = conv_transpose_apply(na, r.mid.abs() + r.rad, bias=False) + _bias_abs(node, mid)
-    return _center_radius(mid, rad, mag)
+conv_transpose_ranges = weighted_ranges(conv_transpose_apply)
 
 
 register_rule("conv_transpose", conv_transpose_forward, conv_transpose_lipschitz, affine=True,
