@@ -701,6 +701,13 @@ def _step2(n: ir.IRNode, hs: list[Enc | None], js: list[Enc | None], consts: Map
     raise _Stop(f"no second-order rule for {n.op}")
 
 
+def _keep_constant(n: ir.IRNode, consts: dict[str, torch.Tensor]) -> None:
+    """Record a constant node's float64 value in ``consts`` (tensor-valued constants only)."""
+    v = RULES["constant"].forward(ir.as_float64(n))
+    if isinstance(v, torch.Tensor):
+        consts[n.name] = v.detach().to(_DT)
+
+
 def second_order(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings, encs: Mapping[str, Enc],
                  domain: Any = None, at_center: Mapping[str, Any] | None = None,
                  caps: Mapping[str, float] | None = None) -> dict[str, Enc]:
@@ -718,9 +725,7 @@ def second_order(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings, e
             hs[n.name] = (z, z)
             continue
         if n.op == "constant":
-            v = RULES["constant"].forward(ir.as_float64(n))
-            if isinstance(v, torch.Tensor):
-                consts[n.name] = v.detach().to(_DT)
+            _keep_constant(n, consts)
             continue
         var = [i for i in n.inputs if i not in consts]
         if not var or any(i not in hs or i not in encs for i in var) or n.name not in encs:
@@ -827,9 +832,7 @@ def propagate(g: nx.DiGraph, ranges: Mapping[str, Any], settings: Settings, doma
             used += nin * nin
             continue
         if n.op == "constant":
-            v = RULES["constant"].forward(ir.as_float64(n))
-            if isinstance(v, torch.Tensor):
-                consts[n.name] = v.detach().to(_DT)
+            _keep_constant(n, consts)
             continue
         var = [i for i in n.inputs if i not in consts]
         missing = [i for i in var if i not in encs]
