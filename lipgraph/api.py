@@ -153,35 +153,41 @@ def analyze(
                 local_full=local_full, results=results, relations=relations, bounds=bounds, cum=cum,
                 cum_best=cum_best, modules=modules, segments=segments, seconds=seconds, lower=lower,
                 lower_budget=lower_budget, seed=seed, was_training=was_training, inputs_shapes=inputs_shapes,
-                progress=progress)
+                progress=progress, float64={})
     if domains is None:
         return _finish(base, None)
     return [_finish(base, d) for d in domains] if isinstance(domain, Sequence) else _finish(base, domains[0])
 
 
 def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: Domain | None, restarts: int,
-              seed: int, patterns: PatternTargets | None = None) -> Any:
+              seed: int, patterns: PatternTargets | None = None, copies: dict[str, Any] | None = None) -> Any:
     """The lower-bound search on the model (its float64 copy re-evaluates the witness), else on the IR (float32
     search, float64 IR re-evaluation): the IR path serves ONNX files and models whose ops lack forward-mode AD
-    (PyTorch's fused CPU attention), since the IR runs attention as matmuls and softmax. None if both fail."""
-    g64 = ir.to_float64(g)
+    (PyTorch's fused CPU attention), since the IR runs attention as matmuls and softmax. None if both fail.
+    ``copies`` keeps the float64 model and IR made for one search, so the reports of a list of domains make
+    them once."""
+    copies = {} if copies is None else copies
 
     def run_ir(*zs: torch.Tensor) -> Any:
         return ir.execute(g, *zs)
 
     def run_ir64(*zs: torch.Tensor) -> Any:
-        return ir.execute(g64, *(z.double() for z in zs))
+        if "ir" not in copies:
+            copies["ir"] = ir.to_float64(g)
+        return ir.execute(copies["ir"], *(z.double() for z in zs))
 
     tries: list[tuple[Any, Any]] = []
     if isinstance(model, nn.Module):
         model.eval()  # restored by the caller: analyze leaves the model as it was
-        import copy  # noqa: PLC0415
+        if "model" not in copies:
+            import copy  # noqa: PLC0415
 
-        try:
-            m64 = copy.deepcopy(model).double()
-            tries.append((model, lambda *zs, _m=m64: _m(*(z.double() for z in zs))))
-        except Exception:  # noqa: BLE001 - a model that cannot be copied: the IR's float64 copy re-evaluates
-            tries.append((model, run_ir64))
+            try:
+                copies["model"] = copy.deepcopy(model).double()
+            except Exception:  # noqa: BLE001 - a model that cannot be copied: the IR's float64 copy re-evaluates
+                copies["model"] = None
+        m64 = copies["model"]
+        tries.append((model, run_ir64 if m64 is None else (lambda *zs, _m=m64: _m(*(z.double() for z in zs)))))
     tries += [(run_ir, run_ir64), (run_ir, None)]
     kw: dict[str, Any] = {"domain": domain, "patterns": patterns} if domain is not None else {}
     for fn, f64 in tries:
@@ -241,7 +247,7 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
         try:
             with torch.random.fork_rng(devices=rng_devices):  # the search's own draws, seeded, then restored
                 lb = _attained(model, g, xs, domain, max(1, int(lower_budget)), seed,
-                               dom["patterns"] if dom is not None else None)
+                               dom["patterns"] if dom is not None else None, base["float64"])
         finally:
             if isinstance(model, nn.Module):
                 model.train(was_training)
