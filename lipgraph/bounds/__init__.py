@@ -23,9 +23,11 @@ class Method:
     #: The algorithm reads the input domain (``Settings.neuron_slopes``, ``Settings.extra["ranges"]``): with a
     #: domain it runs again on the domain's constants. Others' relations hold everywhere, so on the domain too.
     uses_domain: bool = False
+    #: The module's function that runs the algorithm.
+    function: str = "run"
 
     def runner(self) -> Callable:
-        return importlib.import_module(self.module).run
+        return getattr(importlib.import_module(self.module), self.function)
 
 
 #: The bound algorithms, in the order they run. ``default`` ones run when ``analyze(method="auto")``.
@@ -33,11 +35,12 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, module: str, doc: str, *, default: bool = True, replace: bool = False,
-                    uses_domain: bool = False) -> Method:
-    """Add a bound algorithm: ``module`` (importable path) defines ``run(graph, local, settings)``."""
+                    uses_domain: bool = False, function: str = "run") -> Method:
+    """Add a bound algorithm: ``module`` (importable path) defines ``function(graph, local, settings)``
+    (``run`` unless named)."""
     if name in METHODS and not replace:
         raise ValueError(f"a bound algorithm named {name!r} is already registered (pass replace=True)")
-    METHODS[name] = m = Method(name, module, doc, default, uses_domain)
+    METHODS[name] = m = Method(name, module, doc, default, uses_domain, function)
     return m
 
 
@@ -51,6 +54,15 @@ register_method("combettes-pesquet", "lipgraph.bounds.combettes_pesquet",
                 "Combettes-Pesquet bound on linear-chain segments (exact O(depth^2) programme, certified)")
 register_method("eclipse-fast", "lipgraph.bounds.eclipse_fast",
                 "ECLipsE-Fast on linear-chain segments (closed form, every PSD step proven by Cholesky)")
+register_method("lipsdp", "lipgraph.bounds.chain_sdp",
+                "LipSDP-Neuron on linear-chain segments (structured interior point, overlapping windows on deep "
+                "chains; multipliers re-checked in float64)", default=False)
+register_method("lipsdp-cvxpy", "lipgraph.bounds.sdp_cvxpy",
+                "LipSDP-Neuron in its published form through cvxpy/CVXOPT, re-checked (needs lipgraph[sdp])",
+                default=False, function="run_lipsdp")
+register_method("eclipse-cvxpy", "lipgraph.bounds.sdp_cvxpy",
+                "ECLipsE's layer-wise SDPs through cvxpy/CVXOPT, re-checked (needs lipgraph[sdp])",
+                default=False, function="run_eclipse")
 register_method("jacobian-interval", "lipgraph.bounds.jacobian_interval",
                 "interval Jacobian on an input domain: ||Jc|| + ||Jr|| of an enclosure of every node's Jacobian "
                 "(needs a domain; nothing in a global analysis)", uses_domain=True)

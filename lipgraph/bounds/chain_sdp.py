@@ -1,0 +1,656 @@
+"""LipSDP-Neuron on linear chains, solved by a structured interior-point method, and certified in float64
+from its multipliers (Fazlyab et al., "Efficient and accurate estimation of Lipschitz constants for deep
+neural networks", NeurIPS 2019; the layer-wise ECLipsE windows of Xu & Sivaranjani, NeurIPS 2024).
+
+**The bound.** Chain ``W_k s_k ... s_1 W_0`` (``mats[j] = W_j``), neuron ``i`` of activation ``j``
+slope-restricted in ``[a_ji, b_ji]`` (``p = a b``, ``m = (a + b)/2``). With ``z_j = W_{j-1} v_{j-1}``,
+``v_j = s_j(z_j)`` and ``d`` the difference of two evaluations, slope restriction gives neuron by neuron
+``q_ji = -p dz^2 + 2 m dz dv - dv^2 >= 0``. For multipliers ``lambda_ji >= 0`` the forward recursion
+keeps symmetric ``X_j`` with ``|dv_0|^2 >= dv_j^T X_j dv_j`` (``X_0 = I``); the step ``j - 1 -> j`` holds
+whenever
+
+    B_j = [[X_{j-1} + W^T diag(p lambda) W,  -W^T diag(m lambda)],
+           [-diag(m lambda) W,               diag(lambda) - X_j]]      (W = W_{j-1})
+
+is positive semidefinite, and ``|W_k dv_k|^2 <= c |dv_0|^2`` when ``c X_k - W_k^T W_k`` is PSD, so
+``L <= sqrt(c)``. Taking ``X_j`` as the Schur complement of ``B_j`` this is exactly LipSDP-Neuron's LMI
+``Q(t, y) = t E_0 + sum_a y_a A_a - F >= 0`` (``y = t lambda``, ``E_0`` the input block, ``F = W_k^T W_k``
+in the last block), eliminated block by block. ECLipsE-Fast (:mod:`.eclipse_fast`) is the choice
+``lambda_j`` scalar in closed form; here the multipliers are optimised.
+
+**Certificate** (:class:`ForwardCertificate`). Whatever produced the multipliers, the value is recomputed
+from them in float64: each ``X_j`` is the Schur complement lowered by a slack ``delta diag(lambda)``, and
+every ``B_j`` and the final matrix are proven PSD by a shifted Cholesky factorisation that covers the
+rounding of forming them from the stored floats (products, the float ``p`` and ``m``) and Demmel's
+Cholesky error (:func:`lipgraph.bounds.eclipse_fast.certify_psd`). Matrices are first divided by powers of
+two (exact) near their norms: slope restriction is invariant under that rescaling (``s(S z)/S`` has the
+slopes of ``s``), so the chain's bound is the product of the powers times the rescaled chain's bound;
+``X_j`` is renormalised by powers of two too. The value ``sqrt(c) prod 2^e`` is inflated like every chain
+bound (``(1 + m) v + m AutoLip``) and capped by the certified AutoLip product. A failed factorisation gives
+no certified value.
+
+**Solver** (:func:`solve_chain_lmi`). A barrier path-following method on ``min t`` subject to
+``Q(t, y) > 0``, ``y > 0`` with Newton steps in the ``1 + #neurons`` variables. Every multiplier matrix is
+``A_a = U_a C_a U_a^T`` with ``U_a = [W_{j-1}^T e_i, e_i]`` (block columns) and ``C_a = [[p, -m], [-m, 1]]``,
+so the barrier's Hessian ``tr(Q^-1 A_a Q^-1 A_b)`` comes from ``K = U^T Q^-1 U`` in ``O(N^3 + n^2)``
+(``N`` the LMI's size, ``n`` the neurons): one dense inverse per step, no modelling layer. It stops when
+the barrier's duality-gap bound ``nu mu`` is below ``GAP`` of ``t``, or after ``MAX_NEWTON`` steps (work,
+not seconds). The solver's numbers never enter the value: only its multipliers do, through the certificate.
+
+**Deep chains** (:func:`lipsdp_chain` with ``window``). When the LMI would exceed ``MAX_LMI`` rows, the
+chain is cut into overlapping windows of activations: each window's SDP starts from the current ``X``
+(the input metric) and, when it is not the last, takes the next matrix as if it were the output
+(ECLipsE's greedy objective, over several layers at once); its first ``stride`` activations are committed
+to the certificate and the window slides. ``window = 1`` is ECLipsE (layer-wise SDPs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+
+from ..core import ROUNDING_MARGIN, Settings
+from ..ops import LocalConstant
+from .chain_mats import ChainValue, autolip_chain, run_segments
+from .eclipse_fast import certify_psd
+from .relations import AlgorithmResult
+
+SOURCE = "lipsdp"
+_DT = torch.float64
+U64 = 2.0**-53
+#: Slacks tried, relative to each multiplier, until a step's block matrix is proven PSD.
+SLACKS = (1e-10, 1e-8, 1e-6, 1e-4)
+#: Relative slacks of the final ``c`` (``c = lambda_max (1 + delta)``).
+FINAL_SLACKS = (1e-9, 1e-7, 1e-5, 1e-3)
+#: The interior-point method stops when its gap bound ``nu mu`` is below this fraction of ``t``.
+GAP = 1e-7
+#: Newton steps per SDP at most (the work budget; a solve that runs out still yields its multipliers).
+MAX_NEWTON = 300
+#: Relative slack of the closed-form starting point (strictly inside the LMI's cone).
+START_SLACK = 1e-2
+#: Multipliers stay below this factor times the largest starting one (keeps the barrier bounded below).
+Y_MAX = 30.0
+#: The barrier parameter is divided by this factor after each centring.
+MU_FACTOR = 8.0
+#: Largest LMI solved at once (rows, the sum of the widths of its blocks): one Newton step inverts it. At
+#: 1000 rows a step takes about 0.15 s on 2 cores; deeper or wider chains are cut into windows.
+MAX_LMI = 1000
+#: Largest one-activation window (rows) the default method solves (a 1500-row Newton step: about 0.5 s).
+MAX_WINDOW_LMI = 1500
+#: Largest chain (activations x neurons per activation summed) for which windows are tried at all; above it
+#: only the closed forms run (a width-1000 window takes minutes).
+MAX_NEURONS = 12000
+
+Slopes = Sequence[tuple[float, float] | tuple[torch.Tensor, torch.Tensor]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# chain data: powers-of-two scaling and per-neuron slope coefficients
+
+
+def _pow2(x: float) -> float:
+    """The power of two nearest ``x > 0`` (1.0 for 0 or non-finite)."""
+    if not (x > 0 and math.isfinite(x)):
+        return 1.0
+    return math.ldexp(1.0, round(math.log2(x)))
+
+
+@dataclass
+class _Chain:
+    """A chain rescaled by powers of two: ``mats[j] = W_j / scales[j]`` exactly; ``p[j]``, ``m[j]``: per-neuron
+    coefficients of activation ``j`` (``p = a b``, ``m = (a + b)/2`` in float64, with their rounding bounds
+    ``dp``, ``dm``)."""
+
+    mats: list[torch.Tensor]
+    scales: list[float]
+    p: list[torch.Tensor]
+    m: list[torch.Tensor]
+    dp: list[torch.Tensor]
+    dm: list[torch.Tensor]
+
+    @property
+    def k(self) -> int:
+        return len(self.p)
+
+
+def _prepare(mats: Sequence[torch.Tensor], slopes: Slopes) -> _Chain:
+    mats = [w.detach().to(_DT) for w in mats]
+    if len(slopes) != len(mats) - 1:
+        raise ValueError("need one slope interval per activation (len(mats) - 1)")
+    scaled, scales = [], []
+    for w in mats:
+        s = _pow2(float(torch.linalg.matrix_norm(w, 2))) if w.numel() else 1.0
+        scaled.append(w / s)  # exact: division by a power of two
+        scales.append(s)
+    ps, ms, dps, dms = [], [], [], []
+    for j, sl in enumerate(slopes):
+        n = mats[j].shape[0]
+        a = torch.as_tensor(sl[0], dtype=_DT).expand(n).clone()
+        b = torch.as_tensor(sl[1], dtype=_DT).expand(n).clone()
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) and bool((a <= b).all())):
+            raise ValueError(f"bad slope interval for activation {j + 1}")
+        p = a * b
+        m = (a + b) / 2
+        ps.append(p)
+        ms.append(m)
+        dps.append(U64 * p.abs())  # one rounding each
+        dms.append(U64 * m.abs())
+    for x, y in zip(mats[:-1], mats[1:], strict=True):
+        if x.shape[0] != y.shape[1]:
+            raise ValueError(f"shape mismatch: {tuple(x.shape)} then {tuple(y.shape)}")
+    return _Chain(scaled, scales, ps, ms, dps, dms)
+
+
+def _fro(x: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(x, "fro")) * (1 + ROUNDING_MARGIN)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the certificate
+
+
+class ForwardCertificate:
+    """The forward recursion of the module docstring on a rescaled chain, one proven step at a time.
+
+    ``x`` is the current ``X_j`` times ``2^-log2_scale`` (renormalised by powers of two); :meth:`step`
+    takes multipliers in the current scale of ``x``; :meth:`final` returns the certified ``c`` of the
+    unscaled recursion, or ``None``."""
+
+    def __init__(self, n_in: int) -> None:
+        self.x = torch.eye(n_in, dtype=_DT)
+        self.log2_scale = 0  # true X_j = x * 2^log2_scale
+        self.slacks: list[float] = []
+        self.failure = ""
+
+    def renormalize(self) -> None:
+        """Divide ``x`` by the power of two nearest its largest diagonal entry (exact)."""
+        d = float(self.x.diagonal().abs().max()) if self.x.numel() else 1.0
+        s = _pow2(d)
+        if s != 1.0:
+            self.x = self.x / s
+            self.log2_scale += round(math.log2(s))
+
+    def step(self, w: torch.Tensor, p: torch.Tensor, m: torch.Tensor, dp: torch.Tensor, dm: torch.Tensor,
+             lam: torch.Tensor) -> bool:
+        """Prove ``B_j`` PSD for multipliers ``lam`` (> 0) and move to ``X_j``; False (with ``failure``) if not."""
+        x = self.x
+        n_in = w.shape[1]
+        lam = lam.to(_DT).clamp_min(0.0)
+        if not bool(torch.isfinite(lam).all()) or not bool((lam > 0).any()):
+            self.failure = "multipliers are not positive and finite"
+            return False
+        pl = p * lam
+        ml = m * lam
+        mmat = x + w.T @ (pl[:, None] * w) if bool((p != 0).any()) else x.clone()
+        mmat = (mmat + mmat.T) / 2
+        r, info = torch.linalg.cholesky_ex(mmat)
+        if int(info) != 0:
+            self.failure = "X + W^T diag(p lambda) W is not positive definite"
+            return False
+        z = torch.linalg.solve_triangular(r, w.T * ml[None, :], upper=False)  # R^-1 W^T diag(m lambda)
+        schur = -(z.T @ z)
+        schur = (schur + schur.T) / 2
+        schur.diagonal().add_(lam)
+        # Rounding of forming B from the stored floats, and of the float p, m (2-norm bounds via Frobenius).
+        row_sq = (w * w).sum(dim=1)
+        err_tl = ((w.shape[0] + 3) * U64 * float((pl.abs() * row_sq).sum()) + float((dp * lam * row_sq).sum())
+                  + U64 * _fro(mmat))
+        off = ml[:, None] * w
+        err_off = 2 * U64 * _fro(off) + _fro((dm * lam)[:, None] * w)
+        for delta in SLACKS:
+            x_new = schur.clone()
+            x_new.diagonal().sub_(delta * lam)
+            br = -x_new
+            br.diagonal().add_(lam)
+            b = torch.empty(n_in + w.shape[0], n_in + w.shape[0], dtype=_DT)
+            b[:n_in, :n_in] = mmat
+            b[:n_in, n_in:] = -off.T
+            b[n_in:, :n_in] = -off
+            b[n_in:, n_in:] = br
+            err = 2 * (err_tl + err_off + U64 * _fro(br)) * (1 + ROUNDING_MARGIN)
+            if certify_psd(b, err):
+                self.slacks.append(delta)
+                self.x = x_new
+                return True
+        self.failure = "a step's block matrix was not proven PSD"
+        return False
+
+    def final(self, w: torch.Tensor) -> float | None:
+        """Certified ``c`` with ``|W dv_k|^2 <= c |dv_0|^2`` (unscaled), or None."""
+        x = self.x
+        r, info = torch.linalg.cholesky_ex(x)
+        if int(info) != 0:
+            self.failure = "the last X is not positive definite"
+            return None
+        y = torch.linalg.solve_triangular(r, w.T, upper=False)
+        est = float(torch.linalg.eigvalsh(y.T @ y).max())
+        if not (est >= 0 and math.isfinite(est)):
+            self.failure = "the final eigenvalue is not finite"
+            return None
+        g = w.T @ w
+        gram_err = 4.0 * (w.shape[0] + 2) * U64 * _fro(w) ** 2
+        for delta in FINAL_SLACKS:
+            c = est * (1 + delta) if est > 0 else 0.0
+            f = c * x - g
+            err = (gram_err + U64 * c * _fro(x) + U64 * _fro(f)) * 2 * (1 + ROUNDING_MARGIN)
+            if certify_psd(f, err):
+                self.slacks.append(delta)
+                # |dv_0|^2 >= dv^T X_true dv = 2^s dv^T x dv, and |W dv|^2 <= c dv^T x dv.
+                return math.ldexp(c, -self.log2_scale)
+        self.failure = "the final matrix c X - W^T W was not proven PSD"
+        return None
+
+
+def _value(chain: _Chain, c_scaled: float, auto: float) -> float:
+    """``sqrt(c) * prod scales``, inflated, capped by AutoLip."""
+    prod = 1.0
+    for s in chain.scales:
+        prod *= s
+    v = math.sqrt(c_scaled) * prod * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * auto
+    return min(v, auto)
+
+
+def certify_multipliers(mats: Sequence[torch.Tensor], slopes: Slopes,
+                        lams: Sequence[torch.Tensor]) -> ChainValue:
+    """The certified bound of a chain from forward multipliers ``lams[j]`` (one per neuron of activation
+    ``j``, in the unscaled recursion with ``X_0 = I``; a solver's LipSDP ``T_j / rho``). Multipliers that
+    fail the re-check give ``ChainValue(inf, certified=False)``."""
+    t0 = time.perf_counter()
+    chain = _prepare(mats, slopes)
+    auto = autolip_chain([w.to(_DT) for w in mats], [_interval_hull(s) for s in slopes])
+    cert = ForwardCertificate(chain.mats[0].shape[1])
+    # Rescaling: with v_j scaled by S_j = prod_{i<j} s_i the multipliers of the rescaled chain are
+    # lambda_j * S_j^2 (q_j is quadratic in dz, dv).
+    log2_s = 0
+    for j in range(chain.k):
+        log2_s += round(math.log2(chain.scales[j]))
+        lam = torch.as_tensor(lams[j], dtype=_DT).flatten() * math.ldexp(1.0, 2 * log2_s - cert.log2_scale)
+        if not cert.step(chain.mats[j], chain.p[j], chain.m[j], chain.dp[j], chain.dm[j], lam):
+            return ChainValue(math.inf, False, f"multipliers rejected: {cert.failure}", time.perf_counter() - t0)
+        cert.renormalize()
+    c = cert.final(chain.mats[-1])
+    if c is None:
+        return ChainValue(math.inf, False, f"multipliers rejected: {cert.failure}", time.perf_counter() - t0)
+    return ChainValue(_value(chain, c, auto), True, "multipliers re-checked in float64",
+                      time.perf_counter() - t0)
+
+
+def _interval_hull(sl: tuple) -> tuple[float, float]:
+    a, b = sl
+    return (float(torch.as_tensor(a).min()), float(torch.as_tensor(b).max()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the interior-point solver
+
+
+@dataclass
+class LMISolution:
+    """``t`` and the multipliers ``y[j]`` (per neuron) of ``Q(t, y) > 0``; ``newton`` steps used; ``gap`` the
+    final bound ``nu mu`` (``inf`` when the budget ran out before the first centring)."""
+
+    t: float
+    y: list[torch.Tensor]
+    newton: int
+    gap: float
+
+
+class _LMI:
+    """``Q(t, y) = t E_0 + sum_a y_a A_a - F`` for a (sub)chain: input metric ``x_in``, matrices ``mats[j]``
+    feeding activation ``j`` (coefficients ``p[j]``, ``m[j]``), final PSD ``f`` on the last block."""
+
+    def __init__(self, x_in: torch.Tensor, mats: list[torch.Tensor], p: list[torch.Tensor],
+                 m: list[torch.Tensor], f: torch.Tensor) -> None:
+        self.x_in, self.mats, self.f = x_in, mats, f
+        self.p = torch.cat(p)
+        self.m = torch.cat(m)
+        self.widths = [x_in.shape[0]] + [w.shape[0] for w in mats]
+        self.offsets = [0]
+        for n in self.widths:
+            self.offsets.append(self.offsets[-1] + n)
+        self.size = self.offsets[-1]
+        self.neurons = sum(self.widths[1:])
+
+    def blk(self, j: int) -> slice:
+        return slice(self.offsets[j], self.offsets[j + 1])
+
+    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(y, self.widths[1:]))
+
+    def matrix(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        q = torch.zeros(self.size, self.size, dtype=_DT)
+        q[self.blk(0), self.blk(0)] = t * self.x_in
+        ys = self.split(y)
+        ps = torch.split(self.p, self.widths[1:])
+        ms = torch.split(self.m, self.widths[1:])
+        for j, w in enumerate(self.mats):
+            a, b = self.blk(j), self.blk(j + 1)
+            if bool((ps[j] != 0).any()):
+                q[a, a] += w.T @ ((ps[j] * ys[j])[:, None] * w)
+            off = -w.T * (ms[j] * ys[j])[None, :]
+            q[a, b] = off
+            q[b, a] = off.T
+            q[b, b] += torch.diag(ys[j])
+        q[self.blk(len(self.mats)), self.blk(len(self.mats))] -= self.f
+        return q
+
+    def uw_t(self, z: torch.Tensor) -> torch.Tensor:
+        """``U_w^T z``: rows ``W_{j-1}[i] . z[block j-1]`` for every neuron."""
+        return torch.cat([w @ z[self.blk(j)] for j, w in enumerate(self.mats)])
+
+    def ue_t(self, z: torch.Tensor) -> torch.Tensor:
+        """``U_e^T z``: the rows of ``z`` of every neuron's own block."""
+        return z[self.offsets[1]:]
+
+
+def _logdet_chol(q: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    r, info = torch.linalg.cholesky_ex(q)
+    if int(info) != 0:
+        return math.inf, None
+    return 2.0 * float(torch.log(r.diagonal()).sum()), r
+
+
+def _start(lmi: _LMI) -> tuple[float, torch.Tensor]:
+    """A strictly feasible ``(t, y)`` by backward elimination, one multiplier value per activation."""
+    k = len(lmi.mats)
+    ps = torch.split(lmi.p, lmi.widths[1:])
+    ms = torch.split(lmi.m, lmi.widths[1:])
+    ys: list[torch.Tensor] = [torch.empty(0)] * k
+    fn = float(torch.linalg.eigvalsh(lmi.f).max()) if lmi.f.numel() else 0.0
+    y_last = 2.0 * max(fn, 0.0) + 1e-3 * max(fn, 1.0)
+    s = -lmi.f.clone()
+    s.diagonal().add_(y_last)
+    ys[k - 1] = torch.full((lmi.widths[k],), y_last, dtype=_DT)
+    for j in range(k - 1, -1, -1):
+        w = lmi.mats[j]
+        yv = ys[j]
+        r_mat = w.T @ ((ps[j] * yv)[:, None] * w)
+        off = w.T * (ms[j] * yv)[None, :]  # -Q_{j,j+1}
+        r_mat = r_mat - off @ torch.linalg.solve(s, off.T)
+        r_mat = (r_mat + r_mat.T) / 2
+        if j > 0:
+            ev = torch.linalg.eigvalsh(r_mat)
+            val = 2.0 * max(-float(ev.min()), 0.0) + 1e-3 * max(float(ev.abs().max()), 1e-3)
+            ys[j - 1] = torch.full((lmi.widths[j],), val, dtype=_DT)
+            s = r_mat.clone()
+            s.diagonal().add_(val)
+        else:
+            lx = torch.linalg.cholesky(lmi.x_in)
+            g = torch.linalg.solve_triangular(lx, torch.linalg.solve_triangular(lx, r_mat, upper=False).T,
+                                              upper=False)
+            ev = torch.linalg.eigvalsh((g + g.T) / 2)
+            t = 2.0 * max(-float(ev.min()), 0.0) + 1e-3 * max(float(ev.abs().max()), 1e-3)
+    return t, torch.cat(ys)
+
+
+def _closed_form_start(lmi: _LMI) -> tuple[float, torch.Tensor] | None:
+    """A strictly feasible ``(t, y)`` from ECLipsE-Fast's closed-form multipliers (one per activation), with
+    relative slacks ``START_SLACK``; None when a step's matrix is not positive definite."""
+    x = lmi.x_in
+    ps = torch.split(lmi.p, lmi.widths[1:])
+    ms = torch.split(lmi.m, lmi.widths[1:])
+    lams = []
+    for j, w in enumerate(lmi.mats):
+        r, info = torch.linalg.cholesky_ex(x)
+        if int(info) != 0:
+            return None
+        z = torch.linalg.solve_triangular(r, w.T, upper=False)
+        kmax = float(torch.linalg.eigvalsh(z.T @ z).max())
+        mmax = float((ms[j] ** 2).max())
+        if not (kmax > 0 and mmax > 0):
+            return None
+        lam = torch.full((w.shape[0],), 1.0 / (2 * mmax * kmax), dtype=_DT)
+        mm = x + w.T @ ((ps[j] * lam)[:, None] * w)
+        rm, info = torch.linalg.cholesky_ex((mm + mm.T) / 2)
+        if int(info) != 0:
+            return None
+        zm = torch.linalg.solve_triangular(rm, w.T * (ms[j] * lam)[None, :], upper=False)
+        x = torch.diag(lam * (1 - START_SLACK)) - zm.T @ zm
+        x = (x + x.T) / 2
+        lams.append(lam)
+    r, info = torch.linalg.cholesky_ex(x)
+    if int(info) != 0:
+        return None
+    z = torch.linalg.solve_triangular(r, lmi.f, upper=False)
+    z = torch.linalg.solve_triangular(r, z.T, upper=False)
+    c = float(torch.linalg.eigvalsh((z + z.T) / 2).max()) * (1 + START_SLACK) + 1e-300
+    return c, c * torch.cat(lams)
+
+
+def solve_chain_lmi(x_in: torch.Tensor, mats: list[torch.Tensor], p: list[torch.Tensor], m: list[torch.Tensor],
+                    f: torch.Tensor, *, layer_form: bool = False, max_newton: int = MAX_NEWTON,
+                    gap: float = GAP) -> LMISolution:
+    """Minimise ``t`` over ``Q(t, y) > 0, 0 < y < y_max`` (see :class:`_LMI`) by the barrier method.
+
+    The box ``y < y_max`` (``Y_MAX`` times the largest starting multiplier) keeps the barrier bounded
+    below: a neuron whose incoming weights vanish has ``A_a >= 0`` and its multiplier could grow forever.
+    Any feasible point of the box is feasible for LipSDP, so the bound stays valid; only its optimum can
+    be a little higher. ``layer_form``: one multiplier per activation (LipSDP-Layer) instead of one per
+    neuron. Deterministic: the same inputs give the same steps."""
+    lmi = _LMI(x_in, mats, p, m, f)
+    n = lmi.neurons
+    groups = torch.repeat_interleave(torch.arange(len(mats)), torch.tensor(lmi.widths[1:]))
+    firsts = torch.tensor([0] + list(itertools.accumulate(lmi.widths[1:-1])))
+    start = _closed_form_start(lmi)
+    t, y = start if start is not None else _start(lmi)
+    v = y[firsts] if layer_form else y  # the variables besides t
+    y_max = Y_MAX * float(v.max())
+
+    def expand(vv: torch.Tensor) -> torch.Tensor:
+        return vv[groups] if layer_form else vv
+
+    nu = lmi.size + 2 * v.numel()
+    mu = max(t, 1e-300) / nu
+    pv, mv = lmi.p, lmi.m
+    steps = 0
+
+    def objective(tt: float, vv: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+        if not (bool((vv > 0).all()) and bool((vv < y_max).all())):
+            return math.inf, None
+        ld, r = _logdet_chol(lmi.matrix(tt, expand(vv)))
+        if r is None:
+            return math.inf, None
+        return tt / mu - ld - float(torch.log(vv).sum() + torch.log(y_max - vv).sum()), r
+
+    def derivatives(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The barrier's gradient (without ``c / mu``) and Hessian at the point whose Q has factor ``r``:
+        from ``K = U^T Q^-1 U``."""
+        qinv = torch.cholesky_inverse(r)
+        yw = lmi.uw_t(qinv).T  # Q^-1 U_w  (N x n)
+        ye = lmi.ue_t(qinv).T  # Q^-1 U_e
+        kww, kwe, kee = lmi.uw_t(yw), lmi.uw_t(ye), lmi.ue_t(ye)
+        kew = kwe.T
+        pww = pv[:, None] * kww - mv[:, None] * kew  # P = C K, by 2x2 blocks
+        pwe = pv[:, None] * kwe - mv[:, None] * kee
+        pew = -mv[:, None] * kww + kew
+        pee = -mv[:, None] * kwe + kee
+        h_yy = pww * pww.T + pwe * pew.T + pew * pwe.T + pee * pee.T  # tr(Q^-1 A_a Q^-1 A_b)
+        tr_a = pv * kww.diagonal() - 2 * mv * kwe.diagonal() + kee.diagonal()  # tr(Q^-1 A_a)
+        b0 = lmi.blk(0)
+        q00x = qinv[b0, b0] @ x_in
+        tr_e = float(q00x.diagonal().sum())
+        h_tt = float((q00x * q00x.T).sum())
+        yw0, ye0 = yw[b0], ye[b0]
+        xw, xe = x_in @ yw0, x_in @ ye0
+        h_ty = pv * (yw0 * xw).sum(0) - 2 * mv * (yw0 * xe).sum(0) + (ye0 * xe).sum(0)
+        if layer_form:
+            tr_a = torch.zeros(len(mats), dtype=_DT).index_add_(0, groups, tr_a)
+            h_yy = torch.zeros(len(mats), n, dtype=_DT).index_add_(0, groups, h_yy)
+            h_yy = torch.zeros(len(mats), len(mats), dtype=_DT).index_add_(1, groups, h_yy)
+            h_ty = torch.zeros(len(mats), dtype=_DT).index_add_(0, groups, h_ty)
+        dim = 1 + v.numel()
+        h = torch.empty(dim, dim, dtype=_DT)
+        h[0, 0] = h_tt
+        h[0, 1:] = h_ty
+        h[1:, 0] = h_ty
+        h[1:, 1:] = h_yy + torch.diag(1.0 / v**2 + 1.0 / (y_max - v) ** 2)
+        g = torch.cat([torch.tensor([-tr_e], dtype=_DT), -tr_a - 1.0 / v + 1.0 / (y_max - v)])
+        return g, h
+
+    def newton_solve(h: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """``h^-1 rhs`` (Jacobi-scaled Cholesky; least squares if ``h`` is numerically singular)."""
+        dim = h.shape[0]
+        dscale = h.diagonal().clamp_min(1e-300).rsqrt()
+        hs = dscale[:, None] * h * dscale[None, :]
+        lc, info = torch.linalg.cholesky_ex(hs)
+        if int(info) != 0:
+            lc, info = torch.linalg.cholesky_ex(hs + 1e-12 * torch.eye(dim, dtype=_DT))
+        if int(info) == 0:
+            return dscale * torch.cholesky_solve((dscale * rhs)[:, None], lc)[:, 0]
+        return dscale * torch.linalg.lstsq(hs, (dscale * rhs)[:, None]).solution[:, 0]
+
+    fval, r = objective(t, v)
+    if r is None:
+        raise RuntimeError("the starting point of the LMI is not strictly feasible")
+    # The starting mu: the one whose Newton decrement at the start is smallest (the start is then as
+    # central as it can be): minimise ||c / mu + g||_{H^-1} over 1 / mu.
+    gb, h = derivatives(r)
+    c = torch.zeros_like(gb)
+    c[0] = 1.0
+    hc = newton_solve(h, c)
+    a, b = float(c @ hc), float(gb @ hc)
+    if a > 0 and b < 0:
+        mu = min(-a / b, t / nu)
+    fval, r = objective(t, v)
+    centred_gap = math.inf
+    while steps < max_newton:
+        gb, h = derivatives(r)
+        g = gb.clone()
+        g[0] += 1.0 / mu
+        d = -newton_solve(h, g)
+        dec = float(-(g @ d))  # squared Newton decrement
+        steps += 1
+        centred = dec < 1e-8 or not math.isfinite(dec)
+        if not centred:
+            # Damped Newton (self-concordance): a step of 1 / (1 + lambda) stays inside the Dikin ellipsoid,
+            # so iterates never crowd the boundary (plain backtracking does, and the Hessian then degenerates).
+            alpha, new = (1.0 if dec <= 1.0 else 1.0 / (1.0 + math.sqrt(dec))), None
+            for _ in range(60):
+                tt, vv = t + alpha * float(d[0]), v + alpha * d[1:]
+                fv, rr = objective(tt, vv)
+                if rr is not None and fv <= fval - 0.25 * alpha * dec:
+                    new = (tt, vv, fv, rr)
+                    break
+                alpha *= 0.5
+            if new is None:
+                centred = True
+            else:
+                t, v, fval, r = new
+                centred = dec < 0.5
+        if centred:
+            centred_gap = nu * mu
+            if centred_gap <= gap * abs(t):
+                break
+            mu /= MU_FACTOR
+            fval, r = objective(t, v)
+    return LMISolution(t, lmi.split(expand(v)), steps, centred_gap)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the chain bound
+
+
+def lipsdp_chain(mats: Sequence[torch.Tensor], slopes: Slopes, *, window: int | None = None,
+                 stride: int | None = None, layer_form: bool = False, max_lmi: int = MAX_LMI,
+                 max_newton: int = MAX_NEWTON) -> ChainValue:
+    """Certified LipSDP bound of ``W_k s_k ... s_1 W_0``: the whole chain's LMI when it has at most
+    ``max_lmi`` rows, otherwise overlapping windows of ``window`` activations (default: as many as fit in
+    ``max_lmi`` rows) committing ``stride`` of them each (default: half the window). ``window=1`` is
+    ECLipsE's layer-wise scheme."""
+    t0 = time.perf_counter()
+    chain = _prepare(mats, slopes)
+    auto = autolip_chain([w.to(_DT) for w in mats], [_interval_hull(s) for s in slopes])
+    k = chain.k
+    if k == 0:
+        return ChainValue(auto, math.isfinite(auto), "single matrix: certified norm", time.perf_counter() - t0)
+    widths = [w.shape[0] for w in chain.mats[:-1]]
+    n_in = chain.mats[0].shape[1]
+    # The input block: an input wider than the first layer is reduced exactly (W_0 = U S V^T: the LMI in
+    # the input block acts on V^T dv_0 only). Only the solver uses the reduction; the certificate runs on
+    # the full chain.
+    w0 = chain.mats[0]
+    reduce_input = n_in > widths[0]
+    if window is None:
+        if (widths[0] if reduce_input else n_in) + sum(widths) <= max_lmi:
+            window = k
+        else:
+            window = max(1, (max_lmi - max(widths)) // max(widths))
+    window = max(1, min(window, k))
+    stride = max(1, stride if stride is not None else (window + 1) // 2)
+    cert = ForwardCertificate(n_in)
+    newton, solves, j = 0, 0, 0
+    while j < k:
+        end = min(j + window, k)
+        last = end == k
+        f = chain.mats[end].T @ chain.mats[end]
+        sub = list(chain.mats[j:end])
+        x_in = cert.x
+        if j == 0 and reduce_input:
+            u, sv, _ = torch.linalg.svd(w0, full_matrices=False)
+            sub[0] = u * sv[None, :]  # W_0 V  (the LMI on V^T dv_0, X_0 = I there)
+            x_in = torch.eye(sub[0].shape[1], dtype=_DT)
+        sol = solve_chain_lmi((x_in + x_in.T) / 2, sub, chain.p[j:end], chain.m[j:end], (f + f.T) / 2,
+                              layer_form=layer_form, max_newton=max_newton)
+        newton += sol.newton
+        solves += 1
+        commit = end - j if last else min(stride, end - j)
+        for i in range(commit):
+            lam = sol.y[i] / sol.t
+            if not cert.step(chain.mats[j + i], chain.p[j + i], chain.m[j + i], chain.dp[j + i], chain.dm[j + i],
+                             lam):
+                return ChainValue(math.inf, False, f"LipSDP not certified: {cert.failure}",
+                                  time.perf_counter() - t0)
+        cert.renormalize()
+        j += commit
+    c = cert.final(chain.mats[-1])
+    form = "layer" if layer_form else "neuron"
+    if c is None:
+        return ChainValue(math.inf, False, f"LipSDP not certified: {cert.failure}", time.perf_counter() - t0)
+    how = ("the whole chain's LMI" if window >= k else
+           f"{solves} windows of {window} activation(s), stride {stride}")
+    value = _value(chain, c, auto)
+    method = (f"LipSDP-{form.capitalize()} ({how}; structured interior point, {newton} Newton steps), "
+              f"multipliers re-checked in float64 (slacks up to {max(cert.slacks):g})")
+    if value >= auto:
+        method += "; capped by the AutoLip product"
+    return ChainValue(value, True, method, time.perf_counter() - t0)
+
+
+def eclipse_chain(mats: Sequence[torch.Tensor], slopes: Slopes) -> ChainValue:
+    """ECLipsE (layer-wise SDPs with per-neuron multipliers), solved and certified as :func:`lipsdp_chain`."""
+    cv = lipsdp_chain(mats, slopes, window=1, stride=1)
+    cv.method = cv.method.replace("LipSDP-Neuron", "ECLipsE")
+    return cv
+
+
+def lipsdp_bound(mats: Sequence[torch.Tensor], slopes: Slopes, **kw) -> float:
+    """The certified LipSDP value of a chain (``math.inf`` when it cannot be certified)."""
+    cv = lipsdp_chain(mats, slopes, **kw)
+    return cv.value if cv.certified else math.inf
+
+
+def _segment_bound(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> ChainValue:
+    neurons = sum(w.shape[0] for w in mats[:-1])
+    if neurons > MAX_NEURONS:
+        return ChainValue(math.inf, False, f"{neurons} neurons exceed the SDP work budget ({MAX_NEURONS})")
+    widths = [min(mats[0].shape[1], mats[0].shape[0])] + [w.shape[0] for w in mats[:-1]]
+    single = max((a + b for a, b in zip(widths[:-1], widths[1:], strict=True)), default=0)
+    if single > MAX_WINDOW_LMI:
+        return ChainValue(math.inf, False, f"even a one-activation window's LMI has {single} rows, more than "
+                                           f"{MAX_WINDOW_LMI} (the closed forms cover the chain)")
+    return lipsdp_chain(mats, slopes)
+
+
+def run(graph: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
+    """One relation ``L(last) <= LipSDP(segment) * L(entry)`` per linear-chain segment."""
+    return run_segments(graph, SOURCE, _segment_bound)
+
+
+__all__ = ["SOURCE", "ForwardCertificate", "LMISolution", "certify_multipliers", "eclipse_chain", "lipsdp_bound",
+           "lipsdp_chain", "run", "solve_chain_lmi"]
