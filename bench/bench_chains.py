@@ -114,9 +114,12 @@ def digits_cnn() -> tuple[nn.Module, list[torch.Tensor]]:
     mats, shape = [], (1, 1, 8, 8)
     for m in model:
         if isinstance(m, nn.Conv2d | nn.Linear):
-            f = (lambda mod: (lambda v: nn.functional.conv2d(v.reshape(shape), mod.weight, None, mod.stride,
-                                                             mod.padding).flatten()
-                              if isinstance(mod, nn.Conv2d) else v @ mod.weight.T))(m)
+            def f(v: torch.Tensor, mod: nn.Module = m, in_shape: tuple = shape) -> torch.Tensor:
+                if isinstance(mod, nn.Conv2d):
+                    return nn.functional.conv2d(v.reshape(in_shape), mod.weight, None, mod.stride,
+                                                mod.padding).flatten()
+                return v @ mod.weight.T
+
             n_in = math.prod(shape)
             jac = torch.func.jacrev(f)(torch.zeros(n_in, dtype=D))
             mats.append(jac.detach())
@@ -139,7 +142,7 @@ def _peer_child(fn_name: str, mats: list[torch.Tensor], queue: mp.Queue) -> None
 def run_peer(fn_name: str, mats: list[torch.Tensor], timeout: float) -> str:
     if sum(w.shape[0] for w in mats[:-1]) > PEER_MAX_NEURONS:
         return "not run (size)"
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can hang the child
     q: mp.Queue = ctx.Queue()
     proc = ctx.Process(target=_peer_child, args=(fn_name, mats, q))
     t0 = time.perf_counter()
@@ -201,7 +204,7 @@ def main() -> None:
         total = time.perf_counter() - t0
         b = rep.bounds
 
-        def col(key: str) -> str:
+        def col(key: str, b: dict = b) -> str:
             r = b.get(key)
             return cell(r.value, r.certified, r.seconds) if r is not None else "-"
 
