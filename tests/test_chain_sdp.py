@@ -172,3 +172,23 @@ def test_cvxpy_peers_are_rechecked_and_not_tighter_than_lipgraph() -> None:
     neuron = cs.lipsdp_bound(small, [(0.0, 1.0)] * 2)
     assert ecl.certified and layer.certified
     assert _sampled(small) <= neuron <= min(ecl.value, layer.value) * (1 + 1e-6)
+
+
+def test_missing_sdp_stack_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cvxpy", None)  # import cvxpy now raises ImportError
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    with pytest.raises(lipgraph.LipgraphError, match=r"pip install 'lipgraph\[sdp\]'"):
+        lipgraph.analyze(model, torch.zeros(1, 4, dtype=D), method=["lipsdp-cvxpy"], lower=False)
+
+
+def test_input_narrower_than_the_layers_still_certifies() -> None:
+    """8 -> 32 -> 32 -> 3: the last X is singular off the output's range at the optimum; the re-check's slack
+    made it indefinite until the start point was blended in (found with the CLI)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    mats = [m.weight.detach().to(D) for m in model if isinstance(m, nn.Linear)]
+    cv = cs.lipsdp_chain(mats, [(0.0, 1.0)] * 2)
+    assert cv.certified, cv.method
+    assert _sampled(mats) <= cv.value <= ef.eclipse_fast_bound(mats, [(0.0, 1.0)] * 2)

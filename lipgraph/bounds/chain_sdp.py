@@ -74,6 +74,8 @@ GAP = 1e-7
 MAX_NEWTON = 300
 #: Relative slack of the closed-form starting point (strictly inside the LMI's cone).
 START_SLACK = 1e-2
+#: Weights of the strictly feasible start blended into the solver's multipliers when these fail the re-check.
+BLENDS = (0.0, 1e-6, 1e-4, 1e-2, 0.1)
 #: Multipliers stay below this factor times the largest starting one (keeps the barrier bounded below).
 Y_MAX = 30.0
 #: The barrier parameter is divided by this factor after each centring.
@@ -167,6 +169,11 @@ class ForwardCertificate:
         self.log2_scale = 0  # true X_j = x * 2^log2_scale
         self.slacks: list[float] = []
         self.failure = ""
+
+    def copy(self) -> ForwardCertificate:
+        other = ForwardCertificate(0)
+        other.x, other.log2_scale, other.slacks = self.x.clone(), self.log2_scale, list(self.slacks)
+        return other
 
     def renormalize(self) -> None:
         """Divide ``x`` by the power of two nearest its largest diagonal entry (exact)."""
@@ -299,6 +306,9 @@ class LMISolution:
     y: list[torch.Tensor]
     newton: int
     gap: float
+    #: The strictly feasible starting point (blended in when the optimum's multipliers fail the re-check).
+    t0: float = math.nan
+    y0: list[torch.Tensor] | None = None
 
 
 class _LMI:
@@ -439,6 +449,7 @@ def solve_chain_lmi(x_in: torch.Tensor, mats: list[torch.Tensor], p: list[torch.
     firsts = torch.tensor([0] + list(itertools.accumulate(lmi.widths[1:-1])))
     start = _closed_form_start(lmi)
     t, y = start if start is not None else _start(lmi)
+    t_start, y_start = t, y.clone()
     v = y[firsts] if layer_form else y  # the variables besides t
     y_max = Y_MAX * float(v.max())
 
@@ -549,7 +560,7 @@ def solve_chain_lmi(x_in: torch.Tensor, mats: list[torch.Tensor], p: list[torch.
                 break
             mu /= MU_FACTOR
             fval, r = objective(t, v)
-    return LMISolution(t, lmi.split(expand(v)), steps, centred_gap)
+    return LMISolution(t, lmi.split(expand(v)), steps, centred_gap, t_start, lmi.split(y_start))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -600,15 +611,31 @@ def lipsdp_chain(mats: Sequence[torch.Tensor], slopes: Slopes, *, window: int | 
         newton += sol.newton
         solves += 1
         commit = end - j if last else min(stride, end - j)
-        for i in range(commit):
-            lam = sol.y[i] / sol.t
-            if not cert.step(chain.mats[j + i], chain.p[j + i], chain.m[j + i], chain.dp[j + i], chain.dm[j + i],
-                             lam):
-                return ChainValue(math.inf, False, f"LipSDP not certified: {cert.failure}",
-                                  time.perf_counter() - t0)
-        cert.renormalize()
+        # The optimum sits on the LMI's boundary up to the barrier's margin, and the re-check lowers each X by
+        # a slack; when that makes a later X singular, blend in the strictly feasible start (the LMI's set is
+        # convex, so every blend is feasible; its value is at most (1 - theta) t + theta t0).
+        accepted = None
+        for theta in BLENDS:
+            trial = cert.copy()
+            tt = (1 - theta) * sol.t + theta * sol.t0
+            ok = True
+            for i in range(commit):
+                yy = (1 - theta) * sol.y[i] + theta * sol.y0[i]
+                if not trial.step(chain.mats[j + i], chain.p[j + i], chain.m[j + i], chain.dp[j + i],
+                                  chain.dm[j + i], yy / tt):
+                    ok = False
+                    break
+            if ok:
+                trial.renormalize()
+                c = trial.final(chain.mats[-1]) if last else None
+                if (c is not None) if last else int(torch.linalg.cholesky_ex(trial.x)[1]) == 0:
+                    accepted = trial
+                    break
+        if accepted is None:
+            return ChainValue(math.inf, False, f"LipSDP not certified: {trial.failure or 'X not positive definite'}",
+                              time.perf_counter() - t0)
+        cert = accepted
         j += commit
-    c = cert.final(chain.mats[-1])
     form = "layer" if layer_form else "neuron"
     if c is None:
         return ChainValue(math.inf, False, f"LipSDP not certified: {cert.failure}", time.perf_counter() - t0)
