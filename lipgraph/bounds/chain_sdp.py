@@ -128,6 +128,8 @@ def _prepare(mats: Sequence[torch.Tensor], slopes: Slopes) -> _Chain:
     scaled, scales = [], []
     for w in mats:
         s = _pow2(float(torch.linalg.matrix_norm(w, 2))) if w.numel() else 1.0
+        if not torch.equal((w / s) * s, w):  # an entry would fall into the subnormal range: keep it unscaled
+            s = 1.0
         scaled.append(w / s)  # exact: division by a power of two
         scales.append(s)
     ps, ms, dps, dms = [], [], [], []
@@ -180,8 +182,10 @@ class ForwardCertificate:
         d = float(self.x.diagonal().abs().max()) if self.x.numel() else 1.0
         s = _pow2(d)
         if s != 1.0:
-            self.x = self.x / s
-            self.log2_scale += round(math.log2(s))
+            x = self.x / s
+            if torch.equal(x * s, self.x):  # exact (no entry fell into the subnormal range)
+                self.x = x
+                self.log2_scale += round(math.log2(s))
 
     def step(self, w: torch.Tensor, p: torch.Tensor, m: torch.Tensor, dp: torch.Tensor, dm: torch.Tensor,
              lam: torch.Tensor) -> bool:
@@ -195,7 +199,7 @@ class ForwardCertificate:
         pl = p * lam
         ml = m * lam
         mmat = x + w.T @ (pl[:, None] * w) if bool((p != 0).any()) else x.clone()
-        mmat = (mmat + mmat.T) / 2
+        mmat = (mmat + mmat.T) / 2  # B uses this stored mmat; symmetrising rounds once: in the U64 term below
         r, info = torch.linalg.cholesky_ex(mmat)
         if int(info) != 0:
             self.failure = "X + W^T diag(p lambda) W is not positive definite"
@@ -207,7 +211,7 @@ class ForwardCertificate:
         # Rounding of forming B from the stored floats, and of the float p, m (2-norm bounds via Frobenius).
         row_sq = (w * w).sum(dim=1)
         err_tl = ((w.shape[0] + 3) * U64 * float((pl.abs() * row_sq).sum()) + float((dp * lam * row_sq).sum())
-                  + U64 * _fro(mmat))
+                  + 2 * U64 * _fro(mmat))
         off = ml[:, None] * w
         err_off = 2 * U64 * _fro(off) + _fro((dm * lam)[:, None] * w)
         for delta in SLACKS:
@@ -255,11 +259,17 @@ class ForwardCertificate:
 
 
 def _value(chain: _Chain, c_scaled: float, auto: float) -> float:
-    """``sqrt(c) * prod scales``, inflated, capped by AutoLip."""
-    prod = 1.0
-    for s in chain.scales:
-        prod *= s
-    v = math.sqrt(c_scaled) * prod * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * auto
+    """``sqrt(c) * prod scales``, inflated, capped by AutoLip. The scales are powers of two: their exponents
+    are summed and applied once (a running product could underflow halfway); a result in the subnormal
+    range (where rounding is no longer relative) falls back to AutoLip."""
+    e_sum = sum(round(math.log2(sc)) for sc in chain.scales)
+    root = math.sqrt(c_scaled)
+    if c_scaled != 0.0 and root < 1e-300:
+        return auto
+    v = math.ldexp(root, e_sum) if root > 0 else 0.0
+    if 0.0 < v < 1e-300 or (v == 0.0 and root > 0):
+        return auto
+    v = v * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * auto
     return min(v, auto)
 
 
