@@ -139,7 +139,7 @@ def test_recheck_rejects_bad_multipliers_and_corrupted_steps(monkeypatch: pytest
     corrupted = cs.certify_multipliers(mats, slopes, good)
     assert not corrupted.certified and "not proven PSD" in corrupted.method
     monkeypatch.setattr(cs, "SLACKS", (1e-10,))
-    monkeypatch.setattr(cs, "FINAL_SLACKS", (-1e-3,))
+    monkeypatch.setattr(ef, "FINAL_SLACKS", (-1e-3,))
     assert not cs.certify_multipliers(mats, slopes, good).certified
 
 

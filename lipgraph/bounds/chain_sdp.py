@@ -58,16 +58,13 @@ import torch
 from ..core import ROUNDING_MARGIN, Settings
 from ..ops import LocalConstant
 from .chain_mats import ChainValue, autolip_chain, run_segments
-from .eclipse_fast import certify_psd
+from .eclipse_fast import U64, certify_output_gain, certify_psd, fro_upper
 from .relations import AlgorithmResult
 
 SOURCE = "lipsdp"
 _DT = torch.float64
-U64 = 2.0**-53
 #: Slacks tried, relative to each multiplier, until a step's block matrix is proven PSD.
 SLACKS = (1e-10, 1e-8, 1e-6, 1e-4)
-#: Relative slacks of the final ``c`` (``c = lambda_max (1 + delta)``).
-FINAL_SLACKS = (1e-9, 1e-7, 1e-5, 1e-3)
 #: The interior-point method stops when its gap bound ``nu mu`` is below this fraction of ``t``.
 GAP = 1e-7
 #: Newton steps per SDP at most (the work budget; a solve that runs out still yields its multipliers).
@@ -111,6 +108,8 @@ class _Chain:
 
     mats: list[torch.Tensor]
     scales: list[float]
+    #: The certified AutoLip product of the original chain (every value is capped by it).
+    auto: float
     p: list[torch.Tensor]
     m: list[torch.Tensor]
     dp: list[torch.Tensor]
@@ -132,13 +131,15 @@ def _prepare(mats: Sequence[torch.Tensor], slopes: Slopes) -> _Chain:
             s = 1.0
         scaled.append(w / s)  # exact: division by a power of two
         scales.append(s)
-    ps, ms, dps, dms = [], [], [], []
+    ps, ms, dps, dms, ps_lo, ps_hi = [], [], [], [], [], []
     for j, sl in enumerate(slopes):
         n = mats[j].shape[0]
         a = torch.as_tensor(sl[0], dtype=_DT).expand(n).clone()
         b = torch.as_tensor(sl[1], dtype=_DT).expand(n).clone()
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) and bool((a <= b).all())):
             raise ValueError(f"bad slope interval for activation {j + 1}")
+        ps_lo.append(a)
+        ps_hi.append(b)
         p = a * b
         m = (a + b) / 2
         ps.append(p)
@@ -148,11 +149,8 @@ def _prepare(mats: Sequence[torch.Tensor], slopes: Slopes) -> _Chain:
     for x, y in zip(mats[:-1], mats[1:], strict=True):
         if x.shape[0] != y.shape[1]:
             raise ValueError(f"shape mismatch: {tuple(x.shape)} then {tuple(y.shape)}")
-    return _Chain(scaled, scales, ps, ms, dps, dms)
-
-
-def _fro(x: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(x, "fro")) * (1 + ROUNDING_MARGIN)
+    hull = [(float(a.min()), float(b.max())) for a, b in zip(ps_lo, ps_hi, strict=True)]
+    return _Chain(scaled, scales, autolip_chain(mats, hull), ps, ms, dps, dms)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -211,9 +209,9 @@ class ForwardCertificate:
         # Rounding of forming B from the stored floats, and of the float p, m (2-norm bounds via Frobenius).
         row_sq = (w * w).sum(dim=1)
         err_tl = ((w.shape[0] + 3) * U64 * float((pl.abs() * row_sq).sum()) + float((dp * lam * row_sq).sum())
-                  + 2 * U64 * _fro(mmat))
+                  + 2 * U64 * fro_upper(mmat))
         off = ml[:, None] * w
-        err_off = 2 * U64 * _fro(off) + _fro((dm * lam)[:, None] * w)
+        err_off = 2 * U64 * fro_upper(off) + fro_upper((dm * lam)[:, None] * w)
         for delta in SLACKS:
             x_new = schur.clone()
             x_new.diagonal().sub_(delta * lam)
@@ -224,7 +222,7 @@ class ForwardCertificate:
             b[:n_in, n_in:] = -off.T
             b[n_in:, :n_in] = -off
             b[n_in:, n_in:] = br
-            err = 2 * (err_tl + err_off + U64 * _fro(br)) * (1 + ROUNDING_MARGIN)
+            err = 2 * (err_tl + err_off + U64 * fro_upper(br)) * (1 + ROUNDING_MARGIN)
             if certify_psd(b, err):
                 self.slacks.append(delta)
                 self.x = x_new
@@ -234,43 +232,29 @@ class ForwardCertificate:
 
     def final(self, w: torch.Tensor) -> float | None:
         """Certified ``c`` with ``|W dv_k|^2 <= c |dv_0|^2`` (unscaled), or None."""
-        x = self.x
-        r, info = torch.linalg.cholesky_ex(x)
-        if int(info) != 0:
-            self.failure = "the last X is not positive definite"
+        gain = certify_output_gain(self.x, w)
+        if isinstance(gain, str):
+            self.failure = gain
             return None
-        y = torch.linalg.solve_triangular(r, w.T, upper=False)
-        est = float(torch.linalg.eigvalsh(y.T @ y).max())
-        if not (est >= 0 and math.isfinite(est)):
-            self.failure = "the final eigenvalue is not finite"
-            return None
-        g = w.T @ w
-        gram_err = 4.0 * (w.shape[0] + 2) * U64 * _fro(w) ** 2
-        for delta in FINAL_SLACKS:
-            c = est * (1 + delta) if est > 0 else 0.0
-            f = c * x - g
-            err = (gram_err + U64 * c * _fro(x) + U64 * _fro(f)) * 2 * (1 + ROUNDING_MARGIN)
-            if certify_psd(f, err):
-                self.slacks.append(delta)
-                # |dv_0|^2 >= dv^T X_true dv = 2^s dv^T x dv, and |W dv|^2 <= c dv^T x dv.
-                return math.ldexp(c, -self.log2_scale)
-        self.failure = "the final matrix c X - W^T W was not proven PSD"
-        return None
+        c, delta = gain
+        self.slacks.append(delta)
+        # |dv_0|^2 >= dv^T X_true dv = 2^s dv^T x dv, and |W dv|^2 <= c dv^T x dv.
+        return math.ldexp(c, -self.log2_scale)
 
 
-def _value(chain: _Chain, c_scaled: float, auto: float) -> float:
+def _value(chain: _Chain, c_scaled: float) -> float:
     """``sqrt(c) * prod scales``, inflated, capped by AutoLip. The scales are powers of two: their exponents
     are summed and applied once (a running product could underflow halfway); a result in the subnormal
     range (where rounding is no longer relative) falls back to AutoLip."""
     e_sum = sum(round(math.log2(sc)) for sc in chain.scales)
     root = math.sqrt(c_scaled)
     if c_scaled != 0.0 and root < 1e-300:
-        return auto
+        return chain.auto
     v = math.ldexp(root, e_sum) if root > 0 else 0.0
     if 0.0 < v < 1e-300 or (v == 0.0 and root > 0):
-        return auto
-    v = v * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * auto
-    return min(v, auto)
+        return chain.auto
+    v = v * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * chain.auto
+    return min(v, chain.auto)
 
 
 def certify_multipliers(mats: Sequence[torch.Tensor], slopes: Slopes,
@@ -280,7 +264,6 @@ def certify_multipliers(mats: Sequence[torch.Tensor], slopes: Slopes,
     fail the re-check give ``ChainValue(inf, certified=False)``."""
     t0 = time.perf_counter()
     chain = _prepare(mats, slopes)
-    auto = autolip_chain([w.to(_DT) for w in mats], [_interval_hull(s) for s in slopes])
     cert = ForwardCertificate(chain.mats[0].shape[1])
     # Rescaling: with v_j scaled by S_j = prod_{i<j} s_i the multipliers of the rescaled chain are
     # lambda_j * S_j^2 (q_j is quadratic in dz, dv).
@@ -294,13 +277,8 @@ def certify_multipliers(mats: Sequence[torch.Tensor], slopes: Slopes,
     c = cert.final(chain.mats[-1])
     if c is None:
         return ChainValue(math.inf, False, f"multipliers rejected: {cert.failure}", time.perf_counter() - t0)
-    return ChainValue(_value(chain, c, auto), True, "multipliers re-checked in float64",
+    return ChainValue(_value(chain, c), True, "multipliers re-checked in float64",
                       time.perf_counter() - t0)
-
-
-def _interval_hull(sl: tuple) -> tuple[float, float]:
-    a, b = sl
-    return (float(torch.as_tensor(a).min()), float(torch.as_tensor(b).max()))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -586,10 +564,10 @@ def lipsdp_chain(mats: Sequence[torch.Tensor], slopes: Slopes, *, window: int | 
     ECLipsE's layer-wise scheme."""
     t0 = time.perf_counter()
     chain = _prepare(mats, slopes)
-    auto = autolip_chain([w.to(_DT) for w in mats], [_interval_hull(s) for s in slopes])
     k = chain.k
     if k == 0:
-        return ChainValue(auto, math.isfinite(auto), "single matrix: certified norm", time.perf_counter() - t0)
+        return ChainValue(chain.auto, math.isfinite(chain.auto), "single matrix: certified norm",
+                          time.perf_counter() - t0)
     widths = [w.shape[0] for w in chain.mats[:-1]]
     n_in = chain.mats[0].shape[1]
     # The input block: an input wider than the first layer is reduced exactly (W_0 = U S V^T: the LMI in
@@ -651,10 +629,10 @@ def lipsdp_chain(mats: Sequence[torch.Tensor], slopes: Slopes, *, window: int | 
         return ChainValue(math.inf, False, f"LipSDP not certified: {cert.failure}", time.perf_counter() - t0)
     how = ("the whole chain's LMI" if window >= k else
            f"{solves} windows of {window} activation(s), stride {stride}")
-    value = _value(chain, c, auto)
+    value = _value(chain, c)
     method = (f"LipSDP-{form.capitalize()} ({how}; structured interior point, {newton} Newton steps), "
               f"multipliers re-checked in float64 (slacks up to {max(cert.slacks):g})")
-    if value >= auto:
+    if value >= chain.auto:
         method += "; capped by the AutoLip product"
     return ChainValue(value, True, method, time.perf_counter() - t0)
 

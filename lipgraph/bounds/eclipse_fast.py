@@ -49,18 +49,21 @@ from .relations import AlgorithmResult
 
 SOURCE = "eclipse-fast"
 U64 = 2.0**-53
+#: Relative slacks of the final ``c = lambda_max (1 + delta)`` tried until ``c X - W^T W`` is proven PSD.
+FINAL_SLACKS = (1e-9, 1e-7, 1e-5, 1e-3)
 #: Slacks tried, relative to lambda_j, until the step's block matrix is proven PSD.
 SLACKS = (1e-10, 1e-8, 1e-6, 1e-4)
 _DT = torch.float64
 
 
-def _fro(x: torch.Tensor) -> float:
+def fro_upper(x: torch.Tensor) -> float:
+    """``||x||_F`` rounded up (an upper bound on ``||x||_2``)."""
     return float(torch.linalg.matrix_norm(x, "fro")) * (1 + ROUNDING_MARGIN)
 
 
-def _gram_err(w: torch.Tensor) -> float:
+def gram_error(w: torch.Tensor) -> float:
     """Bound on ``||fl(W^T W) - W^T W||_2`` (inner dimension ``W.shape[0]``)."""
-    return 4.0 * (w.shape[0] + 2) * U64 * _fro(w) ** 2
+    return 4.0 * (w.shape[0] + 2) * U64 * fro_upper(w) ** 2
 
 
 def certify_psd(b: torch.Tensor, err: float) -> bool:
@@ -70,7 +73,7 @@ def certify_psd(b: torch.Tensor, err: float) -> bool:
     if not bool(torch.isfinite(b).all()):
         return False
     n = b.shape[0]
-    c = min(_fro(b), float(b.abs().sum(dim=1).max()) * (1 + ROUNDING_MARGIN))
+    c = min(fro_upper(b), float(b.abs().sum(dim=1).max()) * (1 + ROUNDING_MARGIN))
     if c == 0.0:
         return err == 0.0
     # Demmel's term for 2c (the shifted matrix has norm <= c + shift <= 2c), and the rounding of the
@@ -93,19 +96,40 @@ def _step_block(x_prev: torch.Tensor, w: torch.Tensor, lam: float, x_new: torch.
     if p != 0.0:
         g = w.T @ w
         tl = tl + (p * lam) * g
-        err += abs(p * lam) * (_gram_err(w) + 3 * U64 * _fro(g)) + U64 * _fro(tl)
+        err += abs(p * lam) * (gram_error(w) + 3 * U64 * fro_upper(g)) + U64 * fro_upper(tl)
     ml = m * lam
     off = -ml * w
-    err += 2 * 3 * U64 * abs(ml) * _fro(w)
+    err += 2 * 3 * U64 * abs(ml) * fro_upper(w)
     br = -x_new.clone()
     br.diagonal().add_(lam)
-    err += U64 * _fro(br)
+    err += U64 * fro_upper(br)
     b = torch.empty(n_in + n_out, n_in + n_out, dtype=_DT)
     b[:n_in, :n_in] = tl
     b[:n_in, n_in:] = off.T
     b[n_in:, :n_in] = off
     b[n_in:, n_in:] = br
     return b, 2 * err * (1 + ROUNDING_MARGIN)
+
+
+def certify_output_gain(x: torch.Tensor, w: torch.Tensor) -> tuple[float, float] | str:
+    """The last step of a forward recursion ``|dv_0|^2 >= dv^T X dv``: a certified ``c`` with
+    ``c X - W^T W`` proven PSD (so ``|W dv|^2 <= c |dv_0|^2``) and the slack ``delta`` of
+    ``c = lambda_max(W X^-1 W^T) (1 + delta)`` it took; or why there is none."""
+    r, info = torch.linalg.cholesky_ex(x)
+    if int(info) != 0:
+        return "the last X is not positive definite"
+    y = torch.linalg.solve_triangular(r, w.T, upper=False)  # R^-1 W^T: ||.||^2 = lambda_max(W X^-1 W^T)
+    est = float(torch.linalg.eigvalsh(y.T @ y).max())
+    if not (est >= 0 and math.isfinite(est)):
+        return "the final eigenvalue is not finite"
+    g = w.T @ w
+    for delta in FINAL_SLACKS:
+        c = est * (1 + delta)
+        f = c * x - g
+        err = (gram_error(w) + U64 * c * fro_upper(x) + U64 * fro_upper(f)) * 2 * (1 + ROUNDING_MARGIN)
+        if certify_psd(f, err):
+            return c, delta
+    return "the final matrix c X - W^T W was not proven PSD"
 
 
 def eclipse_fast_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> ChainValue:
@@ -153,21 +177,10 @@ def eclipse_fast_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float
         else:
             return fail(f"step {j + 1}: block matrix not proven PSD")
         x = x_new
-    w = mats[-1]
-    r, info = torch.linalg.cholesky_ex(x)
-    if int(info) != 0:
-        return fail(f"X_{len(slopes)} is not positive definite")
-    y = torch.linalg.solve_triangular(r, w.T, upper=False)  # R^-1 W^T: ||.||^2 = lambda_max(W X^-1 W^T)
-    est = float(torch.linalg.eigvalsh(y.T @ y).max())
-    g = w.T @ w
-    for delta in (1e-9, 1e-7, 1e-5, 1e-3):
-        c = est * (1 + delta)
-        f = c * x - g
-        err = (_gram_err(w) + U64 * c * _fro(x) + U64 * _fro(f)) * 2 * (1 + ROUNDING_MARGIN)
-        if certify_psd(f, err):
-            break
-    else:
-        return fail("final c X - W^T W not proven PSD")
+    gain = certify_output_gain(x, mats[-1])
+    if isinstance(gain, str):
+        return fail(gain)
+    c, delta = gain
     value = math.sqrt(c) * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * auto
     method = f"ECLipsE-Fast closed form, every step's PSD condition proven (slacks {max(used):g}, final {delta:g})"
     if not value < auto:
@@ -186,4 +199,5 @@ def run(graph: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Setting
     return run_segments(graph, SOURCE, eclipse_fast_chain)
 
 
-__all__ = ["SOURCE", "certify_psd", "eclipse_fast_bound", "eclipse_fast_chain", "run"]
+__all__ = ["FINAL_SLACKS", "SOURCE", "U64", "certify_output_gain", "certify_psd", "eclipse_fast_bound",
+           "eclipse_fast_chain", "fro_upper", "gram_error", "run"]
