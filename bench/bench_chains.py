@@ -2,8 +2,8 @@
 
 Networks: the shared LipSDP MNIST network and ``shared/benchmarks/chains`` (see its README), random ReLU
 MLPs of width 80 with 5 and 10 hidden layers and one of width 1000 with 50 (the shared recipe: weights
-N(0, 1/fan_in), seeds 1005, 1010, 1050), and an MLP 64-100-100-10 and a small CNN trained here on
-sklearn's digits. For each:
+N(0, 1/fan_in), seeds 1005, 1010, 1050), an MLP 64-100-100-10 trained here on sklearn's digits, and the
+digits CNN of ``bench_trained_domains.py``. For each:
 
 - lipgraph: one ``lipgraph.analyze`` call with ``METHODS`` (trace, per-node constants, AutoLip,
   SeqLip, affine folding, Combettes-Pesquet, ECLipsE-Fast, LipSDP) and the attained lower bound; every
@@ -35,6 +35,10 @@ sys.path.insert(0, str(ROOT))
 import lipgraph  # noqa: E402
 from lipgraph.bounds import sdp_cvxpy  # noqa: E402
 from lipgraph.core import format_number  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_trained_domains import digits_cnn as trained_digits_cnn  # noqa: E402
+from bench_trained_domains import fit  # noqa: E402
 
 D = torch.float64
 #: Peers are not started on chains with more hidden neurons than this (cvxpy's dense LMI of a width-1000,
@@ -83,33 +87,17 @@ def digits_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 60) -> nn.Module:
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
 def digits_mlp() -> tuple[nn.Module, list[torch.Tensor]]:
     x, y = digits_data()
     torch.manual_seed(0)
-    model = train(nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
-                                nn.Linear(100, 10)), x, y).double()
+    model = fit(nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                              nn.Linear(100, 10)), x, y, epochs=60).double()
     return model, [m.weight.detach() for m in model if isinstance(m, nn.Linear)]
 
 
 def digits_cnn() -> tuple[nn.Module, list[torch.Tensor]]:
     x, y = digits_data()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10))
-    model = train(model, x, y, epochs=40).double()
+    model = trained_digits_cnn(x[:1400], y[:1400]).double()  # the CNN of bench_trained_domains.py
     # The dense chain the peers get: each linear layer's Jacobian (bias-free) at the traced size.
     mats, shape = [], (1, 1, 8, 8)
     for m in model:
