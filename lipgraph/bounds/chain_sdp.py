@@ -515,11 +515,15 @@ def solve_chain_lmi(x_in: torch.Tensor, mats: list[torch.Tensor], p: list[torch.
     hc = newton_solve(h, c)
     a, b = float(c @ hc), float(gb @ hc)
     if a > 0 and b < 0:
-        mu = min(-a / b, t / nu)
-    fval, r = objective(t, v)
+        mu_start = min(-a / b, t / nu)
+        fval += t / mu_start - t / mu  # the objective's only mu-dependent term
+        mu = mu_start
     centred_gap = math.inf
+    stale = False  # gb, h are those of the current point (they do not depend on mu)
     while steps < max_newton:
-        gb, h = derivatives(r)
+        if stale:
+            gb, h = derivatives(r)
+            stale = False
         g = gb.clone()
         g[0] += 1.0 / mu
         d = -newton_solve(h, g)
@@ -541,13 +545,14 @@ def solve_chain_lmi(x_in: torch.Tensor, mats: list[torch.Tensor], p: list[torch.
                 centred = True
             else:
                 t, v, fval, r = new
+                stale = True
                 centred = dec < 0.5
         if centred:
             centred_gap = nu * mu
             if centred_gap <= gap * abs(t):
                 break
+            fval += t * (MU_FACTOR - 1.0) / mu  # t / mu becomes t / (mu / MU_FACTOR)
             mu /= MU_FACTOR
-            fval, r = objective(t, v)
     return LMISolution(t, lmi.split(expand(v)), steps, centred_gap, t_start, lmi.split(y_start))
 
 
