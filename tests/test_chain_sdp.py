@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import shared_file
-from test_chain_bounds import _brute_force, _random_mlp, _sampled, _vertex_max
+from test_chain_bounds import _brute_force, _load, _random_mlp, _sampled, _vertex_max
 
 import lipgraph
 from lipgraph.bounds import chain_sdp as cs
@@ -25,12 +23,6 @@ from lipgraph.bounds import sdp_cvxpy
 from lipgraph.bounds.chain_mats import autolip_chain
 
 D = torch.float64
-
-
-def _load(name: str) -> list[torch.Tensor]:
-    d = np.load(shared_file(name))
-    keys = sorted((k for k in d.files if k[0] == "W" and k[1:].isdigit()), key=lambda k: int(k[1:]))
-    return [torch.from_numpy(d[k]).to(D) for k in keys]
 
 
 @pytest.mark.parametrize("hidden", [1, 2, 3])

@@ -57,7 +57,7 @@ def _cvxpy():
     return cp
 
 
-def _relu_like(slopes: Slopes) -> list[tuple[float, float]]:
+def _interval_hulls(slopes: Slopes) -> list[tuple[float, float]]:
     out = []
     for a, b in slopes:
         out.append((float(torch.as_tensor(a).min()), float(torch.as_tensor(b).max())))
@@ -75,7 +75,7 @@ def lipsdp_cvxpy_chain(mats: Sequence[torch.Tensor], slopes: Slopes, *, layer_fo
     import numpy as np
 
     ws = [w.detach().to(_DT).numpy() for w in mats]
-    sl = _relu_like(slopes)
+    sl = _interval_hulls(slopes)
     k = len(ws) - 1
     if k == 0:
         return ChainValue(math.inf, False, "no activation: nothing to solve")
@@ -134,7 +134,7 @@ def eclipse_cvxpy_chain(mats: Sequence[torch.Tensor], slopes: Slopes) -> ChainVa
     from scipy.linalg import sqrtm
 
     ws = [w.detach().to(_DT).numpy() for w in mats]
-    sl = _relu_like(slopes)
+    sl = _interval_hulls(slopes)
     if any(a * b != 0.0 for a, b in sl):
         return ChainValue(math.inf, False, "ECLipsE's published formulation needs a b = 0 (ReLU-type slopes)")
     x_prev = np.eye(ws[0].shape[1])
@@ -184,7 +184,5 @@ def run_eclipse(graph: nx.DiGraph, local: Mapping[str, LocalConstant],
     return run_segments(graph, SOURCE_ECLIPSE, eclipse_cvxpy_chain)
 
 
-run = run_lipsdp
-
 __all__ = ["SOLVER", "SOURCE_ECLIPSE", "SOURCE_LIPSDP", "SDPStackMissing", "eclipse_cvxpy_chain",
-           "lipsdp_cvxpy_chain", "run", "run_eclipse", "run_lipsdp"]
+           "lipsdp_cvxpy_chain", "run_eclipse", "run_lipsdp"]
