@@ -121,10 +121,10 @@ def test_recheck_rejects_bad_multipliers_and_corrupted_steps(monkeypatch: pytest
         assert not rejected.certified and rejected.value == math.inf
     # A corrupted recursion: X_j taken above its Schur complement (a negative slack) makes B_j indefinite;
     # the Cholesky re-check must refuse it rather than certify a smaller constant.
-    monkeypatch.setattr(cs, "SLACKS", (-1e-3,))
+    monkeypatch.setattr(ef, "SLACKS", (-1e-3,))
     corrupted = cs.certify_multipliers(mats, slopes, good)
     assert not corrupted.certified and "not proven PSD" in corrupted.method
-    monkeypatch.setattr(cs, "SLACKS", (1e-10,))
+    monkeypatch.setattr(ef, "SLACKS", (1e-10,))
     monkeypatch.setattr(ef, "FINAL_SLACKS", (-1e-3,))
     assert not cs.certify_multipliers(mats, slopes, good).certified
 
@@ -141,6 +141,29 @@ def test_analyze_lipsdp_relation_matches_the_chain_and_bounds_jacobians() -> Non
     xs = torch.randn(300, 8, dtype=D)
     jac = torch.func.vmap(torch.func.jacrev(model))(xs)
     assert float(torch.linalg.matrix_norm(jac.detach(), ord=2).max()) <= rep.upper
+
+
+def test_lipsdp_on_a_domain_uses_per_neuron_slopes_and_bounds_the_jacobians_there() -> None:
+    """On an l_inf ball most ReLUs are stable: LipSDP with their point slope intervals (the domain pass) is
+    below the global LipSDP value and the domain's AutoLip, the last layer's bound comes from it, and it still
+    bounds every Jacobian in the ball
+    (sampled at random points and at vertices of the ball)."""
+    from lipgraph.domains import Ball
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).double()
+    x = torch.randn(1, 6, dtype=D)
+    r = 0.05
+    rep = lipgraph.analyze(model, x, method=["lipsdp"], domain=Ball(x, r, "linf"), lower=False)
+    assert rep.node("_4").domain_via == "lipsdp", [n.domain_via for n in rep.nodes]
+    dom = rep.bounds["domain:best"]
+    assert dom.value < 0.5 * rep.bounds["domain:autolip"].value
+    glob = cs.lipsdp_bound([m.weight.detach() for m in model if isinstance(m, nn.Linear)], [(0.0, 1.0)] * 2)
+    assert dom.certified and dom.value < 0.5 * glob, (dom.value, glob)
+    xs = x + r * (2 * torch.rand(2000, 6, dtype=D) - 1)
+    xs = torch.cat([xs, x + r * torch.sign(torch.randn(2000, 6, dtype=D))])
+    jac = torch.func.vmap(torch.func.jacrev(model))(xs)
+    assert float(torch.linalg.matrix_norm(jac.detach(), ord=2).max()) <= dom.value
 
 
 def test_cvxpy_peers_are_rechecked_and_not_tighter_than_lipgraph() -> None:

@@ -23,9 +23,9 @@ from typing import Any
 import networkx as nx
 import torch
 
-from ..core import ROUNDING_MARGIN
+from ..core import ROUNDING_MARGIN, Settings
 from ..norms import dense_norm
-from .chains import MAX_DENSE, Segment, find_segments, group_matrix
+from .chains import MAX_DENSE, Segment, find_segments, group_matrix, neuron_interval
 from .relations import AlgorithmResult, Relation, Term
 
 
@@ -87,12 +87,14 @@ def check(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> None:
             raise ValueError(f"shape mismatch: {tuple(x.shape)} then {tuple(y.shape)}")
 
 
-def run_segments(g: nx.DiGraph, source: str,
-                 bound: Callable[[list[torch.Tensor], list[tuple[float, float]]], ChainValue],
-                 max_dense: int = MAX_DENSE) -> AlgorithmResult:
+def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor], list[Any]], ChainValue],
+                 max_dense: int = MAX_DENSE, settings: Settings | None = None) -> AlgorithmResult:
     """One relation ``L(seg.last) <= bound(chain) * L(seg.entry)`` per segment (the relation contract of
     :mod:`lipgraph.bounds.relations`); segments too large to materialise or whose bound fails are
-    recorded and give no relation."""
+    recorded and give no relation. With ``settings.neuron_slopes`` (a domain pass; pass ``settings`` only
+    to a ``bound`` that takes per-neuron intervals), an activation run that has them enters ``bound`` as
+    the tensors ``(lo, hi)`` of :func:`~lipgraph.bounds.chains.neuron_interval` instead of its global
+    interval: the relation then holds on the domain only (its label says ``local segment``)."""
     t0 = time.perf_counter()
     res = AlgorithmResult()
     for seg in find_segments(g):
@@ -106,8 +108,15 @@ def run_segments(g: nx.DiGraph, source: str,
                        seconds=time.perf_counter() - t1)
             res.records.append(rec)
             continue
+        slopes: list[Any] = list(cm.slopes)
+        if settings is not None and settings.neuron_slopes:
+            boxes = [neuron_interval(g, names, settings) for names in seg.activations]
+            slopes = [s if box is None else box for s, box in zip(slopes, boxes, strict=True)]
+            if any(box is not None for box in boxes):
+                label = "local " + label
+                rec.update(label=label, local=True)
         try:
-            cv = bound(cm.mats, cm.slopes)
+            cv = bound(cm.mats, slopes)
         except Exception as exc:  # noqa: BLE001 - a chain the bound cannot handle gives no relation
             rec.update(value=None, certified=False, method=f"failed ({type(exc).__name__}: {exc})",
                        seconds=time.perf_counter() - t1)

@@ -58,13 +58,11 @@ import torch
 from ..core import ROUNDING_MARGIN, Settings
 from ..ops import LocalConstant
 from .chain_mats import ChainValue, autolip_chain, run_segments
-from .eclipse_fast import U64, certify_output_gain, certify_psd, fro_upper
+from .eclipse_fast import U64, ForwardCertificate, pow2
 from .relations import AlgorithmResult
 
 SOURCE = "lipsdp"
 _DT = torch.float64
-#: Slacks tried, relative to each multiplier, until a step's block matrix is proven PSD.
-SLACKS = (1e-10, 1e-8, 1e-6, 1e-4)
 #: The interior-point method stops when its gap bound ``nu mu`` is below this fraction of ``t``.
 GAP = 1e-7
 #: Newton steps per SDP at most (the work budget; a solve that runs out still yields its multipliers).
@@ -99,13 +97,6 @@ Slopes = Sequence[tuple[float, float] | tuple[torch.Tensor, torch.Tensor]]
 # chain data: powers-of-two scaling and per-neuron slope coefficients
 
 
-def _pow2(x: float) -> float:
-    """The power of two nearest ``x > 0`` (1.0 for 0 or non-finite)."""
-    if not (x > 0 and math.isfinite(x)):
-        return 1.0
-    return math.ldexp(1.0, round(math.log2(x)))
-
-
 @dataclass
 class _Chain:
     """A chain rescaled by powers of two: ``mats[j] = W_j / scales[j]`` exactly; ``p[j]``, ``m[j]``: per-neuron
@@ -132,7 +123,7 @@ def _prepare(mats: Sequence[torch.Tensor], slopes: Slopes) -> _Chain:
         raise ValueError("need one slope interval per activation (len(mats) - 1)")
     scaled, scales = [], []
     for w in mats:
-        s = _pow2(float(torch.linalg.matrix_norm(w, 2))) if w.numel() else 1.0
+        s = pow2(float(torch.linalg.matrix_norm(w, 2))) if w.numel() else 1.0
         if not torch.equal((w / s) * s, w):  # an entry would fall into the subnormal range: keep it unscaled
             s = 1.0
         scaled.append(w / s)  # exact: division by a power of two
@@ -161,91 +152,6 @@ def _prepare(mats: Sequence[torch.Tensor], slopes: Slopes) -> _Chain:
 
 # --------------------------------------------------------------------------------------------------------------
 # the certificate
-
-
-class ForwardCertificate:
-    """The forward recursion of the module docstring on a rescaled chain, one proven step at a time.
-
-    ``x`` is the current ``X_j`` times ``2^-log2_scale`` (renormalised by powers of two); :meth:`step`
-    takes multipliers in the current scale of ``x``; :meth:`final` returns the certified ``c`` of the
-    unscaled recursion, or ``None``."""
-
-    def __init__(self, n_in: int) -> None:
-        self.x = torch.eye(n_in, dtype=_DT)
-        self.log2_scale = 0  # true X_j = x * 2^log2_scale
-        self.slacks: list[float] = []
-        self.failure = ""
-
-    def copy(self) -> ForwardCertificate:
-        other = ForwardCertificate(0)
-        other.x, other.log2_scale, other.slacks = self.x.clone(), self.log2_scale, list(self.slacks)
-        return other
-
-    def renormalize(self) -> None:
-        """Divide ``x`` by the power of two nearest its largest diagonal entry (exact)."""
-        d = float(self.x.diagonal().abs().max()) if self.x.numel() else 1.0
-        s = _pow2(d)
-        if s != 1.0:
-            x = self.x / s
-            if torch.equal(x * s, self.x):  # exact (no entry fell into the subnormal range)
-                self.x = x
-                self.log2_scale += round(math.log2(s))
-
-    def step(self, w: torch.Tensor, p: torch.Tensor, m: torch.Tensor, dp: torch.Tensor, dm: torch.Tensor,
-             lam: torch.Tensor) -> bool:
-        """Prove ``B_j`` PSD for multipliers ``lam`` (> 0) and move to ``X_j``; False (with ``failure``) if not."""
-        x = self.x
-        n_in = w.shape[1]
-        lam = lam.to(_DT).clamp_min(0.0)
-        if not bool(torch.isfinite(lam).all()) or not bool((lam > 0).any()):
-            self.failure = "multipliers are not positive and finite"
-            return False
-        pl = p * lam
-        ml = m * lam
-        mmat = x + w.T @ (pl[:, None] * w) if bool((p != 0).any()) else x.clone()
-        mmat = (mmat + mmat.T) / 2  # B uses this stored mmat; symmetrising rounds once: in the U64 term below
-        r, info = torch.linalg.cholesky_ex(mmat)
-        if int(info) != 0:
-            self.failure = "X + W^T diag(p lambda) W is not positive definite"
-            return False
-        z = torch.linalg.solve_triangular(r, w.T * ml[None, :], upper=False)  # R^-1 W^T diag(m lambda)
-        schur = -(z.T @ z)
-        schur = (schur + schur.T) / 2
-        schur.diagonal().add_(lam)
-        # Rounding of forming B from the stored floats, and of the float p, m (2-norm bounds via Frobenius).
-        row_sq = (w * w).sum(dim=1)
-        err_tl = ((w.shape[0] + 3) * U64 * float((pl.abs() * row_sq).sum()) + float((dp * lam * row_sq).sum())
-                  + 2 * U64 * fro_upper(mmat))
-        off = ml[:, None] * w
-        err_off = 2 * U64 * fro_upper(off) + fro_upper((dm * lam)[:, None] * w)
-        for delta in SLACKS:
-            x_new = schur.clone()
-            x_new.diagonal().sub_(delta * lam)
-            br = -x_new
-            br.diagonal().add_(lam)
-            b = torch.empty(n_in + w.shape[0], n_in + w.shape[0], dtype=_DT)
-            b[:n_in, :n_in] = mmat
-            b[:n_in, n_in:] = -off.T
-            b[n_in:, :n_in] = -off
-            b[n_in:, n_in:] = br
-            err = 2 * (err_tl + err_off + U64 * fro_upper(br)) * (1 + ROUNDING_MARGIN)
-            if certify_psd(b, err):
-                self.slacks.append(delta)
-                self.x = x_new
-                return True
-        self.failure = "a step's block matrix was not proven PSD"
-        return False
-
-    def final(self, w: torch.Tensor) -> float | None:
-        """Certified ``c`` with ``|W dv_k|^2 <= c |dv_0|^2`` (unscaled), or None."""
-        gain = certify_output_gain(self.x, w)
-        if isinstance(gain, str):
-            self.failure = gain
-            return None
-        c, delta = gain
-        self.slacks.append(delta)
-        # |dv_0|^2 >= dv^T X_true dv = 2^s dv^T x dv, and |W dv|^2 <= c dv^T x dv.
-        return math.ldexp(c, -self.log2_scale)
 
 
 def _value(chain: _Chain, c_scaled: float) -> float:
@@ -661,7 +567,7 @@ def lipsdp_bound(mats: Sequence[torch.Tensor], slopes: Slopes, **kw) -> float:
     return cv.value if cv.certified else math.inf
 
 
-def _segment_bound(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> ChainValue:
+def _segment_bound(mats: list[torch.Tensor], slopes: Slopes) -> ChainValue:
     neurons = sum(w.shape[0] for w in mats[:-1])
     if neurons > MAX_NEURONS:
         return ChainValue(math.inf, False, f"{neurons} neurons exceed the SDP work budget ({MAX_NEURONS})")
@@ -674,8 +580,10 @@ def _segment_bound(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) 
 
 
 def run(graph: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
-    """One relation ``L(last) <= LipSDP(segment) * L(entry)`` per linear-chain segment."""
-    return run_segments(graph, SOURCE, _segment_bound)
+    """One relation ``L(last) <= LipSDP(segment) * L(entry)`` per linear-chain segment; on a domain
+    (``settings.neuron_slopes``) each neuron's multiplier constraint uses its own slope interval there
+    (ECLipsE-Gen-Local's idea: a provably active or dead neuron has a point interval)."""
+    return run_segments(graph, SOURCE, _segment_bound, settings=settings)
 
 
 __all__ = ["SOURCE", "ForwardCertificate", "LMISolution", "certify_multipliers", "eclipse_chain", "lipsdp_bound",

@@ -25,7 +25,7 @@ import networkx as nx
 import torch
 
 from .. import ir
-from ..ops import RULES, slope_interval
+from ..ops import RULES, Settings, slope_interval
 
 #: Ops flagged affine that are not single-tensor maps (tuple-valued or multi-input), never chain members.
 _NOT_MEMBERS = frozenset({"input", "output", "constant", "split", "unbind", "tuple_getitem", "cat", "stack"})
@@ -206,3 +206,19 @@ def group_matrix(g: nx.DiGraph, names: list[str], max_dense: int = MAX_DENSE) ->
                 y = torch.stack([f(e) - f0 for e in basis])
             cols.append(y.reshape(y.shape[0], -1))
         return torch.cat(cols).T.contiguous()
+
+
+def neuron_interval(g: nx.DiGraph, names: list[str], settings: Settings | None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-neuron derivative intervals of an activation run on the domain (``settings.neuron_slopes``),
+    the elementwise interval product over the run, flattened row-major; None unless every activation of
+    the run has intervals with one entry per element of its output (batch 1: ``group_matrix`` flattens the
+    next group's input, the run's output, row-major, so neuron ``j`` is column ``j``)."""
+    slopes = settings.neuron_slopes if settings is not None else None
+    if not slopes or not all(n in slopes for n in names):
+        return None
+    size = math.prod(ir.node(g, names[-1]).out_shape)
+    pairs = [slopes[n] for n in names]
+    if any(lo.numel() != size or hi.numel() != size for lo, hi in pairs):
+        return None
+    return product_interval_tensors(pairs)

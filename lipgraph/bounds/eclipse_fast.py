@@ -87,30 +87,6 @@ def certify_psd(b: torch.Tensor, err: float) -> bool:
     return int(info) == 0
 
 
-def _step_block(x_prev: torch.Tensor, w: torch.Tensor, lam: float, x_new: torch.Tensor, m: float,
-                p: float) -> tuple[torch.Tensor, float]:
-    """The computed ``B_j`` and a bound on its distance to the exact one."""
-    n_in, n_out = w.shape[1], w.shape[0]
-    tl = x_prev.clone()
-    err = 0.0
-    if p != 0.0:
-        g = w.T @ w
-        tl = tl + (p * lam) * g
-        err += abs(p * lam) * (gram_error(w) + 3 * U64 * fro_upper(g)) + U64 * fro_upper(tl)
-    ml = m * lam
-    off = -ml * w
-    err += 2 * 3 * U64 * abs(ml) * fro_upper(w)
-    br = -x_new.clone()
-    br.diagonal().add_(lam)
-    err += U64 * fro_upper(br)
-    b = torch.empty(n_in + n_out, n_in + n_out, dtype=_DT)
-    b[:n_in, :n_in] = tl
-    b[:n_in, n_in:] = off.T
-    b[n_in:, :n_in] = off
-    b[n_in:, n_in:] = br
-    return b, 2 * err * (1 + ROUNDING_MARGIN)
-
-
 def certify_output_gain(x: torch.Tensor, w: torch.Tensor) -> tuple[float, float] | str:
     """The last step of a forward recursion ``|dv_0|^2 >= dv^T X dv``: a certified ``c`` with
     ``c X - W^T W`` proven PSD (so ``|W dv|^2 <= c |dv_0|^2``) and the slack ``delta`` of
@@ -132,6 +108,98 @@ def certify_output_gain(x: torch.Tensor, w: torch.Tensor) -> tuple[float, float]
     return "the final matrix c X - W^T W was not proven PSD"
 
 
+def pow2(x: float) -> float:
+    """The power of two nearest ``x > 0`` (1.0 for 0 or non-finite)."""
+    if not (x > 0 and math.isfinite(x)):
+        return 1.0
+    return math.ldexp(1.0, round(math.log2(x)))
+
+
+class ForwardCertificate:
+    """The forward recursion of the module docstring on a rescaled chain, one proven step at a time.
+
+    ``x`` is the current ``X_j`` times ``2^-log2_scale`` (renormalised by powers of two); :meth:`step`
+    takes multipliers in the current scale of ``x``; :meth:`final` returns the certified ``c`` of the
+    unscaled recursion, or ``None``."""
+
+    def __init__(self, n_in: int) -> None:
+        self.x = torch.eye(n_in, dtype=_DT)
+        self.log2_scale = 0  # true X_j = x * 2^log2_scale
+        self.slacks: list[float] = []
+        self.failure = ""
+
+    def copy(self) -> ForwardCertificate:
+        other = ForwardCertificate(0)
+        other.x, other.log2_scale, other.slacks = self.x.clone(), self.log2_scale, list(self.slacks)
+        return other
+
+    def renormalize(self) -> None:
+        """Divide ``x`` by the power of two nearest its largest diagonal entry (exact)."""
+        d = float(self.x.diagonal().abs().max()) if self.x.numel() else 1.0
+        s = pow2(d)
+        if s != 1.0:
+            x = self.x / s
+            if torch.equal(x * s, self.x):  # exact (no entry fell into the subnormal range)
+                self.x = x
+                self.log2_scale += round(math.log2(s))
+
+    def step(self, w: torch.Tensor, p: torch.Tensor, m: torch.Tensor, dp: torch.Tensor, dm: torch.Tensor,
+             lam: torch.Tensor) -> bool:
+        """Prove ``B_j`` PSD for multipliers ``lam`` (> 0) and move to ``X_j``; False (with ``failure``) if not."""
+        x = self.x
+        n_in = w.shape[1]
+        lam = lam.to(_DT).clamp_min(0.0)
+        if not bool(torch.isfinite(lam).all()) or not bool((lam > 0).any()):
+            self.failure = "multipliers are not positive and finite"
+            return False
+        pl = p * lam
+        ml = m * lam
+        mmat = x + w.T @ (pl[:, None] * w) if bool((p != 0).any()) else x.clone()
+        mmat = (mmat + mmat.T) / 2  # B uses this stored mmat; symmetrising rounds once: in the U64 term below
+        r, info = torch.linalg.cholesky_ex(mmat)
+        if int(info) != 0:
+            self.failure = "X + W^T diag(p lambda) W is not positive definite"
+            return False
+        z = torch.linalg.solve_triangular(r, w.T * ml[None, :], upper=False)  # R^-1 W^T diag(m lambda)
+        schur = -(z.T @ z)
+        schur = (schur + schur.T) / 2
+        schur.diagonal().add_(lam)
+        # Rounding of forming B from the stored floats, and of the float p, m (2-norm bounds via Frobenius).
+        row_sq = (w * w).sum(dim=1)
+        err_tl = ((w.shape[0] + 3) * U64 * float((pl.abs() * row_sq).sum()) + float((dp * lam * row_sq).sum())
+                  + 2 * U64 * fro_upper(mmat))
+        off = ml[:, None] * w
+        err_off = 2 * U64 * fro_upper(off) + fro_upper((dm * lam)[:, None] * w)
+        for delta in SLACKS:
+            x_new = schur.clone()
+            x_new.diagonal().sub_(delta * lam)
+            br = -x_new
+            br.diagonal().add_(lam)
+            b = torch.empty(n_in + w.shape[0], n_in + w.shape[0], dtype=_DT)
+            b[:n_in, :n_in] = mmat
+            b[:n_in, n_in:] = -off.T
+            b[n_in:, :n_in] = -off
+            b[n_in:, n_in:] = br
+            err = 2 * (err_tl + err_off + U64 * fro_upper(br)) * (1 + ROUNDING_MARGIN)
+            if certify_psd(b, err):
+                self.slacks.append(delta)
+                self.x = x_new
+                return True
+        self.failure = "a step's block matrix was not proven PSD"
+        return False
+
+    def final(self, w: torch.Tensor) -> float | None:
+        """Certified ``c`` with ``|W dv_k|^2 <= c |dv_0|^2`` (unscaled), or None."""
+        gain = certify_output_gain(self.x, w)
+        if isinstance(gain, str):
+            self.failure = gain
+            return None
+        c, delta = gain
+        self.slacks.append(delta)
+        # |dv_0|^2 >= dv^T X_true dv = 2^s dv^T x dv, and |W dv|^2 <= c dv^T x dv.
+        return math.ldexp(c, -self.log2_scale)
+
+
 def eclipse_fast_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> ChainValue:
     """Certified ECLipsE-Fast bound on ``W_k s_k ... s_1 W_0`` (see the module docstring)."""
     t0 = time.perf_counter()
@@ -144,45 +212,29 @@ def eclipse_fast_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float
 
     if len(mats) == 1:
         return ChainValue(auto, math.isfinite(auto), "single matrix: certified norm", time.perf_counter() - t0)
-    x = torch.eye(mats[0].shape[1], dtype=_DT)
-    used = []
+    cert = ForwardCertificate(mats[0].shape[1])
     for j, (w, (a, b)) in enumerate(zip(mats[:-1], slopes, strict=True)):
         p, m = a * b, (a + b) / 2
         if m == 0.0:
             return fail(f"activation {j + 1} has slope interval centred at 0")
-        r, info = torch.linalg.cholesky_ex(x)
+        r, info = torch.linalg.cholesky_ex(cert.x)
         if int(info) != 0:
             return fail(f"X_{j} is not positive definite")
         z = torch.linalg.solve_triangular(r, w.T, upper=False)
-        k_mat = z.T @ z
-        kmax = float(torch.linalg.eigvalsh(k_mat).max())
+        kmax = float(torch.linalg.eigvalsh(z.T @ z).max())
         if not kmax > 0.0:
             return fail(f"W_{j} X^-1 W_{j}^T vanishes")
-        lam = 1.0 / (2 * m * m * kmax)
-        mm = x + (p * lam) * (w.T @ w) if p != 0.0 else x
-        rm, info = torch.linalg.cholesky_ex(mm)
-        if int(info) != 0:
-            return fail(f"X_{j} + p lambda W^T W is not positive definite (slope interval [{a}, {b}])")
-        zm = torch.linalg.solve_triangular(rm, w.T, upper=False)
-        schur = -(m * m * lam * lam) * (zm.T @ zm)
-        schur = (schur + schur.T) / 2
-        schur.diagonal().add_(lam)
-        for delta in SLACKS:
-            x_new = schur.clone()
-            x_new.diagonal().sub_(delta * lam)
-            blk, err = _step_block(x, w, lam, x_new, m, p)
-            if certify_psd(blk, err):
-                used.append(delta)
-                break
-        else:
-            return fail(f"step {j + 1}: block matrix not proven PSD")
-        x = x_new
-    gain = certify_output_gain(x, mats[-1])
-    if isinstance(gain, str):
-        return fail(gain)
-    c, delta = gain
+        n = w.shape[0]
+        pv, mv = torch.full((n,), p, dtype=_DT), torch.full((n,), m, dtype=_DT)
+        lam = torch.full((n,), 1.0 / (2 * m * m * kmax), dtype=_DT)
+        if not cert.step(w, pv, mv, U64 * pv.abs(), U64 * mv.abs(), lam):  # p, m: one rounding each
+            return fail(f"step {j + 1}: {cert.failure} (slope interval [{a}, {b}])")
+    c = cert.final(mats[-1])
+    if c is None:
+        return fail(cert.failure)
     value = math.sqrt(c) * (1 + ROUNDING_MARGIN) + ROUNDING_MARGIN * auto
-    method = f"ECLipsE-Fast closed form, every step's PSD condition proven (slacks {max(used):g}, final {delta:g})"
+    method = (f"ECLipsE-Fast closed form, every step's PSD condition proven (slacks {max(cert.slacks[:-1]):g}, "
+              f"final {cert.slacks[-1]:g})")
     if not value < auto:
         value, method = auto, method + "; capped by the AutoLip product"
     return ChainValue(value, True, method, time.perf_counter() - t0)
@@ -199,5 +251,5 @@ def run(graph: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Setting
     return run_segments(graph, SOURCE, eclipse_fast_chain)
 
 
-__all__ = ["FINAL_SLACKS", "SOURCE", "U64", "certify_output_gain", "certify_psd", "eclipse_fast_bound",
+__all__ = ["FINAL_SLACKS", "SOURCE", "U64", "ForwardCertificate", "certify_output_gain", "certify_psd", "eclipse_fast_bound",
            "eclipse_fast_chain", "fro_upper", "gram_error", "run"]

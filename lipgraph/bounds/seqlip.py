@@ -51,10 +51,16 @@ from typing import Any
 import networkx as nx
 import torch
 
-from .. import ir
 from ..core import ROUNDING_MARGIN
 from ..ops import LocalConstant, Settings
-from .chains import MAX_DENSE, Segment, find_segments, group_dims, group_matrix, product_interval_tensors
+from .chains import (
+    MAX_DENSE,
+    Segment,
+    find_segments,
+    group_dims,
+    group_matrix,
+    neuron_interval,
+)
 from .relations import AlgorithmResult, Cumulative, Relation, Term, combine
 
 #: Widths up to this are solved by plain enumeration of all 2^n patterns.
@@ -630,21 +636,6 @@ def _members_autolip(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConst
     """AutoLip of the map entry -> last node of the segment (the combinator on the segment's members)."""
     c = combine(g, local, members=seg.nodes, entries={seg.entry: Cumulative(1.0, True)})[seg.last]
     return c.value, c.certified
-
-
-def neuron_interval(g: nx.DiGraph, names: list[str], settings: Settings | None) -> NeuronInterval | None:
-    """Per-neuron derivative intervals of an activation run on the domain (``settings.neuron_slopes``),
-    the elementwise interval product over the run, flattened row-major; None unless every activation of
-    the run has intervals with one entry per element of its output (batch 1: ``group_matrix`` flattens the
-    next group's input, the run's output, row-major, so neuron ``j`` is column ``j``)."""
-    slopes = settings.neuron_slopes if settings is not None else None
-    if not slopes or not all(n in slopes for n in names):
-        return None
-    size = math.prod(ir.node(g, names[-1]).out_shape)
-    pairs = [slopes[n] for n in names]
-    if any(lo.numel() != size or hi.numel() != size for lo, hi in pairs):
-        return None
-    return product_interval_tensors(pairs)
 
 
 def _at_hi(r: InnerMax, slope: tuple[float, float] | NeuronInterval) -> list[int] | None:
