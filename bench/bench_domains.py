@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ import torch
 import lipgraph
 from lipgraph.bounds.lower import lower_bound
 from lipgraph.domains import Ball, Box
+from lipgraph.report import fmt
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_zoo import MIN_SIDE, MODELS, build  # noqa: E402
@@ -37,12 +37,6 @@ DOMAINS = ["box 0..1", "linf 1e-2", "linf 1e-3", "l2 1e-2", "l2 1e-3"]
 def domains_around(x: torch.Tensor) -> list:
     return [Box(0, 1), Ball(x, 1e-2, "linf", clip=(0, 1)), Ball(x, 1e-3, "linf", clip=(0, 1)),
             Ball(x, 1e-2, "l2"), Ball(x, 1e-3, "l2")]
-
-
-def fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return "inf" if math.isinf(x) else f"{x:.4g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     lb = lower_bound(model, (x,), restarts=args.lower_budget, seed=0, domain=d)
                 except NotImplementedError:  # PyTorch's fused CPU attention has no forward-mode AD: run the IR
                     g = reps[0].graph
-                    lb = lower_bound(lambda z, _g=g: lipgraph.ir.execute(_g, z), (x,), restarts=args.lower_budget,
+                    lb = lower_bound(lambda z, _g=g: lipgraph.execute(_g, z), (x,), restarts=args.lower_budget,
                                      seed=0, domain=d)
             lowers.append(lb.value)
         total = time.perf_counter() - t0

@@ -5,7 +5,7 @@
 By default the convolutions get a user-supplied constant (``constants={"Conv2d": 2.0}``) so that the
 analysis is quick: the rendering does the same work whatever the values. ``--real`` runs the full
 analysis instead (slow on a shared CPU). Each case times the view (collapse and folds), then the whole
-``report.render`` (view, DOT text, layout by ``dot``) in wall-clock and CPU seconds (this process and
+``render.render`` (view, DOT text, layout by ``dot``) in wall-clock and CPU seconds (this process and
 its ``dot`` child: on a shared machine the wall clock includes waiting for a core). torch is limited to
 2 threads; ``dot`` is single-threaded.
 """
@@ -55,7 +55,7 @@ def bench(name: str, out: Path, real: bool) -> None:
         t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            written = report.render(str(path), **opts)  # type: ignore[arg-type]
+            written = R.render(report, str(path), **opts)  # type: ignore[arg-type]
         total = time.perf_counter() - t0
         cpu = time.process_time() - c0 + _children_cpu() - k0
         size = os.path.getsize(written)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import lipgraph
+from lipgraph.render import render
 
 
 class GatedMLP(nn.Module):
@@ -61,7 +62,7 @@ def main(outdir: str = "docs", *names: str) -> None:
         t0 = time.perf_counter()
         report = lipgraph.analyze(model, torch.randn(shape), **akw)
         t1 = time.perf_counter()
-        path = report.render(str(out / name), **rkw)
+        path = render(report, str(out / name), **rkw)
         print(f"{path}: analysed in {t1 - t0:.1f}s, rendered in {time.perf_counter() - t1:.2f}s")
 
 

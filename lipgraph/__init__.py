@@ -27,7 +27,7 @@ _LAZY = {
     "register_op": "api",
     "trace": "api",
     "certify": "certify",
-    "execute": "ir",
+    "execute": "ops",
 }
 
 __all__ = [
@@ -51,8 +51,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __g
     from .bounds.local import UserConstant
     from .certify import certify
     from .errors import InputShapeError, LipgraphError, ModelLoadError, TraceError
-    from .ir import execute
-    from .ops import LocalConstant, register_rule
+    from .ops import LocalConstant, execute, register_rule
     from .report import Report
 
 

@@ -21,7 +21,7 @@ from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, su
 from .domains import Domain, Range
 from .errors import InputShapeError, LipgraphError
 from .frontends import fx as fx_frontend
-from .ops import LocalConstant, Settings, register_rule
+from .ops import LocalConstant, Settings, execute, register_rule
 from .report import BoundResult, NodeReport, Report
 
 Progress = Callable[[str, int, int], None]
@@ -169,12 +169,12 @@ def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: D
     copies = {} if copies is None else copies
 
     def run_ir(*zs: torch.Tensor) -> Any:
-        return ir.execute(g, *zs)
+        return execute(g, *zs)
 
     def run_ir64(*zs: torch.Tensor) -> Any:
         if "ir" not in copies:
             copies["ir"] = ir.to_float64(g)
-        return ir.execute(copies["ir"], *(z.double() for z in zs))
+        return execute(copies["ir"], *(z.double() for z in zs))
 
     tries: list[tuple[Any, Any]] = []
     if isinstance(model, nn.Module):
@@ -353,7 +353,7 @@ def _sign_nodes(g: nx.DiGraph, slopes: Mapping[str, tuple[torch.Tensor, torch.Te
 def pattern_targets(g: nx.DiGraph, slopes: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rr: Any,
                     records: Sequence[Mapping[str, Any]]) -> PatternTargets | None:
     """Targets of the lower bound's pattern search on a domain (see :class:`PatternTargets`): the unstable
-    neurons of the ReLU-type activations, their pre-activations read from ``ir.execute(g, x, keep=True)``,
+    neurons of the ReLU-type activations, their pre-activations read from ``execute(g, x, keep=True)``,
     and sign vectors to reach: the domain SeqLip's maximising pattern (every segment's inner maximum over a
     single activation; neurons of activations without one stay free), then every unstable neuron active.
     Margin: ``MARGIN`` times the smaller side of each neuron's pre-activation range on the domain
@@ -387,7 +387,7 @@ def pattern_targets(g: nx.DiGraph, slopes: Mapping[str, tuple[torch.Tensor, torc
     signs.append(torch.ones(sum(len(v) for v in idx.values()), dtype=torch.float64))
 
     def preact(x: torch.Tensor) -> torch.Tensor:
-        _, values = ir.execute(g, x.reshape(shape), keep=True)
+        _, values = execute(g, x.reshape(shape), keep=True)
         return torch.cat([values[n.inputs[0]].reshape(-1)[idx[n.name]] for n in nodes])
 
     return PatternTargets(preact, signs, torch.cat(margins))

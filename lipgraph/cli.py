@@ -360,9 +360,10 @@ def _analyze(args: argparse.Namespace) -> int:
             print(f"wrote {args.json_path}")
     for path in (args.dot, args.svg, args.png):  # DOT first: it needs no Graphviz install
         if path:
+            from .render import render  # noqa: PLC0415 - the command line imports torch only when it works
             with warnings.catch_warnings(record=True) as notes:
                 warnings.simplefilter("always")
-                out = report.render(path, depth=args.depth)
+                out = render(report, path, depth=args.depth)
             for note in notes:
                 print(f"lipgraph: note: {note.message}", file=sys.stderr)
             print(f"wrote {out}", file=sys.stderr if args.json_path == "-" else sys.stdout)

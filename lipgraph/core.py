@@ -58,14 +58,14 @@ def json_float(x: float | None) -> float | str | None:
     return float(x)
 
 
-def format_number(x: float | None, digits: int = 3, *, unicode_inf: bool = False) -> str:
+def format_number(x: float | None, digits: int = 3, *, unicode_inf: bool = False, missing: str = "?") -> str:
     """The one float formatter: ``digits`` significant digits, scientific outside [1e-3, 1e4).
 
-    ``2.59``, ``1.02e4``, ``inf`` (``∞`` with ``unicode_inf``); ``None`` and NaN print as ``?``.
+    ``2.59``, ``1.02e4``, ``inf`` (``∞`` with ``unicode_inf``); ``None`` and NaN print as ``missing``.
     Stable across machines (no locale, no platform repr).
     """
     if x is None or math.isnan(x):
-        return "?"
+        return missing
     if math.isinf(x):
         if unicode_inf:
             return "∞" if x > 0 else "-∞"

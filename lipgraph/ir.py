@@ -56,6 +56,38 @@ class IRNode:
         return self.attrs.get("module_path", "")
 
 
+#: Padding of a convolution's input when its attributes name none (PyTorch's and ONNX's default).
+DEFAULT_PADDING_MODE = "zeros"
+
+
+def conv_attrs(ndim: int, stride: tuple[int, ...], padding: tuple[int, ...] | str, dilation: tuple[int, ...],
+               groups: int, padding_mode: str = DEFAULT_PADDING_MODE,
+               pad_reversed: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The attributes of a ``conv`` node, built the same way by both frontends. ``padding``: per spatial
+    dimension (or PyTorch's ``"same"``/``"valid"``); a ``padding_mode`` other than zeros comes with
+    ``pad_reversed``, the ``F.pad`` argument that applies it."""
+    attrs: dict[str, Any] = {"ndim": ndim, "stride": tuple(stride), "dilation": tuple(dilation),
+                             "padding": padding if isinstance(padding, str) else tuple(padding),
+                             "groups": int(groups), "padding_mode": padding_mode}
+    if padding_mode != DEFAULT_PADDING_MODE:
+        if pad_reversed is None:
+            raise ValueError(f"padding_mode {padding_mode!r} needs pad_reversed")
+        attrs["pad_reversed"] = tuple(pad_reversed)
+    return attrs
+
+
+def conv_transpose_attrs(ndim: int, stride: tuple[int, ...], padding: tuple[int, ...],
+                         output_padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> dict[str, Any]:
+    """The attributes of a ``conv_transpose`` node (zero padding only, as in PyTorch and ONNX)."""
+    return {"ndim": ndim, "stride": tuple(stride), "padding": tuple(padding),
+            "output_padding": tuple(output_padding), "dilation": tuple(dilation), "groups": int(groups)}
+
+
+def padding_mode(attrs: dict[str, Any]) -> str:
+    """A convolution's padding mode (:data:`DEFAULT_PADDING_MODE` when its attributes name none)."""
+    return attrs.get("padding_mode", DEFAULT_PADDING_MODE)
+
+
 def new_graph(name: str, frontend: str) -> nx.DiGraph:
     g = nx.DiGraph(name=name, frontend=frontend, inputs=[], output=None, order=[])
     return g
@@ -111,40 +143,6 @@ def nodes(g: nx.DiGraph) -> Iterator[IRNode]:
     """All IR nodes in the graph's fixed topological order."""
     for name in g.graph["order"]:
         yield g.nodes[name]["ir"]
-
-
-def execute(g: nx.DiGraph, *inputs: torch.Tensor, keep: bool = False) -> Any:
-    """Run the IR on ``inputs``; returns the model output (same structure).
-
-    With ``keep=True`` returns ``(output, values)`` where ``values`` maps every
-    node name to its value (used by the lower-bound search and by tests).
-    """
-    from .ops import RULES  # noqa: PLC0415 - the rules import the IR's types
-
-    names = g.graph["inputs"]
-    if len(inputs) != len(names):
-        raise ValueError(f"the model takes {len(names)} input(s), got {len(inputs)}")
-    values: dict[str, Any] = dict(zip(names, inputs, strict=True))
-    users_left = {n: g.out_degree(n) for n in g.nodes}
-    result = None
-    for name in g.graph["order"]:
-        ir = g.nodes[name]["ir"]
-        if ir.op == "input":
-            continue
-        rule = RULES.get(ir.op)
-        if rule is None:
-            raise KeyError(f"no rule to execute op {ir.op!r} of node {name!r}")
-        args = [values[i] for i in ir.inputs]
-        out = rule.forward(ir, *args)
-        if ir.op == "output":
-            result = out
-        values[name] = out
-        if not keep:
-            for src in set(ir.inputs):
-                users_left[src] -= 1
-                if users_left[src] == 0 and src not in names:
-                    values.pop(src, None)
-    return (result, values) if keep else result
 
 
 def summary(g: nx.DiGraph) -> dict[str, int]:

@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .core import json_float
+from .core import format_number, json_float
 
 SCHEMA = "lipgraph.report/1"
 _UNDEFINED = "the computation gave an undefined value; reported as an uncertified inf"
@@ -263,24 +263,11 @@ class Report:
         rows.append("(~ marks an estimate, not a certified bound)")
         return "\n".join(rows)
 
-    def render(self, path: str, **kwargs: Any) -> str:
-        """Draw the annotated graph (format from the suffix: png, svg, pdf, dot)."""
-        from .render import render  # noqa: PLC0415 - optional dependency on graphviz
-
-        return render(self, path, **kwargs)
-
 
 def _shape(s: Any) -> Any:
     return tuple(s) if isinstance(s, (list, tuple)) and all(isinstance(x, int) for x in s) else s
 
 
 def fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if math.isinf(x):
-        return "inf"
-    if x == 0:
-        return "0"
-    if abs(x) >= 1e5 or abs(x) < 1e-3:
-        return f"{x:.3e}"
-    return f"{x:.4g}"
+    """A number in a report's text: :func:`~lipgraph.core.format_number` with four digits, ``-`` for none."""
+    return format_number(x, 4, missing="-")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import lipgraph
-from lipgraph import ir
+from lipgraph import execute, ir
 from lipgraph.bounds import jacobian_interval as ji
 from lipgraph.bounds.local import local_constants
 from lipgraph.bounds.on_domain import domain_constants
@@ -164,10 +164,10 @@ def test_block_sound_at_every_node() -> None:
     bounds = {r.node: r.terms[0].factor for r in res.relations}
     assert g.graph["output"] in bounds
     for p in _ball_points(x, 0.1, 20, seed=3):
-        _, vals = ir.execute(g, p, keep=True)
+        _, vals = execute(g, p, keep=True)
         for name, b in bounds.items():
             j = torch.autograd.functional.jacobian(
-                lambda t, name=name: ir.execute(g, t.reshape(x.shape), keep=True)[1][name].reshape(-1),
+                lambda t, name=name: execute(g, t.reshape(x.shape), keep=True)[1][name].reshape(-1),
                 p.reshape(-1))
             assert float(torch.linalg.matrix_norm(j, 2)) <= b, name
 
@@ -184,7 +184,7 @@ def test_mean_value_ranges_hold_sampled_values() -> None:
     mv = {n: ji.mean_value_range(e, at_c[n], dom, x) for n, e in encs.items() if isinstance(at_c.get(n), Range)}
     assert len(mv) > 20
     for p in _ball_points(x, 0.1, 100, seed=4):
-        _, vals = ir.execute(g, p, keep=True)
+        _, vals = execute(g, p, keep=True)
         for name, r in mv.items():
             v = vals[name].to(_DT).reshape(r.lo.shape)
             assert bool(((r.lo <= v) & (v <= r.hi)).all()), name

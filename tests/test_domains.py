@@ -19,6 +19,7 @@ from conftest import as_double, lipsdp_mnist_net
 import lipgraph
 from lipgraph import cli
 from lipgraph.domains import Ball, Box
+from lipgraph.render import render
 
 #: the shared MNIST network's global constant: LipSDP-Neuron's figure (its exact value is 24.2992)
 GLOBAL_LIPSDP = 24.366
@@ -109,7 +110,7 @@ def test_ranges_contain_every_sampled_activation_value() -> None:
     g = rep.graph
     pts = dom.sample(2000, x.double(), torch.Generator().manual_seed(6))
     g64 = lipgraph.trace(as_double(net), x.double())
-    _, values = lipgraph.ir.execute(g64, pts.reshape(-1, 6), keep=True)
+    _, values = lipgraph.execute(g64, pts.reshape(-1, 6), keep=True)
     for node in rep.nodes:
         if node.range is None or node.op in ("output",):
             continue
@@ -177,7 +178,7 @@ def test_rendering_draws_the_domain_numbers_the_report_holds(tmp_path) -> None:
     x = torch.rand(1, 6, generator=torch.Generator().manual_seed(6))
     rep = lipgraph.analyze(net, x, domain=Ball(x, 0.05, "linf", clip=(0, 1)), lower=False)
     dot = (tmp_path / "d.dot")
-    rep.render(str(dot))
+    render(rep, str(dot))
     text = dot.read_text()
     assert "on the input domain" in text and "linf ball of radius 0.05" in text
     relu = next(n for n in rep.nodes if n.op == "relu")

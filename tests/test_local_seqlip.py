@@ -255,7 +255,7 @@ def test_neuron_order_matches_the_group_matrices(kind):
         x = torch.randn(1, 5, dtype=D)
     g = lipgraph.trace(model, x.float())
     glob = {k: v[0] for k, v in local_constants(g, Settings()).items()}
-    _, values = lipgraph.ir.execute(g, x.float(), keep=True)
+    _, values = lipgraph.execute(g, x.float(), keep=True)
     slopes = {}
     for n in lipgraph.ir.nodes(g):
         if n.op == "relu":

@@ -21,7 +21,7 @@ from conftest import Fn, dense_jacobian, jacobian_norm, one_constant
 from onnx import TensorProto, helper, numpy_helper
 
 import lipgraph
-from lipgraph import ir
+from lipgraph import execute, ir
 
 EXACT = 1e-6  # relative: the rules are exact up to the float64 rounding margin
 
@@ -62,7 +62,7 @@ def assert_exact(bound: float, truth: float) -> None:
 
 
 def ir_jacobian_norm(g, x: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(dense_jacobian(lambda z: ir.execute(g, z), x), ord=2))
+    return float(torch.linalg.matrix_norm(dense_jacobian(lambda z: execute(g, z), x), ord=2))
 
 
 # --- interpolation: PyTorch spellings -------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_unfold_rule_is_the_exact_jacobian_norm(kw) -> None:
         assert lc.certified
         assert_exact(lc.value, jacobian_norm(m, x))
     g = lipgraph.trace(nn.Unfold(**kw), x)
-    assert torch.equal(ir.execute(g, x), F.unfold(x, **kw))
+    assert torch.equal(execute(g, x), F.unfold(x, **kw))
 
 
 def test_antialiased_interpolation_is_honest_inf() -> None:
@@ -138,7 +138,7 @@ def test_exported_interpolate_matches_ort_and_torch_bound(shape, kw, opset, tmp_
     path = export(m, x, tmp_path / "m.onnx", opset_version=opset)
     g = lipgraph.trace(str(path), x)
     assert "opaque" not in ir.summary(g)
-    np.testing.assert_allclose(ir.execute(g, x).numpy(), ort_run(path, x)[0], atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(execute(g, x).numpy(), ort_run(path, x)[0], atol=2e-6, rtol=1e-5)
     r = lipgraph.analyze(str(path), x, lower=False)
     assert r.certified
     assert_exact(r.upper, ir_jacobian_norm(g, x.double()))  # exact for the exported (float32-scale) map
@@ -200,7 +200,7 @@ def test_onnx_resize_matches_ort_and_is_exact(name: str, tmp_path: Path) -> None
     path, x = _resize_model(tmp_path, name)
     g = lipgraph.trace(str(path), x)
     assert ir.summary(g).get("resize") == 1, ir.summary(g)
-    ours, theirs = ir.execute(g, x), ort_run(path, x)[0]
+    ours, theirs = execute(g, x), ort_run(path, x)[0]
     assert tuple(ours.shape) == theirs.shape
     np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5, rtol=1e-5)
     r = lipgraph.analyze(str(path), x, lower=False)
@@ -283,7 +283,7 @@ def test_onnx_cumsum_attrs_match_ort_and_are_exact(exclusive: int, reverse: int,
     x = torch.randn(2, 6, 3)
     g = lipgraph.trace(str(path), x)
     assert ir.summary(g).get("cumsum") == 1
-    np.testing.assert_allclose(ir.execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-5, rtol=1e-5)
     r = lipgraph.analyze(str(path), x, lower=False)
     assert r.certified
     assert_exact(r.upper, ir_jacobian_norm(g, x.double()))
@@ -376,7 +376,7 @@ def test_onnx_selection_mappings_match_ort(name: str, tmp_path: Path) -> None:
     x = torch.randn(2, 4, 3)
     g = lipgraph.trace(str(path), x)
     assert "opaque" not in ir.summary(g), ir.summary(g)
-    np.testing.assert_allclose(ir.execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-5, rtol=1e-5)
     r = lipgraph.analyze(str(path), x, lower=False)
     assert r.certified
     assert r.upper == pytest.approx(expected, rel=1e-6)
@@ -490,10 +490,10 @@ def test_onnx_topk_values_are_one_lipschitz(largest: int, opset: int, tmp_path: 
     x = torch.randn(2, 4, 3)
     g = lipgraph.trace(str(path), x)
     assert ir.summary(g).get("topk") == 1, ir.summary(g)
-    np.testing.assert_allclose(ir.execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-6)
+    np.testing.assert_allclose(execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-6)
     r = lipgraph.analyze(str(path), x, lower=False)
     assert r.certified and r.upper == pytest.approx(1.0)
-    f = lambda z: ir.execute(g, z)  # noqa: E731
+    f = lambda z: execute(g, z)  # noqa: E731
     assert _sampled_sup(f, (2, 4, 3)) <= 1.0 + 1e-9
     for _ in range(100):  # secants too: sorting is 1-Lipschitz, not only its Jacobians
         a, b = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
@@ -545,7 +545,7 @@ def test_onnx_lp_pool_matches_ort_and_bounds_jacobians(p, k, s, pads, tmp_path: 
     x = torch.randn(1, 2, 7, 6)
     g = lipgraph.trace(str(path), x)
     assert ir.summary(g).get("lp_pool") == 1, ir.summary(g)
-    np.testing.assert_allclose(ir.execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(execute(g, x).numpy(), ort_run(path, x)[0], atol=1e-5, rtol=1e-5)
     r = lipgraph.analyze(str(path), x, lower=False)
     assert r.certified and math.isfinite(r.upper)
-    assert _sampled_sup(lambda z: ir.execute(g, z), (1, 2, 7, 6), scale=1.0) <= r.upper * (1 + 1e-9)
+    assert _sampled_sup(lambda z: execute(g, z), (1, 2, 7, 6), scale=1.0) <= r.upper * (1 + 1e-9)

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import lipgraph
-from lipgraph import cli, ir
+from lipgraph import cli, execute, ir
 from lipgraph.errors import InputShapeError, ModelLoadError
+from lipgraph.render import render
 
 REL = 1e-4
 PI = 30  # power iterations where convolutions appear (same seed and operator on both paths)
@@ -43,7 +44,7 @@ def ort_run(path: Path, *xs: torch.Tensor) -> list[np.ndarray]:
 
 def assert_matches_ort(path: Path, *xs: torch.Tensor, atol: float = 1e-5) -> nx.DiGraph:
     g = lipgraph.trace(path, xs[0] if len(xs) == 1 else xs)
-    ours = ir.execute(g, *xs)
+    ours = execute(g, *xs)
     ours = ours if isinstance(ours, tuple) else (ours,)
     theirs = ort_run(path, *xs)
     assert len(ours) == len(theirs)
@@ -268,7 +269,7 @@ def test_report_render_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
     path = export(model, x, tmp_path / "cnn.onnx")
     r = lipgraph.analyze(str(path), lower=False, method="autolip", power_iterations=5)  # static: no input needed
     assert r.input_shapes == [(1, 3, 8, 8)]
-    dot = r.render(str(tmp_path / "g.dot"))
+    dot = render(r, str(tmp_path / "g.dot"))
     assert "stem" in Path(dot).read_text()
     out = tmp_path / "r.json"
     rc = cli.main(["analyze", str(path), "--no-lower", "--method", "autolip", "--power-iterations", "5", "--json",
@@ -465,7 +466,7 @@ def test_op_mapping_matches_onnxruntime(name: str, tmp_path: Path) -> None:
     if expected is not None:
         assert value == pytest.approx(expected, rel=1e-6)
     else:  # an upper bound: at least the norm of one Jacobian (the IR is piecewise linear here)
-        f = lambda z: ir.execute(g, z)  # noqa: E731
+        f = lambda z: execute(g, z)  # noqa: E731
         try:  # forward mode: cheap here (few inputs), and conv_transpose backward can be very slow on CPU
             jx = torch.autograd.functional.jacobian(lambda z: f(z).reshape(-1), x, vectorize=True,
                                                     strategy="forward-mode")

@@ -21,7 +21,7 @@ import torch
 from onnx import numpy_helper
 
 import lipgraph
-from lipgraph import ir
+from lipgraph import execute, ir
 from lipgraph.errors import ModelLoadError
 
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
@@ -68,7 +68,7 @@ def test_backend_model(model_dir: Path) -> None:
     xs = tuple(torch.from_numpy(_tensor(p).copy()) for p in sorted(data.glob("input_*.pb")))
     expected = [_tensor(p) for p in sorted(data.glob("output_*.pb"))]
     g = lipgraph.trace(str(path), xs)
-    out = ir.execute(g, *xs)
+    out = execute(g, *xs)
     outs = out if isinstance(out, tuple) else (out,)
     assert len(outs) == len(expected)
     for a, b in zip(outs, expected, strict=True):
@@ -93,7 +93,7 @@ def test_light_model_loads_and_matches_onnxruntime(path: Path) -> None:
     if path.stem not in LIGHT_LOAD and not SLOW:
         pytest.skip("set LIPGRAPH_SLOW=1 for every light model")
     g, x = _light_graph(path)
-    ours = ir.execute(g, x)
+    ours = execute(g, x)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (theirs,) = sess.run(None, {g.graph["inputs"][0]: x.numpy()})
     np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-3, atol=1e-5)

@@ -185,7 +185,7 @@ def _domain_check(model: nn.Module, x: torch.Tensor, domain, seed: int) -> None:
     # the products' partials bound the Jacobians at sampled inputs of the domain
     gen = torch.Generator().manual_seed(seed)
     for z in domain.sample(8, x.to(DT), gen):
-        _, vals = lipgraph.ir.execute(g, z.to(DT), keep=True)
+        _, vals = lipgraph.execute(g, z.to(DT), keep=True)
         for n in lipgraph.ir.nodes(g):
             r = rr.ranges[n.name]
             if isinstance(r, Range):
@@ -231,7 +231,7 @@ def test_vit_encoder_block_traces_to_primitives() -> None:
     assert ops.count("matmul_var") == 2 and "softmax" in ops and ops.count("linear") == 6
     x2 = torch.randn(2, 5, 8)
     with torch.no_grad():
-        torch.testing.assert_close(lipgraph.ir.execute(g, x2), m(x2), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lipgraph.execute(g, x2), m(x2), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -259,7 +259,7 @@ def test_multihead_attention_layouts_execute_equal(batch_first, separate, need_w
     assert {"attention", "opaque"}.isdisjoint(n.op for n in lipgraph.ir.nodes(g))
     x2 = torch.randn(3, 4, 8)
     with torch.no_grad():
-        torch.testing.assert_close(lipgraph.ir.execute(g, x2), model(x2), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lipgraph.execute(g, x2), model(x2), rtol=1e-5, atol=1e-6)
 
 
 def test_masked_attention_stays_one_node() -> None:
@@ -290,7 +290,7 @@ def test_sdpa_is_written_out() -> None:
     ops = [n.op for n in lipgraph.ir.nodes(g)]
     assert ops.count("matmul_var") == 2 and "softmax" in ops and "opaque" not in ops
     x2 = torch.randn(2, 5, 8)
-    torch.testing.assert_close(lipgraph.ir.execute(g, x2), M()(x2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lipgraph.execute(g, x2), M()(x2), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_block_is_finite_on_a_ball_with_range_rules() -> None:

@@ -54,7 +54,7 @@ def test_domain_bound_and_ranges_hold_at_sampled_points(seed: int) -> None:
     g64 = lipgraph.trace(m64, x.double())
     rr = propagate(g64, domain, x.double())
     for p in [domain.center(x.double()), *pts[:200]]:
-        _, values = lipgraph.ir.execute(g64, p.reshape(x.shape), keep=True)
+        _, values = lipgraph.execute(g64, p.reshape(x.shape), keep=True)
         for name, r in rr.ranges.items():
             if isinstance(r, Range) and isinstance(values.get(name), torch.Tensor):
                 assert r.contains(values[name], tol=1e-12), (seed, name)

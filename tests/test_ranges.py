@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lipgraph
-from lipgraph import ir
+from lipgraph import execute, ir
 from lipgraph.bounds import ranges as ranges_mod
 from lipgraph.domains import Ball, Box, Domain, Range
 from lipgraph.ops import RULES
@@ -75,7 +75,7 @@ def check_enclosure(model: nn.Module, x: torch.Tensor, domain: Domain, *, exact_
         assert res.ranges[n.name] is not None, (n.name, n.op, res.reasons.get(n.name))
     observed: dict[str, list[list[torch.Tensor]]] = {}
     for p in _points(domain, x):
-        _, values = ir.execute(g, p, keep=True)
+        _, values = execute(g, p, keep=True)
         for n in ir.nodes(g):
             r = res.ranges.get(n.name)
             if r is None:
@@ -508,7 +508,7 @@ def test_a_narrowing_cast_keeps_its_rounding_in_the_range() -> None:
     x = torch.zeros(1, 1, dtype=torch.float64)
     g = lipgraph.trace(model, x)
     rr = ranges_mod.propagate(g, Box(0.0, 1.0007), x)
-    _, values = ir.execute(g, torch.full((1, 1), 1.0007, dtype=torch.float64), keep=True)
+    _, values = execute(g, torch.full((1, 1), 1.0007, dtype=torch.float64), keep=True)
     for name, r in rr.ranges.items():
         if isinstance(r, Range) and isinstance(values.get(name), torch.Tensor):
             assert r.contains(values[name].double()), (name, r, values[name])

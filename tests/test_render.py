@@ -302,9 +302,9 @@ def test_no_graph_is_an_error(mlp_report: lipgraph.Report) -> None:
 
 def test_bad_format_and_depth(mlp_report: lipgraph.Report, tmp_path: Path) -> None:
     with pytest.raises(R.RenderError, match="png, .svg"):
-        mlp_report.render(str(tmp_path / "x.jpeg"))
+        R.render(mlp_report, str(tmp_path / "x.jpeg"))
     with pytest.raises(R.RenderError, match="depth"):
-        mlp_report.render(str(tmp_path / "x.dot"), depth=0)
+        R.render(mlp_report, str(tmp_path / "x.dot"), depth=0)
 
 
 # --------------------------------------------------------------------------- files, with and without `dot`
@@ -313,11 +313,11 @@ def test_bad_format_and_depth(mlp_report: lipgraph.Report, tmp_path: Path) -> No
 def test_dot_output_works_without_graphviz(mlp_report: lipgraph.Report, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(R, "dot_program", lambda: None)
-    out = mlp_report.render(str(tmp_path / "m.dot"))
+    out = R.render(mlp_report, str(tmp_path / "m.dot"))
     assert Path(out).read_text(encoding="utf-8").startswith("digraph")
     for ext in ("png", "svg"):
         with pytest.raises(R.RenderError, match="apt-get install graphviz"):
-            mlp_report.render(str(tmp_path / f"m.{ext}"))
+            R.render(mlp_report, str(tmp_path / f"m.{ext}"))
 
 
 def _png_size(path: str) -> tuple[int, int]:
@@ -329,12 +329,12 @@ def _png_size(path: str) -> tuple[int, int]:
 
 @needs_dot
 def test_png_svg_pdf(res_report: lipgraph.Report, tmp_path: Path) -> None:
-    png = res_report.render(str(tmp_path / "r.png"))
+    png = R.render(res_report, str(tmp_path / "r.png"))
     w, h = _png_size(png)
     assert 300 < w < 4000 and 300 < h < 10000
-    svg = res_report.render(str(tmp_path / "r.svg"), depth=1)
+    svg = R.render(res_report, str(tmp_path / "r.svg"), depth=1)
     assert "<svg" in Path(svg).read_text(encoding="utf-8")
-    pdf = res_report.render(str(tmp_path / "r.pdf"))
+    pdf = R.render(res_report, str(tmp_path / "r.pdf"))
     assert Path(pdf).read_bytes()[:4] == b"%PDF"
 
 
@@ -343,10 +343,10 @@ def test_large_png_goes_coarser_or_to_svg(tmp_path: Path) -> None:
     r = _analyze(ResMLP(blocks=3))
     full = R.build_view(r).size
     with pytest.warns(UserWarning, match="depth"):
-        out = r.render(str(tmp_path / "big.png"), max_png_boxes=full - 1)
+        out = R.render(r, str(tmp_path / "big.png"), max_png_boxes=full - 1)
     assert out.endswith(".png") and _png_size(out)[1] > 0
     with pytest.warns(UserWarning, match="svg"):
-        out = r.render(str(tmp_path / "big2.png"), depth=3, max_png_boxes=3)
+        out = R.render(r, str(tmp_path / "big2.png"), depth=3, max_png_boxes=3)
     assert out.endswith(".svg") and Path(out).exists()
 
 
@@ -368,9 +368,9 @@ def test_resnet18_renders_with_depth(tmp_path: Path) -> None:
     titles = {b.title for b in view.boxes if b.kind == "module"}
     assert {"layer1.0", "layer4.1"} <= titles
     assert view.size < 25
-    out = r.render(str(tmp_path / "r18.png"), depth=2)
+    out = R.render(r, str(tmp_path / "r18.png"), depth=2)
     assert _png_size(out)[0] > 300
-    assert r.render(str(tmp_path / "r18_full.svg")).endswith(".svg")
+    assert R.render(r, str(tmp_path / "r18_full.svg")).endswith(".svg")
 
 
 def test_onnx_model_renders_with_its_modules(tmp_path: Path) -> None:

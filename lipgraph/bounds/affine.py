@@ -161,7 +161,7 @@ def _is_pointwise_conv(n: ir.IRNode) -> bool:
     w = n.params["weight"]
     return (n.op == "conv" and all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in a["stride"])
             and a["padding"] != "same" and (a["padding"] == "valid" or all(p == 0 for p in a["padding"]))
-            and a["groups"] == 1 and a.get("padding_mode", "zeros") == "zeros")
+            and a["groups"] == 1 and ir.padding_mode(a) == ir.DEFAULT_PADDING_MODE)
 
 
 def _form_bound(f: _Form, ctx: Settings, cache: dict) -> tuple[float, bool, str]:

@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from .. import ir
 from ..errors import InputShapeError, TraceError
-from ..ops import structural
+from ..ops import execute, structural
 from ..ops.registry import kind_spelled, module_spellings, torch_spellings
 from . import finite, fx_attention, fx_canon
 from .fx_canon import Canon, Var
@@ -201,7 +201,7 @@ def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected:
     """The IR must compute the model's output on the example input (catches in-place writes through
     views, Python-side state and other semantics a translation could miss)."""
     with torch.no_grad():
-        got = ir.execute(g, *(x.clone() for x in inputs))
+        got = execute(g, *(x.clone() for x in inputs))
     exp_leaves = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
     for e in exp_leaves:
         if e.is_floating_point() and not bool(torch.isfinite(e).all()):

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ir
 from ..ops.registry import as_tuple
 
 
@@ -128,17 +129,13 @@ def linear(input, weight, bias=None):  # noqa: A002
 
 
 def _conv(ndim: int):
-    def handler(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: A002
+    def handler(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,  # noqa: A002
+                padding_mode=ir.DEFAULT_PADDING_MODE, pad_reversed=None):
         if is_var(weight) or is_var(bias):
             return None
-        attrs = {
-            "ndim": ndim,
-            "stride": as_tuple(stride, ndim),
-            "padding": padding if isinstance(padding, str) else as_tuple(padding, ndim),
-            "dilation": as_tuple(dilation, ndim),
-            "groups": int(groups),
-            "padding_mode": "zeros",
-        }
+        attrs = ir.conv_attrs(ndim, as_tuple(stride, ndim),
+                              padding if isinstance(padding, str) else as_tuple(padding, ndim),
+                              as_tuple(dilation, ndim), groups, padding_mode, pad_reversed)
         return Canon("conv", [input], attrs, _params(weight=weight, bias=bias))
 
     return handler
@@ -148,14 +145,8 @@ def _conv_transpose(ndim: int):
     def handler(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):  # noqa: A002
         if is_var(weight) or is_var(bias):
             return None
-        attrs = {
-            "ndim": ndim,
-            "stride": as_tuple(stride, ndim),
-            "padding": as_tuple(padding, ndim),
-            "output_padding": as_tuple(output_padding, ndim),
-            "dilation": as_tuple(dilation, ndim),
-            "groups": int(groups),
-        }
+        attrs = ir.conv_transpose_attrs(ndim, as_tuple(stride, ndim), as_tuple(padding, ndim),
+                                        as_tuple(output_padding, ndim), as_tuple(dilation, ndim), groups)
         return Canon("conv_transpose", [input], attrs, _params(weight=weight, bias=bias))
 
     return handler
@@ -772,11 +763,8 @@ if hasattr(nn, "RMSNorm"):
 def _conv_module(m: nn.Module, x: Var) -> Canon | None:
     ndim = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)] if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) \
         else len(m.kernel_size)
-    c = _conv(ndim)(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
-    if c is not None and m.padding_mode != "zeros":
-        c.attrs["padding_mode"] = m.padding_mode
-        c.attrs["pad_reversed"] = tuple(m._reversed_padding_repeated_twice)
-    return c
+    return _conv(ndim)(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode,
+                       tuple(m._reversed_padding_repeated_twice))
 
 
 def _conv_transpose_module(m: nn.Module, x: Var, output_size=None) -> Canon | None:

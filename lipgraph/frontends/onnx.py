@@ -26,7 +26,6 @@ from __future__ import annotations
 import ast
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,33 +45,11 @@ try:
 except ImportError as _exc:  # pragma: no cover - onnx is a dependency
     raise ModelLoadError("reading .onnx files needs the 'onnx' package: pip install onnx") from _exc
 
+from . import onnx_ops  # noqa: E402 - after the check that onnx is installed
+from .onnx_values import Unsupported, Value  # noqa: E402
+
 #: Domains whose ops are the standard ONNX operators.
 DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-@dataclass
-class Value:
-    """An ONNX value during translation: ``node`` is the IR node computing it
-    (``None`` for a constant); ``value`` is its value on the example input."""
-
-    node: str | None
-    value: Any
-
-    @property
-    def is_var(self) -> bool:
-        return self.node is not None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.value.shape)
-
-    @property
-    def ndim(self) -> int:
-        return self.value.ndim
-
-
-class Unsupported(Exception):  # noqa: N818 - internal signal, not an error for users
-    """Raised by a mapping that cannot express a node: the node becomes ``opaque``."""
 
 
 def _to_torch(a: Any) -> Any:
@@ -330,7 +307,6 @@ class Builder:
         return v
 
     def translate(self, node: onnx.NodeProto) -> None:
-        from . import onnx_ops  # noqa: PLC0415
 
         self.cur = node
         self.cur_scope = scope_of(node)
@@ -416,7 +392,6 @@ class Builder:
             ts = [_to_torch(o) for o in outs]
             return ts[0] if n_out == 1 else tuple(ts)
 
-        from . import onnx_ops  # noqa: PLC0415
 
         origin = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
         impl = onnx_ops.torch_impl(node, _attrs(node)) if node.domain in DEFAULT_DOMAINS and n_out == 1 else None

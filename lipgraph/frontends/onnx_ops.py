@@ -1,12 +1,12 @@
 """ONNX op -> canonical IR op: the mapping table of the ONNX frontend.
 
 Each mapping ``fn(builder, node, inputs, attrs)`` receives the node's inputs
-as :class:`~lipgraph.frontends.onnx.Value` s (``None`` for absent optional
+as :class:`~lipgraph.frontends.onnx_values.Value` s (``None`` for absent optional
 inputs) and emits IR nodes of the kinds the rule table already knows, with
 exactly the attrs and params the PyTorch frontend gives their twins, so the
 same rules (forward and Lipschitz) run. Defaults that ONNX does not share with
 PyTorch (pool strides, ``count_include_pad``, HardSigmoid's alpha) are filled
-here. A mapping raises :class:`~lipgraph.frontends.onnx.Unsupported` (or
+here. A mapping raises :class:`~lipgraph.frontends.onnx_values.Unsupported` (or
 returns ``None``) when it cannot express the node; the node then stays
 ``opaque`` (an honest ``inf``).
 """
@@ -22,8 +22,11 @@ import torch
 
 from .. import ir
 from ..ops import structural
-from .onnx import Builder, Unsupported, Value
+from .onnx_values import Unsupported, Value
 
+#: The ONNX frontend's builder (:class:`lipgraph.frontends.onnx.Builder`, which imports this table; named by
+#: its role here so that the two modules do not import each other).
+Builder = Any
 Mapping = Callable[[Builder, onnx.NodeProto, list[Value | None], dict[str, Any]], Any]
 
 MAPPINGS: dict[str, Mapping] = {}
@@ -389,8 +392,7 @@ def _conv(b, node, ins, at):
         padding = (0,) * nd
     else:
         padding = tuple(pads[:nd])
-    attrs = {"ndim": nd, "stride": tuple(s), "padding": padding, "dilation": tuple(d),
-             "groups": int(at.get("group", 1)), "padding_mode": "zeros"}
+    attrs = ir.conv_attrs(nd, tuple(s), padding, tuple(d), int(at.get("group", 1)))
     params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
     return b.emit("conv", [x], attrs, params)
 
@@ -420,8 +422,7 @@ def _conv_transpose(b, node, ins, at):
     else:
         pads = [int(v) for v in at.get("pads", [0] * (2 * nd))]
     common = [min(pads[i], pads[nd + i]) for i in range(nd)]
-    attrs = {"ndim": nd, "stride": tuple(s), "padding": tuple(common), "output_padding": tuple(out_pad),
-             "dilation": tuple(d), "groups": int(at.get("group", 1))}
+    attrs = ir.conv_transpose_attrs(nd, tuple(s), tuple(common), tuple(out_pad), tuple(d), int(at.get("group", 1)))
     params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
     y = b.emit("conv_transpose", [x], attrs, params)
     if any(pads[i] != pads[nd + i] for i in range(nd)):

@@ -66,6 +66,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import ir
 from ..core import Settings
 from .conv_geometry import (
     ConvGeometry,
@@ -167,7 +168,7 @@ def conv_norm(forward_no_bias: Callable[[torch.Tensor], torch.Tensor], in_shape:
     dev = ctx.device
     nd = attrs["ndim"]
     spatial = tuple(out_shape[-nd:]) if transposed and out_shape is not None else tuple(in_shape[-nd:])
-    mode = attrs.get("padding_mode", "zeros")
+    mode = ir.padding_mode(attrs)
     factor = 1.0
     if mode in ("reflect", "replicate"):
         pr_ = attrs["pad_reversed"]  # (last axis l, r, ..., first axis l, r)
@@ -175,9 +176,11 @@ def conv_norm(forward_no_bias: Callable[[torch.Tensor], torch.Tensor], in_shape:
         for ax in range(nd):
             factor *= math.sqrt(_pad_copies(spatial[ax], pads[ax][0], pads[ax][1], mode))
         padded = tuple(n + a + b for n, (a, b) in zip(spatial, pads, strict=True))
-        geom = geometry_from_attrs({**attrs, "padding": (0,) * nd, "padding_mode": "zeros"}, weight, padded)
+        zero_padded = {**attrs, "padding": (0,) * nd, "padding_mode": ir.DEFAULT_PADDING_MODE}
+        geom = geometry_from_attrs(zero_padded, weight, padded)
     else:
-        geom = geometry_from_attrs(attrs if not transposed else {**attrs, "padding_mode": "zeros"}, weight, spatial)
+        plain = attrs if not transposed else {**attrs, "padding_mode": ir.DEFAULT_PADDING_MODE}
+        geom = geometry_from_attrs(plain, weight, spatial)
     exact = _small_conv_norm(weight, attrs, transposed, in_shape, dev,
                              drop_pointwise_axes(geom) if not transposed and geom.mode == "zeros" else geom)
     if exact is not None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import ir
+
 
 @dataclass
 class ConvGeometry:
@@ -69,7 +71,7 @@ def geometry_from_attrs(attrs: dict, weight: torch.Tensor, spatial: Sequence[int
     else:
         pl = pr = _pairs(pad, nd)
     return ConvGeometry(tuple(spatial), kernel, stride, dil, pl, pr, int(attrs["groups"]),
-                        "circular" if attrs.get("padding_mode", "zeros") == "circular" else "zeros")
+                        "circular" if ir.padding_mode(attrs) == "circular" else "zeros")
 
 
 def _tap_offsets(geom: ConvGeometry) -> list[list[int]]:

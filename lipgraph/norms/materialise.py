@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import ir
 from .. import norms as _pkg
 from .conv_geometry import ConvGeometry, _tap_reads, _tap_selection
 from .dense import gram_norm
@@ -31,7 +32,7 @@ def _conv64(weight: torch.Tensor, attrs: dict, transposed: bool,
             fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
             return fn(x, w, None, a["stride"], a["padding"], a["output_padding"], a["groups"], a["dilation"])
         fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-        if a.get("padding_mode", "zeros") != "zeros":
+        if ir.padding_mode(a) != ir.DEFAULT_PADDING_MODE:
             return fn(F.pad(x, a["pad_reversed"], mode=a["padding_mode"]), w, None, a["stride"], 0, a["dilation"],
                       a["groups"])
         return fn(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
@@ -160,7 +161,7 @@ def _small_conv_norm(weight: torch.Tensor, attrs: dict, transposed: bool, in_sha
     per = tuple(in_shape[-(nd + 1):])
     n_in = math.prod(per)
     zero_pad = geom is not None and not transposed and geom.mode == "zeros"
-    if zero_pad and attrs.get("padding_mode", "zeros") == "zeros":
+    if zero_pad and ir.padding_mode(attrs) == ir.DEFAULT_PADDING_MODE:
         # groups are independent blocks: the limit is per group (depthwise convs: one channel each)
         per_group = weight.shape[1] * math.prod(geom.spatial)
         if (per_group > _pkg.SMALL_CONV_INPUTS or geom.groups * per_group * per_group > SMALL_CONV_GRAM_ENTRIES

@@ -2,6 +2,7 @@
 
 from . import activations, linear, normalization, pooling, resampling, selections, structural  # noqa: F401 - registration
 from .activations import slope_interval
+from .executor import execute
 from .registry import (
     INF,
     RULES,
@@ -21,6 +22,7 @@ __all__ = [
     "LocalConstant",
     "OpRule",
     "exact",
+    "execute",
     "get_rule",
     "not_lipschitz",
     "register_rule",

@@ -83,7 +83,7 @@ def conv_apply(node, x, bias: bool = True):
     """Run the conv node on ``x`` (with or without its bias)."""
     a = node.attrs
     b = node.params.get("bias") if bias else None
-    if a.get("padding_mode", "zeros") != "zeros":
+    if ir.padding_mode(a) != ir.DEFAULT_PADDING_MODE:
         x = F.pad(x, a["pad_reversed"], mode=a["padding_mode"])
         padding = 0
     else:
