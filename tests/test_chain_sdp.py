@@ -103,6 +103,21 @@ def test_windows_on_a_deep_chain_are_sound_and_beat_eclipse_fast() -> None:
     assert whole.value <= windowed.value * (1 + 1e-6)
 
 
+def test_chains_beyond_the_full_solver_get_the_budgeted_layer_wise_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above MAX_NEURONS the segment bound runs ECLipsE layer by layer with BUDGET_NEWTON steps per window: still
+    certified, above every sampled Jacobian, and below ECLipsE-Fast (its starting point); above the budgeted
+    scheme's own limit there is no value."""
+    mats = _random_mlp(7, 4)
+    slopes = [(0.0, 1.0)] * 4
+    monkeypatch.setattr(cs, "MAX_NEURONS", 4)
+    cv = cs._segment_bound(mats, slopes)
+    assert cv.certified and f"{cs.BUDGET_NEWTON} Newton steps per window" in cv.method, cv.method
+    assert _sampled(mats) <= cv.value <= ef.eclipse_fast_bound(mats, slopes) * (1 + 1e-9)
+    monkeypatch.setattr(cs, "MAX_BUDGET_NEURONS", 4)
+    refused = cs._segment_bound(mats, slopes)
+    assert not refused.certified and refused.value == math.inf and "work budget" in refused.method
+
+
 def test_recheck_rejects_bad_multipliers_and_corrupted_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = torch.Generator().manual_seed(2)
     mats = [torch.randn(6, 7, generator=gen, dtype=D), torch.randn(5, 6, generator=gen, dtype=D),

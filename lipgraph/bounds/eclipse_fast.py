@@ -251,5 +251,5 @@ def run(graph: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Setting
     return run_segments(graph, SOURCE, eclipse_fast_chain)
 
 
-__all__ = ["FINAL_SLACKS", "SOURCE", "U64", "ForwardCertificate", "certify_output_gain", "certify_psd", "eclipse_fast_bound",
-           "eclipse_fast_chain", "fro_upper", "gram_error", "run"]
+__all__ = ["FINAL_SLACKS", "SOURCE", "U64", "ForwardCertificate", "certify_output_gain", "certify_psd",
+           "eclipse_fast_bound", "eclipse_fast_chain", "fro_upper", "gram_error", "pow2", "run"]
