@@ -57,7 +57,7 @@ register_method("eclipse-fast", "lipgraph.bounds.eclipse_fast",
 register_method("lipsdp", "lipgraph.bounds.chain_sdp",
                 "LipSDP-Neuron on linear-chain segments (structured interior point, overlapping windows on deep "
                 "chains; multipliers re-checked in float64; per-neuron slope intervals on a domain)",
-                default=False, uses_domain=True)
+                uses_domain=True)
 register_method("lipsdp-cvxpy", "lipgraph.bounds.sdp_cvxpy",
                 "LipSDP-Neuron in its published form through cvxpy/CVXOPT, re-checked (needs lipgraph[sdp])",
                 default=False, function="run_lipsdp")
