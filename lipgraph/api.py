@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, su
 from .domains import Domain, Range
 from .errors import InputShapeError, LipgraphError
 from .frontends import fx as fx_frontend
-from .ops import LocalConstant, Settings, execute, register_rule
+from .ops import RULES, LocalConstant, Settings, execute, register_rule
 from .report import BoundResult, NodeReport, Report
 
 Progress = Callable[[str, int, int], None]
@@ -123,6 +124,14 @@ def analyze(
     segments: list[dict[str, Any]] = []
     # with a domain, domain-aware algorithms run on the domain only (their domain run is the tighter one)
     global_names = [n for n in names if domains is None or not METHODS[n].uses_domain]
+    blocker = unbounded_by(g, local) if domains is None else None
+    skipped: dict[str, BoundResult] = {}
+    if blocker is not None:  # no relation can bound the output: the refinements would only cost time
+        why = (f"skipped: node {blocker!r} has no finite constant and lies on a path from the input to the "
+               "output, so no relation can bound the output")
+        skipped = {f"autolip+{n}": BoundResult(math.inf, False, why, 0.0, {"skipped": blocker})
+                   for n in global_names if n != "autolip"}
+        global_names = [n for n in global_names if n == "autolip"]
     for k, name in enumerate(global_names):
         if progress:
             progress(f"bounds ({name})", k, len(global_names))
@@ -136,6 +145,7 @@ def analyze(
         seconds[name] = time.perf_counter() - t0
         bounds[key] = BoundResult(cum_alone[out].value, cum_alone[out].certified, METHODS[name].doc,
                                   seconds["local"] + seconds[name], dict(res.details))
+    bounds.update(skipped)
     refining = [n for n in global_names if n != "autolip"]
     t0 = time.perf_counter()
     relations = [r for n in refining for r in results[n].relations]
@@ -157,6 +167,26 @@ def analyze(
     if domains is None:
         return _finish(base, None)
     return [_finish(base, d) for d in domains] if isinstance(domain, Sequence) else _finish(base, domains[0])
+
+
+def unbounded_by(g: nx.DiGraph, local: Mapping[str, LocalConstant]) -> str | None:
+    """A node that leaves the output unbounded whatever the bound algorithms find, or None.
+
+    That is a node whose own constant is ``inf``, whose rule is neither affine nor an activation with a
+    slope interval (so it is a member of no linear chain or affine region, and every relation that reaches
+    past it has it, or a node after it, as an entry), whose AutoLip bound is ``inf`` (it depends on the input),
+    and which the output reads (its AutoLip bound is ``inf`` too). The first such node in graph order."""
+    cum = combine(g, local)
+    out = g.graph["output"]
+    if math.isfinite(cum[out].value):
+        return None
+    reaching = nx.ancestors(g, out)
+    for n in ir.nodes(g):
+        rule = RULES.get(n.op)
+        if (n.name in reaching and math.isinf(local[n.name].value) and math.isinf(cum[n.name].value)
+                and not (rule is not None and (rule.affine or rule.slope is not None))):
+            return n.name
+    return None
 
 
 def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: Domain | None, restarts: int,

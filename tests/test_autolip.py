@@ -215,3 +215,35 @@ def test_zero_partial_after_inf_is_zero_not_nan() -> None:
     r = analyze(M(), torch.randn(1, 3), lower=False)
     assert r.upper == 0.0 and not math.isnan(r.bounds["autolip"].value)
     assert own_rule(LocalConstant([0.0], True, "t"), [Cumulative(math.inf, True)]).value == 0.0
+
+
+class _SquareThenChain(nn.Module):
+    """x * x (no global constant) feeding a ReLU chain that SeqLip and the SDPs would otherwise refine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 6)
+        self.chain = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)
+        return self.chain(h * h)
+
+
+def test_refinements_are_skipped_when_a_node_leaves_the_output_unbounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lipgraph.api as api
+
+    torch.manual_seed(0)
+    model, x = _SquareThenChain().eval(), torch.randn(1, 4)
+    rep = analyze(model, x, lower=False)
+    assert math.isinf(rep.upper) and not rep.certified
+    skipped = {k: b for k, b in rep.bounds.items() if k != "autolip"}
+    assert skipped and all(b.method.startswith("skipped: node 'mul'") for b in skipped.values()), skipped
+    # the claim behind the skip: running every refinement leaves the output unbounded all the same
+    monkeypatch.setattr(api, "unbounded_by", lambda g, local: None)
+    full = analyze(model, x, lower=False)
+    assert math.isinf(full.upper) and "autolip+seqlip" in full.bounds
+    assert not full.bounds["autolip+seqlip"].method.startswith("skipped")
+    # the same chain without the product is refined as usual
+    plain = nn.Sequential(model.head, model.chain)
+    assert not analyze(plain, x, lower=False).bounds["autolip+seqlip"].method.startswith("skipped")
