@@ -19,6 +19,7 @@ from .bounds.lower import PatternTargets, lower_bound
 from .bounds.on_domain import domain_constants
 from .bounds.ranges import propagate
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, subgraph_constant
+from .core import restore_training_modes, training_modes
 from .domains import Domain, Range
 from .errors import InputShapeError, LipgraphError
 from .frontends import fx as fx_frontend
@@ -98,7 +99,7 @@ def analyze(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LipgraphError("--device cuda was given but torch.cuda.is_available() is False on this machine")
     seconds: dict[str, float] = {}
-    was_training = model.training if isinstance(model, nn.Module) else False
+    modes = training_modes(model)
 
     t0 = time.perf_counter()
     g = trace(model, example_input, leaves=_leaf_keys(constants) if isinstance(model, nn.Module) else ())
@@ -162,7 +163,7 @@ def analyze(
     base = dict(model=model, example_input=example_input, g=g, names=names, ctx=ctx, dev=dev, local=local,
                 local_full=local_full, results=results, relations=relations, bounds=bounds, cum=cum,
                 cum_best=cum_best, modules=modules, segments=segments, seconds=seconds, lower=lower,
-                lower_budget=lower_budget, seed=seed, was_training=was_training, inputs_shapes=inputs_shapes,
+                lower_budget=lower_budget, seed=seed, modes=modes, inputs_shapes=inputs_shapes,
                 progress=progress, float64={})
     if domains is None:
         return _finish(base, None)
@@ -247,7 +248,7 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
     seconds = dict(base["seconds"])
     bounds = dict(base["bounds"])
     local_full, cum, cum_best = base["local_full"], base["cum"], base["cum_best"]
-    modules, inputs_shapes, was_training = base["modules"], base["inputs_shapes"], base["was_training"]
+    modules, inputs_shapes = base["modules"], base["inputs_shapes"]
     dom = None
     progress = base["progress"]
     if progress:
@@ -279,8 +280,7 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
                 lb = _attained(model, g, xs, domain, max(1, int(lower_budget)), seed,
                                dom["patterns"] if dom is not None else None, base["float64"])
         finally:
-            if isinstance(model, nn.Module):
-                model.train(was_training)
+            restore_training_modes(base["modes"])
         lower_value = lb.value if lb is not None else None
         seconds["lower"] = time.perf_counter() - t0
         if progress:

@@ -55,17 +55,19 @@ certificate has its gap (attack radius - certified radius >= 0).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .core import restore_training_modes, training_modes
 from .domains import Ball, Box, Range
 from .errors import InputShapeError, LipgraphError
 from .report import fmt, jf
@@ -310,6 +312,20 @@ def _analyze(model: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple
     return rep.upper, rep.certified, best[0] if best else "?"
 
 
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[None]:
+    """Give every submodule its training flag back afterwards (the work inside puts the model in eval mode;
+    the user's model is left as it was)."""
+    if not isinstance(model, nn.Module):
+        raise LipgraphError(f"certify needs a PyTorch nn.Module, not {type(model).__name__} (an ONNX file is "
+                            "not supported here yet: certify the PyTorch model it was exported from)")
+    modes = training_modes(model)
+    try:
+        yield
+    finally:
+        restore_training_modes(modes)
+
+
 def certify(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -340,114 +356,116 @@ def certify(
     local radii then hold for perturbations inside it). Other keyword arguments go to
     :func:`lipgraph.analyze` (``lower`` defaults to False here).
     """
-    if norm not in ("l2", "linf"):
-        raise LipgraphError(f"unknown norm {norm!r}: use 'l2' or 'linf'")
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
-        raise InputShapeError("inputs must be a tensor with a batch dimension, e.g. shape (N, 64)")
-    if domain is not None and not isinstance(domain, Box):
-        raise LipgraphError(f"certify's domain must be a lipgraph.domains.Box (the data box), "
-                            f"not {type(domain).__name__}")
-    labels_t = torch.as_tensor(labels).reshape(-1).long()
-    if labels_t.numel() != inputs.shape[0]:
-        raise InputShapeError(f"{inputs.shape[0]} inputs but {labels_t.numel()} labels")
-    if radius is None:
-        radii: list[float] = []
-    else:
-        radii = [float(radius)] if isinstance(radius, (int, float)) else [float(r) for r in radius]
-    kwargs = {"lower": False, "seed": seed, **analyze_kwargs}  # one seed for the attack and the bounds
-    model = model.eval()
-    n_in = int(inputs[0].numel())
-    scale = 1.0 if norm == "l2" else 1.0 / math.sqrt(n_in)
-    example = inputs[:1].detach()
+    with kept_modes(model):
+        if norm not in ("l2", "linf"):
+            raise LipgraphError(f"unknown norm {norm!r}: use 'l2' or 'linf'")
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+            raise InputShapeError("inputs must be a tensor with a batch dimension, e.g. shape (N, 64)")
+        if domain is not None and not isinstance(domain, Box):
+            raise LipgraphError(f"certify's domain must be a lipgraph.domains.Box (the data box), "
+                                f"not {type(domain).__name__}")
+        labels_t = torch.as_tensor(labels).reshape(-1).long()
+        if labels_t.numel() != inputs.shape[0]:
+            raise InputShapeError(f"{inputs.shape[0]} inputs but {labels_t.numel()} labels")
+        if radius is None:
+            radii: list[float] = []
+        else:
+            radii = [float(radius)] if isinstance(radius, (int, float)) else [float(r) for r in radius]
+        kwargs = {"lower": False, "seed": seed, **analyze_kwargs}  # one seed for the attack and the bounds
+        model = model.eval()
+        n_in = int(inputs[0].numel())
+        scale = 1.0 if norm == "l2" else 1.0 / math.sqrt(n_in)
+        example = inputs[:1].detach()
 
-    # margins in float64 (an exact-arithmetic statement about f needs the rounding of the margin small)
-    m64 = copy.deepcopy(model).double().eval()
-    with torch.no_grad():
-        logits = m64(inputs.detach().double())
-    if logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
-        raise InputShapeError(f"the model must map (N, ...) inputs to (N, classes) logits, got {tuple(logits.shape)}")
-    n_cls = logits.shape[1]
-    if labels_t.numel() and (labels_t.min() < 0 or labels_t.max() >= n_cls):
-        raise InputShapeError(f"labels must lie in [0, {n_cls})")
+        # margins in float64 (an exact-arithmetic statement about f needs the rounding of the margin small)
+        m64 = copy.deepcopy(model).double().eval()
+        with torch.no_grad():
+            logits = m64(inputs.detach().double())
+        if logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
+            raise InputShapeError("the model must map (N, ...) inputs to (N, classes) logits, got "
+                                  f"{tuple(logits.shape)}")
+        n_cls = logits.shape[1]
+        if labels_t.numel() and (labels_t.min() < 0 or labels_t.max() >= n_cls):
+            raise InputShapeError(f"labels must lie in [0, {n_cls})")
 
-    whole, whole_cert, whole_method = _analyze(model, example, kwargs)
-    pairs: dict[tuple[int, int], PairConstant] = {}
+        whole, whole_cert, whole_method = _analyze(model, example, kwargs)
+        pairs: dict[tuple[int, int], PairConstant] = {}
 
-    def pair(y: int, j: int) -> PairConstant:
-        key = (min(y, j), max(y, j))  # Lip(f_y - f_j) = Lip(f_j - f_y)
-        if key not in pairs:
-            # built from the float64 copy: w_y - w_j exactly as the real-valued function has it
-            pd = PairDiff(m64, *key).eval()
-            with torch.no_grad():  # the wrapper must compute the same function
-                ref = m64(example.double())
-                got = pd(example.double())
-                want = ref[..., key[0]] - ref[..., key[1]]
-                if not torch.allclose(got.reshape(-1), want.reshape(-1), rtol=1e-9, atol=1e-9):
-                    raise LipgraphError(f"PairDiff({key}) does not reproduce the logit difference")
-            meth = pair_method or ("autolip" if pd.folded else "auto")
-            pv, pc, pm = _analyze(pd, example.double(), {**kwargs, "method": meth})
-            cands = [(pv, pc, pm)]
-            if math.isfinite(whole):
-                cands.append((SQRT2 * whole, whole_cert, f"sqrt(2) x whole ({whole_method})"))
-            cert = [c for c in cands if c[1]]
-            v, c, m = min(cert) if cert else min(cands)
-            pairs[key] = PairConstant(v, c, pv, pc, m)
-        return pairs[key]
+        def pair(y: int, j: int) -> PairConstant:
+            key = (min(y, j), max(y, j))  # Lip(f_y - f_j) = Lip(f_j - f_y)
+            if key not in pairs:
+                # built from the float64 copy: w_y - w_j exactly as the real-valued function has it
+                pd = PairDiff(m64, *key).eval()
+                with torch.no_grad():  # the wrapper must compute the same function
+                    ref = m64(example.double())
+                    got = pd(example.double())
+                    want = ref[..., key[0]] - ref[..., key[1]]
+                    if not torch.allclose(got.reshape(-1), want.reshape(-1), rtol=1e-9, atol=1e-9):
+                        raise LipgraphError(f"PairDiff({key}) does not reproduce the logit difference")
+                meth = pair_method or ("autolip" if pd.folded else "auto")
+                pv, pc, pm = _analyze(pd, example.double(), {**kwargs, "method": meth})
+                cands = [(pv, pc, pm)]
+                if math.isfinite(whole):
+                    cands.append((SQRT2 * whole, whole_cert, f"sqrt(2) x whole ({whole_method})"))
+                cert = [c for c in cands if c[1]]
+                v, c, m = min(cert) if cert else min(cands)
+                pairs[key] = PairConstant(v, c, pv, pc, m)
+            return pairs[key]
 
-    certs = []
-    for i in range(inputs.shape[0]):
-        lab = int(labels_t[i])
-        pred = int(logits[i].argmax())
-        correct = pred == lab
-        marg = float(_margin(logits[i], lab))
-        r, rc, binding, tz = 0.0, True, None, 0.0
-        if correct and marg > 0:
-            best = math.inf
-            rc = True
-            for j in range(n_cls):
-                if j == lab:
-                    continue
-                pc = pair(lab, j)
-                rj = float(logits[i, lab] - logits[i, j]) / pc.value if pc.value > 0 else math.inf
-                if rj < best:
-                    best, binding = rj, j
-                rc = rc and pc.certified
-            r = best * scale
-            tz = (marg / (SQRT2 * whole) if whole > 0 else math.inf) * scale
-        elif correct:
-            correct = False  # a tie is not a correct prediction
-        c = InputCertificate(i, lab, pred, correct, marg, r, rc, binding, tz, radii={"global": r})
-        if local and correct:
-            t0 = time.perf_counter()
-            x64 = inputs[i:i + 1].detach().double()
-            if domain is not None and not bool(((x64 >= domain.lo) & (x64 <= domain.hi)).all()):
-                raise LipgraphError(f"input {i} lies outside the certify domain {domain.describe()}")
-            search = _LocalSearch(m64, x64, lab, logits[i], norm, domain, local_method, kwargs,
-                                  {j: pair(lab, j) for j in range(n_cls) if j != lab})
-            r0 = r if rc else 0.0  # an estimated global radius is no verified start
-            c.radii["local-lipschitz"] = search.lipschitz_radius(r0, local_steps)
-            c.radii["margin-range"] = search.range_radius(r0, local_steps)
-            c.radii["lipschitz-or-range"] = search.grow(
-                search.either_ok, max(c.radii["local-lipschitz"], c.radii["margin-range"]), local_steps,
-                known=True)
-            c.seconds = time.perf_counter() - t0
-            best_kind = max(KINDS, key=lambda k: (c.radii[k] if k != "global" or rc else 0.0))
-            if best_kind != "global" and c.radii[best_kind] > (r if rc else 0.0):
-                c.method, c.radius, c.radius_certified = best_kind, c.radii[best_kind], True
-        certs.append(c)
+        certs = []
+        for i in range(inputs.shape[0]):
+            lab = int(labels_t[i])
+            pred = int(logits[i].argmax())
+            correct = pred == lab
+            marg = float(_margin(logits[i], lab))
+            r, rc, binding, tz = 0.0, True, None, 0.0
+            if correct and marg > 0:
+                best = math.inf
+                rc = True
+                for j in range(n_cls):
+                    if j == lab:
+                        continue
+                    pc = pair(lab, j)
+                    rj = float(logits[i, lab] - logits[i, j]) / pc.value if pc.value > 0 else math.inf
+                    if rj < best:
+                        best, binding = rj, j
+                    rc = rc and pc.certified
+                r = best * scale
+                tz = (marg / (SQRT2 * whole) if whole > 0 else math.inf) * scale
+            elif correct:
+                correct = False  # a tie is not a correct prediction
+            c = InputCertificate(i, lab, pred, correct, marg, r, rc, binding, tz, radii={"global": r})
+            if local and correct:
+                t0 = time.perf_counter()
+                x64 = inputs[i:i + 1].detach().double()
+                if domain is not None and not bool(((x64 >= domain.lo) & (x64 <= domain.hi)).all()):
+                    raise LipgraphError(f"input {i} lies outside the certify domain {domain.describe()}")
+                search = _LocalSearch(m64, x64, lab, logits[i], norm, domain, local_method, kwargs,
+                                      {j: pair(lab, j) for j in range(n_cls) if j != lab})
+                r0 = r if rc else 0.0  # an estimated global radius is no verified start
+                c.radii["local-lipschitz"] = search.lipschitz_radius(r0, local_steps)
+                c.radii["margin-range"] = search.range_radius(r0, local_steps)
+                c.radii["lipschitz-or-range"] = search.grow(
+                    search.either_ok, max(c.radii["local-lipschitz"], c.radii["margin-range"]), local_steps,
+                    known=True)
+                c.seconds = time.perf_counter() - t0
+                best_kind = max(KINDS, key=lambda k: (c.radii[k] if k != "global" or rc else 0.0))
+                if best_kind != "global" and c.radii[best_kind] > (r if rc else 0.0):
+                    c.method, c.radius, c.radius_certified = best_kind, c.radii[best_kind], True
+            certs.append(c)
 
-    result = Certificate(norm, n_in, whole, whole_cert, whole_method, pairs, certs, radii, local,
-                         None if domain is None else domain.describe())
-    if attack:
-        for c in certs:
-            if c.correct:
-                hi = max(4 * c.radius, 4 * c.tsuzuku_radius, 1e-3)
-                box = None if domain is None or c.method == "global" else (
-                    float(domain.lo.min()), float(domain.hi.max()))  # a scalar box: the attack stays in it
-                c.attack_radius = attack_radius(model, inputs[c.index], c.label, norm=norm, steps=attack_steps,
-                                                bisections=attack_bisections, seed=seed + c.index, start=hi,
-                                                clip=box)
-    return result
+        result = Certificate(norm, n_in, whole, whole_cert, whole_method, pairs, certs, radii, local,
+                             None if domain is None else domain.describe())
+        if attack:
+            for c in certs:
+                if c.correct:
+                    hi = max(4 * c.radius, 4 * c.tsuzuku_radius, 1e-3)
+                    box = None if domain is None or c.method == "global" else (
+                        float(domain.lo.min()), float(domain.hi.max()))  # a scalar box: the attack stays in it
+                    c.attack_radius = attack_radius(model, inputs[c.index], c.label, norm=norm, steps=attack_steps,
+                                                    bisections=attack_bisections, seed=seed + c.index, start=hi,
+                                                    clip=box)
+        return result
 
 
 class _LocalSearch:
@@ -658,36 +676,37 @@ def attack_radius(
     ``inf`` when nothing is found up to ``max_radius``. ``clip``: the attack stays in the box
     ``clip[0] <= x <= clip[1]`` (to compare with radii certified on balls clipped to it).
     """
-    if norm not in ("l2", "linf"):
-        raise LipgraphError(f"unknown norm {norm!r}: use 'l2' or 'linf'")
-    model = model.eval()
-    x = x.detach()
-    gen = torch.Generator().manual_seed(seed)
+    with kept_modes(model):
+        if norm not in ("l2", "linf"):
+            raise LipgraphError(f"unknown norm {norm!r}: use 'l2' or 'linf'")
+        model = model.eval()
+        x = x.detach()
+        gen = torch.Generator().manual_seed(seed)
 
-    def broken(eps: float) -> float | None:
-        d, m = _pgd(model, x, label, eps, norm, steps, gen, clip)
-        if d is None or m >= 0:
-            return None
-        with torch.no_grad():  # the point itself must be misclassified
-            logits = model((x + d).unsqueeze(0))[0]
-        if int(logits.argmax()) == label and float(_margin(logits, label)) >= 0:
-            return None
-        return float(_norm(d, norm))
+        def broken(eps: float) -> float | None:
+            d, m = _pgd(model, x, label, eps, norm, steps, gen, clip)
+            if d is None or m >= 0:
+                return None
+            with torch.no_grad():  # the point itself must be misclassified
+                logits = model((x + d).unsqueeze(0))[0]
+            if int(logits.argmax()) == label and float(_margin(logits, label)) >= 0:
+                return None
+            return float(_norm(d, norm))
 
-    hi_eps, found = start, None
-    while hi_eps <= max_radius:
-        found = broken(hi_eps)
-        if found is not None:
-            break
-        hi_eps *= 2
-    if found is None:
-        return math.inf
-    lo, hi = 0.0, min(hi_eps, found)
-    for _ in range(bisections):
-        mid = 0.5 * (lo + hi)
-        f = broken(mid)
-        if f is None:
-            lo = mid
-        else:
-            hi, found = min(mid, f), min(found, f)
-    return found
+        hi_eps, found = start, None
+        while hi_eps <= max_radius:
+            found = broken(hi_eps)
+            if found is not None:
+                break
+            hi_eps *= 2
+        if found is None:
+            return math.inf
+        lo, hi = 0.0, min(hi_eps, found)
+        for _ in range(bisections):
+            mid = 0.5 * (lo + hi)
+            f = broken(mid)
+            if f is None:
+                lo = mid
+            else:
+                hi, found = min(mid, f), min(found, f)
+        return found

@@ -100,3 +100,14 @@ class Settings:
 
 
 __all__ = ["INF", "ROUNDING_MARGIN", "Settings", "Status", "format_number", "json_float"]
+
+
+def training_modes(model: Any) -> list[tuple[Any, bool]]:
+    """Every submodule of an ``nn.Module`` with its training flag (empty for anything else), for
+    :func:`restore_training_modes`: a model whose submodules are in mixed modes is given each one back."""
+    return [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+
+
+def restore_training_modes(modes: list[tuple[Any, bool]]) -> None:
+    for m, flag in modes:
+        m.training = flag

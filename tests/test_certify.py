@@ -180,3 +180,19 @@ def test_cli_certify(digits, tmp_path, capsys) -> None:  # type: ignore[no-untyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "x and y" in err[0]
     assert main(["certify", f"{tmp_path / 'net.py'}:Net", "--data", str(tmp_path / "missing.npz")]) == 2
+
+
+def test_certify_and_the_attack_leave_the_models_modes_as_they_were(tmp_path) -> None:
+    """A model in training mode, with one submodule in eval mode, comes back exactly so; an ONNX path is one
+    clear error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    model[1].eval()
+    before = [m.training for m in model.modules()]
+    x = torch.randn(6, 4)
+    y = torch.zeros(6, dtype=torch.long)
+    lipgraph.certify(model, x, y, attack=True, attack_steps=3, attack_bisections=2)
+    assert [m.training for m in model.modules()] == before
+    with pytest.raises(lipgraph.LipgraphError, match="nn.Module"):
+        lipgraph.certify(str(tmp_path / "model.onnx"), x, y)

@@ -313,3 +313,9 @@ def test_analyze_restores_training_mode() -> None:
     model.eval()
     lipgraph.analyze(model, torch.randn(2, 4), lower_budget=1.0)
     assert not model.training
+    # mixed modes (a frozen dropout inside a training model) come back submodule by submodule
+    model.train()
+    model[1].eval()
+    before = [m.training for m in model.modules()]
+    lipgraph.analyze(model, torch.randn(2, 4), lower_budget=1.0)
+    assert [m.training for m in model.modules()] == before

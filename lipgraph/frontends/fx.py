@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .. import ir
+from ..core import restore_training_modes, training_modes
 from ..errors import InputShapeError, TraceError
 from ..ops import execute, structural
 from ..ops.registry import kind_spelled, module_spellings, torch_spellings
@@ -342,7 +343,7 @@ def trace(
         if finite.bad(p):
             raise TraceError(f"{type(model).__name__}: tensor {pname!r} is not finite ({finite.describe(p.detach())}); "
                              "no bound can be computed from a NaN or infinite weight or statistic")
-    was_training = model.training
+    modes = training_modes(model)
     model.eval()
     try:
         leaf_paths = set(leaves)
@@ -373,7 +374,7 @@ def trace(
         _check_reproduces(g, example_inputs, expected, type(model).__name__, inplace)
         return g
     finally:
-        model.train(was_training)
+        restore_training_modes(modes)
 
 
 def _source(n: fx.Node) -> tuple[str, str]:
