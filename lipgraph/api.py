@@ -130,7 +130,8 @@ def analyze(
     if blocker is not None:  # no relation can bound the output: the refinements would only cost time
         why = (f"skipped: node {blocker!r} has no finite constant and lies on a path from the input to the "
                "output, so no relation can bound the output")
-        skipped = {f"autolip+{n}": BoundResult(math.inf, False, why, 0.0, {"skipped": blocker})
+        auto_out = combine(g, local)[out]  # what every skipped algorithm would have returned at the output
+        skipped = {f"autolip+{n}": BoundResult(auto_out.value, auto_out.certified, why, 0.0, {"skipped": blocker})
                    for n in global_names if n != "autolip"}
         global_names = [n for n in global_names if n == "autolip"]
     for k, name in enumerate(global_names):

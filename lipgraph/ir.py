@@ -83,6 +83,43 @@ def conv_transpose_attrs(ndim: int, stride: tuple[int, ...], padding: tuple[int,
             "output_padding": tuple(output_padding), "dilation": tuple(dilation), "groups": int(groups)}
 
 
+def max_pool_attrs(ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+                   dilation: tuple[int, ...], ceil_mode: bool) -> dict[str, Any]:
+    """The attributes of a ``max_pool`` node (both frontends)."""
+    return {"ndim": ndim, "kernel_size": tuple(kernel_size), "stride": tuple(stride), "padding": tuple(padding),
+            "dilation": tuple(dilation), "ceil_mode": bool(ceil_mode)}
+
+
+def avg_pool_attrs(ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+                   ceil_mode: bool, count_include_pad: bool, divisor_override: int | None = None) -> dict[str, Any]:
+    """The attributes of an ``avg_pool`` node (both frontends)."""
+    return {"ndim": ndim, "kernel_size": tuple(kernel_size), "stride": tuple(stride), "padding": tuple(padding),
+            "ceil_mode": bool(ceil_mode), "count_include_pad": bool(count_include_pad),
+            "divisor_override": divisor_override}
+
+
+def lp_pool_attrs(ndim: int, norm_type: float, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+                  ceil_mode: bool, abs_value: bool = False) -> dict[str, Any]:
+    """The attributes of an ``lp_pool`` node: ``abs_value`` for ONNX's ``(sum |x|^p)^(1/p)`` (PyTorch's has no
+    absolute value)."""
+    attrs: dict[str, Any] = {"ndim": ndim, "norm_type": float(norm_type), "kernel_size": tuple(kernel_size),
+                             "stride": tuple(stride), "ceil_mode": bool(ceil_mode)}
+    if abs_value:
+        attrs["abs"] = True
+    return attrs
+
+
+def batch_norm_attrs(eps: float) -> dict[str, Any]:
+    """The attributes of a ``batch_norm`` node (inference statistics; they are its parameters)."""
+    return {"eps": float(eps)}
+
+
+def split_attrs(dim: int, sizes: list[int] | None) -> dict[str, Any]:
+    """The attributes of a ``split`` node: ``sizes`` of the parts along ``dim`` (None: read from the traced
+    output)."""
+    return {"dim": int(dim), "sizes": None if sizes is None else [int(v) for v in sizes]}
+
+
 def padding_mode(attrs: dict[str, Any]) -> str:
     """A convolution's padding mode (:data:`DEFAULT_PADDING_MODE` when its attributes name none)."""
     return attrs.get("padding_mode", DEFAULT_PADDING_MODE)

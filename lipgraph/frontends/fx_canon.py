@@ -155,12 +155,8 @@ def _conv_transpose(ndim: int):
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):  # noqa: A002
     if training or running_mean is None or running_var is None:
         return None  # batch statistics: the output depends on the whole batch
-    return Canon(
-        "batch_norm",
-        [input],
-        {"eps": float(eps)},
-        _params(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias),
-    )
+    return Canon("batch_norm", [input], ir.batch_norm_attrs(eps),
+                 _params(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias))
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # noqa: A002
@@ -204,14 +200,8 @@ def _max_pool(ndim: int):
         if return_indices:
             return None
         k = as_tuple(kernel_size, ndim)
-        attrs = {
-            "ndim": ndim,
-            "kernel_size": k,
-            "stride": as_tuple(stride, ndim) if stride not in (None, [], ()) else k,
-            "padding": as_tuple(padding, ndim),
-            "dilation": as_tuple(dilation, ndim),
-            "ceil_mode": bool(ceil_mode),
-        }
+        attrs = ir.max_pool_attrs(ndim, k, as_tuple(stride, ndim) if stride not in (None, [], ()) else k,
+                                  as_tuple(padding, ndim), as_tuple(dilation, ndim), ceil_mode)
         return Canon("max_pool", [input], attrs)
 
     return handler
@@ -221,15 +211,8 @@ def _avg_pool(ndim: int):
     def handler(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,  # noqa: A002
                 divisor_override=None):
         k = as_tuple(kernel_size, ndim)
-        attrs = {
-            "ndim": ndim,
-            "kernel_size": k,
-            "stride": as_tuple(stride, ndim) if stride not in (None, [], ()) else k,
-            "padding": as_tuple(padding, ndim),
-            "ceil_mode": bool(ceil_mode),
-            "count_include_pad": bool(count_include_pad),
-            "divisor_override": divisor_override,
-        }
+        attrs = ir.avg_pool_attrs(ndim, k, as_tuple(stride, ndim) if stride not in (None, [], ()) else k,
+                                  as_tuple(padding, ndim), ceil_mode, count_include_pad, divisor_override)
         return Canon("avg_pool", [input], attrs)
 
     return handler
@@ -238,8 +221,8 @@ def _avg_pool(ndim: int):
 def _lp_pool(ndim: int):
     def handler(input, norm_type, kernel_size, stride=None, ceil_mode=False):  # noqa: A002
         k = as_tuple(kernel_size, ndim)
-        attrs = {"ndim": ndim, "norm_type": float(norm_type), "kernel_size": k,
-                 "stride": as_tuple(stride, ndim) if stride not in (None, [], ()) else k, "ceil_mode": bool(ceil_mode)}
+        attrs = ir.lp_pool_attrs(ndim, norm_type, k, as_tuple(stride, ndim) if stride not in (None, [], ()) else k,
+                                 ceil_mode)
         return Canon("lp_pool", [input], attrs)
 
     return handler
@@ -484,11 +467,11 @@ def stack(tensors, dim=0, *, out=None):
 
 
 def split(tensor, split_size_or_sections, dim=0):
-    return Canon("split", [tensor], {"dim": dim % len(tensor.shape), "sizes": None})
+    return Canon("split", [tensor], ir.split_attrs(dim % len(tensor.shape), None))
 
 
 def chunk(input, chunks, dim=0):  # noqa: A002
-    return Canon("split", [input], {"dim": dim % len(input.shape), "sizes": None})
+    return Canon("split", [input], ir.split_attrs(dim % len(input.shape), None))
 
 
 def unbind(input, dim=0):  # noqa: A002

@@ -445,7 +445,7 @@ def _batch_norm(b, node, ins, at):
         raise Unsupported("BatchNormalization with non per-channel statistics")
     params = {"running_mean": mean.reshape(c), "running_var": var.reshape(c), "weight": scale.reshape(c),
               "bias": bias.reshape(c)}
-    return b.emit("batch_norm", [x], {"eps": float(at.get("epsilon", 1e-5))}, params)
+    return b.emit("batch_norm", [x], ir.batch_norm_attrs(at.get("epsilon", 1e-5)), params)
 
 
 @mapping("InstanceNormalization")
@@ -797,7 +797,7 @@ def _split(b, node, ins, at):
             sizes = [min(chunk, length - i * chunk) for i in range(n_out)]
         else:
             sizes = [length // n_out] * n_out
-    parts = b.emit("split", [x], {"dim": dim, "sizes": list(sizes)})
+    parts = b.emit("split", [x], ir.split_attrs(dim, list(sizes)))
     return [b.emit("tuple_getitem", [parts], {"index": i}) for i in range(len(sizes))]
 
 
@@ -892,8 +892,7 @@ def _max_pool(b, node, ins, at):
         pass  # only affects the indices output
     nd, k, s, d = _pool_geometry(x, at)
     x2, padding = _pool_pads(b, x, at, k, s, d, -math.inf)
-    attrs = {"ndim": nd, "kernel_size": tuple(k), "stride": tuple(s), "padding": padding, "dilation": tuple(d),
-             "ceil_mode": bool(int(at.get("ceil_mode", 0)))}
+    attrs = ir.max_pool_attrs(nd, k, s, padding, d, bool(int(at.get("ceil_mode", 0))))
     return b.emit("max_pool", [x2], attrs)
 
 
@@ -909,8 +908,7 @@ def _avg_pool(b, node, ins, at):
     ceil = bool(int(at.get("ceil_mode", 0)))
     x2, padding = _pool_pads(b, x, at, k, s, d, 0.0)
     padded = x2 is not x
-    attrs = {"ndim": nd, "kernel_size": tuple(k), "stride": tuple(s), "padding": padding, "ceil_mode": ceil,
-             "count_include_pad": include or padded, "divisor_override": None}
+    attrs = ir.avg_pool_attrs(nd, k, s, padding, ceil, include or padded)
     y = b.emit("avg_pool", [x2], attrs)
     if padded and not include:
         from ..ops.pooling import _AVG  # noqa: PLC0415
@@ -932,8 +930,7 @@ def _lp_pool(b, node, ins, at):
     pads = _spatial_pads(b, at, x.shape[2:], k, s, d)
     if any(pads):
         x = b.emit("pad", [x], {"pad": _fpad(pads), "mode": "constant", "value": 0.0})
-    attrs = {"ndim": nd, "norm_type": float(at.get("p", 2)), "kernel_size": tuple(k), "stride": tuple(s),
-             "ceil_mode": bool(int(at.get("ceil_mode", 0))), "abs": True}
+    attrs = ir.lp_pool_attrs(nd, float(at.get("p", 2)), k, s, bool(int(at.get("ceil_mode", 0))), abs_value=True)
     return b.emit("lp_pool", [x], attrs)
 
 
