@@ -239,3 +239,19 @@ def test_fallback_counts_each_neighbouring_activation_once():
     # the two 50-wide groups are not materialised: every activation touches one, each counted once
     assert seg["seqlip"] == pytest.approx(math.prod(norms) * 1.0 * 0.25 * 1.0, rel=1e-6)
     assert seg["method"].count("too large") == 2
+
+
+def test_wide_inner_problems_get_only_the_certified_root_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above WIDE_INNER_WORK an inner maximum explores one node: still certified, and never below the full
+    search's bound nor the product of the attained pattern values."""
+    gen = torch.Generator().manual_seed(4)
+    mats = [torch.randn(20, 20, generator=gen, dtype=torch.float64) for _ in range(3)]
+    slopes = [(0.0, 1.0)] * 2
+    full = S.seqlip_chain(mats, slopes)
+    monkeypatch.setattr(S, "WIDE_INNER_WORK", 10)
+    root = S.seqlip_chain(mats, slopes)
+    assert root.certified
+    assert all(r.nodes <= 1 for r in root.inner if "branch-and-bound" in r.method), [r.nodes for r in root.inner]
+    assert any(r.nodes > 1 for r in full.inner if "branch-and-bound" in r.method)
+    assert root.value >= full.value * (1 - 1e-12)
+    assert root.value >= math.prod(r.lower for r in full.inner)

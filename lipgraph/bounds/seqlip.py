@@ -90,6 +90,11 @@ DOMAIN_MAX_UNSTABLE = 64
 DOMAIN_TOTAL_NODES = TOTAL_NODES // 10
 #: Smallest node budget an inner maximisation gets once the pass budget is nearly spent (was 0.05 s).
 MIN_INNER_NODES = 64
+#: Inner problems ``A diag(d) B`` with ``rows(A) * cols(B) * min(rows, cols)`` above this get only the root
+#: bound of the branch and bound (one node, certified): on the width-1000 random chain of the chain benchmark
+#: one node costs 0.8 s (1 thread) and 1, 10 and 30 nodes all gave the root's 2.4293, so the pass budget would
+#: buy hours and nothing else. 512^3: every chain of the benchmark up to width 256 keeps its full search.
+WIDE_INNER_WORK = 512**3
 #: Low bits tabulated by the enumeration (2^LO_BITS matrices per batch).
 LO_BITS = 11
 _DT = torch.float64
@@ -594,6 +599,8 @@ def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float] | Ne
     results = []
     for (a_m, b_m), (lo, hi) in zip(inner_factors(mats), slopes, strict=True):
         b_i = max_nodes if work is None else max(MIN_INNER_NODES, min(max_nodes, work.left))
+        if a_m.shape[0] * b_m.shape[1] * min(a_m.shape[0], b_m.shape[1]) > WIDE_INNER_WORK:
+            b_i = 1
         r = inner_max_box(a_m, b_m, lo, hi, b_i) if _is_neuron((lo, hi)) else inner_max(a_m, b_m, lo, hi, b_i)
         if work is not None and "branch-and-bound" in r.method:
             work.left -= r.nodes
