@@ -53,7 +53,8 @@ register_method("affine", "lipgraph.bounds.affine",
 register_method("combettes-pesquet", "lipgraph.bounds.combettes_pesquet",
                 "Combettes-Pesquet bound on linear-chain segments (exact O(depth^2) programme, certified)")
 register_method("eclipse-fast", "lipgraph.bounds.eclipse_fast",
-                "ECLipsE-Fast on linear-chain segments (closed form, every PSD step proven by Cholesky)")
+                "ECLipsE-Fast on linear-chain segments (closed form, every PSD step proven by Cholesky; per-neuron "
+                "slope intervals on a domain)", uses_domain=True)
 register_method("lipsdp", "lipgraph.bounds.chain_sdp",
                 "LipSDP-Neuron on linear-chain segments (structured interior point, overlapping windows on deep "
                 "chains; multipliers re-checked in float64; per-neuron slope intervals on a domain)",
