@@ -549,3 +549,54 @@ def test_onnx_lp_pool_matches_ort_and_bounds_jacobians(p, k, s, pads, tmp_path: 
     r = lipgraph.analyze(str(path), x, lower=False)
     assert r.certified and math.isfinite(r.upper)
     assert _sampled_sup(lambda z: execute(g, z), (1, 2, 7, 6), scale=1.0) <= r.upper * (1 + 1e-9)
+
+
+# --- order statistics: sort / topk / max(dim) / kthvalue / median(dim) / cummax values --------------------
+
+ORDER_CASES = {
+    "sort": (lambda x: torch.sort(x, dim=-1).values, 1.0),
+    "sort_descending_dim0": (lambda x: x.sort(0, descending=True)[0], 1.0),
+    "topk": (lambda x: torch.topk(x, 3, dim=1).values, 1.0),
+    "max_dim": (lambda x: torch.max(x, dim=-1).values, 1.0),
+    "min_dim_keepdim": (lambda x: x.min(1, keepdim=True)[0], 1.0),
+    "kthvalue": (lambda x: torch.kthvalue(x, 2, dim=-1).values, 1.0),
+    "median_dim": (lambda x: x.median(dim=1).values, 1.0),
+    "cummax": (lambda x: torch.cummax(x, dim=-1).values, math.sqrt(7)),
+    "cummin": (lambda x: torch.cummin(x, 1)[0], math.sqrt(7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORDER_CASES))
+def test_order_statistics_values_against_secants_and_their_attained_constant(name: str) -> None:
+    """The values of each order statistic: the IR reproduces them, the rule's constant is at or above every
+    sampled secant ratio (float64, rows of 7 entries), and a secant reaches it (the rule is exact)."""
+    fn, constant = ORDER_CASES[name]
+    model, x = Fn(fn), torch.randn(3, 7)
+    g = lipgraph.trace(model, x)
+    torch.testing.assert_close(execute(g, x), fn(x))
+    lc = one_constant(model, x, "order_pair")
+    assert lc.certified and lc.value == pytest.approx(constant, rel=1e-12)
+    f64 = lambda z: fn(z.double())  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, 7, generator=gen, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(4000, 3, 7, generator=gen, dtype=torch.float64)
+    ratios = [float((f64(p) - f64(q)).norm() / (p - q).norm()) for p, q in zip(a, b, strict=True)]
+    assert max(ratios) <= constant * (1 + 1e-12)
+    # attained: at a point without ties the Jacobian selects entries (norm 1); cummax/cummin at a row
+    # (0, -1, ..., -1) (resp. (0, 1, ..., 1)) copy the first entry into all seven values (norm sqrt(7))
+    point = torch.randn(1, 7, generator=gen, dtype=torch.float64)
+    if name in ("cummax", "cummin"):
+        point = torch.full((1, 7), -1.0 if name == "cummax" else 1.0, dtype=torch.float64)
+        point[0, 0] = 0.0
+    assert jacobian_norm(f64, point) == pytest.approx(constant, rel=1e-12)
+
+
+def test_order_statistics_indices_are_not_lipschitz() -> None:
+    """The integer indices jump: reading them (by index or by name), or returning the whole pair, is inf."""
+    for fn in (lambda x: torch.sort(x, dim=-1)[1].float(), lambda x: x.max(dim=1).indices.float(),
+               lambda x: torch.topk(x, 2).indices.float() + torch.topk(x, 2).values):
+        rep = lipgraph.analyze(Fn(fn), torch.randn(2, 5), lower=False)
+        assert math.isinf(rep.upper) and not rep.certified
+    whole = lipgraph.analyze(Fn(lambda x: torch.sort(x, dim=-1)), torch.randn(2, 5), lower=False)
+    assert math.isinf(whole.upper)
+    assert any("indices" in (n.reason or "") for n in whole.nodes)

@@ -504,12 +504,16 @@ def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str, fronten
         in_shapes = [ir.node(g, i).out_shape for i in in_names]
         ir.add_node(g, ir.IRNode(n.name, canon.op, in_names, attrs, dict(canon.params), str(source), origin,
                                  in_shapes, out_shape))
-        var[n] = Var(n.name, out_shape, is_tuple=not isinstance(value, torch.Tensor))
+        var[n] = Var(n.name, out_shape, is_tuple=not isinstance(value, torch.Tensor), producer=canon.op)
         mutated = _mutated_input(n, gm)
         if mutated is not None and mutated in var:
             var[mutated] = var[n]  # later reads of the overwritten tensor see the new value
     if g.graph["output"] is None:
         raise TraceError(f"{model_name} has no output that depends on its input")
+    for name in list(g.nodes):  # an order statistic's tuple used whole carries its integer indices on
+        node = ir.node(g, name)
+        if node.op == "order_pair" and any(ir.node(g, s).op != "tuple_getitem" for s in g.successors(name)):
+            node.attrs["whole_tuple_used"] = True
     return g
 
 

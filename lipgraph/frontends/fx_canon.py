@@ -32,6 +32,7 @@ class Var:
     name: str
     shape: Any  # tuple for tensors, list of tuples for tuple values
     is_tuple: bool = False
+    producer: str = ""  # the canonical op that computed it (an order statistic's tuple: "order_pair")
 
 
 @dataclass
@@ -320,8 +321,8 @@ def _amax(kind: str):
 
 
 def _max_overloads(kind: str):
-    """torch.max / torch.min: over every entry (values), or elementwise against a tensor. The ``dim``
-    overload returns (values, indices), and the integer indices jump: no rule (opaque, inf)."""
+    """torch.max / torch.min: over every entry (values), elementwise against a tensor, or over ``dim``: the
+    ``(values, indices)`` pair of an order statistic (its integer indices get no finite rule)."""
 
     def handler(input, *args, **kwargs):  # noqa: A002
         other = args[0] if args else kwargs.get("other", kwargs.get("dim"))
@@ -329,7 +330,48 @@ def _max_overloads(kind: str):
             return _amax(kind)(input)
         if is_var(other) or isinstance(other, torch.Tensor):
             return _elementwise_pick(kind)(input, other)
+        if isinstance(other, int) and is_var(input):
+            keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
+            return _order(kind, input, dim=other % len(input.shape), keepdim=bool(keepdim))
         return None
+
+    return handler
+
+
+def _order(fn: str, input: Any, **kwargs: Any) -> Canon:  # noqa: A002
+    """``(values, indices) = torch.<fn>(input, **kwargs)``: an ``order_pair`` node (rule in ops.selections)."""
+    return Canon("order_pair", [input], {"fn": fn, "kwargs": kwargs})
+
+
+def sort(input, dim=-1, descending=False, stable=False, *, out=None):  # noqa: A002
+    if out is not None:
+        return None
+    return _order("sort", input, dim=dim % len(input.shape), descending=bool(descending), stable=bool(stable))
+
+
+def topk(input, k, dim=-1, largest=True, sorted=True, *, out=None):  # noqa: A002
+    if out is not None:
+        return None
+    return _order("topk", input, k=int(k), dim=dim % len(input.shape), largest=bool(largest), sorted=bool(sorted))
+
+
+def kthvalue(input, k, dim=-1, keepdim=False, *, out=None):  # noqa: A002
+    if out is not None:
+        return None
+    return _order("kthvalue", input, k=int(k), dim=dim % len(input.shape), keepdim=bool(keepdim))
+
+
+def median_dim(input, dim=None, keepdim=False, *, out=None):  # noqa: A002
+    if dim is None or out is not None:
+        return None  # median over every entry returns one value: no rule here (opaque, inf)
+    return _order("median", input, dim=dim % len(input.shape), keepdim=bool(keepdim))
+
+
+def _cumulative(fn: str):
+    def handler(input, dim, *, out=None):  # noqa: A002
+        if out is not None:
+            return None
+        return _order(fn, input, dim=dim % len(input.shape))
 
     return handler
 
@@ -480,6 +522,8 @@ def unbind(input, dim=0):  # noqa: A002
 
 def getitem(obj, index):
     if is_var(obj) and obj.is_tuple:
+        if obj.producer == "order_pair" and index in (1, -1):
+            return Canon("tuple_getitem", [obj], {"index": 1, "integer_part": True})
         return Canon("tuple_getitem", [obj], {"index": index})
     if _contains_var(index):
         return None  # data-dependent indexing
@@ -495,6 +539,8 @@ def _contains_var(x: Any) -> bool:
 
 
 def getattr_(obj, name):
+    if is_var(obj) and obj.producer == "order_pair" and name in ("values", "indices"):
+        return getitem(obj, 0 if name == "values" else 1)
     if name == "T":
         return t(obj)
     if name == "mT":
@@ -653,6 +699,18 @@ _fn(_elementwise_pick("max"), torch.maximum, torch.fmax)
 _fn(_elementwise_pick("min"), torch.minimum, torch.fmin)
 _method(_elementwise_pick("max"), "maximum", "fmax")
 _method(_elementwise_pick("min"), "minimum", "fmin")
+_fn(sort, torch.sort)
+_method(sort, "sort")
+_fn(topk, torch.topk)
+_method(topk, "topk")
+_fn(kthvalue, torch.kthvalue)
+_method(kthvalue, "kthvalue")
+_fn(median_dim, torch.median)
+_method(median_dim, "median")
+_fn(_cumulative("cummax"), torch.cummax)
+_method(_cumulative("cummax"), "cummax")
+_fn(_cumulative("cummin"), torch.cummin)
+_method(_cumulative("cummin"), "cummin")
 _fn(_max_overloads("max"), torch.max)
 _fn(_max_overloads("min"), torch.min)
 _method(_max_overloads("max"), "max")

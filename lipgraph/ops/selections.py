@@ -35,7 +35,7 @@ import torch
 
 from ..core import ROUNDING_MARGIN
 from ..domains import Range
-from .registry import LocalConstant, Settings, register_rule
+from .registry import LocalConstant, Settings, exact, not_lipschitz, register_rule
 
 
 def _numel(shape) -> int:
@@ -84,6 +84,41 @@ def amax_lipschitz(node, ctx: Settings) -> LocalConstant:
 
 
 register_rule("amax", amax_forward, amax_lipschitz, monotone=True)
+
+
+# --- order statistics: values of sort / topk / max(dim) / kthvalue / median(dim) / cummax ------------------
+
+#: The torch functions returning ``(values, indices)`` that an ``order_pair`` node runs.
+ORDER_FUNCTIONS = ("sort", "topk", "max", "min", "kthvalue", "median", "cummax", "cummin")
+
+
+def order_pair_forward(node, x):
+    a = node.attrs
+    out = getattr(torch, a["fn"])(x, **a["kwargs"])
+    return (out[0], out[1])
+
+
+def order_pair_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """The values part of ``(values, indices) = fn(x, dim)`` (the integer indices jump: their ``tuple_getitem``
+    is not Lipschitz, and a use of the whole tuple makes this node ``inf``).
+
+    Along ``dim`` each row's values are order statistics: sorting is a 1-Lipschitz map in l2 (the sorted
+    vector is the closest point of the sorted cone; equivalently, sorting never increases
+    ``sum (x_i - y_i)^2``), ``topk`` keeps the first ``k`` sorted entries, and ``max``, ``min``, ``kthvalue``,
+    ``median`` keep one, so L = 1 (exact: a shift of every entry by ``t`` moves the values by ``t``).
+    ``cummax``/``cummin``: ``|cummax_j(x) - cummax_j(y)| <= max_{i<=j} |x_i - y_i| <= ||x - y||_2`` for each
+    of the ``n`` prefixes, so L = sqrt(n) (exact: raising the first entry of ``(0, -1, ..., -1)`` moves all ``n``
+    values)."""
+    a = node.attrs
+    if a.get("whole_tuple_used"):
+        return not_lipschitz(f"the integer indices of torch.{a['fn']} at node {node.name!r} are used (they jump)")
+    if a["fn"] in ("cummax", "cummin"):
+        n = int(node.in_shapes[0][a["kwargs"]["dim"]])
+        return exact(math.sqrt(n), f"{a['fn']} over {n} entries: sqrt(n)")
+    return exact(1.0, f"order statistics ({a['fn']} values)")
+
+
+register_rule("order_pair", order_pair_forward, order_pair_lipschitz)
 
 
 def logsumexp_forward(node, x):

@@ -171,7 +171,16 @@ def tuple_getitem_ranges(node, r: Any) -> Any:
     return r[node.attrs["index"]] if isinstance(r, (tuple, list)) else None
 
 
-register_rule("tuple_getitem", tuple_getitem_forward, lambda node, ctx: exact(1.0, "projection"), affine=True,
+def tuple_getitem_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """One part of a tuple-valued op: a projection, L <= 1 (certified); the integer indices of an order
+    statistic (``attrs["integer_part"]``: ``torch.sort(x)[1]``, ``x.max(1).indices``) jump, L = inf."""
+    if node.attrs.get("integer_part"):
+        return not_lipschitz(f"the integer indices at node {node.name!r} ({node.source}) jump between values, so "
+                             "they have no finite Lipschitz constant")
+    return exact(1.0, "projection")
+
+
+register_rule("tuple_getitem", tuple_getitem_forward, tuple_getitem_lipschitz, affine=True,
               ranges=tuple_getitem_ranges, doc="One part of a tuple-valued op: a projection, L <= 1 (certified).")
 
 
