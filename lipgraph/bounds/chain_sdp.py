@@ -75,9 +75,11 @@ BLENDS = (0.0, 1e-6, 1e-4, 1e-2, 0.1)
 Y_MAX = 30.0
 #: The barrier parameter is divided by this factor after each centring.
 MU_FACTOR = 8.0
-#: Largest LMI solved at once (rows, the sum of the widths of its blocks): one Newton step inverts it. At
-#: 1000 rows a step takes about 0.15 s on 2 cores; deeper or wider chains are cut into windows.
-MAX_LMI = 1000
+#: Largest LMI solved at once (rows, the sum of the widths of its blocks); larger chains are cut into windows.
+#: Measured on the width-80 depth-10 chain (880 rows, 1 thread, loaded): the whole LMI 20.02 in 34.8 s, windows
+#: of 400 rows 20.61 in 6.5 s (the peer ECLipsE: 31.16 in 21 s). Up to 700 rows one LMI stays cheap: the
+#: depth-5 chain (480 rows) and the digits 64-200x3 MLP (664) are solved whole.
+MAX_LMI = 700
 #: Rows of each window when a chain is cut (the input block and the window's activations). Measured on the
 #: shared width-80 depth-20 chain (1 thread): windows of 11 activations (the old default, 880 rows) 298.5 in
 #: 81 s; 6 (480 rows) 306.7 in 28 s; 4 (400 rows) 330.4 in 14 s; 3 376.9 in 7 s; 1 (ECLipsE) 748.3 in 3 s.
