@@ -76,10 +76,12 @@ Y_MAX = 30.0
 #: The barrier parameter is divided by this factor after each centring.
 MU_FACTOR = 8.0
 #: Largest LMI solved at once (rows, the sum of the widths of its blocks); larger chains are cut into windows.
-#: Measured on the width-80 depth-10 chain (880 rows, 1 thread, loaded): the whole LMI 20.02 in 34.8 s, windows
-#: of 400 rows 20.61 in 6.5 s (the peer ECLipsE: 31.16 in 21 s). Up to 700 rows one LMI stays cheap: the
-#: depth-5 chain (480 rows) and the digits 64-200x3 MLP (664) are solved whole.
-MAX_LMI = 700
+MAX_LMI = 1000
+#: Chains with more activations than this are cut into windows even when their LMI fits in ``MAX_LMI`` rows:
+#: windows of several thin layers are much cheaper than one deep LMI. Measured (1 thread, loaded): the width-80
+#: depth-10 chain (880 rows) whole 20.02 in 34.8 s, in 400-row windows 20.61 in 6.5 s (the peer ECLipsE: 31.16
+#: in 21 s); the digits CNN's two wide activations (832 rows) whole 58.88 in 18.3 s, in windows 61.25 in 19.5 s.
+MAX_WHOLE_ACTIVATIONS = 8
 #: Rows of each window when a chain is cut (the input block and the window's activations). Measured on the
 #: shared width-80 depth-20 chain (1 thread): windows of 11 activations (the old default, 880 rows) 298.5 in
 #: 81 s; 6 (480 rows) 306.7 in 28 s; 4 (400 rows) 330.4 in 14 s; 3 376.9 in 7 s; 1 (ECLipsE) 748.3 in 3 s.
@@ -487,7 +489,8 @@ def lipsdp_chain(mats: Sequence[torch.Tensor], slopes: Slopes, *, window: int | 
                  stride: int | None = None, layer_form: bool = False, max_lmi: int = MAX_LMI,
                  window_lmi: int = WINDOW_LMI, max_newton: int = MAX_NEWTON) -> ChainValue:
     """Certified LipSDP bound of ``W_k s_k ... s_1 W_0``: the whole chain's LMI when it has at most
-    ``max_lmi`` rows, otherwise overlapping windows of ``window`` activations (default: as many as fit in
+    ``max_lmi`` rows and ``MAX_WHOLE_ACTIVATIONS`` activations, otherwise overlapping windows of ``window``
+    activations (default: as many as fit in
     ``window_lmi`` rows, at least one) committing ``stride`` of them each (default: half the window).
     ``window=1`` is ECLipsE's layer-wise scheme."""
     t0 = time.perf_counter()
@@ -504,7 +507,7 @@ def lipsdp_chain(mats: Sequence[torch.Tensor], slopes: Slopes, *, window: int | 
     w0 = chain.mats[0]
     reduce_input = n_in > widths[0]
     if window is None:
-        if (widths[0] if reduce_input else n_in) + sum(widths) <= max_lmi:
+        if (widths[0] if reduce_input else n_in) + sum(widths) <= max_lmi and k <= MAX_WHOLE_ACTIVATIONS:
             window = k
         else:
             window = max(1, (window_lmi - max(widths)) // max(widths))
