@@ -19,6 +19,7 @@ from test_chain_bounds import _brute_force, _load, _random_mlp, _sampled, _verte
 
 import lipgraph
 from lipgraph.bounds import chain_sdp as cs
+from lipgraph.bounds import combettes_pesquet as cp
 from lipgraph.bounds import eclipse_fast as ef
 from lipgraph.bounds import sdp_cvxpy
 from lipgraph.bounds.chain_mats import autolip_chain
@@ -159,7 +160,7 @@ def test_analyze_lipsdp_relation_matches_the_chain_and_bounds_jacobians() -> Non
     assert float(torch.linalg.matrix_norm(jac.detach(), ord=2).max()) <= rep.upper
 
 
-@pytest.mark.parametrize("method", ["lipsdp", "eclipse-fast"])
+@pytest.mark.parametrize("method", ["lipsdp", "eclipse-fast", "combettes-pesquet"])
 def test_chain_bounds_on_a_domain_use_per_neuron_slopes_and_bound_the_jacobians_there(method: str) -> None:
     """On an l_inf ball most ReLUs are stable: LipSDP (and ECLipsE-Fast) with their point slope intervals is
     below the global LipSDP value and the domain's AutoLip, the last layer's bound comes from it, and it still
@@ -177,7 +178,8 @@ def test_chain_bounds_on_a_domain_use_per_neuron_slopes_and_bound_the_jacobians_
     gain = 0.5 if method == "lipsdp" else 0.95  # measured: LipSDP 0.181, ECLipsE-Fast 0.690, AutoLip 1.201
     assert dom.value < gain * rep.bounds["domain:autolip"].value
     mats, slopes = [m.weight.detach() for m in model if isinstance(m, nn.Linear)], [(0.0, 1.0)] * 2
-    glob = cs.lipsdp_bound(mats, slopes) if method == "lipsdp" else ef.eclipse_fast_bound(mats, slopes)
+    glob = {"lipsdp": cs.lipsdp_bound, "eclipse-fast": ef.eclipse_fast_bound, "combettes-pesquet": cp.cp_bound}[
+        method](mats, slopes)
     assert dom.certified and dom.value < (0.5 if method == "lipsdp" else 1 + 1e-12) * glob, (dom.value, glob)
     xs = x + r * (2 * torch.rand(2000, 6, dtype=D) - 1)
     xs = torch.cat([xs, x + r * torch.sign(torch.randn(2000, 6, dtype=D))])
@@ -197,10 +199,12 @@ def test_eclipse_fast_drops_neurons_dead_on_the_domain() -> None:
     box = ef.eclipse_fast_chain(mats, [(lo, hi)])
     hull = ef.eclipse_fast_chain(mats, [(0.0, 1.0)])
     assert box.certified and box.value < 0.2 * hull.value, (box.value, hull.value)
+    cp_box, cp_hull = cp.cp_chain_on_domain(mats, [(lo, hi)]), cp.cp_chain(mats, [(0.0, 1.0)])
+    assert cp_box.certified and cp_box.value < 0.2 * cp_hull.value, (cp_box.value, cp_hull.value)
     vertices = itertools.product(*[(float(a), float(b)) for a, b in zip(lo, hi, strict=True)])
     exact = max(float(torch.linalg.matrix_norm(mats[1] @ torch.diag(torch.tensor(v, dtype=D)) @ mats[0], ord=2))
                 for v in vertices)
-    assert box.value >= exact
+    assert box.value >= exact and cp_box.value >= exact
 
 
 def test_cvxpy_peers_are_rechecked_and_not_tighter_than_lipgraph() -> None:

@@ -51,7 +51,8 @@ register_method("seqlip", "lipgraph.bounds.seqlip",
 register_method("affine", "lipgraph.bounds.affine",
                 "maximal affine regions folded into single operators (sum_e ||J_e|| L(e) at exits)")
 register_method("combettes-pesquet", "lipgraph.bounds.combettes_pesquet",
-                "Combettes-Pesquet bound on linear-chain segments (exact O(depth^2) programme, certified)")
+                "Combettes-Pesquet bound on linear-chain segments (exact O(depth^2) programme, certified; neurons "
+                "dead on a domain dropped)", uses_domain=True)
 register_method("eclipse-fast", "lipgraph.bounds.eclipse_fast",
                 "ECLipsE-Fast on linear-chain segments (closed form, every PSD step proven by Cholesky; per-neuron "
                 "slope intervals on a domain)", uses_domain=True)

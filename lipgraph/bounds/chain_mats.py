@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,30 @@ def autolip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -
     return v * (1 + ROUNDING_MARGIN)
 
 
+def drop_dead_neurons(mats: list[torch.Tensor], boxes: list[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """The chain without the neurons whose derivative interval is ``{0}`` (dead on the domain: their output is
+    constant, so their row of ``W_j`` and column of ``W_{j+1}`` go, exactly); None when a whole activation is
+    dead (the chain is then constant: its constant is 0). ``boxes``: per-neuron ``(lo, hi)``, one per activation."""
+    mats, boxes = list(mats), list(boxes)
+    for j, (lo, hi) in enumerate(boxes):
+        alive = (lo != 0) | (hi != 0)
+        if not bool(alive.all()):
+            if not bool(alive.any()):
+                return None
+            mats[j], mats[j + 1] = mats[j][alive], mats[j + 1][:, alive]
+            boxes[j] = (lo[alive], hi[alive])
+    return mats, boxes
+
+
+def neuron_boxes(mats: list[torch.Tensor], slopes: Sequence[tuple[Any, Any]]
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each activation's interval as per-neuron float64 tensors ``(lo, hi)`` (scalars broadcast)."""
+    return [(torch.as_tensor(a, dtype=torch.float64).reshape(-1).expand(w.shape[0]),
+             torch.as_tensor(b, dtype=torch.float64).reshape(-1).expand(w.shape[0]))
+            for w, (a, b) in zip(mats[:-1], slopes, strict=True)]
+
+
 def check(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> None:
     if len(slopes) != len(mats) - 1:
         raise ValueError("need one slope interval per activation (len(mats) - 1)")
@@ -130,4 +154,5 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
     return res
 
 
-__all__ = ["ChainMats", "ChainValue", "autolip_chain", "certified_norms", "check", "run_segments", "segment_mats"]
+__all__ = ["ChainMats", "ChainValue", "autolip_chain", "certified_norms", "check", "drop_dead_neurons",
+           "neuron_boxes", "run_segments", "segment_mats"]

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import torch
@@ -40,7 +41,15 @@ import torch
 from ..core import ROUNDING_MARGIN, Settings
 from ..norms import dense_norm
 from ..ops import LocalConstant
-from .chain_mats import ChainValue, autolip_chain, certified_norms, check, run_segments
+from .chain_mats import (
+    ChainValue,
+    autolip_chain,
+    certified_norms,
+    check,
+    drop_dead_neurons,
+    neuron_boxes,
+    run_segments,
+)
 from .relations import AlgorithmResult
 
 SOURCE = "combettes-pesquet"
@@ -106,9 +115,26 @@ def cp_bound(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> flo
     return cv.value if cv.certified else math.inf
 
 
+def cp_chain_on_domain(mats: list[torch.Tensor], slopes: Sequence[tuple[Any, Any]]) -> ChainValue:
+    """:func:`cp_chain` for per-neuron slope intervals (a domain): neurons dead there are dropped (exact), then
+    the programme runs on each activation's hull ``[min lo, max hi]``; the smaller of that and the unpruned hull's
+    value. Scalar intervals go straight to :func:`cp_chain`."""
+    if not any(isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) for a, b in slopes):
+        return cp_chain(mats, list(slopes))
+    mats = [w.detach().to(torch.float64) for w in mats]
+    boxes = neuron_boxes(mats, slopes)
+    hull = [(float(lo.min()), float(hi.max())) for lo, hi in boxes]
+    whole = cp_chain(mats, hull)
+    pruned = drop_dead_neurons(mats, boxes)
+    if pruned is None:
+        return ChainValue(0.0, True, "an activation is constant on the domain (every derivative 0)")
+    kept = cp_chain(pruned[0], [(float(lo.min()), float(hi.max())) for lo, hi in pruned[1]])
+    return kept if kept.value <= whole.value else whole
+
+
 def run(graph: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
     """One relation ``L(last) <= CP(segment) * L(entry)`` per linear-chain segment."""
-    return run_segments(graph, SOURCE, cp_chain)
+    return run_segments(graph, SOURCE, cp_chain_on_domain, settings=settings)
 
 
 __all__ = ["SOURCE", "cp_bound", "cp_chain", "product_norms", "run"]

@@ -45,7 +45,7 @@ import torch
 from ..core import ROUNDING_MARGIN, Settings
 from ..norms import cholesky_shift
 from ..ops import LocalConstant
-from .chain_mats import ChainValue, autolip_chain, check, run_segments
+from .chain_mats import ChainValue, autolip_chain, check, drop_dead_neurons, neuron_boxes, run_segments
 from .relations import AlgorithmResult
 
 SOURCE = "eclipse-fast"
@@ -218,9 +218,7 @@ def eclipse_fast_chain(mats: list[torch.Tensor], slopes: Sequence[tuple[Any, Any
 def _eclipse_fast(mats: list[torch.Tensor], slopes: Sequence[tuple[Any, Any]]) -> ChainValue:
     t0 = time.perf_counter()
     mats = [w.detach().to(_DT) for w in mats]
-    boxes = [(torch.as_tensor(a, dtype=_DT).reshape(-1).expand(w.shape[0]),
-              torch.as_tensor(b, dtype=_DT).reshape(-1).expand(w.shape[0]))
-             for w, (a, b) in zip(mats[:-1], slopes, strict=True)] if len(slopes) == len(mats) - 1 else []
+    boxes = neuron_boxes(mats, slopes) if len(slopes) == len(mats) - 1 else []
     hull = [(float(lo.min()), float(hi.max())) for lo, hi in boxes] if boxes else list(slopes)
     check(mats, hull)
     auto = autolip_chain(mats, hull)
@@ -232,16 +230,12 @@ def _eclipse_fast(mats: list[torch.Tensor], slopes: Sequence[tuple[Any, Any]]) -
         return ChainValue(auto, math.isfinite(auto), "single matrix: certified norm", time.perf_counter() - t0)
     if any(bool((lo > hi).any()) for lo, hi in boxes):
         raise ValueError("per-neuron slope intervals need lo <= hi")
-    # A neuron whose derivative is 0 on the whole domain (a dead ReLU) has a constant output: its row of W_j
-    # and column of W_{j+1} go (exact). Kept, it would waste the closed form's multiplier on a zero.
-    for j, (lo, hi) in enumerate(boxes):
-        alive = (lo != 0) | (hi != 0)
-        if not bool(alive.all()):
-            if not bool(alive.any()):
-                return ChainValue(0.0, True, f"activation {j + 1} is constant on the domain (every derivative 0)",
-                                  time.perf_counter() - t0)
-            mats[j], mats[j + 1] = mats[j][alive], mats[j + 1][:, alive]
-            boxes[j] = (lo[alive], hi[alive])
+    # Dead neurons (derivative 0 on the whole domain) go: kept, they would waste the closed form's multiplier.
+    pruned = drop_dead_neurons(mats, boxes)
+    if pruned is None:
+        return ChainValue(0.0, True, "an activation is constant on the domain (every derivative 0)",
+                          time.perf_counter() - t0)
+    mats, boxes = pruned
     cert = ForwardCertificate(mats[0].shape[1])
     for j, (w, (lo, hi)) in enumerate(zip(mats[:-1], boxes, strict=True)):
         pv, mv = lo * hi, (lo + hi) / 2  # one rounding each
