@@ -344,9 +344,11 @@ def test_maximum_is_one_lipschitz_jointly_by_secants() -> None:
         assert float((m(a) - m(b)).norm()) <= float((a - b).norm()) * (1 + 1e-12)
 
 
-def test_max_with_dim_is_honest_inf() -> None:
-    m = Fn(lambda z: torch.max(z, dim=1).values)
-    assert math.isinf(lipgraph.analyze(m, torch.randn(3, 4), lower=False).upper)
+def test_max_with_dim_values_are_one_lipschitz_and_its_indices_inf() -> None:
+    values = lipgraph.analyze(Fn(lambda z: torch.max(z, dim=1).values), torch.randn(3, 4), lower=False)
+    assert values.certified and values.upper == pytest.approx(1.0, rel=1e-9)
+    indices = lipgraph.analyze(Fn(lambda z: torch.max(z, dim=1).indices.float()), torch.randn(3, 4), lower=False)
+    assert math.isinf(indices.upper)
 
 
 def test_where_with_data_dependent_condition_is_honest_inf() -> None:
