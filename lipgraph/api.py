@@ -125,12 +125,13 @@ def analyze(
     segments: list[dict[str, Any]] = []
     # with a domain, domain-aware algorithms run on the domain only (their domain run is the tighter one)
     global_names = [n for n in names if domains is None or not METHODS[n].uses_domain]
-    blocker = unbounded_by(g, local) if domains is None else None
+    cum = combine(g, local)  # AutoLip alone: every node's bound without relations
+    blocker = unbounded_by(g, local, cum) if domains is None else None
     skipped: dict[str, BoundResult] = {}
     if blocker is not None:  # no relation can bound the output: the refinements would only cost time
         why = (f"skipped: node {blocker!r} has no finite constant and lies on a path from the input to the "
                "output, so no relation can bound the output")
-        auto_out = combine(g, local)[out]  # what every skipped algorithm would have returned at the output
+        auto_out = cum[out]  # what every skipped algorithm would have returned at the output
         skipped = {f"autolip+{n}": BoundResult(auto_out.value, auto_out.certified, why, 0.0, {"skipped": blocker})
                    for n in global_names if n != "autolip"}
         global_names = [n for n in global_names if n == "autolip"]
@@ -159,7 +160,6 @@ def analyze(
             "AutoLip with every algorithm's relations, each applied where it is tighter",
             seconds["local"] + sum(seconds[n] for n in refining) + seconds["combine"],
         )
-    cum = combine(g, local)
     modules = module_constants(g, local, relations)
     base = dict(model=model, example_input=example_input, g=g, names=names, ctx=ctx, dev=dev, local=local,
                 local_full=local_full, results=results, relations=relations, bounds=bounds, cum=cum,
@@ -171,14 +171,14 @@ def analyze(
     return [_finish(base, d) for d in domains] if isinstance(domain, Sequence) else _finish(base, domains[0])
 
 
-def unbounded_by(g: nx.DiGraph, local: Mapping[str, LocalConstant]) -> str | None:
+def unbounded_by(g: nx.DiGraph, local: Mapping[str, LocalConstant], cum: Mapping[str, Cumulative]) -> str | None:
     """A node that leaves the output unbounded whatever the bound algorithms find, or None.
 
     That is a node whose own constant is ``inf``, whose rule is neither affine nor an activation with a
     slope interval (so it is a member of no linear chain or affine region, and every relation that reaches
     past it has it, or a node after it, as an entry), whose AutoLip bound is ``inf`` (it depends on the input),
-    and which the output reads (its AutoLip bound is ``inf`` too). The first such node in graph order."""
-    cum = combine(g, local)
+    and which the output reads (its AutoLip bound is ``inf`` too); ``cum``: AutoLip's bounds
+    (``combine(g, local)``). The first such node in graph order."""
     out = g.graph["output"]
     if math.isfinite(cum[out].value):
         return None

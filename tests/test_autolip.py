@@ -240,7 +240,7 @@ def test_refinements_are_skipped_when_a_node_leaves_the_output_unbounded(monkeyp
     skipped = {k: b for k, b in rep.bounds.items() if k != "autolip"}
     assert skipped and all(b.method.startswith("skipped: node 'mul'") for b in skipped.values()), skipped
     # the claim behind the skip: running every refinement leaves the output unbounded all the same
-    monkeypatch.setattr(api, "unbounded_by", lambda g, local: None)
+    monkeypatch.setattr(api, "unbounded_by", lambda g, local, cum: None)
     full = analyze(model, x, lower=False)
     assert math.isinf(full.upper) and "autolip+seqlip" in full.bounds
     assert not full.bounds["autolip+seqlip"].method.startswith("skipped")
