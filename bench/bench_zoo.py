@@ -7,8 +7,9 @@
 
 Each row is printed as soon as the model is done and the table is written to
 ``bench/results/zoo.txt`` (``--out``), headed by the settings, so partial runs
-keep their results. Analysis uses ``analyze(model, x, lower=False)`` with the
-default settings (certified norms, ``method="auto"``) unless told otherwise.
+keep their results. Analysis is ``analyze(model, x)`` with every default (certified norms,
+``method="auto"``, the attained lower bound) unless told otherwise; ``--repeat`` analyses each
+model again and checks the bounds are identical.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.4g}"
 
 
+def values(r: Any) -> tuple[Any, ...]:
+    """Every number a report certifies or attains (not its timings), for the ``--repeat`` check."""
+    return (r.lower, {k: b.value for k, b in r.bounds.items()}, [(n.name, n.bound, n.local) for n in r.nodes])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--power-iterations", type=int, default=100)
     p.add_argument("--method", default="auto", choices=["auto", "autolip", "seqlip"])
+    p.add_argument("--no-lower", action="store_true", help="skip the attained lower bound (lower=False)")
+    p.add_argument("--repeat", action="store_true", help="analyse twice; the 'same' column says if bounds match")
     p.add_argument("--cheap-norms", action="store_true", help="power-method conv norms (uncertified, fast)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "zoo.txt"))
     p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
@@ -103,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         f"# lipgraph {lipgraph.__version__}, torch {torch.__version__}, {platform.machine()} "
         f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads), device {args.device}, "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}\n"
-        f"# analyze(model, x, method={args.method!r}, lower=False, power_iterations={args.power_iterations}, "
+        f"# analyze(model, x, method={args.method!r}, lower={not args.no_lower}, "
+        f"power_iterations={args.power_iterations}, "
         f"device={args.device!r}); "
         f"norms: {'power-method estimates (--cheap-norms)' if args.cheap_norms else 'default (certified)'}; "
         f"input 1x3xSxS, S = max({args.size}, model minimum); weights=None, seed 0 (vit_b_16: random head)\n"
     )
     head = (f"{'model':<20} {'input':>5} {'nodes':>6} {'trace s':>8} {'analyze s':>10} {'upper':>11} "
-            f"{'certified':>9} {'inf nodes':>9}  upper_method")
+            f"{'certified':>9} {'lower':>10} {'inf nodes':>9} {'same':>5}  upper_method")
     lines = [head, "-" * len(head)]
     mode = "a" if args.append else "w"
     with out.open(mode) as f:
@@ -123,12 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         g = lipgraph.trace(model, x)
         t_trace = time.perf_counter() - t0
         t0 = time.perf_counter()
-        r = lipgraph.analyze(model, x, method=args.method, lower=False, power_iterations=args.power_iterations,
-                             device=args.device)
+        kw = {"method": args.method, "lower": not args.no_lower, "power_iterations": args.power_iterations,
+              "device": args.device}
+        r = lipgraph.analyze(model, x, **kw)
         t_analyze = time.perf_counter() - t0
+        same = "-"
+        if args.repeat:
+            again = lipgraph.analyze(model, x, **kw)
+            same = "yes" if (values(again) == values(r)) else "NO"
         best = r.best[0] if r.best else "-"
         row = (f"{name:<20} {side:>5} {g.number_of_nodes():>6} {t_trace:>8.2f} {t_analyze:>10.1f} "
-               f"{fmt(r.upper):>11} {str(r.certified):>9} {len(r.not_lipschitz):>9}  {best}")
+               f"{fmt(r.upper):>11} {str(r.certified):>9} {fmt(r.lower) if r.lower is not None else '-':>10} "
+               f"{len(r.not_lipschitz):>9} {same:>5}  {best}")
         print(row, flush=True)
         with out.open("a") as f:
             f.write(row + "\n")

@@ -319,3 +319,50 @@ def test_analyze_restores_training_mode() -> None:
     before = [m.training for m in model.modules()]
     lipgraph.analyze(model, torch.randn(2, 4), lower_budget=1.0)
     assert [m.training for m in model.modules()] == before
+
+
+class _CountsCalls(nn.Module):
+    """A forward that writes a buffer in place: every call is another function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.lin(x) * self.calls
+
+
+class _RunningMean(nn.Module):
+    """A forward that reassigns a buffer (an exponential moving average of its inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("mean", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.mean = 0.9 * self.mean + 0.1 * x.mean(0)
+        return self.lin(x - self.mean)
+
+
+@pytest.mark.parametrize(("model", "buffer", "how"), [(_CountsCalls(), "calls", "written in place"),
+                                                       (_RunningMean(), "mean", "reassigned")])
+def test_forward_that_changes_state_is_refused_and_the_model_given_back(model: nn.Module, buffer: str,
+                                                                         how: str) -> None:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    held = getattr(model, buffer)
+    with pytest.raises(lipgraph.LipgraphError, match=f"buffer '{buffer}' {how}"):
+        lipgraph.analyze(model, torch.randn(2, 4))
+    assert getattr(model, buffer) is held  # the same tensor object, not a tracing proxy
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_batchnorm_in_training_mode_is_analysed_on_its_running_statistics_untouched() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = lipgraph.analyze(model, torch.randn(3, 4), lower_budget=1)
+    assert r.certified and model.training
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)

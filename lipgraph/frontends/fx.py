@@ -344,6 +344,7 @@ def trace(
             raise TraceError(f"{type(model).__name__}: tensor {pname!r} is not finite ({finite.describe(p.detach())}); "
                              "no bound can be computed from a NaN or infinite weight or statistic")
     modes = training_modes(model)
+    state = _state_snapshot(model)
     model.eval()
     try:
         leaf_paths = set(leaves)
@@ -372,9 +373,52 @@ def trace(
         inplace = [f"{n.name!r} ({_origin(n, gm)})" for n in gm.graph.nodes
                    if n.op in ("call_function", "call_method", "call_module") and _mutated_input(n, gm) is not None]
         _check_reproduces(g, example_inputs, expected, type(model).__name__, inplace)
-        return g
     finally:
         restore_training_modes(modes)
+        changed = _restore_state(state)
+    if changed:
+        raise TraceError(
+            f"{type(model).__name__}.forward changes the model's state ({', '.join(changed)}): each call computes "
+            "another function, so no constant can be certified. The model was given back as it was; guard the "
+            "update with `if self.training:` (lipgraph analyses in eval mode) or move it out of forward")
+    return g
+
+
+def _state_snapshot(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """Per submodule: its buffer and parameter dicts (which objects they hold), each tensor's version counter
+    (bumped by every in-place write) and a copy of every buffer, so :func:`_restore_state` can tell what a
+    forward changed and put it back."""
+    snap = []
+    for path, m in model.named_modules():
+        bufs, params = dict(m._buffers), dict(m._parameters)
+        versions = {k: t._version for k, t in {**bufs, **params}.items() if isinstance(t, torch.Tensor)}
+        copies = {k: t.detach().clone() for k, t in bufs.items() if isinstance(t, torch.Tensor)}
+        snap.append((path, m, {"buffers": bufs, "parameters": params}, versions, copies))
+    return snap
+
+
+def _restore_state(snap: list[tuple[str, nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]) -> list[str]:
+    """Put back every buffer and parameter a trace or run replaced or wrote in place; the names of those changed
+    (a parameter written in place cannot be restored and is named as such)."""
+    changed = []
+    for path, m, held, versions, copies in snap:
+        for kind, table in (("buffer", m._buffers), ("parameter", m._parameters)):
+            before = held[kind + "s"]
+            for k in set(before) | set(table):
+                name = f"{kind} {(path + '.' if path else '') + k!r}"
+                if table.get(k) is not before.get(k):
+                    changed.append(name + " reassigned")
+                    if k in before:
+                        table[k] = before[k]
+                    else:
+                        del table[k]
+                t = before.get(k)
+                if isinstance(t, torch.Tensor) and t._version != versions.get(k):
+                    changed.append(name + " written in place")
+                    if k in copies:
+                        with torch.no_grad():
+                            t.copy_(copies[k])
+    return changed
 
 
 def _source(n: fx.Node) -> tuple[str, str]:
