@@ -100,6 +100,7 @@ def analyze(
         raise LipgraphError("--device cuda was given but torch.cuda.is_available() is False on this machine")
     seconds: dict[str, float] = {}
     modes = training_modes(model)
+    model, example_input = _widened(model, example_input)
 
     t0 = time.perf_counter()
     g = trace(model, example_input, leaves=_leaf_keys(constants) if isinstance(model, nn.Module) else ())
@@ -189,6 +190,32 @@ def unbounded_by(g: nx.DiGraph, local: Mapping[str, LocalConstant], cum: Mapping
                 and not (rule is not None and (rule.affine or rule.slope is not None))):
             return n.name
     return None
+
+
+#: Floating dtypes whose models are analysed on a float64 copy: their arithmetic is too coarse for the
+#: trace's reproduction check, the lower-bound search and its re-evaluation (CPU forward AD refuses them).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _widened(model: Any, example_input: Any) -> tuple[Any, Any]:
+    """An fp16/bf16 ``nn.Module`` (any parameter, buffer or input in :data:`LOW_PRECISION`) as a float64 copy
+    with float64 inputs. Every low-precision weight is exact in float64, so the constants are those of the
+    model's weights; the copy's function is the exact-arithmetic one (low-precision rounding itself is a
+    step function, not Lipschitz). The caller's model is not touched. Anything else is returned as it is."""
+    if not isinstance(model, nn.Module):
+        return model, example_input
+    xs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    tensors = [*model.parameters(), *model.buffers(), *(x for x in xs if isinstance(x, torch.Tensor))]
+    if not any(t.dtype in LOW_PRECISION for t in tensors):
+        return model, example_input
+    import copy  # noqa: PLC0415
+
+    def wide(x: Any) -> Any:
+        return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    widened = copy.deepcopy(model).double()
+    return widened, (type(example_input)(wide(x) for x in example_input)
+                     if isinstance(example_input, (tuple, list)) else wide(example_input))
 
 
 def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: Domain | None, restarts: int,

@@ -3,6 +3,7 @@ and the labelling of infinite bounds."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -366,3 +367,19 @@ def test_batchnorm_in_training_mode_is_analysed_on_its_running_statistics_untouc
     r = lipgraph.analyze(model, torch.randn(3, 4), lower_budget=1)
     assert r.certified and model.training
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_is_analysed_on_a_float64_copy(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    x = torch.randn(2, 6, dtype=dtype)
+    r = lipgraph.analyze(model, x, lower_budget=2)
+    exact = lipgraph.analyze(copy.deepcopy(model).double(), x.double(), lower_budget=2)
+    assert r.certified and r.upper == exact.upper  # the same weights, exactly representable in float64
+    assert r.lower is not None and 0 < r.lower <= r.upper
+    # the float64 Jacobian of the half-precision weights never exceeds the bound
+    m64 = copy.deepcopy(model).double()
+    for z in torch.randn(20, 6, dtype=torch.float64):
+        assert torch.linalg.matrix_norm(torch.autograd.functional.jacobian(m64, z), 2) <= r.upper
+    assert all(p.dtype == dtype for p in model.parameters())  # the caller's model stays in its dtype
