@@ -554,6 +554,38 @@ def test_external_data(tmp_path: Path) -> None:
         lipgraph.trace(str(path))
 
 
+def _pointing_to(path: Path, location: str, length: int | None = None) -> None:
+    """Rewrite the external-data entry of every tensor of ``path`` to ``location`` (and ``length``)."""
+    m = onnx.load(str(path), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+            if e.key == "length" and length is not None:
+                e.value = str(length)
+    onnx.save(m, str(path))
+
+
+def test_external_data_is_confined_to_the_model_folder(tmp_path: Path) -> None:
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "ext", [vi("x", [1, 8])],
+                          [vi("y", None)], [init("W", w)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = folder / "ext.onnx"
+    onnx.save(m, str(path), save_as_external_data=True, location="ext.bin", size_threshold=0)
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes((folder / "ext.bin").read_bytes())
+    for location in ("../secret.bin", str(outside)):  # a relative escape and an absolute path
+        _pointing_to(path, location)
+        with pytest.raises(ModelLoadError, match="outside the model's folder"):
+            lipgraph.trace(str(path))
+    _pointing_to(path, "ext.bin", length=10 ** 6)  # more bytes than the file holds
+    with pytest.raises(ModelLoadError, match="which has 128 bytes"):
+        lipgraph.trace(str(path))
+
+
 def test_wrong_inputs(tmp_path: Path) -> None:
     n = helper.make_node("Relu", ["x"], ["y"])
     path = save(tmp_path, "relu", [n], [vi("x", [2, 3])], [vi("y", None)])

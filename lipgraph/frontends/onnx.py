@@ -114,10 +114,24 @@ def read_model(path: str) -> onnx.ModelProto:
     for t in external:
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
+        inside = base.resolve()
+        target = (base / loc).resolve()
+        if loc and (Path(loc).is_absolute() or (target != inside and inside not in target.parents)):
+            raise ModelLoadError(
+                f"tensor {t.name!r} of {path} points its external data outside the model's folder ({loc!r}); "
+                "lipgraph reads external data only from files beside the model"
+            )
         if not loc or not (base / loc).is_file():
             raise ModelLoadError(
                 f"tensor {t.name!r} of {path} stores its data in the external file {loc!r}, "
                 f"which is missing (expected at {base / loc}); copy it next to the model"
+            )
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        size = target.stat().st_size
+        if offset < 0 or offset > size or (length is not None and (int(length) < 0 or offset + int(length) > size)):
+            raise ModelLoadError(
+                f"tensor {t.name!r} of {path} reads bytes {offset}..{offset + int(length or 0)} of its external "
+                f"file {loc!r}, which has {size} bytes (truncated or wrong file?)"
             )
     try:  # fills the types of values (graph outputs too) that the file leaves out
         model = onnx.shape_inference.infer_shapes(model)
