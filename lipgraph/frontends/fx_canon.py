@@ -361,6 +361,11 @@ def kthvalue(input, k, dim=-1, keepdim=False, *, out=None):  # noqa: A002
     return _order("kthvalue", input, k=int(k), dim=dim % len(input.shape), keepdim=bool(keepdim))
 
 
+def msort(input):  # noqa: A002
+    """``torch.msort(x)``: ``x`` sorted ascending along dim 0, a values-only ``topk`` of every entry."""
+    return Canon("topk", [input], {"k": int(input.shape[0]), "dim": 0, "largest": False})
+
+
 def median_dim(input, dim=None, keepdim=False, *, out=None):  # noqa: A002
     if dim is None or out is not None:
         return None  # median over every entry returns one value: no rule here (opaque, inf)
@@ -703,6 +708,8 @@ _fn(sort, torch.sort)
 _method(sort, "sort")
 _fn(topk, torch.topk)
 _method(topk, "topk")
+_fn(msort, torch.msort)
+_method(msort, "msort")
 _fn(kthvalue, torch.kthvalue)
 _method(kthvalue, "kthvalue")
 _fn(median_dim, torch.median)
