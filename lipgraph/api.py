@@ -29,13 +29,19 @@ from .report import BoundResult, NodeReport, Report
 Progress = Callable[[str, int, int], None]
 
 
-def trace(model: nn.Module | str, example_inputs: Any = None, *, leaves: Sequence[str] = ()) -> nx.DiGraph:
+def trace(model: nn.Module | str | nx.DiGraph, example_inputs: Any = None, *, leaves: Sequence[str] = ()) -> nx.DiGraph:
     """Translate a model into the IR (a ``networkx.DiGraph``, see :mod:`lipgraph.ir`).
 
     ``model`` is an ``nn.Module`` (traced with torch.fx on ``example_inputs``) or
     the path of an ``.onnx`` file (``example_inputs`` then optional: shapes for
-    dynamic dimensions).
+    dynamic dimensions), or an IR graph that :func:`trace` already returned (given back as it is, so a graph
+    built or edited on the IR, such as :mod:`lipgraph.certify`'s logit differences of an ONNX model, is
+    analysed like a model).
     """
+    if isinstance(model, nx.DiGraph):
+        if not {"inputs", "output", "order", "name", "frontend"} <= set(model.graph):
+            raise LipgraphError("a networkx graph given as a model must be a lipgraph IR (from lipgraph.trace)")
+        return model
     if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
         from .frontends import onnx as onnx_frontend  # noqa: PLC0415 - optional dependency
 
@@ -56,7 +62,7 @@ def _leaf_keys(constants: Mapping[str, Any] | None) -> list[str]:
 
 
 def analyze(
-    model: nn.Module | str,
+    model: nn.Module | str | nx.DiGraph,
     example_input: Any = None,
     *,
     method: str | Sequence[str] = "auto",

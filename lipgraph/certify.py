@@ -57,19 +57,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import networkx as nx
 import torch
 import torch.nn as nn
 
+from . import ir
 from .core import restore_training_modes, training_modes
 from .domains import Ball, Box, Range
 from .errors import InputShapeError, LipgraphError
+from .ops import execute
 from .report import fmt, jf
 
 SCHEMA = "lipgraph.certificate/1"
@@ -304,7 +309,7 @@ def _margin(logits: torch.Tensor, y: int) -> torch.Tensor:
     return logits[..., y] - other.max(dim=-1).values
 
 
-def _analyze(model: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[float, bool, str]:
+def _analyze(model: Any, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[float, bool, str]:
     import lipgraph  # noqa: PLC0415
 
     rep = lipgraph.analyze(model, x, **kwargs)
@@ -313,12 +318,9 @@ def _analyze(model: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple
 
 
 @contextlib.contextmanager
-def kept_modes(model: nn.Module) -> Iterator[None]:
+def kept_modes(model: Any) -> Iterator[None]:
     """Give every submodule its training flag back afterwards (the work inside puts the model in eval mode;
-    the user's model is left as it was)."""
-    if not isinstance(model, nn.Module):
-        raise LipgraphError(f"certify needs a PyTorch nn.Module, not {type(model).__name__} (an ONNX file is "
-                            "not supported here yet: certify the PyTorch model it was exported from)")
+    the user's model is left as it was). Anything but an ``nn.Module`` has no modes to keep."""
     modes = training_modes(model)
     try:
         yield
@@ -326,8 +328,97 @@ def kept_modes(model: nn.Module) -> Iterator[None]:
         restore_training_modes(modes)
 
 
+def pair_difference_graph(g: nx.DiGraph, y: int, j: int) -> tuple[nx.DiGraph, bool]:
+    """The IR of ``x -> f_y(x) - f_j(x)`` (shape ``(1, 1)``) from the IR ``g`` of a classifier with ``(1, C)``
+    logits: :class:`PairDiff` on the graph. ``g``'s nodes are kept as they are; when the logits come from a
+    ``linear`` node that only the output reads, that node's rows ``y`` and ``j`` are subtracted (the same
+    function: AutoLip then sees ``||w_y - w_j||``), otherwise one ``linear`` node of weight ``e_y - e_j`` is
+    appended (``sqrt(2)``; affine folding of ``method="auto"`` sees the product). Returns the graph and
+    whether the head was folded. The new weights have the dtype of the logits' node parameters (float64
+    for a float64 IR)."""
+    out = ir.node(g, g.graph["output"])
+    if len(out.inputs) != 1:
+        raise InputShapeError(f"certify needs a model with one output (N, classes), this one has {len(out.inputs)}")
+    src = ir.node(g, out.inputs[0])
+    shape = tuple(src.out_shape) if isinstance(src.out_shape, (tuple, list)) else ()
+    if len(shape) != 2 or shape[0] != 1 or not all(isinstance(d, int) for d in shape):
+        raise InputShapeError(f"the model must map one input to (1, classes) logits, got {src.out_shape}")
+    n_cls = shape[1]
+    weight = src.params.get("weight")
+    folded = (src.op == "linear" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+              and weight.shape[0] == n_cls and g.out_degree(src.name) == 1)
+    h = ir.new_graph(f"{g.graph['name']}[f{y}-f{j}]", g.graph["frontend"])
+    for n in ir.nodes(g):
+        if n.op == "output":
+            continue
+        if folded and n.name == src.name:
+            assert weight is not None
+            params = {"weight": (weight[y] - weight[j]).unsqueeze(0)}
+            if "bias" in n.params:
+                b = n.params["bias"]
+                params["bias"] = (b[y] - b[j]).reshape(1)
+            n = dataclasses.replace(n, params=params, out_shape=(1, 1))
+        ir.add_node(h, n)
+    last = src.name
+    if not folded:
+        floats = [t for t in src.params.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        dtype = floats[0].dtype if floats else torch.float64
+        e = torch.zeros(1, n_cls, dtype=dtype)
+        e[0, y], e[0, j] = 1.0, -1.0
+        name = f"{src.name}_logit_difference"
+        while name in g:
+            name += "_"
+        ir.add_node(h, ir.IRNode(name, "linear", [src.name], {}, {"weight": e}, "certify",
+                                 f"f{y} - f{j}", [shape], (1, 1)))
+        last = name
+    ir.add_node(h, dataclasses.replace(out, inputs=[last], in_shapes=[(1, 1)], out_shape=(1, 1)))
+    return h, folded
+
+
+@dataclass
+class _Classifier:
+    """What certify needs of a model, for a PyTorch module and an IR graph (an ONNX file) alike.
+
+    ``whole``: what :func:`lipgraph.analyze` bounds for the whole network; ``m64``: a float64 ``nn.Module``
+    computing the logits (margins); ``pair(y, j)``: the float64 model of ``f_y - f_j`` and whether its head
+    folded; ``attackable``: the model the PGD attack differentiates (the user's precision)."""
+
+    whole: Any
+    m64: nn.Module
+    pair: Callable[[int, int], tuple[Any, bool]]
+    attackable: nn.Module
+
+
+def _classifier(model: Any, example: torch.Tensor) -> _Classifier:
+    """A :class:`_Classifier` for an ``nn.Module``, an ``.onnx`` path or an IR graph (traced on ``example``)."""
+    if isinstance(model, nn.Module):
+        m64 = copy.deepcopy(model).double().eval()
+
+        def module_pair(y: int, j: int) -> tuple[Any, bool]:
+            pd = PairDiff(m64, y, j).eval()
+            return pd, pd.folded
+
+        return _Classifier(model, m64, module_pair, model)
+    if isinstance(model, (str, os.PathLike, nx.DiGraph)):
+        from .api import trace  # noqa: PLC0415
+        from .ops import IRModule  # noqa: PLC0415
+
+        g = trace(model if isinstance(model, nx.DiGraph) else os.fspath(model), example)
+        if len(g.graph["inputs"]) != 1:
+            raise InputShapeError(f"certify needs a single-input model; {g.graph['name']} takes "
+                                  f"{len(g.graph['inputs'])}")
+        outputs = ir.node(g, g.graph["output"]).inputs
+        if len(outputs) != 1:
+            raise InputShapeError(f"certify needs a model with one output (N, classes logits); "
+                                  f"{g.graph['name']} has {len(outputs)}")
+        g64 = ir.to_float64(g)
+        return _Classifier(g, IRModule(g64).eval(), lambda y, j: pair_difference_graph(g64, y, j),
+                           IRModule(g).eval())
+    raise LipgraphError(f"certify needs a PyTorch nn.Module or the path of an .onnx file, not {type(model).__name__}")
+
+
 def certify(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike[str],
     inputs: torch.Tensor,
     labels: torch.Tensor | Sequence[int],
     *,
@@ -345,6 +436,9 @@ def certify(
     **analyze_kwargs: Any,
 ) -> Certificate:
     """Certified radii of ``inputs`` (batch on dim 0) under ``model`` from global Lipschitz bounds.
+
+    ``model``: an ``nn.Module``, or the path of an ``.onnx`` file (its IR, loaded with the shape of one input,
+    computes the logits one input at a time, and the class pairs are built on the IR).
 
     ``norm``: ``"l2"`` or ``"linf"`` (the l2 radius divided by ``sqrt(n)``: sound since
     ``||d||_2 <= sqrt(n) ||d||_inf``). ``radius``: radii at which to report certified accuracy.
@@ -372,13 +466,15 @@ def certify(
         else:
             radii = [float(radius)] if isinstance(radius, (int, float)) else [float(r) for r in radius]
         kwargs = {"lower": False, "seed": seed, **analyze_kwargs}  # one seed for the attack and the bounds
-        model = model.eval()
+        if isinstance(model, nn.Module):
+            model = model.eval()
         n_in = int(inputs[0].numel())
         scale = 1.0 if norm == "l2" else 1.0 / math.sqrt(n_in)
         example = inputs[:1].detach()
+        target = _classifier(model, example)
 
         # margins in float64 (an exact-arithmetic statement about f needs the rounding of the margin small)
-        m64 = copy.deepcopy(model).double().eval()
+        m64 = target.m64
         with torch.no_grad():
             logits = m64(inputs.detach().double())
         if logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
@@ -388,21 +484,21 @@ def certify(
         if labels_t.numel() and (labels_t.min() < 0 or labels_t.max() >= n_cls):
             raise InputShapeError(f"labels must lie in [0, {n_cls})")
 
-        whole, whole_cert, whole_method = _analyze(model, example, kwargs)
+        whole, whole_cert, whole_method = _analyze(target.whole, example, kwargs)
         pairs: dict[tuple[int, int], PairConstant] = {}
 
         def pair(y: int, j: int) -> PairConstant:
             key = (min(y, j), max(y, j))  # Lip(f_y - f_j) = Lip(f_j - f_y)
             if key not in pairs:
                 # built from the float64 copy: w_y - w_j exactly as the real-valued function has it
-                pd = PairDiff(m64, *key).eval()
+                pd, folded = target.pair(*key)
                 with torch.no_grad():  # the wrapper must compute the same function
                     ref = m64(example.double())
-                    got = pd(example.double())
+                    got = pd(example.double()) if isinstance(pd, nn.Module) else execute(pd, example.double())
                     want = ref[..., key[0]] - ref[..., key[1]]
                     if not torch.allclose(got.reshape(-1), want.reshape(-1), rtol=1e-9, atol=1e-9):
-                        raise LipgraphError(f"PairDiff({key}) does not reproduce the logit difference")
-                meth = pair_method or ("autolip" if pd.folded else "auto")
+                        raise LipgraphError(f"the difference of logits {key} does not reproduce the model's")
+                meth = pair_method or ("autolip" if folded else "auto")
                 pv, pc, pm = _analyze(pd, example.double(), {**kwargs, "method": meth})
                 cands = [(pv, pc, pm)]
                 if math.isfinite(whole):
@@ -440,7 +536,8 @@ def certify(
                 x64 = inputs[i:i + 1].detach().double()
                 if domain is not None and not bool(((x64 >= domain.lo) & (x64 <= domain.hi)).all()):
                     raise LipgraphError(f"input {i} lies outside the certify domain {domain.describe()}")
-                search = _LocalSearch(m64, x64, lab, logits[i], norm, domain, local_method, kwargs,
+                search = _LocalSearch(lambda j, _y=lab: target.pair(_y, j)[0], x64, lab, logits[i], norm,
+                                      domain, local_method, kwargs,
                                       {j: pair(lab, j) for j in range(n_cls) if j != lab})
                 r0 = r if rc else 0.0  # an estimated global radius is no verified start
                 c.radii["local-lipschitz"] = search.lipschitz_radius(r0, local_steps)
@@ -462,9 +559,9 @@ def certify(
                     hi = max(4 * c.radius, 4 * c.tsuzuku_radius, 1e-3)
                     box = None if domain is None or c.method == "global" else (
                         float(domain.lo.min()), float(domain.hi.max()))  # a scalar box: the attack stays in it
-                    c.attack_radius = attack_radius(model, inputs[c.index], c.label, norm=norm, steps=attack_steps,
-                                                    bisections=attack_bisections, seed=seed + c.index, start=hi,
-                                                    clip=box)
+                    c.attack_radius = attack_radius(target.attackable, inputs[c.index], c.label, norm=norm,
+                                                    steps=attack_steps, bisections=attack_bisections,
+                                                    seed=seed + c.index, start=hi, clip=box)
         return result
 
 
@@ -472,22 +569,22 @@ class _LocalSearch:
     """The local radii of one input ``x`` (float64, batch 1) with label ``y``: the checks of the module docstring
     and the two fixed-step searches. ``pairs[j]``: the global constant of ``f_y - f_j``."""
 
-    def __init__(self, m64: nn.Module, x: torch.Tensor, y: int, logits: torch.Tensor, norm: str,
+    def __init__(self, pair_of: Callable[[int], Any], x: torch.Tensor, y: int, logits: torch.Tensor, norm: str,
                  clip: Box | None, method: str | Sequence[str], kwargs: dict[str, Any],
                  pairs: dict[int, PairConstant]) -> None:
-        self.m64, self.x, self.y, self.norm, self.clip = m64, x, y, norm, clip
+        self.pair_of, self.x, self.y, self.norm, self.clip = pair_of, x, y, norm, clip
         self.method, self.kwargs = method, {k: v for k, v in kwargs.items() if k not in ("method", "domain")}
         self.margins = {j: float(logits[y] - logits[j]) for j in pairs}
         self.pairs = pairs
         self.to_l2 = 1.0 if norm == "l2" else math.sqrt(x.numel())  # ||d||_2 <= sqrt(n) ||d||_inf
-        self.modules: dict[int, nn.Module] = {}
+        self.modules: dict[int, Any] = {}
         self.graphs: dict[int, Any] = {}
         self.verified: dict[int, float] = {}  # per pair: the largest radius its local-Lipschitz check passed
         self.local_l: dict[int, float] = {}  # per pair: the constant on the last ball checked
 
-    def _module(self, j: int) -> nn.Module:
+    def _module(self, j: int) -> Any:
         if j not in self.modules:
-            self.modules[j] = PairDiff(self.m64, self.y, j).eval()  # f_y - f_j itself (not |.|-symmetrised)
+            self.modules[j] = self.pair_of(j)  # f_y - f_j itself (not |.|-symmetrised)
         return self.modules[j]
 
     def ball(self, r: float) -> Ball:

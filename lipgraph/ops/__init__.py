@@ -2,7 +2,7 @@
 
 from . import activations, linear, normalization, pooling, resampling, selections, structural  # noqa: F401 - registration
 from .activations import slope_interval
-from .executor import execute
+from .executor import IRModule, execute
 from .registry import (
     INF,
     RULES,
@@ -17,6 +17,7 @@ from .registry import (
 
 __all__ = [
     "INF",
+    "IRModule",
     "RULES",
     "Settings",
     "LocalConstant",

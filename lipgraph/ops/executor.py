@@ -40,3 +40,24 @@ def execute(g: nx.DiGraph, *inputs: torch.Tensor, keep: bool = False) -> Any:
                 if users_left[src] == 0 and src not in names:
                     values.pop(src, None)
     return (result, values) if keep else result
+
+
+class IRModule(torch.nn.Module):
+    """An IR graph as an ``nn.Module`` for evaluation and gradients (margins, attacks), not for tracing.
+
+    The IR's shapes are those of its example input, so a batch is run one row at a time: ``forward(x)`` with
+    ``x`` of shape ``(N, ...)`` runs :func:`execute` on each ``x[i:i+1]`` (the example's batch of 1) and
+    concatenates the outputs along dim 0. Single-input, single-tensor-output graphs only.
+    """
+
+    def __init__(self, g: nx.DiGraph) -> None:
+        super().__init__()
+        if len(g.graph["inputs"]) != 1:
+            raise ValueError(f"IRModule runs single-input graphs; this one takes {len(g.graph['inputs'])}")
+        self.g = g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [execute(self.g, x[i:i + 1]) for i in range(x.shape[0])]
+        if not all(isinstance(o, torch.Tensor) for o in outs):
+            raise TypeError("IRModule needs a graph with a single tensor output")
+        return torch.cat(outs, dim=0)
