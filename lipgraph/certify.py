@@ -656,13 +656,21 @@ class _LocalSearch:
 
     def _range_pair_ok(self, j: int, r: float) -> bool:
         from .api import trace  # noqa: PLC0415
+        from .bounds.linear_bounds import linear_bounds  # noqa: PLC0415
         from .bounds.ranges import propagate  # noqa: PLC0415
 
         if j not in self.graphs:
             self.graphs[j] = trace(self._module(j), self.x)
         g = self.graphs[j]
-        rng = propagate(g, self.ball(r), self.x).ranges.get(g.graph["output"])
-        return isinstance(rng, Range) and bool(torch.isfinite(rng.lo).all()) and float(rng.lo.min()) > 0
+        ball = self.ball(r)
+        res = propagate(g, ball, self.x)
+        rng = res.ranges.get(g.graph["output"])
+        if isinstance(rng, Range) and bool(torch.isfinite(rng.lo).all()) and float(rng.lo.min()) > 0:
+            return True
+        if not isinstance(rng, Range):
+            return False
+        lin = linear_bounds(g, ball, self.x, upper=False, ranges=res)  # None unless the pair is a chain
+        return lin is not None and bool(torch.isfinite(lin.lower).all()) and float(lin.lower.min()) > 0
 
     def range_ok(self, r: float) -> bool:
         """The lower end of the range of ``f_y - f_j`` over ``B(x, r)`` is ``> 0`` for every ``j``."""

@@ -162,4 +162,8 @@ def test_mnist_local_radii() -> None:
                 "(auto_LiRPA CROWN margin radii on three such points: 0.95, 0.35, 1.01)")
     print("\n" + "\n".join(rows))
     assert all(c.correct and c.radius >= c.radii["global"] for c in cert.inputs)
-    assert sum(c.radius >= 3 * c.radii["global"] for c in cert.inputs) >= 3
+    assert sum(c.radius >= 3 * c.radii["global"] for c in cert.inputs) >= 7  # measured: 7 of 10, 2.67-5.50x
+    # the margin's linear bounds (CROWN with optimised slopes) beat interval ranges: measured median 0.82
+    # (interval arithmetic alone: 0.43), and the best radius exceeds 0.9 on at least three points
+    assert statistics.median(c.radii["margin-range"] for c in cert.inputs) > 0.7
+    assert sum(c.radius > 0.9 for c in cert.inputs) >= 3
