@@ -15,7 +15,7 @@ import torch.nn as nn
 from . import ir
 from .bounds import METHODS
 from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
-from .bounds.lower import PatternTargets, lower_bound
+from .bounds.lower import PatternTargets, lower_bound, search_plan
 from .bounds.on_domain import domain_constants
 from .bounds.ranges import propagate
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, subgraph_constant
@@ -69,7 +69,7 @@ def analyze(
     device: str | torch.device | None = None,
     constants: Mapping[str, float | UserConstant] | None = None,
     lower: bool = True,
-    lower_budget: int = 8,
+    lower_budget: int | None = None,
     power_iterations: int = 100,
     progress: Progress | None = None,
     seed: int = 0,
@@ -82,9 +82,11 @@ def analyze(
     certified one). ``constants`` maps module paths, class names or node names
     to user-supplied constants (floats are unverified assumptions; use
     :class:`UserConstant` with ``certified=True`` to assert a proof). ``lower``
-    runs the Jacobian-ascent search for an attained value with ``lower_budget``
-    restarts (a work count, not seconds: each restart is 11 Jacobian evaluations and 30 secant steps;
-    a float is truncated, at least 1), so the value does not depend on machine load.
+    runs the Jacobian-ascent search for an attained value: ``lower_budget`` restarts when given (a work
+    count, not seconds: each restart is 11 Jacobian evaluations and 30 secant steps; a float is truncated, at
+    least 1); by default a plan scaled to the model (:func:`lipgraph.bounds.lower.search_plan`: 8 restarts
+    where they fit :data:`~lipgraph.bounds.lower.SEARCH_WORK` multiply-adds, fewer and shorter ones on large
+    models, counted from the graph's shapes), so the value does not depend on machine load.
     ``progress(stage, done, total)`` is called during long work. ``seed`` fixes every random choice
     (power-method starts, the lower-bound search and its random inputs) without touching the caller's
     global random state.
@@ -119,6 +121,8 @@ def analyze(
                             "'Conv2d' or node names from the report)")
 
     ctx = Settings(device=dev, power_iterations=power_iterations, seed=seed)
+    if method != "auto":  # methods named by the caller run whatever they cost
+        ctx.extra["chain_flops"] = math.inf
     t0 = time.perf_counter()
     cb = (lambda i, n, node: progress("constants", i, n)) if progress else None
     local_full = local_constants(g, ctx, constants, cb)
@@ -224,8 +228,9 @@ def _widened(model: Any, example_input: Any) -> tuple[Any, Any]:
                      if isinstance(example_input, (tuple, list)) else wide(example_input))
 
 
-def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: Domain | None, restarts: int,
-              seed: int, patterns: PatternTargets | None = None, copies: dict[str, Any] | None = None) -> Any:
+def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: Domain | None,
+              plan: dict[str, int], seed: int, patterns: PatternTargets | None = None,
+              copies: dict[str, Any] | None = None) -> Any:
     """The lower-bound search on the model (its float64 copy re-evaluates the witness), else on the IR (float32
     search, float64 IR re-evaluation): the IR path serves ONNX files and models whose ops lack forward-mode AD
     (PyTorch's fused CPU attention), since the IR runs attention as matmuls and softmax. None if both fail.
@@ -258,7 +263,7 @@ def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: D
     for fn, f64 in tries:
         torch.manual_seed(seed)
         try:
-            return lower_bound(fn, xs, restarts=restarts, f64=f64, seed=seed, **kw)
+            return lower_bound(fn, xs, **plan, f64=f64, seed=seed, **kw)
         except (NotImplementedError, RuntimeError, TypeError):  # no forward AD, a dtype the op refuses: next
             continue
     return None
@@ -311,7 +316,7 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
         rng_devices = [dev.index or 0] if dev.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=rng_devices):  # the search's own draws, seeded, then restored
-                lb = _attained(model, g, xs, domain, max(1, int(lower_budget)), seed,
+                lb = _attained(model, g, xs, domain, search_plan(ir.model_macs(g), lower_budget), seed,
                                dom["patterns"] if dom is not None else None, base["float64"])
         finally:
             restore_training_modes(base["modes"])

@@ -669,7 +669,7 @@ class _LocalSearch:
             return True
         if not isinstance(rng, Range):
             return False
-        lin = linear_bounds(g, ball, self.x, upper=False, ranges=res)  # None unless the pair is a chain
+        lin = linear_bounds(g, ball, self.x, upper=False, ranges=res, enough=0.0)  # None unless a chain
         return lin is not None and bool(torch.isfinite(lin.lower).all()) and float(lin.lower.min()) > 0
 
     def range_ok(self, r: float) -> bool:

@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--depth", type=int, default=None,
                    help="collapse modules deeper than this in the rendering (each shows its own constant)")
     a.add_argument("--no-lower", action="store_true", help="skip the empirical lower bound (Jacobian / secant ascent)")
-    a.add_argument("--lower-budget", type=int, default=8,
-                   help="restarts of the lower-bound search (work, not seconds)")
+    a.add_argument("--lower-budget", type=int, default=None,
+                   help="restarts of the lower-bound search (work, not seconds; default: up to 8, scaled to "
+                        "the model's size)")
     a.add_argument("--power-iterations", type=int, default=100, help="power-method steps for estimates")
     a.add_argument("--rows", type=int, default=60, help="node rows to print (0: none, -1: all)")
     a.add_argument("--seed", type=int, default=0,

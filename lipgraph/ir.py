@@ -188,3 +188,33 @@ def summary(g: nx.DiGraph) -> dict[str, int]:
     for n in nodes(g):
         counts[n.op] = counts.get(n.op, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def _numel(shape: Any) -> int:
+    if isinstance(shape, (tuple, list)) and all(isinstance(d, int) for d in shape):
+        n = 1
+        for d in shape:
+            n *= d
+        return n
+    if isinstance(shape, (tuple, list)):
+        return sum(_numel(s) for s in shape)
+    return 0
+
+
+def model_macs(g: nx.DiGraph) -> int:
+    """Multiply-adds of one evaluation of ``g`` on its example shapes: ``linear`` ``rows x in x out``, ``conv``
+    ``outputs x (inputs per group) x kernel``, ``conv_transpose`` ``inputs x (outputs per group) x kernel``,
+    every other node its output size. A function of the graph only (budgets count it, not seconds)."""
+    total = 0
+    for n in nodes(g):
+        w = n.params.get("weight")
+        out = _numel(n.out_shape)
+        if n.op == "linear" and isinstance(w, torch.Tensor):
+            total += out * int(w.shape[-1])
+        elif n.op == "conv" and isinstance(w, torch.Tensor):
+            total += out * int(w[0].numel())
+        elif n.op == "conv_transpose" and isinstance(w, torch.Tensor) and n.in_shapes:
+            total += _numel(n.in_shapes[0]) * int(w[0].numel())
+        else:
+            total += out
+    return total

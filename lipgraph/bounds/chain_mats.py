@@ -23,6 +23,7 @@ from typing import Any
 import networkx as nx
 import torch
 
+from .. import ir
 from ..core import ROUNDING_MARGIN, Settings
 from ..norms import dense_norm
 from .chains import MAX_DENSE, Segment, find_segments, group_matrix, neuron_interval
@@ -111,6 +112,37 @@ def check(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> None:
             raise ValueError(f"shape mismatch: {tuple(x.shape)} then {tuple(y.shape)}")
 
 
+#: Default cost cap of one chain segment for the dense chain methods that run on it (ECLipsE-Fast,
+#: Combettes-Pesquet, LipSDP), in flops as :func:`chain_flops` counts them. Measured on one loaded core at
+#: 64x64: AlexNet's classifier 9216-4096-4096-1000 counts 1.0e12 (ECLipsE-Fast 110 s, Combettes-Pesquet 36 s,
+#: LipSDP 16 s for no gain) and its materialised conv3-conv5 chain 1728-3456-2304-2304 1.75e11 (ECLipsE-Fast
+#: 82 s); the MNIST and digits chains count under 1e9. ``analyze`` with methods named explicitly lifts the cap
+#: (``Settings.extra["chain_flops"] = inf``), as ``bench/bench_chains.py`` does for its 80-1000x50-10 chain
+#: (1.5e11).
+CHAIN_FLOPS = 3e10
+
+
+def chain_flops(shapes: Sequence[tuple[int, int]]) -> float:
+    """``sum (n_in^3 + n_in^2 n_out + n_out^3)`` over the chain's matrix shapes ``(n_out, n_in)``: the order of
+    the Cholesky factorisations, triangular solves and eigenvalue problems the dense chain methods run per step."""
+    return float(sum(n_in ** 3 + n_in ** 2 * n_out + n_out ** 3 for n_out, n_in in shapes))
+
+
+def segment_shapes(g: nx.DiGraph, seg: Segment) -> list[tuple[int, int]]:
+    """The ``(out, in)`` shape of each group's matrix, from the IR's shapes (activations are elementwise, so a
+    group reads what the previous one wrote)."""
+    def numel(shape: Any) -> int:
+        return math.prod(shape) if isinstance(shape, (tuple, list)) else 0
+
+    n_in = numel(ir.node(g, seg.entry).out_shape)
+    shapes = []
+    for grp in seg.groups:
+        n_out = numel(ir.node(g, grp[-1]).out_shape)
+        shapes.append((n_out, n_in))
+        n_in = n_out
+    return shapes
+
+
 def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor], list[Any]], ChainValue],
                  max_dense: int = MAX_DENSE, settings: Settings | None = None) -> AlgorithmResult:
     """One relation ``L(seg.last) <= bound(chain) * L(seg.entry)`` per segment (the relation contract of
@@ -126,6 +158,15 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
         rec: dict[str, Any] = {"nodes": list(seg.nodes), "entry": seg.entry, "label": label,
                                "slopes": [[float(a), float(b)] for a, b in seg.slopes]}
         t1 = time.perf_counter()
+        cap = settings.extra.get("chain_flops", CHAIN_FLOPS) if settings is not None else CHAIN_FLOPS
+        cost = chain_flops(segment_shapes(g, seg))  # from the shapes: nothing is materialised past the cap
+        if cost > cap:
+            rec.update(value=None, certified=False,
+                       method=f"skipped: about {cost:.2g} flops exceed the default budget {cap:.2g} "
+                              "(name the method to run it anyway)", seconds=time.perf_counter() - t1)
+            res.records.append(rec)
+            res.details.setdefault("skipped", []).append(f"{label}: {rec['method']}")
+            continue
         cm = segment_mats(g, seg, max_dense)
         if cm is None:
             rec.update(value=None, certified=False, method=f"a group exceeds {max_dense} entries: skipped",
@@ -154,5 +195,6 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
     return res
 
 
-__all__ = ["ChainMats", "ChainValue", "autolip_chain", "certified_norms", "check", "drop_dead_neurons",
+__all__ = ["CHAIN_FLOPS", "ChainMats", "ChainValue", "autolip_chain", "certified_norms", "chain_flops", "check",
+           "drop_dead_neurons",
            "neuron_boxes", "run_segments", "segment_mats"]

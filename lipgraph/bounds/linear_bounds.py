@@ -268,7 +268,7 @@ def _margin(flo: torch.Tensor, fhi: torch.Tensor, lo: torch.Tensor, hi: torch.Te
 
 def linear_bounds(g: nx.DiGraph, domain: Domain, example: torch.Tensor, *, upper: bool = True,
                   intermediate: bool = True, alpha_steps: int = ALPHA_STEPS,
-                  ranges: RangeResult | None = None) -> LinearBound | None:
+                  ranges: RangeResult | None = None, enough: float | None = None) -> LinearBound | None:
     """Certified lower (and upper) bounds of every entry of the output of ``g`` over ``domain``.
 
     Parameters
@@ -280,6 +280,8 @@ def linear_bounds(g: nx.DiGraph, domain: Domain, example: torch.Tensor, *, upper
         has at most :data:`INTERMEDIATE_NEURONS` such neurons), before bounding the output.
     alpha_steps : projected-gradient steps on the ReLU lower slopes, per output bound (0: CROWN's choice).
     ranges : precomputed :func:`propagate` result over the same domain.
+    enough : stop optimising the lower bounds once every one exceeds it (a check that only needs the sign, as
+        certify's ``f_y - f_j > 0``, passes ``0.0``); the bounds returned are then sound but not the best.
 
     Returns
     -------
@@ -313,7 +315,7 @@ def linear_bounds(g: nx.DiGraph, domain: Domain, example: torch.Tensor, *, upper
     last = len(path) - 1
     size = math.prod(ch.out_shape(last))
     eye = torch.eye(size, dtype=_DT).reshape(size, *ch.out_shape(last))
-    lower = _optimised(ch, last, eye, alpha_steps)
+    lower = _optimised(ch, last, eye, alpha_steps, enough)
     up = -_optimised(ch, last, -eye, alpha_steps) if upper else None
     box = ch.ranges[path[-1]]  # the interval range holds too: keep the tighter end of each
     lower = torch.maximum(lower, box.lo.reshape(-1))
@@ -321,13 +323,13 @@ def linear_bounds(g: nx.DiGraph, domain: Domain, example: torch.Tensor, *, upper
     return LinearBound(lower, up, tightened)
 
 
-def _optimised(ch: _Chain, last: int, lam: torch.Tensor, steps: int) -> torch.Tensor:
+def _optimised(ch: _Chain, last: int, lam: torch.Tensor, steps: int, enough: float | None = None) -> torch.Tensor:
     """The backward pass's lower bounds, the ReLU lower slopes optimised by projected gradient ascent (every
-    iterate is sound; the best value of each row is kept)."""
+    iterate is sound; the best value of each row is kept), stopped once every row exceeds ``enough``."""
     with torch.no_grad():
         best = ch.backward(last, lam)
     relus = [v for v in ch.path[: last + 1] if _is_activation(ch.n64[v]) and _negative_slope(ch.n64[v]) is not None]
-    if steps <= 0 or not relus:
+    if steps <= 0 or not relus or (enough is not None and bool((best > enough).all())):
         return best
     alphas: dict[str, torch.Tensor] = {}
     for v in relus:
@@ -344,6 +346,8 @@ def _optimised(ch: _Chain, last: int, lam: torch.Tensor, steps: int) -> torch.Te
         opt.zero_grad()
         val = ch.backward(last, lam, alphas)
         best = torch.maximum(best, val.detach())
+        if enough is not None and bool((best > enough).all()):
+            return best
         (-val.sum()).backward()
         opt.step()
         with torch.no_grad():

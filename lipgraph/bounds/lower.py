@@ -32,6 +32,44 @@ from ..domains import Ball, Domain
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
+#: The default search's work per restart: ``(ascent_steps + 1)`` Jacobian evaluations of ``power_iters``
+#: jvp/vjp pairs and a gradient, plus ``secant_steps`` forward/backward pairs (model passes).
+DEFAULT_SEARCH = {"restarts": 8, "ascent_steps": 10, "power_iters": 20, "secant_steps": 30}
+#: The smallest search a scaled plan keeps (one restart of 3 Jacobian evaluations and 10 secant steps).
+SMALLEST_SEARCH = {"restarts": 1, "ascent_steps": 2, "power_iters": 5, "secant_steps": 10}
+#: Work the default search may spend, in multiply-adds summed over model passes (``passes x model_macs``):
+#: AlexNet at 64x64 (9.8e7 multiply-adds a pass) ran the full 4176-pass search in 158 s on one loaded core,
+#: 38 ms a pass; 1.5e10 is about 160 of its passes, ~6 s. The MNIST and digits networks (<= 1e6 multiply-adds)
+#: keep the full search.
+SEARCH_WORK = 1.5e10
+
+
+def search_passes(plan: dict[str, int]) -> int:
+    """Model passes (forward or backward) of a search plan."""
+    per = (plan["ascent_steps"] + 1) * (2 * plan["power_iters"] + 2) + 2 * plan["secant_steps"]
+    return plan["restarts"] * per
+
+
+def search_plan(macs: int, restarts: int | None = None) -> dict[str, int]:
+    """The lower-bound search's sizes for a model of ``macs`` multiply-adds a pass.
+
+    ``restarts`` given: the default search with that many restarts, whatever it costs (the caller asked).
+    Otherwise the default search when it fits :data:`SEARCH_WORK`; else fewer restarts, then shorter
+    restarts (steps scaled by the same factor), never below :data:`SMALLEST_SEARCH`. A function of the model's
+    shape only (deterministic, not timed)."""
+    if restarts is not None:
+        return {**DEFAULT_SEARCH, "restarts": max(1, int(restarts))}
+    plan = dict(DEFAULT_SEARCH)
+    allowed = SEARCH_WORK / max(int(macs), 1)
+    one = search_passes({**plan, "restarts": 1})
+    if search_passes(plan) <= allowed:
+        return plan
+    if one <= allowed:
+        return {**plan, "restarts": max(1, int(allowed // one))}
+    f = allowed / one
+    return {"restarts": 1, **{k: max(SMALLEST_SEARCH[k], int(round(v * f))) for k, v in plan.items()
+                              if k != "restarts"}}
+
 
 @dataclass
 class LowerBound:
