@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from . import ir
 from .bounds import METHODS
+from .bounds.linear_bounds import tightened_ranges
 from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
 from .bounds.lower import PatternTargets, lower_bound, search_plan
 from .bounds.on_domain import domain_constants
@@ -360,6 +361,9 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
         rr = propagate(g, domain, example[0])
     except ValueError as exc:  # a domain that does not fit the input (shape of the center)
         raise LipgraphError(f"domain: {exc}") from None
+    tight = tightened_ranges(g, domain, example[0], rr)  # backward linear bounds on the pre-activations
+    if tight:
+        rr = propagate(g, domain, example[0], overrides=tight)
     dc = domain_constants(g, local, rr, ctx)
     seconds["domain:ranges"] = time.perf_counter() - t0
     dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr,

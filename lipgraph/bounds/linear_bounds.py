@@ -74,15 +74,19 @@ class LinearBound:
     tightened: int = 0
 
 
-def chain_path(g: nx.DiGraph) -> list[str] | None:
-    """The nodes from the first op after the input to the node the output reads, when the output is a chain
-    (each of them reads exactly one non-constant node and every op takes part in the backward pass), else
-    None."""
+def chain_path(g: nx.DiGraph, end: str | None = None) -> list[str] | None:
+    """The nodes from the first op after the input to ``end`` (default: the node the output reads), when ``end``
+    is a chain of the input (each of them reads exactly one non-constant node and every op takes part in the
+    backward pass), else None."""
     out = ir.node(g, g.graph["output"])
-    if len(out.inputs) != 1 or len(g.graph["inputs"]) != 1:
+    if len(g.graph["inputs"]) != 1:
         return None
+    if end is None:
+        if len(out.inputs) != 1:
+            return None
+        end = out.inputs[0]
     path: list[str] = []
-    v = out.inputs[0]
+    v = end
     while v != g.graph["inputs"][0]:
         n = ir.node(g, v)
         var = [i for i in n.inputs if ir.node(g, i).op != "constant"]
@@ -296,22 +300,11 @@ def linear_bounds(g: nx.DiGraph, domain: Domain, example: torch.Tensor, *, upper
     if any(v not in ch.ranges for v in [ch.input, *path]):
         return None
     tightened = 0
-    acts = [k for k, v in enumerate(path) if _is_activation(ch.n64[v])]
-    if intermediate and len(acts) > 1:
-        pre = [k - 1 for k in acts[1:]]  # the first activation's input range is exact already where affine
-        if sum(math.prod(ch._zero_input(path[k + 1]).shape) for k in pre) <= INTERMEDIATE_NEURONS:
-            for k in pre:
-                name = path[k]
-                shape = ch._zero_input(path[k + 1]).shape
-                size = math.prod(shape)
-                eye = torch.eye(size, dtype=_DT).reshape(size, *shape)
-                with torch.no_grad():
-                    lo = ch.backward(k, eye)
-                    hi = -ch.backward(k, -eye)
-                r = ch.ranges[name]
-                new = Range(torch.maximum(r.lo, lo.reshape(r.lo.shape)), torch.minimum(r.hi, hi.reshape(r.hi.shape)))
-                tightened += int(((new.lo > r.lo) | (new.hi < r.hi)).sum())
-                ch.ranges[name] = new
+    if intermediate:
+        for name, r in tightened_ranges(g, domain, example, ranges, chain=ch).items():
+            old = ch.ranges[name]
+            tightened += int(((r.lo > old.lo) | (r.hi < old.hi)).sum())
+            ch.ranges[name] = r
     last = len(path) - 1
     size = math.prod(ch.out_shape(last))
     eye = torch.eye(size, dtype=_DT).reshape(size, *ch.out_shape(last))
@@ -321,6 +314,46 @@ def linear_bounds(g: nx.DiGraph, domain: Domain, example: torch.Tensor, *, upper
     lower = torch.maximum(lower, box.lo.reshape(-1))
     up = torch.minimum(up, box.hi.reshape(-1)) if up is not None else None
     return LinearBound(lower, up, tightened)
+
+
+def tightened_ranges(g: nx.DiGraph, domain: Domain, example: torch.Tensor, ranges: RangeResult, *,
+                     budget: int = INTERMEDIATE_NEURONS, chain: _Chain | None = None) -> dict[str, Range]:
+    """Pre-activation ranges tightened by backward linear bounds: for each activation (graph order) whose input
+    is a chain of the input (:func:`chain_path`) and not already an exact affine range, the lower and upper
+    bound of every input neuron by the backward pass through that chain (CROWN's slopes, the ranges tightened
+    so far), intersected with its range. At most ``budget`` neurons in all (two passes of that many rows).
+
+    Returns ``{node: Range}`` for the activation inputs it tightened (each an enclosure over the domain);
+    empty when none qualifies. ``chain``: a chain already built over the graph's output path (reused)."""
+    out: dict[str, Range] = {}
+    spent = 0
+    known = {k: v for k, v in ranges.ranges.items() if isinstance(v, Range)}
+    for n in ir.nodes(g):
+        rule = RULES.get(n.op)
+        if rule is None or rule.affine or rule.neuron_slopes is None or len(n.inputs) != 1:
+            continue
+        v = n.inputs[0]
+        if v in ranges.exact_affine or v not in known or v == g.graph["inputs"][0]:
+            continue
+        size = int(known[v].lo.numel())
+        if spent + size > budget:
+            break
+        path = chain_path(g, v)
+        if not path or any(p not in known for p in [g.graph["inputs"][0], *path]):
+            continue
+        ch = _Chain(g, path, ranges, domain, example)
+        if chain is not None:
+            ch.ranges.update({k: r for k, r in chain.ranges.items() if k in ch.ranges})
+        ch.ranges.update({k: r for k, r in out.items() if k in ch.ranges})
+        shape = tuple(known[v].lo.shape)
+        eye = torch.eye(size, dtype=_DT).reshape(size, *shape)
+        with torch.no_grad():
+            lo = ch.backward(len(path) - 1, eye)
+            hi = -ch.backward(len(path) - 1, -eye)
+        r = ch.ranges[v]
+        out[v] = Range(torch.maximum(r.lo, lo.reshape(shape)), torch.minimum(r.hi, hi.reshape(shape)))
+        spent += size
+    return out
 
 
 def _optimised(ch: _Chain, last: int, lam: torch.Tensor, steps: int, enough: float | None = None) -> torch.Tensor:
@@ -358,4 +391,4 @@ def _optimised(ch: _Chain, last: int, lam: torch.Tensor, steps: int, enough: flo
     return best
 
 
-__all__ = ["ALPHA_STEPS", "GAMMA", "LinearBound", "chain_path", "linear_bounds"]
+__all__ = ["ALPHA_STEPS", "GAMMA", "LinearBound", "chain_path", "linear_bounds", "tightened_ranges"]

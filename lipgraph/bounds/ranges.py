@@ -134,8 +134,13 @@ def _affine_jacobian(n: ir.IRNode, g: nx.DiGraph, forms: dict[str, tuple[torch.T
     return a_t.T.contiguous(), yc
 
 
-def propagate(g: nx.DiGraph, domain: Domain, example: torch.Tensor) -> RangeResult:
+def propagate(g: nx.DiGraph, domain: Domain, example: torch.Tensor,
+              overrides: dict[str, Range] | None = None) -> RangeResult:
     """Ranges of every node of ``g`` over ``domain`` (inputs shaped like ``example``; one input only).
+
+    ``overrides``: enclosures over the same domain found otherwise (the backward linear bounds of
+    :func:`lipgraph.bounds.linear_bounds.tightened_ranges`); each node's range is intersected with its own
+    before the nodes after it are computed, so they inherit the tightening.
 
     Returns a :class:`RangeResult`. Nodes after an op without a range rule get ``None`` with the reason.
     """
@@ -197,6 +202,9 @@ def propagate(g: nx.DiGraph, domain: Domain, example: torch.Tensor) -> RangeResu
                 hi = (lin.hi + shift + err).reshape(r.lo.shape)
                 r = Range(torch.maximum(r.lo, lo), torch.minimum(r.hi, hi))
                 res.exact_affine.add(n.name)
+            if overrides and n.name in overrides:
+                o = overrides[n.name]
+                r = Range(torch.maximum(r.lo, o.lo.reshape(r.lo.shape)), torch.minimum(r.hi, o.hi.reshape(r.hi.shape)))
         res.ranges[n.name] = r
     res.seconds = time.perf_counter() - t0
     return res
