@@ -90,13 +90,16 @@ class PairDiff(nn.Module):
 
     When ``model`` is an ``nn.Sequential`` ending in ``nn.Linear`` the two rows are folded into
     one ``Linear(in, 1)`` with weight ``w_y - w_j`` (the same function), so AutoLip sees
-    ``||w_y - w_j||``; otherwise the two logits are sliced and subtracted (the affine-region
-    folding of ``method="auto"`` then sees the same norm; plain AutoLip would see ``2 ||W||``).
+    ``||w_y - w_j||``; otherwise, with ``n_classes`` given, the logits go through one more
+    ``Linear(n_classes, 1)`` of weight ``e_y - e_j`` (the graph stays a chain when the model is one, for the
+    backward linear bounds; affine folding sees the product), and without it the two logits are sliced and
+    subtracted (plain AutoLip would see ``2 ||W||``).
     """
 
-    def __init__(self, model: nn.Module, y: int, j: int) -> None:
+    def __init__(self, model: nn.Module, y: int, j: int, n_classes: int | None = None) -> None:
         super().__init__()
         self.y, self.j = int(y), int(j)
+        self.diff: nn.Linear | None = None
         last = model[-1] if isinstance(model, nn.Sequential) and len(model) else None
         self.folded = isinstance(last, nn.Linear)
         if self.folded:
@@ -111,11 +114,21 @@ class PairDiff(nn.Module):
             self.head = head
         else:
             self.model = model
+            if n_classes is not None:
+                ref = next(iter(model.parameters()), None)
+                self.diff = nn.Linear(int(n_classes), 1, bias=False)
+                if ref is not None:
+                    self.diff = self.diff.to(dtype=ref.dtype, device=ref.device)
+                with torch.no_grad():
+                    self.diff.weight.zero_()
+                    self.diff.weight[0, self.y], self.diff.weight[0, self.j] = 1.0, -1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded:
             return self.head(self.body(x))
         z = self.model(x)
+        if self.diff is not None:
+            return self.diff(z)
         return z[..., self.y:self.y + 1] - z[..., self.j:self.j + 1]
 
 
@@ -394,8 +407,12 @@ def _classifier(model: Any, example: torch.Tensor) -> _Classifier:
     if isinstance(model, nn.Module):
         m64 = copy.deepcopy(model).double().eval()
 
+        with torch.no_grad():
+            out = m64(example.detach().double())
+        n_cls = int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() >= 1 else None
+
         def module_pair(y: int, j: int) -> tuple[Any, bool]:
-            pd = PairDiff(m64, y, j).eval()
+            pd = PairDiff(m64, y, j, n_cls).eval()
             return pd, pd.folded
 
         return _Classifier(model, m64, module_pair, model)

@@ -167,3 +167,38 @@ def test_mnist_local_radii() -> None:
     # (interval arithmetic alone: 0.43), and the best radius exceeds 0.9 on at least three points
     assert statistics.median(c.radii["margin-range"] for c in cert.inputs) > 0.7
     assert sum(c.radius > 0.9 for c in cert.inputs) >= 3
+
+
+class _ClassMLP(nn.Module):
+    """The 2-D net of these tests written as a module class: its logit differences are not folded into the head
+    (PairDiff appends an e_y - e_j row), and must stay a chain for the margin's linear bounds."""
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = seq[0], seq[2], seq[4]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(torch.relu(self.l2(torch.relu(self.l1(x)))))
+
+
+def test_margin_bound_of_an_unfolded_head_matches_the_folded_one() -> None:
+    """The same function's pair difference, folded (Sequential ending in Linear) or with an appended e_y - e_j
+    row (a module class): both are chains and get the same linear lower bound of f_y - f_j on a ball."""
+    import lipgraph  # noqa: PLC0415
+    from lipgraph.bounds.linear_bounds import linear_bounds  # noqa: PLC0415
+    from lipgraph.certify import PairDiff  # noqa: PLC0415
+    from lipgraph.domains import Ball  # noqa: PLC0415
+
+    seq = _net2d().double()
+    cls = _ClassMLP(seq).eval()
+    x = torch.rand(1, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    folded, unfolded = PairDiff(seq, 0, 2, 3), PairDiff(cls, 0, 2, 3)
+    assert folded.folded and not unfolded.folded
+    ball = Ball(x, 0.2, "l2")
+    a = linear_bounds(lipgraph.trace(folded, x), ball, x, upper=False)
+    b = linear_bounds(lipgraph.trace(unfolded, x), ball, x, upper=False)
+    assert a is not None and b is not None
+    assert float(b.lower) == pytest.approx(float(a.lower), rel=1e-6, abs=1e-9)
+    with torch.no_grad():
+        z = seq(ball.sample(2000, x, torch.Generator().manual_seed(0)).reshape(-1, 2))
+    assert float((z[:, 0] - z[:, 2]).min()) >= float(b.lower)
