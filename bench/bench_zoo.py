@@ -79,6 +79,12 @@ def fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.4g}"
 
 
+def stages(r: Any, top: int = 3) -> str:
+    """The ``top`` slowest stages of the analysis, ``name seconds`` (where the time went)."""
+    items = sorted(((v, k) for k, v in r.seconds.items() if k != "total"), reverse=True)[:top]
+    return ", ".join(f"{k} {v:.1f}" for v, k in items)
+
+
 def values(r: Any) -> tuple[Any, ...]:
     """Every number a report certifies or attains (not its timings), for the ``--repeat`` check."""
     return (r.lower, {k: b.value for k, b in r.bounds.items()}, [(n.name, n.bound, n.local) for n in r.nodes])
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         best = r.best[0] if r.best else "-"
         row = (f"{name:<20} {side:>5} {g.number_of_nodes():>6} {t_trace:>8.2f} {t_analyze:>10.1f} "
                f"{fmt(r.upper):>11} {str(r.certified):>9} {fmt(r.lower) if r.lower is not None else '-':>10} "
-               f"{len(r.not_lipschitz):>9} {same:>5}  {best}")
+               f"{len(r.not_lipschitz):>9} {same:>5}  {best}  [{stages(r)}]")
         print(row, flush=True)
         with out.open("a") as f:
             f.write(row + "\n")
