@@ -83,6 +83,9 @@ SQRT2 = math.sqrt(2.0)
 #: of the margin (a difference of two float64 logits), of ``sqrt(n)`` and of the product.
 SAFETY = 1e-9
 KINDS = ("global", "local-lipschitz", "margin-range", "lipschitz-or-range")
+#: Slope-optimisation steps of the margin's linear bounds per check (the search runs dozens of checks per input;
+#: each step is one backward pass with gradients).
+MARGIN_ALPHA_STEPS = 20
 
 
 class PairDiff(nn.Module):
@@ -686,7 +689,8 @@ class _LocalSearch:
             return True
         if not isinstance(rng, Range):
             return False
-        lin = linear_bounds(g, ball, self.x, upper=False, ranges=res, enough=0.0)  # None unless a chain
+        lin = linear_bounds(g, ball, self.x, upper=False, ranges=res, enough=0.0,  # None unless a chain
+                            alpha_steps=MARGIN_ALPHA_STEPS)
         return lin is not None and bool(torch.isfinite(lin.lower).all()) and float(lin.lower.min()) > 0
 
     def range_ok(self, r: float) -> bool:

@@ -158,6 +158,9 @@ class _Chain:
         z0 = self._zero_input(v)
         b = self._apply(v, z0)
         n = self.n64[v]
+        w = n.params.get("weight")
+        if n.op == "linear" and isinstance(w, torch.Tensor) and w.dim() == 2:  # y = x W^T + b: lam W, directly
+            return (lam @ (w.abs() if absolute else w)).reshape(lam.shape[0], *z0.shape), b
         if absolute and n.op in ABS_PARAM_OPS:
             b_abs = self._apply(v, z0, absolute=True)
 
