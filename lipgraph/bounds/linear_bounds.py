@@ -49,8 +49,8 @@ _DT = torch.float64
 GAMMA = 1e-10
 #: Relative margin on an activation's value at one point (float64 activations are accurate to a few ulp).
 VALUE_MARGIN = 1e-9
-#: Affine ops whose matrix entries are each one parameter value or zero, so ``|A|`` is the op run with every
-#: floating parameter replaced by its absolute value.
+#: Affine ops whose matrix entries are each one parameter value or zero (batch_norm: one channel's
+#: ``w / sqrt(var + eps)``), so ``|A|`` is the op run with every floating parameter replaced by its absolute value.
 ABS_PARAM_OPS = frozenset({"linear", "conv", "conv_transpose", "batch_norm", "scale", "matmul_const"})
 #: Ops whose matrix is a scalar times a nonnegative one (the identity with ``add``'s coefficient) that are not
 #: flagged monotone in the registry. For these and the monotone affine ops ``|A|^T |lam| = |A^T |lam||``.
