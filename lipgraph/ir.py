@@ -190,14 +190,15 @@ def summary(g: nx.DiGraph) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _numel(shape: Any) -> int:
+def numel(shape: Any) -> int:
+    """Entries of a shape (a tuple of ints), of a list of shapes (summed: tuple-valued ops), else 0."""
     if isinstance(shape, (tuple, list)) and all(isinstance(d, int) for d in shape):
         n = 1
         for d in shape:
             n *= d
         return n
     if isinstance(shape, (tuple, list)):
-        return sum(_numel(s) for s in shape)
+        return sum(numel(s) for s in shape)
     return 0
 
 
@@ -208,13 +209,13 @@ def model_macs(g: nx.DiGraph) -> int:
     total = 0
     for n in nodes(g):
         w = n.params.get("weight")
-        out = _numel(n.out_shape)
+        out = numel(n.out_shape)
         if n.op == "linear" and isinstance(w, torch.Tensor):
             total += out * int(w.shape[-1])
         elif n.op == "conv" and isinstance(w, torch.Tensor):
             total += out * int(w[0].numel())
         elif n.op == "conv_transpose" and isinstance(w, torch.Tensor) and n.in_shapes:
-            total += _numel(n.in_shapes[0]) * int(w[0].numel())
+            total += numel(n.in_shapes[0]) * int(w[0].numel())
         else:
             total += out
     return total

@@ -131,13 +131,10 @@ def chain_flops(shapes: Sequence[tuple[int, int]]) -> float:
 def segment_shapes(g: nx.DiGraph, seg: Segment) -> list[tuple[int, int]]:
     """The ``(out, in)`` shape of each group's matrix, from the IR's shapes (activations are elementwise, so a
     group reads what the previous one wrote)."""
-    def numel(shape: Any) -> int:
-        return math.prod(shape) if isinstance(shape, (tuple, list)) else 0
-
-    n_in = numel(ir.node(g, seg.entry).out_shape)
+    n_in = ir.numel(ir.node(g, seg.entry).out_shape)
     shapes = []
     for grp in seg.groups:
-        n_out = numel(ir.node(g, grp[-1]).out_shape)
+        n_out = ir.numel(ir.node(g, grp[-1]).out_shape)
         shapes.append((n_out, n_in))
         n_in = n_out
     return shapes
@@ -153,12 +150,12 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
     interval: the relation then holds on the domain only (its label says ``local segment``)."""
     t0 = time.perf_counter()
     res = AlgorithmResult()
+    cap = settings.extra.get("chain_flops", CHAIN_FLOPS) if settings is not None else CHAIN_FLOPS
     for seg in find_segments(g):
         label = f"segment {seg.nodes[0]}..{seg.last}"
         rec: dict[str, Any] = {"nodes": list(seg.nodes), "entry": seg.entry, "label": label,
                                "slopes": [[float(a), float(b)] for a, b in seg.slopes]}
         t1 = time.perf_counter()
-        cap = settings.extra.get("chain_flops", CHAIN_FLOPS) if settings is not None else CHAIN_FLOPS
         cost = chain_flops(segment_shapes(g, seg))  # from the shapes: nothing is materialised past the cap
         if cost > cap:
             rec.update(value=None, certified=False,
@@ -196,5 +193,4 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
 
 
 __all__ = ["CHAIN_FLOPS", "ChainMats", "ChainValue", "autolip_chain", "certified_norms", "chain_flops", "check",
-           "drop_dead_neurons",
-           "neuron_boxes", "run_segments", "segment_mats"]
+           "drop_dead_neurons", "neuron_boxes", "run_segments", "segment_mats", "segment_shapes"]

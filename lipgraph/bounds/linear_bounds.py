@@ -130,7 +130,6 @@ class _Chain:
             r = ranges.ranges.get(v)
             if isinstance(r, Range):
                 self.ranges[v] = r
-        self.alphas: dict[str, torch.Tensor] = {}
 
     def out_shape(self, k: int) -> tuple[int, ...]:
         """The output shape of ``path[k]``."""
@@ -148,10 +147,13 @@ class _Chain:
         args = [z if i not in self.consts else self.consts[i] for i in n.inputs]
         return RULES[n.op].forward(n, *args)
 
-    def _zero_input(self, v: str) -> torch.Tensor:
+    def in_shape(self, v: str) -> tuple[int, ...]:
+        """The shape of the variable input of ``v``."""
         u = self.var_of(v)
-        shape = ir.node(self.g, u).out_shape if u != self.input else tuple(self.example.shape)
-        return torch.zeros(tuple(shape), dtype=_DT)
+        return tuple(ir.node(self.g, u).out_shape) if u != self.input else tuple(self.example.shape)
+
+    def _zero_input(self, v: str) -> torch.Tensor:
+        return torch.zeros(self.in_shape(v), dtype=_DT)
 
     def _transpose(self, v: str, lam: torch.Tensor, absolute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A^T lam, b)`` for the affine node ``v`` (``|A|^T lam`` when ``absolute``), ``lam`` batched on dim 0."""
@@ -190,7 +192,7 @@ class _Chain:
                                 torch.ones_like(lo))
             up_s = torch.where(lo >= 0, torch.ones_like(lo), torch.where(hi <= 0, torch.full_like(lo, a), chord))
             up_b = torch.where((lo >= 0) | (hi <= 0), torch.zeros_like(lo), flo - up_s * lo)
-            up_b = up_b + _violation(flo, fhi, lo, hi, up_s, up_b, above=True)
+            up_b = up_b + _violation(flo, fhi, lo, hi, up_s, up_b)
             if alpha is None:
                 alpha = torch.where(hi >= -lo, torch.ones_like(lo), torch.full_like(lo, a))
             low_s = torch.where(lo >= 0, torch.ones_like(lo), torch.where(hi <= 0, torch.full_like(lo, a),
@@ -222,7 +224,7 @@ class _Chain:
             v = self.path[k]
             n = self.n64[v]
             z = self.var_of(v)
-            zmax = self.ranges[z].abs_max.reshape(self._zero_input(v).shape)
+            zmax = self.ranges[z].abs_max.reshape(self.in_shape(v))
             if _is_activation(n):
                 alpha = None if alphas is None else alphas.get(v)
                 s, b = self.lines(v, lam, alpha)
@@ -260,8 +262,8 @@ def _negative_slope(n: ir.IRNode) -> float | None:
 
 
 def _violation(flo: torch.Tensor, fhi: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, s: torch.Tensor,
-               b: torch.Tensor, above: bool) -> torch.Tensor:
-    """How far to move a line meant to lie above (``above``) a convex function on ``[lo, hi]``: the computed
+               b: torch.Tensor) -> torch.Tensor:
+    """How far to move a line meant to lie above a convex function on ``[lo, hi]``: the computed
     gap at both ends (a convex function lies below its chord), plus the relative margin."""
     gap = torch.maximum(flo - (s * lo + b), fhi - (s * hi + b)).clamp_min(0.0)
     return gap + _margin(flo, fhi, lo, hi, s, b)
@@ -304,7 +306,7 @@ def linear_bounds(g: nx.DiGraph, domain: Domain, example: torch.Tensor, *, upper
         return None
     tightened = 0
     if intermediate:
-        for name, r in tightened_ranges(g, domain, example, ranges, chain=ch).items():
+        for name, r in tightened_ranges(g, domain, example, ranges).items():
             old = ch.ranges[name]
             tightened += int(((r.lo > old.lo) | (r.hi < old.hi)).sum())
             ch.ranges[name] = r
@@ -320,14 +322,14 @@ def linear_bounds(g: nx.DiGraph, domain: Domain, example: torch.Tensor, *, upper
 
 
 def tightened_ranges(g: nx.DiGraph, domain: Domain, example: torch.Tensor, ranges: RangeResult, *,
-                     budget: int = INTERMEDIATE_NEURONS, chain: _Chain | None = None) -> dict[str, Range]:
+                     budget: int = INTERMEDIATE_NEURONS) -> dict[str, Range]:
     """Pre-activation ranges tightened by backward linear bounds: for each activation (graph order) whose input
     is a chain of the input (:func:`chain_path`) and not already an exact affine range, the lower and upper
     bound of every input neuron by the backward pass through that chain (CROWN's slopes, the ranges tightened
     so far), intersected with its range. At most ``budget`` neurons in all (two passes of that many rows).
 
     Returns ``{node: Range}`` for the activation inputs it tightened (each an enclosure over the domain);
-    empty when none qualifies. ``chain``: a chain already built over the graph's output path (reused)."""
+    empty when none qualifies."""
     out: dict[str, Range] = {}
     spent = 0
     known = {k: v for k, v in ranges.ranges.items() if isinstance(v, Range)}
@@ -345,8 +347,6 @@ def tightened_ranges(g: nx.DiGraph, domain: Domain, example: torch.Tensor, range
         if not path or any(p not in known for p in [g.graph["inputs"][0], *path]):
             continue
         ch = _Chain(g, path, ranges, domain, example)
-        if chain is not None:
-            ch.ranges.update({k: r for k, r in chain.ranges.items() if k in ch.ranges})
         ch.ranges.update({k: r for k, r in out.items() if k in ch.ranges})
         shape = tuple(known[v].lo.shape)
         eye = torch.eye(size, dtype=_DT).reshape(size, *shape)
@@ -371,7 +371,7 @@ def _optimised(ch: _Chain, last: int, lam: torch.Tensor, steps: int, enough: flo
     for v in relus:
         r = ch.ranges[ch.var_of(v)]
         a = _negative_slope(ch.n64[v])
-        shape = (lam.shape[0], *ch._zero_input(v).shape)
+        shape = (lam.shape[0], *ch.in_shape(v))
         # started at the chord's slope (inside [a, 1] for an unstable neuron): from CROWN's vertex choice the
         # projected gradient often cannot move (measured: no gain on 3-layer ReLU nets); its value is kept in best
         width = (r.hi - r.lo).clamp_min(1e-300)
