@@ -16,7 +16,7 @@ from . import ir
 from .bounds import METHODS
 from .bounds.linear_bounds import tightened_ranges
 from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
-from .bounds.lower import PatternTargets, lower_bound, search_plan
+from .bounds.lower import PatternTargets, lower_bound, pass_work, search_plan
 from .bounds.on_domain import domain_constants
 from .bounds.ranges import propagate
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, subgraph_constant
@@ -87,7 +87,7 @@ def analyze(
     count, not seconds: each restart is 11 Jacobian evaluations and 30 secant steps; a float is truncated, at
     least 1); by default a plan scaled to the model (:func:`lipgraph.bounds.lower.search_plan`: 8 restarts
     where they fit :data:`~lipgraph.bounds.lower.SEARCH_WORK` multiply-adds, fewer and shorter ones on large
-    models, counted from the graph's shapes), so the value does not depend on machine load.
+    or deep models, counted from the graph's shapes and node count), so the value does not depend on machine load.
     ``progress(stage, done, total)`` is called during long work. ``seed`` fixes every random choice
     (power-method starts, the lower-bound search and its random inputs) without touching the caller's
     global random state.
@@ -317,8 +317,9 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
         rng_devices = [dev.index or 0] if dev.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=rng_devices):  # the search's own draws, seeded, then restored
-                lb = _attained(model, g, xs, domain, search_plan(ir.model_macs(g), lower_budget), seed,
-                               dom["patterns"] if dom is not None else None, base["float64"])
+                plan = search_plan(pass_work(ir.model_macs(g), g.number_of_nodes()), lower_budget)
+                patterns = dom["patterns"] if dom is not None else None
+                lb = _attained(model, g, xs, domain, plan, seed, patterns, base["float64"])
         finally:
             restore_training_modes(base["modes"])
         lower_value = lb.value if lb is not None else None

@@ -10,7 +10,15 @@ import torch.nn as nn
 import lipgraph
 from lipgraph import ir
 from lipgraph.bounds import chain_mats
-from lipgraph.bounds.lower import DEFAULT_SEARCH, SEARCH_WORK, SMALLEST_SEARCH, search_passes, search_plan
+from lipgraph.bounds.lower import (
+    DEFAULT_SEARCH,
+    NODE_PASS_WORK,
+    SEARCH_WORK,
+    SMALLEST_SEARCH,
+    pass_work,
+    search_passes,
+    search_plan,
+)
 
 
 def test_model_macs_counts_linear_and_conv_work() -> None:
@@ -34,6 +42,19 @@ def test_search_plan_scales_down_and_honours_an_explicit_budget() -> None:
     for macs in (10 ** 6, 10 ** 7, 10 ** 8):
         plan = search_plan(macs)
         assert search_passes(plan) * macs <= SEARCH_WORK or plan["restarts"] == 1
+
+
+def test_deep_models_pay_for_their_nodes_and_small_mlps_keep_the_full_search() -> None:
+    # a pass of a deep, thin model costs its ops' fixed overhead: 160 nodes of 1e4 multiply-adds each are
+    # charged as ~3.4e7, so the search shrinks; without the node term the full search would run
+    assert search_plan(160 * 10_000) == DEFAULT_SEARCH
+    deep = search_plan(pass_work(160 * 10_000, 160))
+    assert search_passes(deep) < search_passes(DEFAULT_SEARCH) / 2
+    assert pass_work(1000, 10) == 1000 + 10 * NODE_PASS_WORK
+    mlp = nn.Sequential(nn.Linear(64, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 200),
+                        nn.ReLU(), nn.Linear(200, 10))
+    g = lipgraph.trace(mlp, torch.randn(1, 64))
+    assert search_plan(pass_work(ir.model_macs(g), g.number_of_nodes())) == DEFAULT_SEARCH
 
 
 def test_large_chains_skip_the_dense_methods_by_default_and_run_when_named(monkeypatch) -> None:

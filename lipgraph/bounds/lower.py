@@ -42,6 +42,13 @@ SMALLEST_SEARCH = {"restarts": 1, "ascent_steps": 2, "power_iters": 5, "secant_s
 #: 38 ms a pass; 1.5e10 is about 160 of its passes, ~6 s. The MNIST and digits networks (<= 1e6 multiply-adds)
 #: keep the full search.
 SEARCH_WORK = 1.5e10
+#: Work charged per graph node per model pass, in multiply-add equivalents: a pass also pays each op's
+#: fixed cost (dispatch, autograd bookkeeping), which dominates on small, deep models. Measured on an idle
+#: 2-core machine (2 threads) at 64x64: a search pass took 5.8 ms on mobilenet_v3_small (159 nodes,
+#: 6.8e6 multiply-adds) and 4.5 ms on squeezenet1_0 (68 nodes, 5.5e7); solving for both gives about 35 us a
+#: node and 3.9e-11 s a multiply-add, ~9e5 multiply-adds a node. 2e5 is charged, well below it, so networks
+#: of a few layers (the MNIST and digits MLPs: <= 10 nodes) keep the full search.
+NODE_PASS_WORK = 2e5
 
 
 def search_passes(plan: dict[str, int]) -> int:
@@ -50,8 +57,13 @@ def search_passes(plan: dict[str, int]) -> int:
     return plan["restarts"] * per
 
 
-def search_plan(macs: int, restarts: int | None = None) -> dict[str, int]:
-    """The lower-bound search's sizes for a model of ``macs`` multiply-adds a pass.
+def pass_work(macs: int, nodes: int) -> float:
+    """The work of one model pass in multiply-add equivalents: ``macs + NODE_PASS_WORK * nodes``."""
+    return float(macs) + NODE_PASS_WORK * nodes
+
+
+def search_plan(macs: float, restarts: int | None = None) -> dict[str, int]:
+    """The lower-bound search's sizes for a model of ``macs`` multiply-adds a pass (:func:`pass_work`).
 
     ``restarts`` given: the default search with that many restarts, whatever it costs (the caller asked).
     Otherwise the default search when it fits :data:`SEARCH_WORK`; else fewer restarts, then shorter
@@ -60,7 +72,7 @@ def search_plan(macs: int, restarts: int | None = None) -> dict[str, int]:
     if restarts is not None:
         return {**DEFAULT_SEARCH, "restarts": max(1, int(restarts))}
     plan = dict(DEFAULT_SEARCH)
-    allowed = SEARCH_WORK / max(int(macs), 1)
+    allowed = SEARCH_WORK / max(float(macs), 1.0)
     one = search_passes({**plan, "restarts": 1})
     if search_passes(plan) <= allowed:
         return plan
