@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import Fn, one_constant
 
 import lipgraph
+from lipgraph.domains import Ball
 
 
 class Between(nn.Module):
@@ -320,6 +321,21 @@ def test_analyze_restores_training_mode() -> None:
     before = [m.training for m in model.modules()]
     lipgraph.analyze(model, torch.randn(2, 4), lower_budget=1.0)
     assert [m.training for m in model.modules()] == before
+
+
+def test_analyze_and_certify_leave_parameter_gradients_as_they_were() -> None:
+    # the lower-bound search's secant and pattern steps once called loss.backward(), which accumulated
+    # gradients into the user's parameters; a domain analysis runs the pattern search too
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(1, 4)
+    lipgraph.analyze(model, x)
+    lipgraph.analyze(model, x, domain=Ball(x, 0.5))
+    lipgraph.certify(model, x, torch.tensor([0]))
+    assert all(p.grad is None for p in model.parameters())
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # a gradient the user holds stays as it was
+    lipgraph.analyze(model, x)
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight)) and model[2].weight.grad is None
 
 
 class _CountsCalls(nn.Module):
