@@ -95,6 +95,11 @@ MIN_INNER_NODES = 64
 #: one node costs 0.8 s (1 thread) and 1, 10 and 30 nodes all gave the root's 2.4293, so the pass budget would
 #: buy hours and nothing else. 512^3: every chain of the benchmark up to width 256 keeps its full search.
 WIDE_INNER_WORK = 512**3
+#: Branch and bound tries a heuristic completion of a new node's free slopes (a lower bound) at every this
+#: many explored nodes. On the LipSDP MNIST network's inner maximum a completion at every node improved the
+#: best pattern 9 times in 14,327 tries and took a fifth of the search; every 16th node finds the same
+#: optimum after the same 14,308 nodes.
+COMPLETION_EVERY = 16
 #: Low bits tabulated by the enumeration (2^LO_BITS matrices per batch).
 LO_BITS = 11
 _DT = torch.float64
@@ -309,14 +314,31 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
                 qk = qb[k] if k < n else torch.zeros(q, q, dtype=_DT)
                 pq.setdefault(k, []).append((pk, qk))
 
-    def node_ub(k: int, nm: torch.Tensor) -> float:
+    eye = torch.eye(p + q, dtype=_DT)
+
+    def below(z: torch.Tensor, level: float) -> bool:
+        """``2 lambda_max(z) < level``, proved by a Cholesky factorisation of ``level/2 (1 - 1e-10) I - z``
+        (a fifth of an eigenvalue solve at 60x60; its backward error, ``O(n u ||z||)``, is inside the
+        1e-10 shift and the result's ``ROUNDING_MARGIN``)."""
+        return int(torch.linalg.cholesky_ex(0.5 * level * (1 - 1e-10) * eye - z)[1]) == 0
+
+    def node_ub(k: int, nm: torch.Tensor, best: float = 0.0) -> float:
         """max_{t_R in [-1,1]^R} ||N + h A_R diag(t_R) B_R|| <= min of: the triangle bound, and for
-        |p_j q_j| <= (p_j^2 / g_j + g_j q_j^2) / 2 (any g_j > 0), 2 lambda_max([[h P/2, N/2], [N^T/2, h Q/2]])."""
+        |p_j q_j| <= (p_j^2 / g_j + g_j q_j^2) / 2 (any g_j > 0), 2 lambda_max([[h P/2, N/2], [N^T/2, h Q/2]]).
+        A node whose first quadratic bound is proved below ``best`` gets ``best (1 - 1e-10)`` (it is pruned,
+        so its exact bound is not needed); a later ``g`` gets an eigenvalue solve only where it is proved to
+        improve on the bound so far. Measured on the LipSDP MNIST network's inner maximum (14,308 nodes):
+        the first ``g`` gave the smaller bound at 99.3% of the nodes, and these two tests cut its time from
+        18.8 s to 10.6 s (1 thread, with the sparser completions below), same nodes and value."""
         best_ub = _norm(nm) + rad(k)
         if quad:
             kk = max(x for x in pq if x <= k)
-            for pk, qk in pq[kk]:
+            for i, (pk, qk) in enumerate(pq[kk]):
                 z = torch.cat([torch.cat([0.5 * h * pk, 0.5 * nm], 1), torch.cat([0.5 * nm.T, 0.5 * h * qk], 1)], 0)
+                if i == 0 and best > 0 and below(z, best):
+                    return min(best_ub, best * (1 - 1e-10))
+                if i > 0 and not below(z, best_ub):
+                    continue
                 best_ub = min(best_ub, 2.0 * float(torch.linalg.eigvalsh(z)[-1]))
         return best_ub
 
@@ -352,10 +374,10 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
         for tk in (1.0, -1.0):
             child = nm + (h * tk) * torch.outer(a_mat[:, k], b_mat[k])
             tc = torch.cat([tfix, torch.tensor([tk], dtype=_DT)])
-            ub = min(node_ub(k + 1, child), -neg_ub)  # a child's set lies inside its parent's
+            ub = min(node_ub(k + 1, child, best), -neg_ub)  # a child's set lies inside its parent's
             if ub <= best:
                 continue
-            if p * q * (n - k) <= 5e6:
+            if p * q * (n - k) <= 5e6 and nodes % COMPLETION_EVERY == 0:
                 val, tfree = _alternating_completion(child, a_mat[:, k + 1:], b_mat[k + 1:], h, iters=1)
                 if val > best:
                     best, best_t = val, torch.cat([tc, tfree])
