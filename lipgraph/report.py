@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .core import format_number, json_float
+from .core import format_number, json_float, round_outward
 
 SCHEMA = "lipgraph.report/1"
 _UNDEFINED = "the computation gave an undefined value; reported as an uncertified inf"
@@ -147,6 +147,31 @@ class Report:
                 n.local_lower = None
         if self.lower is not None and math.isnan(self.lower):
             self.lower = None
+        self._round_outward()
+
+    def _round_outward(self) -> None:
+        """Every reported number to ``REPORT_DIGITS`` significant digits, bounds up and attained values and
+        range lower ends down (:func:`~lipgraph.core.round_outward`): each stays what it claims, and float64
+        results that differ between thread counts in their last bits give the same report."""
+        def up(x: float | None) -> float | None:
+            return round_outward(x, True)
+
+        for b in self.bounds.values():
+            b.value = up(b.value)
+        for n in self.nodes:
+            n.local, n.cumulative, n.bound = up(n.local), up(n.cumulative), up(n.bound)
+            n.partials = [up(v) for v in n.partials]
+            n.domain_local, n.domain_bound = up(n.domain_local), up(n.domain_bound)
+            n.local_lower = round_outward(n.local_lower, False)
+            if n.range is not None:
+                n.range = [round_outward(n.range[0], False), up(n.range[1])]
+        for m in self.modules.values():
+            m["value"] = up(m["value"])
+        for seg in self.segments:
+            for key in ("autolip", "seqlip"):
+                if isinstance(seg.get(key), float):
+                    seg[key] = up(seg[key])
+        self.lower = round_outward(self.lower, False)
 
     @property
     def best(self) -> tuple[str, BoundResult] | None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from conftest import lipsdp_mnist_net
 
 import lipgraph
+from lipgraph.core import round_outward
 
 
 def _bounds(model: nn.Module, x: torch.Tensor) -> dict:
@@ -62,6 +65,37 @@ def test_mnist_default_seqlip_value_is_tight_and_repeatable() -> None:
     best = min(v["value"] for v in first.values() if v["certified"])
     assert best <= 24.366
     assert best >= 24.2992 * (1 - 1e-6)  # sound: the exact SeqLip value is the true constant
+
+
+def test_same_json_with_one_and_two_threads() -> None:
+    """Float64 BLAS results change in their last bits with the thread count (LipSDP's value on the MNIST
+    network: 24.366373398482796 with one thread, ...807 with two, measured here); the report rounds them
+    outward to 12 digits, so its JSON bounds are the same."""
+    net, x = lipsdp_mnist_net(), torch.zeros(1, 784)
+    old = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rep = lipgraph.analyze(net, x, method=["lipsdp"], lower=True).to_dict()
+            runs.append((_values(rep["bounds"]), rep["lower"], [n["local"] for n in rep["nodes"]]))
+    finally:
+        torch.set_num_threads(old)
+    assert runs[0] == runs[1]
+    assert runs[0][0]["autolip+lipsdp"][0] == 24.3663733985  # 12 digits, rounded up
+
+
+def test_round_outward_keeps_bounds_on_their_side() -> None:
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([rng.lognormal(0, 30, 2000), -rng.lognormal(0, 30, 200), [1.0, 0.5, 1e-310, 1e308]])
+    for x in map(float, xs):
+        u, d = round_outward(x, True), round_outward(x, False)
+        assert d <= x <= u
+        assert u - d <= 2e-11 * abs(x) + 1e-320
+        assert round_outward(u, True) == u and round_outward(d, False) == d
+        assert round_outward(math.nextafter(x, math.inf), True) - u <= 1.1e-11 * abs(x)  # one 12-digit step
+    assert round_outward(24.299217445789672, True) == round_outward(24.299217445789683, True) == 24.2992174458
+    assert round_outward(math.inf, True) == math.inf and round_outward(None, True) is None
 
 
 if __name__ == "__main__":  # pragma: no cover

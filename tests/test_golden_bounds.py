@@ -15,7 +15,8 @@ import lipgraph
 def _same(got: float | str, want: float | str) -> bool:
     if isinstance(want, str) or isinstance(got, str):
         return got == want
-    return math.isclose(got, want, rel_tol=1e-12, abs_tol=0.0)
+    # the report rounds every bound outward to REPORT_DIGITS = 12 significant digits: one step is <= 1e-11 relative
+    return math.isclose(got, want, rel_tol=1e-11, abs_tol=0.0)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -37,7 +38,7 @@ def test_report_numbers_equal_golden(name: str) -> None:
         assert got["bounds"][combo_got][0] == value
     else:
         assert got["bounds"][combo_got][1] == certified
-        assert got["bounds"][combo_got][0] <= value * (1 + 1e-12)
+        assert got["bounds"][combo_got][0] <= value * (1 + 1e-11)
     assert got["nodes"].keys() == want["nodes"].keys()
     for node, (local, cumulative, certified) in want["nodes"].items():
         g_local, g_cum, g_cert = got["nodes"][node]
