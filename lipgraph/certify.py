@@ -86,6 +86,9 @@ KINDS = ("global", "local-lipschitz", "margin-range", "lipschitz-or-range")
 #: Slope-optimisation steps of the margin's linear bounds per check (the search runs dozens of checks per input;
 #: each step is one backward pass with gradients).
 MARGIN_ALPHA_STEPS = 20
+#: Branches of the margin's branch and bound over unstable ReLUs (:func:`~lipgraph.bounds.linear_bounds.prove_above`)
+#: when its linear bound alone does not prove a pair (1: none).
+MARGIN_BRANCHES = 32
 
 
 class PairDiff(nn.Module):
@@ -607,6 +610,14 @@ class _LocalSearch:
             self.modules[j] = self.pair_of(j)  # f_y - f_j itself (not |.|-symmetrised)
         return self.modules[j]
 
+    def _graph(self, j: int) -> Any:
+        """The IR of ``f_y - f_j``, traced (and checked against the module) once for every check of this input."""
+        from .api import trace  # noqa: PLC0415
+
+        if j not in self.graphs:
+            self.graphs[j] = trace(self._module(j), self.x)
+        return self.graphs[j]
+
     def ball(self, r: float) -> Ball:
         return Ball(self.x, r, self.norm, clip=self.clip)
 
@@ -627,7 +638,7 @@ class _LocalSearch:
         """The certified constant of ``f_y - f_j`` on ``B(x, r)`` (min with the global pair constant), or None."""
         import lipgraph  # noqa: PLC0415
 
-        rep = lipgraph.analyze(self._module(j), self.x, domain=self.ball(r), **{
+        rep = lipgraph.analyze(self._graph(j), self.x, domain=self.ball(r), **{
             **self.kwargs, "method": self.method, "lower": False})
         if not rep.certified or not math.isfinite(rep.upper):
             return None
@@ -675,13 +686,10 @@ class _LocalSearch:
         return min(caps) if caps else math.inf
 
     def _range_pair_ok(self, j: int, r: float) -> bool:
-        from .api import trace  # noqa: PLC0415
-        from .bounds.linear_bounds import linear_bounds  # noqa: PLC0415
+        from .bounds.linear_bounds import linear_bounds, prove_above  # noqa: PLC0415
         from .bounds.ranges import propagate  # noqa: PLC0415
 
-        if j not in self.graphs:
-            self.graphs[j] = trace(self._module(j), self.x)
-        g = self.graphs[j]
+        g = self._graph(j)
         ball = self.ball(r)
         res = propagate(g, ball, self.x)
         rng = res.ranges.get(g.graph["output"])
@@ -691,7 +699,12 @@ class _LocalSearch:
             return False
         lin = linear_bounds(g, ball, self.x, upper=False, ranges=res, enough=0.0,  # None unless a chain
                             alpha_steps=MARGIN_ALPHA_STEPS)
-        return lin is not None and bool(torch.isfinite(lin.lower).all()) and float(lin.lower.min()) > 0
+        if lin is not None and bool(torch.isfinite(lin.lower).all()) and float(lin.lower.min()) > 0:
+            return True
+        if lin is None or MARGIN_BRANCHES <= 1:
+            return False
+        return bool(prove_above(g, ball, self.x, 0.0, branches=MARGIN_BRANCHES, alpha_steps=MARGIN_ALPHA_STEPS,
+                                ranges=res))
 
     def range_ok(self, r: float) -> bool:
         """The lower end of the range of ``f_y - f_j`` over ``B(x, r)`` is ``> 0`` for every ``j``."""

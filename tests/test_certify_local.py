@@ -162,7 +162,9 @@ def test_mnist_local_radii() -> None:
                 "(auto_LiRPA CROWN margin radii on three such points: 0.95, 0.35, 1.01)")
     print("\n" + "\n".join(rows))
     assert all(c.correct and c.radius >= c.radii["global"] for c in cert.inputs)
-    assert sum(c.radius >= 3 * c.radii["global"] for c in cert.inputs) >= 7  # measured: 7 of 10, 2.67-5.50x
+    # measured: 3.31-5.54x on all ten; without the margin's branch and bound over unstable ReLUs (before
+    # certify.MARGIN_BRANCHES) points 0 and 8 stayed at 2.97x and 2.75x
+    assert all(c.radius >= 3 * c.radii["global"] for c in cert.inputs)
     # the margin's linear bounds (CROWN with optimised slopes) beat interval ranges: measured median 0.82
     # (interval arithmetic alone: 0.43), and the best radius exceeds 0.9 on at least three points
     assert statistics.median(c.radii["margin-range"] for c in cert.inputs) > 0.7

@@ -32,6 +32,7 @@ Functions" (CROWN, NeurIPS 2018); Xu et al., "Fast and Complete" (alpha-CROWN, I
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -125,6 +126,7 @@ class _Chain:
                 c = ir.node(g, i)
                 if c.op == "constant":
                     self.consts[i] = RULES["constant"].forward(ir.as_float64(c)).detach().to(_DT)
+        self.splits: dict[str, torch.Tensor] = {}  # a branch's fixed neurons (see backward)
         self.ranges: dict[str, Range] = {}
         for v in [self.input, *path]:
             r = ranges.ranges.get(v)
@@ -214,9 +216,17 @@ class _Chain:
         pos = lam >= 0
         return torch.where(pos, low_s, up_s), torch.where(pos, low_b, up_b)
 
-    def backward(self, stop: int, lam: torch.Tensor, alphas: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def backward(self, stop: int, lam: torch.Tensor, alphas: dict[str, torch.Tensor] | None = None,
+                 betas: dict[str, torch.Tensor] | None = None,
+                 record: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Lower bounds of ``lam_k . h_stop(x)`` over the domain for each row ``lam_k`` of ``lam`` (shape
-        ``(K, *shape of path[stop])``), from the backward pass through ``path[: stop + 1]``."""
+        ``(K, *shape of path[stop])``), from the backward pass through ``path[: stop + 1]``.
+
+        On a branch (:attr:`splits`: per activation, ``+1`` for a neuron fixed active, ``z_i >= 0``, ``-1`` for
+        one fixed inactive, ``z_i <= 0``, 0 for free), the ranges are clamped to the branch and ``betas`` (``>= 0``,
+        one per neuron and row) add the branch's constraints: on it ``-sign_i z_i <= 0``, so
+        ``lam . z >= (lam - beta sign) . z`` (beta-CROWN's multipliers; any ``beta >= 0`` is sound, the bound
+        then holds on the branch). ``record``: each activation's coefficient ``lam`` (its output side) is stored."""
         const = torch.zeros(lam.shape[0], dtype=_DT)
         err = torch.zeros(lam.shape[0], dtype=_DT)
         dims = lambda t: tuple(range(1, t.dim()))  # noqa: E731 - sums over everything but the batch
@@ -227,10 +237,14 @@ class _Chain:
             zmax = self.ranges[z].abs_max.reshape(self.in_shape(v))
             if _is_activation(n):
                 alpha = None if alphas is None else alphas.get(v)
+                if record is not None:
+                    record[v] = lam.detach()
                 s, b = self.lines(v, lam, alpha)
                 const = const + (lam * b).sum(dims(lam))
                 err = err + GAMMA * (lam.abs() * b.abs()).sum(dims(lam))
                 lam = lam * s
+                if betas is not None and v in betas:
+                    lam = lam - betas[v] * self.splits[v].reshape(lam.shape[1:])
                 err = err + GAMMA * (lam.abs() * zmax).sum(dims(lam))
             else:
                 at, b = self._transpose(v, lam)
@@ -367,6 +381,8 @@ def _optimised(ch: _Chain, last: int, lam: torch.Tensor, steps: int, enough: flo
     relus = [v for v in ch.path[: last + 1] if _is_activation(ch.n64[v]) and _negative_slope(ch.n64[v]) is not None]
     if steps <= 0 or not relus or (enough is not None and bool((best > enough).all())):
         return best
+    betas = {v: torch.zeros(lam.shape[0], *ch.in_shape(v), dtype=_DT, requires_grad=True)
+             for v in ch.splits if v in relus} or None
     alphas: dict[str, torch.Tensor] = {}
     for v in relus:
         r = ch.ranges[ch.var_of(v)]
@@ -377,10 +393,10 @@ def _optimised(ch: _Chain, last: int, lam: torch.Tensor, steps: int, enough: flo
         width = (r.hi - r.lo).clamp_min(1e-300)
         init = ((r.hi - float(a) * r.lo) / width).clamp(float(a), 1.0).reshape(shape[1:]).to(_DT)
         alphas[v] = init.expand(shape).clone().requires_grad_(True)
-    opt = torch.optim.Adam(list(alphas.values()), lr=ALPHA_LR)
+    opt = torch.optim.Adam([*alphas.values(), *(betas or {}).values()], lr=ALPHA_LR)
     for _ in range(steps):
         opt.zero_grad()
-        val = ch.backward(last, lam, alphas)
+        val = ch.backward(last, lam, alphas, betas)
         best = torch.maximum(best, val.detach())
         if enough is not None and bool((best > enough).all()):
             return best
@@ -389,9 +405,120 @@ def _optimised(ch: _Chain, last: int, lam: torch.Tensor, steps: int, enough: flo
         with torch.no_grad():
             for v, t in alphas.items():
                 t.clamp_(float(_negative_slope(ch.n64[v])), 1.0)
+            for t in (betas or {}).values():
+                t.clamp_(min=0.0)
     with torch.no_grad():
-        best = torch.maximum(best, ch.backward(last, lam, alphas))
+        best = torch.maximum(best, ch.backward(last, lam, alphas, betas))
     return best
 
 
-__all__ = ["ALPHA_STEPS", "GAMMA", "LinearBound", "chain_path", "linear_bounds", "tightened_ranges"]
+#: Branches :func:`prove_above` may bound (each one a backward pass with its slope and multiplier optimisation):
+#: counted work, not seconds. Measured on the shared MNIST network's margins: see ``certify.MARGIN_BRANCHES``.
+BRANCHES = 64
+
+
+def _branch(ch: _Chain, base: dict[str, Range], splits: dict[str, torch.Tensor]) -> _Chain:
+    """A shallow copy of ``ch`` on the branch ``splits``: ranges clamped (``z >= 0`` where the sign is +1,
+    ``z <= 0`` where it is -1), everything else shared."""
+    sub = object.__new__(_Chain)
+    sub.__dict__.update(ch.__dict__)
+    sub.ranges = dict(base)
+    sub.splits = splits
+    for v, sign in splits.items():
+        z = ch.var_of(v)
+        r = base[z]
+        lo, hi = r.lo.reshape(-1), r.hi.reshape(-1)
+        lo = torch.where(sign > 0, lo.clamp_min(0.0), lo)
+        hi = torch.where(sign < 0, hi.clamp_max(0.0), hi)
+        sub.ranges[z] = Range(lo.reshape(r.lo.shape), hi.reshape(r.hi.shape))
+    return sub
+
+
+def prove_above(g: nx.DiGraph, domain: Domain, example: torch.Tensor, threshold: float = 0.0, *,
+                branches: int = BRANCHES, alpha_steps: int = ALPHA_STEPS,
+                ranges: RangeResult | None = None) -> bool | None:
+    """Whether every output entry of ``g`` is ``> threshold`` on all of ``domain``, proved by branch and bound
+    over the unstable ReLU / leaky-ReLU neurons of its chain.
+
+    Each branch fixes some neurons' phases (``z_i >= 0`` or ``z_i <= 0``); the domain is the union of the branches,
+    so the claim holds once it is proved on every leaf. A branch is bounded by the backward pass
+    (:func:`linear_bounds`'s lines, exact for the fixed neurons) with the branch's constraints added by
+    multipliers (see :meth:`_Chain.backward`); the slopes and multipliers are optimised together, every iterate
+    sound. The branch with the lowest bound is split first, on the free unstable neuron with the largest
+    ``|coefficient| * u l / (u - l)`` (the gap of its relaxation, weighted by how much the bound reads it:
+    BaBSR's choice). At most ``branches`` branches are bounded (work, not seconds).
+
+    Returns True when proved, False when a branch stays at or below ``threshold`` after the budget (not a
+    counterexample: the claim may still hold), None when the output is not a chain of supported ops.
+    """
+    path = chain_path(g)
+    if not path:
+        return None
+    if ranges is None:
+        ranges = propagate(g, domain, example)
+    ch = _Chain(g, path, ranges, domain, example)
+    if any(v not in ch.ranges for v in [ch.input, *path]):
+        return None
+    for name, r in tightened_ranges(g, domain, example, ranges).items():
+        ch.ranges[name] = r
+    last = len(path) - 1
+    size = math.prod(ch.out_shape(last))
+    eye = torch.eye(size, dtype=_DT).reshape(size, *ch.out_shape(last))
+    box = ch.ranges[path[-1]].lo.reshape(-1)
+    base = dict(ch.ranges)
+    relus = [v for v in path if _is_activation(ch.n64[v]) and _negative_slope(ch.n64[v]) is not None]
+
+    def bound(splits: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        sub = _branch(ch, base, splits)
+        low = torch.maximum(_optimised(sub, last, eye, alpha_steps, threshold), box)
+        record: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            sub.backward(last, eye, record=record)
+        return float(low.min()), record
+
+    def pick(splits: dict[str, torch.Tensor], record: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+        best, choice = 0.0, None
+        for v in relus:
+            r = base[ch.var_of(v)]
+            lo, hi = r.lo.reshape(-1), r.hi.reshape(-1)
+            free = (lo < 0) & (hi > 0)
+            if v in splits:
+                free &= splits[v] == 0
+            if not bool(free.any()):
+                continue
+            gap = torch.where(free, -lo * hi / (hi - lo).clamp_min(1e-300), torch.zeros_like(lo))
+            score = gap * record[v].abs().sum(0).reshape(-1)
+            i = int(torch.argmax(score))
+            if float(score[i]) > best:
+                best, choice = float(score[i]), (v, i)
+        return choice
+
+    low, record = bound({})
+    if low > threshold:
+        return True
+    heap = [(low, 0, {}, record)]
+    counter, spent = 0, 1
+    while heap:
+        _, _, splits, record = heapq.heappop(heap)
+        choice = pick(splits, record)
+        if choice is None:  # every neuron fixed and still not proved
+            return False
+        v, i = choice
+        for sign in (1.0, -1.0):
+            if spent >= branches:
+                return False
+            child = {k: t.clone() for k, t in splits.items()}
+            if v not in child:
+                child[v] = torch.zeros(base[ch.var_of(v)].lo.numel(), dtype=_DT)
+            child[v][i] = sign
+            spent += 1
+            low, rec = bound(child)
+            if low > threshold:
+                continue
+            counter += 1
+            heapq.heappush(heap, (low, counter, child, rec))
+    return True
+
+
+__all__ = ["ALPHA_STEPS", "BRANCHES", "GAMMA", "LinearBound", "chain_path", "linear_bounds", "prove_above",
+           "tightened_ranges"]
