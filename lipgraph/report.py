@@ -145,6 +145,14 @@ class Report:
             n.cumulative = math.inf if math.isnan(n.cumulative) else n.cumulative
             if n.local_lower is not None and math.isnan(n.local_lower):
                 n.local_lower = None
+            for key in ("domain_local", "domain_bound"):
+                if getattr(n, key) is not None and math.isnan(getattr(n, key)):
+                    setattr(n, key, math.inf)
+                    n.domain_certified = False
+                    n.domain_note = n.domain_note or _UNDEFINED
+            if n.range is not None:
+                n.range = [-math.inf if math.isnan(n.range[0]) else n.range[0],
+                           math.inf if math.isnan(n.range[1]) else n.range[1]]
         if self.lower is not None and math.isnan(self.lower):
             self.lower = None
         self._round_outward()

@@ -283,6 +283,18 @@ def test_report_never_holds_nan() -> None:
     assert "nan" not in r.to_json().lower()
 
 
+def test_report_never_holds_nan_in_domain_fields() -> None:
+    from lipgraph.report import NodeReport, Report  # noqa: PLC0415
+
+    nan = float("nan")
+    node = NodeReport("n", "relu", "s", "o", "", [(1, 2)], (1, 2), 1.0, None, [1.0], "sum", True, "m", None, 1.0,
+                      True, domain_local=nan, domain_bound=nan, domain_certified=True, range=[nan, nan])
+    r = Report("m", "torch.fx", [(1, 2)], "cpu", {}, [node])
+    assert r.nodes[0].domain_local == r.nodes[0].domain_bound == math.inf and not r.nodes[0].domain_certified
+    assert r.nodes[0].range == [-math.inf, math.inf]
+    assert "nan" not in r.to_json().lower()
+
+
 # --- an infinite bound is not "certified" ---------------------------------------------------------------------
 
 def test_inf_upper_is_labelled_not_bounded() -> None:

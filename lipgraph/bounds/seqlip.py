@@ -279,6 +279,7 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
     (single-threaded small matrices; for large ones BLAS threading could in principle change last bits).
     """
     t0 = time.perf_counter()
+    lo, hi = min(lo, hi), max(lo, hi)  # the same vertex set; the bounds below need h >= 0
     a_mat, b_mat = a_mat.to(_DT), b_mat.to(_DT)
     p, n = a_mat.shape
     q = b_mat.shape[1]
