@@ -686,7 +686,7 @@ class _LocalSearch:
         return min(caps) if caps else math.inf
 
     def _range_pair_ok(self, j: int, r: float) -> bool:
-        from .bounds.linear_bounds import linear_bounds, prove_above  # noqa: PLC0415
+        from .bounds.linear_bounds import prove_above  # noqa: PLC0415
         from .bounds.ranges import propagate  # noqa: PLC0415
 
         g = self._graph(j)
@@ -697,12 +697,7 @@ class _LocalSearch:
             return True
         if not isinstance(rng, Range):
             return False
-        lin = linear_bounds(g, ball, self.x, upper=False, ranges=res, enough=0.0,  # None unless a chain
-                            alpha_steps=MARGIN_ALPHA_STEPS)
-        if lin is not None and bool(torch.isfinite(lin.lower).all()) and float(lin.lower.min()) > 0:
-            return True
-        if lin is None or MARGIN_BRANCHES <= 1:
-            return False
+        # the linear bound first, then branches over unstable ReLUs (None, not proved, unless a chain)
         return bool(prove_above(g, ball, self.x, 0.0, branches=MARGIN_BRANCHES, alpha_steps=MARGIN_ALPHA_STEPS,
                                 ranges=res))
 

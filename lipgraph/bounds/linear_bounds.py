@@ -32,6 +32,7 @@ Functions" (CROWN, NeurIPS 2018); Xu et al., "Fast and Complete" (alpha-CROWN, I
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 from dataclasses import dataclass
@@ -310,6 +311,24 @@ def linear_bounds(g: nx.DiGraph, domain: Domain, example: torch.Tensor, *, upper
     -------
     A :class:`LinearBound`, or None when the output is not such a chain or a range is missing.
     """
+    prepared = _output_chain(g, domain, example, ranges, intermediate)
+    if prepared is None:
+        return None
+    ch, eye, tightened = prepared
+    last = len(ch.path) - 1
+    lower = _optimised(ch, last, eye, alpha_steps, enough)
+    up = -_optimised(ch, last, -eye, alpha_steps) if upper else None
+    box = ch.ranges[ch.path[-1]]  # the interval range holds too: keep the tighter end of each
+    lower = torch.maximum(lower, box.lo.reshape(-1))
+    up = torch.minimum(up, box.hi.reshape(-1)) if up is not None else None
+    return LinearBound(lower, up, tightened)
+
+
+def _output_chain(g: nx.DiGraph, domain: Domain, example: torch.Tensor, ranges: RangeResult | None,
+                  intermediate: bool) -> tuple[_Chain, torch.Tensor, int] | None:
+    """The chain to the output of ``g`` with its ranges (tightened by :func:`tightened_ranges` when
+    ``intermediate``), the identity rows of its output, and how many neurons the tightening moved; None when the
+    output is not a chain of supported ops or a range is missing."""
     path = chain_path(g)
     if not path:
         return None
@@ -324,15 +343,9 @@ def linear_bounds(g: nx.DiGraph, domain: Domain, example: torch.Tensor, *, upper
             old = ch.ranges[name]
             tightened += int(((r.lo > old.lo) | (r.hi < old.hi)).sum())
             ch.ranges[name] = r
-    last = len(path) - 1
-    size = math.prod(ch.out_shape(last))
-    eye = torch.eye(size, dtype=_DT).reshape(size, *ch.out_shape(last))
-    lower = _optimised(ch, last, eye, alpha_steps, enough)
-    up = -_optimised(ch, last, -eye, alpha_steps) if upper else None
-    box = ch.ranges[path[-1]]  # the interval range holds too: keep the tighter end of each
-    lower = torch.maximum(lower, box.lo.reshape(-1))
-    up = torch.minimum(up, box.hi.reshape(-1)) if up is not None else None
-    return LinearBound(lower, up, tightened)
+    shape = ch.out_shape(len(path) - 1)
+    size = math.prod(shape)
+    return ch, torch.eye(size, dtype=_DT).reshape(size, *shape), tightened
 
 
 def tightened_ranges(g: nx.DiGraph, domain: Domain, example: torch.Tensor, ranges: RangeResult, *,
@@ -420,8 +433,7 @@ BRANCHES = 64
 def _branch(ch: _Chain, base: dict[str, Range], splits: dict[str, torch.Tensor]) -> _Chain:
     """A shallow copy of ``ch`` on the branch ``splits``: ranges clamped (``z >= 0`` where the sign is +1,
     ``z <= 0`` where it is -1), everything else shared."""
-    sub = object.__new__(_Chain)
-    sub.__dict__.update(ch.__dict__)
+    sub = copy.copy(ch)
     sub.ranges = dict(base)
     sub.splits = splits
     for v, sign in splits.items():
@@ -440,43 +452,35 @@ def prove_above(g: nx.DiGraph, domain: Domain, example: torch.Tensor, threshold:
     """Whether every output entry of ``g`` is ``> threshold`` on all of ``domain``, proved by branch and bound
     over the unstable ReLU / leaky-ReLU neurons of its chain.
 
-    Each branch fixes some neurons' phases (``z_i >= 0`` or ``z_i <= 0``); the domain is the union of the branches,
-    so the claim holds once it is proved on every leaf. A branch is bounded by the backward pass
-    (:func:`linear_bounds`'s lines, exact for the fixed neurons) with the branch's constraints added by
-    multipliers (see :meth:`_Chain.backward`); the slopes and multipliers are optimised together, every iterate
-    sound. The branch with the lowest bound is split first, on the free unstable neuron with the largest
-    ``|coefficient| * u l / (u - l)`` (the gap of its relaxation, weighted by how much the bound reads it:
-    BaBSR's choice). At most ``branches`` branches are bounded (work, not seconds).
+    The root is :func:`linear_bounds`'s lower bound (``branches=1``: that bound alone). Each branch fixes some
+    neurons' phases (``z_i >= 0`` or ``z_i <= 0``); the domain is the union of the branches, so the claim holds
+    once it is proved on every leaf. A branch is bounded by the same backward pass (its lines exact for the fixed
+    neurons) with the branch's constraints added by multipliers (see :meth:`_Chain.backward`); the slopes and
+    multipliers are optimised together, every iterate sound. The branch with the lowest bound is split first, on
+    the free unstable neuron with the largest ``|coefficient| * u l / (u - l)`` (the gap of its relaxation,
+    weighted by how much the bound reads it: BaBSR's choice). At most ``branches`` branches are bounded (work,
+    not seconds). A bound proves its branch only when it is finite.
 
     Returns True when proved, False when a branch stays at or below ``threshold`` after the budget (not a
     counterexample: the claim may still hold), None when the output is not a chain of supported ops.
     """
-    path = chain_path(g)
-    if not path:
+    prepared = _output_chain(g, domain, example, ranges, True)
+    if prepared is None:
         return None
-    if ranges is None:
-        ranges = propagate(g, domain, example)
-    ch = _Chain(g, path, ranges, domain, example)
-    if any(v not in ch.ranges for v in [ch.input, *path]):
-        return None
-    for name, r in tightened_ranges(g, domain, example, ranges).items():
-        ch.ranges[name] = r
-    last = len(path) - 1
-    size = math.prod(ch.out_shape(last))
-    eye = torch.eye(size, dtype=_DT).reshape(size, *ch.out_shape(last))
-    box = ch.ranges[path[-1]].lo.reshape(-1)
+    ch, eye, _ = prepared
+    last = len(ch.path) - 1
+    box = ch.ranges[ch.path[-1]].lo.reshape(-1)
     base = dict(ch.ranges)
-    relus = [v for v in path if _is_activation(ch.n64[v]) and _negative_slope(ch.n64[v]) is not None]
+    relus = [v for v in ch.path if _is_activation(ch.n64[v]) and _negative_slope(ch.n64[v]) is not None]
 
-    def bound(splits: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
-        sub = _branch(ch, base, splits)
-        low = torch.maximum(_optimised(sub, last, eye, alpha_steps, threshold), box)
+    def bound(splits: dict[str, torch.Tensor]) -> float:
+        low = torch.maximum(_optimised(_branch(ch, base, splits), last, eye, alpha_steps, threshold), box)
+        return float(low.min()) if bool(torch.isfinite(low).all()) else -math.inf
+
+    def pick(splits: dict[str, torch.Tensor]) -> tuple[str, int] | None:
         record: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            sub.backward(last, eye, record=record)
-        return float(low.min()), record
-
-    def pick(splits: dict[str, torch.Tensor], record: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+            _branch(ch, base, splits).backward(last, eye, record=record)
         best, choice = 0.0, None
         for v in relus:
             r = base[ch.var_of(v)]
@@ -493,14 +497,16 @@ def prove_above(g: nx.DiGraph, domain: Domain, example: torch.Tensor, threshold:
                 best, choice = float(score[i]), (v, i)
         return choice
 
-    low, record = bound({})
+    low = bound({})
     if low > threshold:
         return True
-    heap = [(low, 0, {}, record)]
+    heap: list[tuple[float, int, dict[str, torch.Tensor]]] = [(low, 0, {})]
     counter, spent = 0, 1
     while heap:
-        _, _, splits, record = heapq.heappop(heap)
-        choice = pick(splits, record)
+        _, _, splits = heapq.heappop(heap)
+        if spent >= branches:
+            return False
+        choice = pick(splits)
         if choice is None:  # every neuron fixed and still not proved
             return False
         v, i = choice
@@ -512,13 +518,12 @@ def prove_above(g: nx.DiGraph, domain: Domain, example: torch.Tensor, threshold:
                 child[v] = torch.zeros(base[ch.var_of(v)].lo.numel(), dtype=_DT)
             child[v][i] = sign
             spent += 1
-            low, rec = bound(child)
+            low = bound(child)
             if low > threshold:
                 continue
             counter += 1
-            heapq.heappush(heap, (low, counter, child, rec))
+            heapq.heappush(heap, (low, counter, child))
     return True
-
 
 __all__ = ["ALPHA_STEPS", "BRANCHES", "GAMMA", "LinearBound", "chain_path", "linear_bounds", "prove_above",
            "tightened_ranges"]
