@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cheap-norms", action="store_true", help="power-method conv norms (uncertified, fast)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "zoo.txt"))
     p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a model that raises gets an 'error' row (traceback on stderr); the others still run")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_zoo: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
@@ -132,29 +135,40 @@ def main(argv: list[str] | None = None) -> int:
     print(settings + head + "\n" + lines[1], flush=True)
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         side = max(args.size, MIN_SIDE.get(name, 0))
-        model = build(name).to(args.device)
-        x = torch.randn(1, 3, side, side, device=args.device)
-        t0 = time.perf_counter()
-        g = lipgraph.trace(model, x)
-        t_trace = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        kw = {"method": args.method, "lower": not args.no_lower, "power_iterations": args.power_iterations,
-              "device": args.device}
-        r = lipgraph.analyze(model, x, **kw)
-        t_analyze = time.perf_counter() - t0
-        same = "-"
-        if args.repeat:
-            again = lipgraph.analyze(model, x, **kw)
-            same = "yes" if (values(again) == values(r)) else "NO"
-        best = r.best[0] if r.best else "-"
-        row = (f"{name:<20} {side:>5} {g.number_of_nodes():>6} {t_trace:>8.2f} {t_analyze:>10.1f} "
-               f"{fmt(r.upper):>11} {str(r.certified):>9} {fmt(r.lower) if r.lower is not None else '-':>10} "
-               f"{len(r.not_lipschitz):>9} {same:>5}  {best}  [{stages(r)}]")
+        try:
+            row = _row(name, side, args)
+        except Exception as e:  # noqa: BLE001 - with --keep-going, one model's failure is a row of the table
+            if not args.keep_going:
+                raise
+            traceback.print_exc()
+            row = f"{name:<20} {side:>5} error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         print(row, flush=True)
         with out.open("a") as f:
             f.write(row + "\n")
-        del model, g, r
     return 0
+
+
+def _row(name: str, side: int, args: argparse.Namespace) -> str:
+    """Analyse one model as ``args`` say; the table row."""
+    model = build(name).to(args.device)
+    x = torch.randn(1, 3, side, side).to(args.device)  # the same input on every device
+    t0 = time.perf_counter()
+    g = lipgraph.trace(model, x)
+    t_trace = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kw = {"method": args.method, "lower": not args.no_lower, "power_iterations": args.power_iterations,
+          "device": args.device}
+    r = lipgraph.analyze(model, x, **kw)
+    t_analyze = time.perf_counter() - t0
+    same = "-"
+    if args.repeat:
+        again = lipgraph.analyze(model, x, **kw)
+        same = "yes" if (values(again) == values(r)) else "NO"
+    best = r.best[0] if r.best else "-"
+    row = (f"{name:<20} {side:>5} {g.number_of_nodes():>6} {t_trace:>8.2f} {t_analyze:>10.1f} "
+           f"{fmt(r.upper):>11} {str(r.certified):>9} {fmt(r.lower) if r.lower is not None else '-':>10} "
+           f"{len(r.not_lipschitz):>9} {same:>5}  {best}  [{stages(r)}]")
+    return row
 
 
 if __name__ == "__main__":
