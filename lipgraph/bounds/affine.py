@@ -45,6 +45,7 @@ from torch.func import jvp, vjp
 from .. import ir, norms
 from ..core import ROUNDING_MARGIN
 from ..ops import RULES, LocalConstant, Settings
+from .basis import linear_part_columns
 from .relations import AlgorithmResult, Cumulative, Relation, Term, combine
 
 #: Materialise a partial map when its smaller side has at most this many entries.
@@ -304,6 +305,9 @@ def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
 
     x0 = torch.zeros(n_in, dtype=torch.float64, device=dev)
     try:
+        direct = _from_first_layers(g, nodes64, entry, exit_, shape, n_in <= n_out, dev)
+        if direct is not None:
+            return norms.dense_norm(direct, dev).upper
         if n_in <= n_out:
             basis = torch.eye(n_in, dtype=torch.float64, device=dev)
             cols = torch.vmap(lambda v: jvp(run, (x0,), (v,))[1])(basis)  # (n_in, n_out) = J^T
@@ -315,6 +319,48 @@ def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
     except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError, IndexError):
         return None
     return norms.dense_norm(jac, dev).upper
+
+
+def _from_first_layers(g: nx.DiGraph, nodes64: list[ir.IRNode], entry: str, exit_: str, shape: tuple[int, ...],
+                       forward: bool, dev: torch.device) -> torch.Tensor | None:
+    """``J^T`` (``(n_in, n_out)``) of entry -> exit when every member reading the entry is a conv or linear layer
+    whose basis responses come from its weights (:func:`~lipgraph.bounds.basis.linear_part_columns`): the
+    rest of the region's linear part (``jvp`` at 0) runs on those responses, column by column. Used when the
+    forward direction is the cheaper one (``forward``) or no other member is a conv or linear layer (then the
+    rest is elementwise and cheap); else None and the caller runs the basis through every member."""
+    first = [n for n in nodes64 if entry in n.inputs]
+    if not first or any(n.inputs.count(entry) != 1 or len(n.inputs) != 1 for n in first):
+        return None
+    heavy = {"conv", "conv_transpose", "linear", "matmul_const"}
+    if not forward and any(n.op in heavy for n in nodes64 if n not in first):
+        return None
+    cols = [linear_part_columns(n, shape, dev) for n in first]
+    if any(c is None for c in cols):
+        return None
+    names = {n.name for n in first}
+    rest = [n for n in nodes64 if n.name not in names]
+    n_in = cols[0].shape[0]
+    if not rest:  # the exit is one of the first layers
+        return cols[[n.name for n in first].index(exit_)].reshape(n_in, -1)
+
+    def run_rest(*ys: torch.Tensor) -> torch.Tensor:
+        vals: dict[str, Any] = dict(zip([n.name for n in first], ys, strict=True))
+        for n in rest:
+            args = []
+            for u in n.inputs:
+                if u in vals:
+                    args.append(vals[u])
+                else:  # another entry or a constant, as in _materialize
+                    un = ir.node(g, u)
+                    if un.op == "constant":
+                        args.append(un.params["value"].detach().to(torch.float64).to(dev))
+                    else:
+                        args.append(torch.zeros(un.out_shape, dtype=torch.float64, device=dev))
+            vals[n.name] = RULES[n.op].forward(n, *args)
+        return vals[exit_].reshape(-1)
+
+    zeros = tuple(torch.zeros(c.shape[1:], dtype=torch.float64, device=dev) for c in cols)
+    return torch.vmap(lambda *ts: jvp(run_rest, zeros, ts)[1])(*cols)
 
 
 def _autolip_partial(g: nx.DiGraph, members: list[str], entry: str, exit_: str,

@@ -156,6 +156,11 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
         rec: dict[str, Any] = {"nodes": list(seg.nodes), "entry": seg.entry, "label": label,
                                "slopes": [[float(a), float(b)] for a, b in seg.slopes]}
         t1 = time.perf_counter()
+        if not seg.activations:  # one affine map: these methods would return its norm, as affine folding does
+            rec.update(value=None, certified=False, method="skipped: no activation (one affine map, bounded by "
+                       "affine folding and the per-node constants)", seconds=0.0)
+            res.records.append(rec)
+            continue
         cost = chain_flops(segment_shapes(g, seg))  # from the shapes: nothing is materialised past the cap
         if cost > cap:
             rec.update(value=None, certified=False,

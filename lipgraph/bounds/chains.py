@@ -26,6 +26,7 @@ import torch
 
 from .. import ir
 from ..ops import RULES, Settings, slope_interval
+from .basis import linear_part_columns
 
 #: Ops flagged affine that are not single-tensor maps (tuple-valued or multi-input), never chain members.
 _NOT_MEMBERS = frozenset({"input", "output", "constant", "split", "unbind", "tuple_getitem", "cat", "stack"})
@@ -181,7 +182,9 @@ def group_dims(g: nx.DiGraph, names: list[str]) -> tuple[int, int]:
 def group_matrix(g: nx.DiGraph, names: list[str], max_dense: int = MAX_DENSE) -> torch.Tensor | None:
     """The linear part of an affine group as a dense float64 ``(out, in)`` matrix, or None when
     ``max(out, in) > max_dense``. Computed as ``f(e_j) - f(0)`` on the basis vectors in float64
-    (exact for an affine ``f`` up to rounding of order ``1e-16 ||f||``)."""
+    (exact for an affine ``f`` up to rounding of order ``1e-16 ||f||``); when the group starts with a conv or a
+    linear layer, its responses ``L e_j`` come from its weights (:func:`~lipgraph.bounds.basis.linear_part_columns`,
+    exact) and only the rest of the group runs, on ``b + L e_j``."""
     n_out, n_in = group_dims(g, names)
     if max(n_out, n_in) > max_dense:
         return None
@@ -194,16 +197,35 @@ def group_matrix(g: nx.DiGraph, names: list[str], max_dense: int = MAX_DENSE) ->
         return x
 
     with torch.no_grad():
-        f0 = f(torch.zeros(in_shape, dtype=torch.float64))
+        first = linear_part_columns(nodes64[0], in_shape)
+        if first is not None and len(nodes64) == 1:
+            return first.reshape(n_in, -1).T.contiguous()
+        if first is not None:  # the first node's responses from its weights, then the rest run on them
+            z0 = RULES[nodes64[0].op].forward(nodes64[0], torch.zeros(in_shape, dtype=torch.float64))
+            rest = nodes64[1:]
+
+            def g_rest(x: torch.Tensor) -> torch.Tensor:
+                for nd in rest:
+                    x = RULES[nd.op].forward(nd, x)
+                return x
+
+            f0 = g_rest(z0)
+            mid_n = first[0].numel()
+            chunk = max(1, min(n_in, 2**22 // max(n_out, mid_n, 1)))
+            inputs = [first[i:i + chunk] + z0 for i in range(0, n_in, chunk)]
+            fn = g_rest
+        else:
+            f0 = f(torch.zeros(in_shape, dtype=torch.float64))
+            chunk = max(1, min(n_in, 2**22 // max(n_out, 1)))
+            eye = torch.eye(n_in, dtype=torch.float64)
+            inputs = [eye[i:i + chunk].reshape(-1, *in_shape) for i in range(0, n_in, chunk)]
+            fn = f
         cols = []
-        chunk = max(1, min(n_in, 2**22 // max(n_out, 1)))
-        eye = torch.eye(n_in, dtype=torch.float64)
-        for i in range(0, n_in, chunk):
-            basis = eye[i:i + chunk].reshape(-1, *in_shape)
+        for basis in inputs:
             try:
-                y = torch.vmap(lambda e: f(e) - f0)(basis)
+                y = torch.vmap(lambda e: fn(e) - f0)(basis)
             except Exception:  # noqa: BLE001 - an op without vmap support: one call per basis vector
-                y = torch.stack([f(e) - f0 for e in basis])
+                y = torch.stack([fn(e) - f0 for e in basis])
             cols.append(y.reshape(y.shape[0], -1))
         return torch.cat(cols).T.contiguous()
 

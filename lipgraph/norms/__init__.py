@@ -127,6 +127,7 @@ from .materialise import (
     _worth_materialising,
     conv_group_matrices,
     conv_input_gram,
+    conv_matrix,
 )
 from .power import linear_op_estimate, power_method
 from .psd import (

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import ir
 from .. import norms as _pkg
-from .conv_geometry import ConvGeometry, _tap_reads, _tap_selection
+from .conv_geometry import ConvGeometry, _tap_reads, _tap_selection, geometry_from_attrs
 from .dense import gram_norm
 from .fourier import CHUNK_ENTRIES
 from .psd import U64, NormResult
@@ -131,6 +131,29 @@ def conv_group_matrices(w: torch.Tensor, geom: ConvGeometry, device: torch.devic
     t_n, n_out, n_pix = sel.shape
     a = (wg.reshape(g * co * ci, t_n) @ sel.reshape(t_n, n_out * n_pix)).reshape(g, co, ci, n_out, n_pix)
     return a.permute(0, 1, 3, 2, 4).reshape(g, co * n_out, ci * n_pix)
+
+
+def conv_matrix(weight: torch.Tensor, attrs: dict, in_shape: Sequence[int], device: torch.device,
+                max_entries: int = SMALL_CONV_MATRIX_ENTRIES) -> torch.Tensor | None:
+    """The exact float64 matrix ``(c_out * O, c_in * P)`` of a zero-padded (strided, dilated, grouped) conv
+    without bias on one sample of ``in_shape`` (``(1, c_in, *spatial)`` or ``(c_in, *spatial)``), rows and
+    columns flattened channel-major as the tensors are: block-diagonal over the groups of
+    :func:`conv_group_matrices`, so every entry is one weight or zero (exact). Its cost is writing the
+    entries, not one conv per basis vector (the float64 conv of a 2048-vector basis on resnet18's layer4
+    took 0.26 s, this 2 ms). None for other paddings or above ``max_entries`` entries."""
+    if ir.padding_mode(attrs) != ir.DEFAULT_PADDING_MODE:
+        return None
+    nd = attrs["ndim"]
+    spatial = tuple(in_shape[-nd:])
+    geom = geometry_from_attrs(attrs, weight, spatial)
+    n_out = weight.shape[0] * math.prod(geom.out)
+    n_in = weight.shape[1] * geom.groups * math.prod(spatial)
+    if n_out * n_in > max_entries or in_shape[-(nd + 1)] != weight.shape[1] * geom.groups:
+        return None
+    blocks = conv_group_matrices(weight, geom, device)
+    if geom.groups == 1:
+        return blocks[0]
+    return torch.block_diag(*blocks.unbind(0))
 
 
 def _selection_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -> tuple[torch.Tensor, float]:
