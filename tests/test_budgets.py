@@ -12,6 +12,8 @@ from lipgraph import ir
 from lipgraph.bounds import chain_mats
 from lipgraph.bounds.lower import (
     DEFAULT_SEARCH,
+    MINIMAL_RATIO,
+    MINIMAL_SEARCH,
     NODE_PASS_WORK,
     SEARCH_WORK,
     SMALLEST_SEARCH,
@@ -35,8 +37,11 @@ def test_search_plan_scales_down_and_honours_an_explicit_budget() -> None:
     full = search_passes(DEFAULT_SEARCH)
     mid = search_plan(int(SEARCH_WORK / (full / 2)))  # half the default work fits: fewer restarts
     assert mid["restarts"] == 4 and mid["ascent_steps"] == DEFAULT_SEARCH["ascent_steps"]
-    huge = search_plan(10 ** 12)
-    assert huge == {"restarts": 1, **{k: v for k, v in SMALLEST_SEARCH.items() if k != "restarts"}}
+    large = search_plan(SEARCH_WORK / search_passes(SMALLEST_SEARCH) * 2)  # the smallest search is 2x over
+    assert large == {"restarts": 1, **{k: v for k, v in SMALLEST_SEARCH.items() if k != "restarts"}}
+    # more than MINIMAL_RATIO times over (vit_b_16 at 224): one 3-step power method
+    assert search_plan(SEARCH_WORK / search_passes(SMALLEST_SEARCH) * MINIMAL_RATIO * 1.01) == MINIMAL_SEARCH
+    assert search_plan(10 ** 12) == MINIMAL_SEARCH and search_passes(MINIMAL_SEARCH) == 8
     assert search_plan(10 ** 12, 5) == {**DEFAULT_SEARCH, "restarts": 5}  # the caller asked: as asked
     assert search_plan(10 ** 9) == search_plan(10 ** 9)  # a function of the shape only
     for macs in (10 ** 6, 10 ** 7, 10 ** 8):

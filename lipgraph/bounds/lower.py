@@ -37,6 +37,12 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_SEARCH = {"restarts": 8, "ascent_steps": 10, "power_iters": 20, "secant_steps": 30}
 #: The smallest search a scaled plan keeps (one restart of 3 Jacobian evaluations and 10 secant steps).
 SMALLEST_SEARCH = {"restarts": 1, "ascent_steps": 2, "power_iters": 5, "secant_steps": 10}
+#: Models on which even :data:`SMALLEST_SEARCH` costs more than ``MINIMAL_RATIO`` times :data:`SEARCH_WORK` get
+#: this one: a 3-step power method at one point (8 passes). At 224x224 the smallest search was 56 passes of
+#: 0.84 s on vit_b_16 (47 of its 52 s, idle 2-core machine) and of 0.55 s on swin_t (31 of 32 s), whose bounds
+#: are ``inf``: the attained value is all such a run reports, and one Jacobian estimate is an attained value too.
+MINIMAL_SEARCH = {"restarts": 1, "ascent_steps": 0, "power_iters": 3, "secant_steps": 0}
+MINIMAL_RATIO = 10.0
 #: Work the default search may spend, in multiply-adds summed over model passes (``passes x model_macs``):
 #: AlexNet at 64x64 (9.8e7 multiply-adds a pass) ran the full 4176-pass search in 158 s on one loaded core,
 #: 38 ms a pass; 1.5e10 is about 160 of its passes, ~6 s. The MNIST and digits networks (<= 1e6 multiply-adds)
@@ -67,8 +73,9 @@ def search_plan(macs: float, restarts: int | None = None) -> dict[str, int]:
 
     ``restarts`` given: the default search with that many restarts, whatever it costs (the caller asked).
     Otherwise the default search when it fits :data:`SEARCH_WORK`; else fewer restarts, then shorter
-    restarts (steps scaled by the same factor), never below :data:`SMALLEST_SEARCH`. A function of the model's
-    shape only (deterministic, not timed)."""
+    restarts (steps scaled by the same factor), never below :data:`SMALLEST_SEARCH`, unless even that costs more
+    than ``MINIMAL_RATIO`` times the budget: then :data:`MINIMAL_SEARCH`. A function of the model's shape only
+    (deterministic, not timed)."""
     if restarts is not None:
         return {**DEFAULT_SEARCH, "restarts": max(1, int(restarts))}
     plan = dict(DEFAULT_SEARCH)
@@ -78,6 +85,8 @@ def search_plan(macs: float, restarts: int | None = None) -> dict[str, int]:
         return plan
     if one <= allowed:
         return {**plan, "restarts": max(1, int(allowed // one))}
+    if search_passes(SMALLEST_SEARCH) > MINIMAL_RATIO * allowed:
+        return dict(MINIMAL_SEARCH)
     f = allowed / one
     return {"restarts": 1, **{k: max(SMALLEST_SEARCH[k], int(round(v * f))) for k, v in plan.items()
                               if k != "restarts"}}
