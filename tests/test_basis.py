@@ -116,3 +116,55 @@ def test_group_matrices_and_region_jacobians_match_the_basis_evaluation(monkeypa
         assert (a is None) == (b is None)
         if a is not None:
             assert a == pytest.approx(b, rel=1e-13)
+
+
+class _Inception(nn.Module):
+    """Two branches concatenated and read by a 1x1 conv (pixelwise) and by a 3x3 conv (cut to each branch's
+    channels), each followed by BatchNorm: the regions of an inception module's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 5, 1)
+        self.p = nn.Conv2d(9, 6, 1)
+        self.q = nn.Conv2d(9, 6, 3, padding=1)
+        self.bp, self.bq = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+        with torch.no_grad():
+            for bn in (self.bp, self.bq):
+                bn.running_var.uniform_(0.3, 3.0)
+                bn.weight.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return torch.relu(self.bp(self.p(h)) * 0.5) + torch.relu(self.bq(self.q(h)))
+
+
+@pytest.mark.parametrize("side", [1, 5])
+def test_region_partials_through_a_concatenation_equal_the_exact_jacobian_norm(side: int) -> None:
+    """Each branch's partial map into the next convs, ground truth: the float64 autograd Jacobian of the module's
+    own layers with the other branch at zero, its exact spectral norm."""
+    model = _Inception().eval()
+    g = lipgraph.trace(model, torch.randn(1, 3, side, side))
+    ctx = Settings()
+    local = {k: v[0] for k, v in local_constants(g, ctx, None, None).items()}
+    res = affine.fold(g, local, ctx)
+    m64 = _Inception().eval().double()
+    relu_nodes = [n for n in ir.nodes(g) if n.op == "relu" and "cat" in [s for s in g.successors(n.name)]]
+    assert len(relu_nodes) == 2
+    hows = set()
+    for i, rn in enumerate(relu_nodes):
+        width = (4, 5)[i]
+        for conv, bn, scale in ((m64.p, m64.bp, 0.5), (m64.q, m64.bq, 1.0)):
+            def part(z, conv=conv, bn=bn, scale=scale, i=i, width=width):
+                other = torch.zeros(1, 9 - width, side, side, dtype=torch.float64)
+                h = torch.cat([z, other] if i == 0 else [other, z], 1)
+                return (bn(conv(h)) - bn(conv(torch.zeros_like(h)))) * scale
+
+            jac = torch.autograd.functional.jacobian(part, torch.zeros(1, width, side, side, dtype=torch.float64))
+            truth = float(torch.linalg.matrix_norm(jac.reshape(6 * side * side, width * side * side), 2))
+            mine = [p for p in res.partials if p.entry == rn.name and p.norm == pytest.approx(truth, rel=1e-6)]
+            assert mine, (rn.name, truth, [(p.exit, p.norm, p.method) for p in res.partials if p.entry == rn.name])
+            assert all(p.norm >= truth * (1 - 1e-12) for p in mine)
+            hows.update(p.method for p in mine)
+    assert "pixelwise-jacobian" in hows

@@ -257,3 +257,20 @@ def test_wide_inner_problems_get_only_the_certified_root_bound(monkeypatch: pyte
     assert any(r.nodes > 1 for r in full.inner if "branch-and-bound" in r.method)
     assert root.value >= full.value * (1 - 1e-12)
     assert root.value >= math.prod(r.lower for r in full.inner)
+
+
+@pytest.mark.parametrize("slope", [(0.0, 1.0), (0.1, 1.0), (-0.13, 1.13), (1.0, 0.0)])
+def test_root_only_search_brackets_the_maximum_with_an_attained_vertex(slope):
+    """A search allowed only its root returns the root's bound and the value of the vertex with every slope at
+    the end of larger magnitude: the exact maximum lies between them, and the pattern attains the lower one."""
+    g = torch.Generator().manual_seed(11)
+    for p, q in ((3, 5), (6, 6)):
+        a = torch.randn(p, 11, generator=g, dtype=D)
+        b = torch.randn(11, q, generator=g, dtype=D)
+        ex = S.enumerate_max(a, b, *slope)
+        root = S.branch_and_bound(a, b, *slope, max_nodes=1)
+        assert root.nodes == 1 and root.certified
+        assert root.lower <= ex.value * (1 + 1e-12) and root.value >= ex.value * (1 - 1e-12)
+        lo, hi = min(slope), max(slope)
+        d = torch.where(root.pattern, torch.tensor(hi, dtype=D), torch.tensor(lo, dtype=D))
+        assert float(torch.linalg.matrix_norm(a @ torch.diag(d) @ b, 2)) == pytest.approx(root.lower, rel=1e-12)

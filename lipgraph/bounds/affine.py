@@ -329,6 +329,8 @@ def _from_first_layers(g: nx.DiGraph, nodes64: list[ir.IRNode], entry: str, exit
     forward direction is the cheaper one (``forward``) or no other member is a conv or linear layer (then the
     rest is elementwise and cheap); else None and the caller runs the basis through every member."""
     first = [n for n in nodes64 if entry in n.inputs]
+    if len(first) == 1 and first[0].op == "cat":
+        nodes64, first = _through_channel_cat(nodes64, first[0], entry)
     if not first or any(n.inputs.count(entry) != 1 or len(n.inputs) != 1 for n in first):
         return None
     heavy = {"conv", "conv_transpose", "linear", "matmul_const"}
@@ -363,6 +365,97 @@ def _from_first_layers(g: nx.DiGraph, nodes64: list[ir.IRNode], entry: str, exit
     return torch.vmap(lambda *ts: jvp(run_rest, zeros, ts)[1])(*cols)
 
 
+def _pixelwise(n: ir.IRNode, spatial: tuple[int, ...]) -> bool:
+    """``n`` maps each pixel's channels to the same pixel's channels by one linear map for every pixel (1x1
+    unpadded stride-1 convs, BatchNorm, per-channel or scalar scales, channel concatenation, adds, identity)."""
+    if tuple(n.out_shape[2:]) != spatial or any(tuple(sh[2:]) != spatial for sh in n.in_shapes
+                                                if isinstance(sh, (tuple, list)) and len(sh) == len(n.out_shape)):
+        return False
+    if n.op in ("batch_norm", "identity", "add"):
+        return True
+    if n.op == "cat":
+        return n.attrs.get("dim") in (1, 1 - len(n.out_shape))
+    if n.op == "scale":
+        c = n.params.get("const")
+        return isinstance(c, torch.Tensor) and (c.numel() == 1 or (
+            c.ndim >= len(spatial) + 1 and all(d == 1 for d in c.shape[c.ndim - len(spatial):])))
+    if n.op == "conv":
+        a, w = n.attrs, n.params.get("weight")
+        pad = a.get("padding")
+        unpadded = pad == "valid" or pad == "same" or (not isinstance(pad, str) and all(int(x) == 0 for x in pad))
+        return (isinstance(w, torch.Tensor) and all(k == 1 for k in w.shape[2:]) and unpadded
+                and all(int(x) == 1 for x in a["stride"]))
+    return False
+
+
+def _pixelwise_norm(g: nx.DiGraph, members: list[str], entry: str, exit_: str, ctx: Settings) -> float | None:
+    """``||J_{entry -> exit}||`` of a region part made of per-pixel maps (:func:`_pixelwise`): ``J = M (x) I_P``
+    for the one-pixel channel map ``M`` (channel-major flattening), so ``||J|| = ||M||``, certified by
+    :func:`lipgraph.norms.dense_norm` on ``M`` (``c_out x c_in``) instead of a ``P``-times larger Jacobian (an
+    inception module's branch: 1792 x 3584 materialised, 1.3 s; its one-pixel map, milliseconds). ``M`` is
+    read off the float64 responses to the ``c_in`` basis vectors at pixel 0. None when the part is not
+    pixelwise."""
+    e_node, x_node = ir.node(g, entry), ir.node(g, exit_)
+    shape = tuple(e_node.out_shape) if isinstance(e_node.out_shape, (tuple, list)) else ()
+    if len(shape) < 3 or shape[0] != 1 or tuple(x_node.out_shape[2:]) != shape[2:]:
+        return None
+    spatial = shape[2:]
+    nodes64 = [ir.as_float64(ir.node(g, m)) for m in members]
+    if not all(_pixelwise(n, spatial) for n in nodes64):
+        return None
+    dev = ctx.device
+    c_in = shape[1]
+    basis = torch.zeros((c_in, *shape), dtype=torch.float64, device=dev)
+    basis[(torch.arange(c_in), 0, torch.arange(c_in), *([0] * len(spatial)))] = 1.0
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        vals: dict[str, Any] = {entry: x}
+        for n in nodes64:
+            args = []
+            for u in n.inputs:
+                if u in vals:
+                    args.append(vals[u])
+                else:
+                    un = ir.node(g, u)
+                    if un.op == "constant":
+                        args.append(un.params["value"].detach().to(torch.float64).to(dev))
+                    else:
+                        args.append(torch.zeros(un.out_shape, dtype=torch.float64, device=dev))
+            vals[n.name] = RULES[n.op].forward(n, *args)
+        return vals[exit_]
+
+    x0 = torch.zeros(shape, dtype=torch.float64, device=dev)
+    try:
+        out = torch.vmap(lambda v: jvp(run, (x0,), (v,))[1])(basis)  # (c_in, 1, c_out, *spatial)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError, IndexError):
+        return None
+    m = out[(slice(None), 0, slice(None), *([0] * len(spatial)))].T  # (c_out, c_in)
+    return norms.dense_norm(m, dev).upper
+
+
+def _through_channel_cat(nodes64: list[ir.IRNode], cat: ir.IRNode, entry: str
+                         ) -> tuple[list[ir.IRNode], list[ir.IRNode]]:
+    """An entry that reaches the region through a channel concatenation read only by ungrouped convs (an
+    inception module's branches feeding the next module): the partial map is each conv with its weight cut to the
+    entry's channels, reading the entry itself. Returns the members without the cat and those cut convs as the
+    first layers; ``(nodes64, [])`` when the pattern does not hold."""
+    names = {n.name for n in nodes64}
+    nd = len(cat.in_shapes[0]) if cat.in_shapes else 0
+    if (nd < 3 or cat.attrs.get("dim") not in (1, 1 - nd) or cat.inputs.count(entry) != 1
+            or any(u in names for u in cat.inputs)):
+        return nodes64, []
+    readers = [n for n in nodes64 if cat.name in n.inputs]
+    if not readers or any(n.op != "conv" or n.inputs != [cat.name] or n.attrs.get("groups") != 1 for n in readers):
+        return nodes64, []
+    i = cat.inputs.index(entry)
+    c0 = sum(int(s[1]) for s in cat.in_shapes[:i])
+    c1 = c0 + int(cat.in_shapes[i][1])
+    cut = [dataclasses.replace(n, inputs=[entry], in_shapes=[tuple(cat.in_shapes[i])],
+                               params={**n.params, "weight": n.params["weight"][:, c0:c1]}) for n in readers]
+    by_name = {n.name: n for n in cut}
+    return [by_name.get(n.name, n) for n in nodes64 if n.name != cat.name], cut
+
+
 def _autolip_partial(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
                      local: Mapping[str, LocalConstant]) -> float:
     """AutoLip bound of entry -> exit inside the region (what folding replaces): the combinator on the members."""
@@ -395,10 +488,13 @@ def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings,
                     continue
                 got = None
                 if materialize:
-                    mat = _materialize(g, path_members, e, v, ctx)
+                    how = "pixelwise-jacobian"
+                    mat = _pixelwise_norm(g, path_members, e, v, ctx)
+                    if mat is None:
+                        how, mat = "materialised-jacobian", _materialize(g, path_members, e, v, ctx)
                     if mat is not None:
                         cert = all(local[m].certified for m in path_members)
-                        got = Partial(e, v, mat + EVAL_MARGIN * auto, cert, "materialised-jacobian", auto)
+                        got = Partial(e, v, mat + EVAL_MARGIN * auto, cert, how, auto)
                 if got is None:
                     b, cert, how = _fold_partial(g, reg, path_members, e, v, local, ctx, cache)
                     got = Partial(e, v, b, cert, how, auto)
