@@ -247,3 +247,24 @@ def test_refinements_are_skipped_when_a_node_leaves_the_output_unbounded(monkeyp
     # the same chain without the product is refined as usual
     plain = nn.Sequential(model.head, model.chain)
     assert not analyze(plain, x, lower=False).bounds["autolip+seqlip"].method.startswith("skipped")
+
+
+def test_l2_combinations_do_not_overflow_past_1e154() -> None:
+    """A concatenation of bounds above ~1.3e154 was sqrt(sum of squares): the squares overflowed and a finite
+    bound came out inf (regnet_y_400mf's output on a domain). Now: sqrt(2) times the chain's product."""
+    layers = []
+    for _ in range(6):
+        lin = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.eye(2) * 1e35)
+        layers.append(lin)
+    chain = nn.Sequential(*layers).double()  # float32 outputs would overflow
+
+    class Cat(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = chain(x)
+            return torch.cat([h, h], 1)
+
+    rep = lipgraph.analyze(Cat(), torch.randn(1, 2, dtype=torch.float64), method="autolip", lower=False)
+    assert math.isfinite(rep.upper) and rep.certified
+    assert rep.upper == pytest.approx(math.sqrt(2) * 1e210, rel=1e-6)

@@ -43,7 +43,7 @@ import torch
 from torch.func import jvp, vjp
 
 from .. import ir, norms
-from ..core import ROUNDING_MARGIN
+from ..core import ROUNDING_MARGIN, l2_sum
 from ..ops import RULES, LocalConstant, Settings
 from .basis import linear_part_columns
 from .relations import AlgorithmResult, Cumulative, Relation, Term, combine
@@ -264,7 +264,7 @@ def _fold_partial(g: nx.DiGraph, region: Region, members: list[str], entry: str,
             b, c, _ = _form_bound(forms[u], ctx, cache)
             terms.append(lc.partials[i] * b)
             cert = cert and c
-        val = math.sqrt(sum(t * t for t in terms)) if lc.combine == "l2" else sum(terms)
+        val = l2_sum(terms) if lc.combine == "l2" else sum(terms)
         forms[name] = _Form("num", val, certified=cert, how="autolip-in-region")
     return _form_bound(forms[exit_], ctx, cache)
 

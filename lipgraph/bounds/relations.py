@@ -21,7 +21,6 @@ for ``0 * inf`` and for statuses is here and nowhere else.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import networkx as nx
 
 from .. import ir
+from ..core import l2_sum
 from ..ops import LocalConstant
 
 #: The name of the node's own rule in :attr:`Cumulative.via` (AutoLip's step).
@@ -90,7 +90,7 @@ def times(c: float, lval: float) -> float:
 def own_rule(lc: LocalConstant, inputs: Sequence[Cumulative]) -> Cumulative:
     """AutoLip's step: a node's bound from its inputs' bounds and its own partial constants."""
     terms = [times(c, u.value) for c, u in zip(lc.partials, inputs, strict=True)]
-    value = math.sqrt(sum(t * t for t in terms)) if lc.combine == "l2" else sum(terms)
+    value = l2_sum(terms) if lc.combine == "l2" else sum(terms)
     used = [u for u in inputs if u.value != 0.0]
     certified = lc.certified and all(u.certified for u in used) if used else True
     return Cumulative(value, certified)
@@ -183,7 +183,7 @@ def subgraph_constant(
     cum = combine(g, local, inner, members=order, entries=entries)
     exits = [m for m in order if ir.node(g, m).op == "output" or any(s not in mset for s in g.successors(m))]
     ex = [cum[e] for e in (exits or order[-1:])]
-    value = ex[0].value if len(ex) == 1 else math.sqrt(sum(c.value**2 for c in ex))
+    value = ex[0].value if len(ex) == 1 else l2_sum(c.value for c in ex)
     return Cumulative(value, all(c.certified for c in ex))
 
 

@@ -8,12 +8,11 @@ touches one place: define a rule and decorate it with :func:`register_rule`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..core import INF, Settings, json_float
+from ..core import INF, Settings, json_float, l2_sum
 
 
 @dataclass
@@ -46,7 +45,7 @@ class LocalConstant:
         if not self.partials:
             return 0.0
         if self.combine == "l2":
-            return math.sqrt(sum(p * p for p in self.partials))
+            return l2_sum(self.partials)
         return sum(self.partials)
 
     def to_dict(self) -> dict[str, Any]:
