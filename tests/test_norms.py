@@ -500,3 +500,13 @@ def test_one_cell_conv_takes_the_exact_single_block_route() -> None:
         exact = float(torch.linalg.matrix_norm(w.reshape(co, -1).double(), 2))
         assert r.certified and r.method.startswith("fourier")
         assert exact <= r.upper <= exact * (1 + 1e-8)
+
+
+def test_conv_reading_only_padding_is_zero() -> None:
+    """A 1x1 conv with stride 3 and padding 1 on a 2x6 map reads only padding at every output: the operator is
+    zero (materialising its Gram crashed on an empty list of tap pairs; found by an independent review)."""
+    w = torch.randn(2, 1, 1, 1)
+    attrs = {"ndim": 2, "stride": (3, 3), "padding": (1, 1), "dilation": (1, 1), "groups": 1, "padding_mode": "zeros"}
+    r = norms.conv_norm(lambda z: F.conv2d(z, w, None, 3, 1), (1, 1, 2, 6), Settings(), w, attrs,
+                        out_shape=(1, 2, 2, 3), lower=False)
+    assert r.certified and r.upper == 0.0

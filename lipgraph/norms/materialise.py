@@ -82,6 +82,9 @@ def conv_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.device) -
         pairs_o.append(os_.repeat_interleave(cnt * cnt))
         pairs_a.append((first[os_][:, None] + aa.reshape(1, -1)).reshape(-1))
         pairs_b.append((first[os_][:, None] + bb.reshape(1, -1)).reshape(-1))
+    n_pix = math.prod(geom.spatial)
+    if not pairs_a:  # every output reads padding only: the operator is zero
+        return torch.zeros(g, n_pix * ci, n_pix * ci, dtype=torch.float64, device=device), 0.0
     ia, ib = torch.cat(pairs_a), torch.cat(pairs_b)
     ka, kb = k_idx[ia], k_idx[ib]
     p, q = flat[o_idx[ia], ka], flat[o_idx[ib], kb]
