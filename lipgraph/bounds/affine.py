@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,6 +276,24 @@ def _numel(shape: Any) -> int:
     return math.prod(shape) if isinstance(shape, (tuple, list)) and all(isinstance(s, int) for s in shape) else -1
 
 
+def _held_input(g: nx.DiGraph, u: str, dev: torch.device) -> torch.Tensor:
+    """The value of a region input held fixed in a partial map: a constant's own value, zeros for another entry
+    (neither enters the partial derivative)."""
+    un = ir.node(g, u)
+    if un.op == "constant":
+        return un.params["value"].detach().to(torch.float64).to(dev)
+    return torch.zeros(un.out_shape, dtype=torch.float64, device=dev)
+
+
+def _run_members(g: nx.DiGraph, nodes64: list[ir.IRNode], vals: dict[str, Any], exit_: str,
+                 held: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """Evaluate ``nodes64`` in order from the values in ``vals`` (updated in place), reading ``held(u)`` for
+    every input ``u`` that is neither given nor a member; the value of ``exit_``."""
+    for n in nodes64:
+        vals[n.name] = RULES[n.op].forward(n, *[vals[u] if u in vals else held(u) for u in n.inputs])
+    return vals[exit_]
+
+
 def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
                  ctx: Settings) -> float | None:
     """Norm of the exact float64 Jacobian of entry -> exit (others fixed), or None when too large."""
@@ -288,20 +306,7 @@ def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
     dev = ctx.device
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        vals: dict[str, Any] = {entry: x.reshape(shape)}
-        for n in nodes64:
-            args = []
-            for u in n.inputs:
-                if u in vals:
-                    args.append(vals[u])
-                else:  # another entry or a constant: its value does not enter the partial derivative
-                    un = ir.node(g, u)
-                    if un.op == "constant":
-                        args.append(un.params["value"].detach().to(torch.float64).to(dev))
-                    else:
-                        args.append(torch.zeros(un.out_shape, dtype=torch.float64, device=dev))
-            vals[n.name] = RULES[n.op].forward(n, *args)
-        return vals[exit_].reshape(-1)
+        return _run_members(g, nodes64, {entry: x.reshape(shape)}, exit_, lambda u: _held_input(g, u, dev)).reshape(-1)
 
     x0 = torch.zeros(n_in, dtype=torch.float64, device=dev)
     try:
@@ -347,19 +352,7 @@ def _from_first_layers(g: nx.DiGraph, nodes64: list[ir.IRNode], entry: str, exit
 
     def run_rest(*ys: torch.Tensor) -> torch.Tensor:
         vals: dict[str, Any] = dict(zip([n.name for n in first], ys, strict=True))
-        for n in rest:
-            args = []
-            for u in n.inputs:
-                if u in vals:
-                    args.append(vals[u])
-                else:  # another entry or a constant, as in _materialize
-                    un = ir.node(g, u)
-                    if un.op == "constant":
-                        args.append(un.params["value"].detach().to(torch.float64).to(dev))
-                    else:
-                        args.append(torch.zeros(un.out_shape, dtype=torch.float64, device=dev))
-            vals[n.name] = RULES[n.op].forward(n, *args)
-        return vals[exit_].reshape(-1)
+        return _run_members(g, rest, vals, exit_, lambda u: _held_input(g, u, dev)).reshape(-1)
 
     zeros = tuple(torch.zeros(c.shape[1:], dtype=torch.float64, device=dev) for c in cols)
     return torch.vmap(lambda *ts: jvp(run_rest, zeros, ts)[1])(*cols)
@@ -412,23 +405,16 @@ def _pixelwise_norm(g: nx.DiGraph, members: list[str], entry: str, exit_: str, c
     one = (1,) * len(spatial)
     basis = torch.eye(c_in, dtype=torch.float64, device=dev).reshape(c_in, 1, c_in, *one)
 
+    def held(u: str) -> torch.Tensor:
+        """Other entries and constants on one pixel (a constant does not enter the linear part: zeros of its
+        shape serve; one of another rank keeps its value)."""
+        un = ir.node(g, u)
+        if un.op == "constant" and len(un.out_shape) != len(shape):
+            return _held_input(g, u, dev)
+        return torch.zeros((*un.out_shape[:2], *one), dtype=torch.float64, device=dev)
+
     def run(x: torch.Tensor) -> torch.Tensor:
-        vals: dict[str, Any] = {entry: x}
-        for n in nodes64:
-            args = []
-            for u in n.inputs:
-                if u in vals:
-                    args.append(vals[u])
-                else:
-                    un = ir.node(g, u)
-                    if un.op == "constant":  # constants do not enter the linear part: any value of the shape
-                        args.append(torch.zeros((*un.out_shape[:2], *one), dtype=torch.float64, device=dev)
-                                    if len(un.out_shape) == len(shape) else
-                                    un.params["value"].detach().to(torch.float64).to(dev))
-                    else:  # another entry: zero, on one pixel
-                        args.append(torch.zeros((*un.out_shape[:2], *one), dtype=torch.float64, device=dev))
-            vals[n.name] = RULES[n.op].forward(n, *args)
-        return vals[exit_]
+        return _run_members(g, nodes64, {entry: x}, exit_, held)
 
     x0 = torch.zeros((1, c_in, *one), dtype=torch.float64, device=dev)
     try:

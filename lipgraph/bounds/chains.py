@@ -191,8 +191,8 @@ def group_matrix(g: nx.DiGraph, names: list[str], max_dense: int = MAX_DENSE) ->
     in_shape = tuple(ir.node(g, names[0]).in_shapes[0])
     nodes64 = [ir.as_float64(ir.node(g, n)) for n in names]
 
-    def f(x: torch.Tensor) -> torch.Tensor:
-        for nd in nodes64:
+    def f(x: torch.Tensor, members: list = nodes64) -> torch.Tensor:
+        for nd in members:
             x = RULES[nd.op].forward(nd, x)
         return x
 
@@ -202,12 +202,8 @@ def group_matrix(g: nx.DiGraph, names: list[str], max_dense: int = MAX_DENSE) ->
             return first.reshape(n_in, -1).T.contiguous()
         if first is not None:  # the first node's responses from its weights, then the rest run on them
             z0 = RULES[nodes64[0].op].forward(nodes64[0], torch.zeros(in_shape, dtype=torch.float64))
-            rest = nodes64[1:]
-
             def g_rest(x: torch.Tensor) -> torch.Tensor:
-                for nd in rest:
-                    x = RULES[nd.op].forward(nd, x)
-                return x
+                return f(x, nodes64[1:])
 
             f0 = g_rest(z0)
             mid_n = first[0].numel()
