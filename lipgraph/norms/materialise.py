@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .. import ir
 from .. import norms as _pkg
 from .conv_geometry import ConvGeometry, _tap_reads, _tap_selection, geometry_from_attrs
-from .dense import gram_norm
+from .dense import gram_norm, gram_rows
 from .fourier import CHUNK_ENTRIES
 from .psd import U64, NormResult
 
@@ -171,7 +171,7 @@ def _selection_input_gram(w: torch.Tensor, geom: ConvGeometry, device: torch.dev
     for start in range(0, g, step):
         a = conv_group_matrices(w, geom, device, slice(start, min(g, start + step)), sel)
         frob = max(frob, float(a.square().sum((1, 2)).max()))
-        grams.append(a.mT @ a)
+        grams.append(gram_rows(a.mT))
     m = (w.shape[0] // g) * math.prod(geom.out)
     return torch.cat(grams), 4.0 * (m + 2) * U64 * frob
 
