@@ -75,6 +75,7 @@ def analyze(
     progress: Progress | None = None,
     seed: int = 0,
     domain: Domain | Sequence[Domain] | None = None,
+    domain_only: bool = False,
 ) -> Report | list[Report]:
     """Bound the l2 Lipschitz constant of ``model``: globally, or on an input ``domain``.
 
@@ -96,10 +97,14 @@ def analyze(
     :mod:`lipgraph.domains`): the constant on that convex set of inputs. Ranges of every node are propagated
     over it, each node's constant is taken on its inputs' ranges (per-neuron slopes, products, softmax,
     norms), the domain-aware algorithms run again on those constants, and every global relation is kept (it
-    holds on the domain too), so each node's domain bound is at most its global one. ``Report.upper`` is
-    then the domain bound, the global ones stay in ``Report.bounds``, and the lower bound is attained
-    inside the domain. A list of domains (e.g. balls around a batch of points, :meth:`Ball.batch`) gives a
-    list of reports sharing the trace and the global pass.
+    holds on the domain too): the global pass runs every algorithm as it does without a domain, so each
+    node's domain bound is at most its global one. ``domain_only=True`` skips the global runs of the
+    domain-aware algorithms (they run on the domain only): faster when the caller takes the minimum with a
+    global value itself (as :mod:`lipgraph.certify` does), but a node's domain bound may then exceed its
+    global one, where the domain leaves most neurons unstable and the domain run has the smaller budget.
+    ``Report.upper`` is then the domain bound, the global ones stay in ``Report.bounds``, and the lower
+    bound is attained inside the domain. A list of domains (e.g. balls around a batch of points,
+    :meth:`Ball.batch`) gives a list of reports sharing the trace and the global pass.
     """
     names = _method_names(method)
     domains = _as_domains(domain)
@@ -135,18 +140,22 @@ def analyze(
     bounds: dict[str, BoundResult] = {}
     results: dict[str, AlgorithmResult] = {}
     segments: list[dict[str, Any]] = []
-    # with a domain, domain-aware algorithms run on the domain only (their domain run is the tighter one)
-    global_names = [n for n in names if domains is None or not METHODS[n].uses_domain]
+    global_names = list(names)
     cum = combine(g, local)  # AutoLip alone: every node's bound without relations
-    blocker = unbounded_by(g, local, cum) if domains is None else None
+    blocker = unbounded_by(g, local, cum)
     skipped: dict[str, BoundResult] = {}
     if blocker is not None:  # no relation can bound the output: the refinements would only cost time
         why = (f"skipped: node {blocker!r} has no finite constant and lies on a path from the input to the "
                "output, so no relation can bound the output")
         auto_out = cum[out]  # what every skipped algorithm would have returned at the output
+        # on a domain the blocker may be finite: the algorithms that do not read the domain run here, once,
+        # for the domain pass to use (the domain-aware ones run there)
+        keep = [n for n in global_names if n == "autolip" or (domains is not None and not METHODS[n].uses_domain)]
         skipped = {f"autolip+{n}": BoundResult(auto_out.value, auto_out.certified, why, 0.0, {"skipped": blocker})
-                   for n in global_names if n != "autolip"}
-        global_names = [n for n in global_names if n == "autolip"]
+                   for n in global_names if n not in keep}
+        global_names = keep
+    elif domains is not None and domain_only:  # the caller asked for the domain runs alone
+        global_names = [n for n in global_names if not METHODS[n].uses_domain]
     for k, name in enumerate(global_names):
         if progress:
             progress(f"bounds ({name})", k, len(global_names))

@@ -639,7 +639,7 @@ class _LocalSearch:
         import lipgraph  # noqa: PLC0415
 
         rep = lipgraph.analyze(self._graph(j), self.x, domain=self.ball(r), **{
-            **self.kwargs, "method": self.method, "lower": False})
+            **self.kwargs, "method": self.method, "lower": False, "domain_only": True})  # min with the global below
         if not rep.certified or not math.isfinite(rep.upper):
             return None
         lj = min(rep.upper, self.pairs[j].value) if self.pairs[j].certified else rep.upper

@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--norm", default="l2", choices=["l2", "linf"], help="norm of the --ball (default l2)")
     a.add_argument("--clip", metavar="LO,HI", help="intersect the --ball with the box LO <= x <= HI")
     a.add_argument("--center", metavar="FILE", help="center of the --ball: a .npy file or a .pt tensor")
+    a.add_argument("--domain-only", action="store_true",
+                   help="with --domain/--ball, run the domain-aware algorithms on the domain only (faster; the "
+                        "domain bound may then exceed the global one)")
     c = sub.add_parser("certify", help="certified robustness radii from global Lipschitz bounds")
     c.add_argument("model", help="path/file.py:Name, package.module:Name (a PyTorch classifier) or model.onnx")
     c.add_argument("--data", required=True, help=".npz with arrays x and y, or .pt holding a dict with x and y")
@@ -343,7 +346,7 @@ def _analyze(args: argparse.Namespace) -> int:
     report = lipgraph.analyze(
         model, example, method=args.method, device=args.device, constants=constants, lower=not args.no_lower,
         lower_budget=args.lower_budget, power_iterations=args.power_iterations, progress=progress,
-        seed=args.seed, domain=domain,
+        seed=args.seed, domain=domain, domain_only=args.domain_only,
     )
     elapsed = time.perf_counter() - t0
     if args.json_path == "-":

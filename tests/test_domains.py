@@ -50,9 +50,10 @@ def test_mnist_linf_balls_match_the_pattern_maximum_and_the_attained_value() -> 
     net = lipsdp_mnist_net()
     w1 = net[0].weight.detach().double()
     w2 = net[2].weight.detach().double()
-    for x in _mnist_points(10):
-        dom = Ball(x, 0.02, "linf", clip=(0, 1))
-        rep = lipgraph.analyze(net, x, domain=dom, lower_budget=4)
+    points = _mnist_points(10)
+    doms = [Ball(x, 0.02, "linf", clip=(0, 1)) for x in points]
+    reps = lipgraph.analyze(net, points[0], domain=doms, lower_budget=4)  # one global pass for the ten
+    for x, dom, rep in zip(points, doms, reps, strict=True):
         box = dom.enclosure(x.double())
         pre_lo = (torch.clamp(w1, min=0) @ box.lo.reshape(-1) + torch.clamp(w1, max=0) @ box.hi.reshape(-1))
         pre_hi = (torch.clamp(w1, min=0) @ box.hi.reshape(-1) + torch.clamp(w1, max=0) @ box.lo.reshape(-1))
@@ -184,3 +185,25 @@ def test_rendering_draws_the_domain_numbers_the_report_holds(tmp_path) -> None:
     relu = next(n for n in rep.nodes if n.op == "relu")
     assert f"{100 * relu.unstable:.0f}% unstable" in text
     assert "range [" in text
+
+
+def test_domain_bound_is_at_most_the_global_one_at_every_node() -> None:
+    """On a domain that leaves every ReLU unstable, the domain's SeqLip run skips the 80-neuron segment (more
+    unstable neurons than a domain pass takes on), so only the global run bounds it: the domain report keeps
+    that global relation, and no node's domain bound exceeds its global bound. ``domain_only=True`` drops the
+    global run, and the domain bound is then the domain's AutoLip, above the global SeqLip value."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 80), nn.ReLU(), nn.Linear(80, 4)).double()
+    x = torch.zeros(1, 6, dtype=torch.float64)
+    methods = ["autolip", "seqlip"]
+    glob = lipgraph.analyze(net, x, method=methods, lower=False)
+    rep = lipgraph.analyze(net, x, method=methods, lower=False, domain=Box(-100.0, 100.0))
+    assert rep.certified and rep.upper <= glob.upper
+    assert rep.bounds["autolip+seqlip"].value == glob.bounds["autolip+seqlip"].value
+    assert glob.upper < 0.99 * glob.bounds["autolip"].value  # SeqLip is what makes the global bound
+    by_name = {n.name: n for n in glob.nodes}
+    for n in rep.nodes:
+        assert n.domain_bound <= by_name[n.name].bound, n.name
+    only = lipgraph.analyze(net, x, method=methods, lower=False, domain=Box(-100.0, 100.0), domain_only=True)
+    assert "autolip+seqlip" not in only.bounds
+    assert only.upper > glob.upper
