@@ -168,3 +168,105 @@ def test_region_partials_through_a_concatenation_equal_the_exact_jacobian_norm(s
             assert all(p.norm >= truth * (1 - 1e-12) for p in mine)
             hows.update(p.method for p in mine)
     assert "pixelwise-jacobian" in hows
+
+
+class _VGGTail(nn.Module):
+    """VGG's classifier input: a max pool, an adaptive average pool that upsamples 3x3 to 7x7 (bins of one and
+    two pixels), a constant channel scale, flatten and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 49, 10)
+        self.register_buffer("s", torch.rand(1, 4, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc((F.adaptive_avg_pool2d(h, 7) * self.s).flatten(1))
+
+
+def test_partial_into_a_last_linear_layer_is_the_exact_jacobian_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The partial from the max pool to the linear layer's output, by the pull-back of the linear layer's rows
+    (``W P``), equals the exact norm of the float64 autograd Jacobian, and the basis route through every member."""
+    model = _VGGTail().eval()
+    g = lipgraph.trace(model, torch.randn(1, 3, 6, 6))
+    ctx = Settings()
+    local = {k: v[0] for k, v in local_constants(g, ctx, None, None).items()}
+    used: list[bool] = []
+    real = affine._through_last_linear
+    monkeypatch.setattr(affine, "_through_last_linear", lambda *a: used.append(real(*a) is not None) or real(*a))
+    fast = affine.fold(g, local, ctx)
+    assert any(used)
+    m64 = _VGGTail().eval().double()
+
+    def part(h: torch.Tensor) -> torch.Tensor:
+        return m64.fc((F.adaptive_avg_pool2d(h, 7) * m64.s).flatten(1))
+
+    jac = torch.autograd.functional.jacobian(part, torch.zeros(1, 4, 3, 3, dtype=torch.float64)).reshape(10, 36)
+    truth = float(torch.linalg.matrix_norm(jac, 2))
+    pool = next(n for n in ir.nodes(g) if n.op == "max_pool")
+    mine = [p for p in fast.partials if p.entry == pool.name]
+    # the partial adds EVAL_MARGIN (1e-7) of its AutoLip product for the float64 evaluation
+    assert len(mine) == 1 and truth <= mine[0].norm <= truth + 1.01e-7 * mine[0].autolip
+    monkeypatch.setattr(affine, "_through_last_linear", lambda *a: None)
+    slow = [p for p in affine.fold(g, local, ctx).partials if p.entry == pool.name]
+    assert slow[0].norm == pytest.approx(mine[0].norm, rel=1e-13)
+
+
+class _DenseBlock(nn.Module):
+    """Two densenet layers and the BatchNorm after the block, with a channel scale: each layer's 3x3 conv reaches
+    the later BatchNorms through the concatenations (the other layers' outputs held at zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_a, self.bn_b, self.bn_c = nn.BatchNorm2d(4), nn.BatchNorm2d(7), nn.BatchNorm2d(10)
+        self.conv_a, self.conv_b = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(7, 3, 3, padding=1)
+        self.register_buffer("s", torch.rand(1, 10, 1, 1) + 0.5)
+        with torch.no_grad():
+            for bn in (self.bn_a, self.bn_b, self.bn_c):
+                bn.running_var.uniform_(0.3, 3.0)
+                bn.running_mean.normal_()
+                bn.weight.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f0 = self.conv0(x)
+        h1 = self.conv_a(torch.relu(self.bn_a(f0)))
+        h2 = self.conv_b(torch.relu(self.bn_b(torch.cat([f0, h1], 1))))
+        return torch.relu(self.bn_c(torch.cat([f0, h1, h2], 1)) * self.s)
+
+
+def test_partial_through_a_concatenation_into_per_channel_maps_is_the_exact_jacobian_norm(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The partial from the first layer's ReLU to the block's scaled BatchNorm, with the concatenation read as
+    its one live input and the BatchNorm and scale cut to its channels, equals the exact norm of the float64
+    autograd Jacobian of the layers as written (the other inputs of the cat at zero), and the full evaluation."""
+    model = _DenseBlock().eval()
+    g = lipgraph.trace(model, torch.randn(1, 3, 5, 5))
+    ctx = Settings()
+    local = {k: v[0] for k, v in local_constants(g, ctx, None, None).items()}
+    narrowed: list[bool] = []
+    real = affine._narrowed_at_cat
+    monkeypatch.setattr(affine, "_narrowed_at_cat",
+                        lambda nodes, e, v: (lambda out: narrowed.append(out is not nodes) or out)(real(nodes, e, v)))
+    fast = affine.fold(g, local, ctx)
+    assert any(narrowed)
+    m64 = _DenseBlock().eval().double()
+
+    def part(z: torch.Tensor) -> torch.Tensor:
+        def at(u: torch.Tensor) -> torch.Tensor:
+            zeros = torch.zeros(1, 4, 5, 5, dtype=torch.float64)
+            return m64.bn_c(torch.cat([zeros, m64.conv_a(u), torch.zeros(1, 3, 5, 5, dtype=torch.float64)], 1))
+        return (at(z) - at(torch.zeros_like(z))) * m64.s
+
+    jac = torch.autograd.functional.jacobian(part, torch.zeros(1, 4, 5, 5, dtype=torch.float64)).reshape(250, 100)
+    truth = float(torch.linalg.matrix_norm(jac, 2))
+    relu_a = next(n for n in ir.nodes(g) if n.op == "relu" and "conv_a" in list(g.successors(n.name)))
+    mine = [p for p in fast.partials if p.entry == relu_a.name and p.norm <= truth + 1.01e-7 * p.autolip]
+    assert len(mine) == 1 and mine[0].norm >= truth and mine[0].method == "materialised-jacobian"
+    monkeypatch.setattr(affine, "_narrowed_at_cat", lambda nodes, e, v: nodes)
+    monkeypatch.setattr(affine, "_live_members", lambda nodes, e, v: nodes)
+    slow = affine.fold(g, local, ctx)
+    assert [p.norm for p in slow.partials] == pytest.approx([p.norm for p in fast.partials], rel=1e-12)

@@ -297,11 +297,15 @@ def _run_members(g: nx.DiGraph, nodes64: list[ir.IRNode], vals: dict[str, Any], 
 def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
                  ctx: Settings) -> float | None:
     """Norm of the exact float64 Jacobian of entry -> exit (others fixed), or None when too large."""
-    e_node, x_node = ir.node(g, entry), ir.node(g, exit_)
-    n_in, n_out = _numel(e_node.out_shape), _numel(x_node.out_shape)
+    e_node = ir.node(g, entry)
+    n_in, n_out = _numel(e_node.out_shape), _numel(ir.node(g, exit_).out_shape)
+    # sized by the exit as it is (narrowing below makes more maps small enough, but on densenet121 the 300 more
+    # it would materialise, each tighter, cost 15 s and left the output bound unchanged)
     if n_in <= 0 or n_out <= 0 or min(n_in, n_out) > MATERIALIZE_MAX or n_in * n_out > MATERIALIZE_ENTRIES:
         return None
-    nodes64 = [ir.as_float64(ir.node(g, m)) for m in members]
+    nodes = _narrowed_at_cat(_live_members([ir.node(g, m) for m in members], entry, exit_), entry, exit_)
+    n_out = _numel(next(n for n in nodes if n.name == exit_).out_shape)
+    nodes64 = [ir.as_float64(n) for n in nodes]
     shape = tuple(e_node.out_shape)
     dev = ctx.device
 
@@ -310,7 +314,9 @@ def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
 
     x0 = torch.zeros(n_in, dtype=torch.float64, device=dev)
     try:
-        direct = _from_first_layers(g, nodes64, entry, exit_, shape, n_in <= n_out, dev)
+        direct = _through_last_linear(g, nodes64, entry, exit_, shape, dev)
+        if direct is None:
+            direct = _from_first_layers(g, nodes64, entry, exit_, shape, n_in <= n_out, dev)
         if direct is not None:
             return norms.dense_norm(direct, dev).upper
         if n_in <= n_out:
@@ -338,8 +344,7 @@ def _from_first_layers(g: nx.DiGraph, nodes64: list[ir.IRNode], entry: str, exit
         nodes64, first = _through_channel_cat(nodes64, first[0], entry)
     if not first or any(n.inputs.count(entry) != 1 or len(n.inputs) != 1 for n in first):
         return None
-    heavy = {"conv", "conv_transpose", "linear", "matmul_const"}
-    if not forward and any(n.op in heavy for n in nodes64 if n not in first):
+    if not forward and any(n.op in _HEAVY for n in nodes64 if n not in first):
         return None
     cols = [linear_part_columns(n, shape, dev) for n in first]
     if any(c is None for c in cols):
@@ -356,6 +361,39 @@ def _from_first_layers(g: nx.DiGraph, nodes64: list[ir.IRNode], entry: str, exit
 
     zeros = tuple(torch.zeros(c.shape[1:], dtype=torch.float64, device=dev) for c in cols)
     return torch.vmap(lambda *ts: jvp(run_rest, zeros, ts)[1])(*cols)
+
+
+#: Members whose linear part costs about one pass over their tensors (no weights to multiply by).
+_HEAVY = ("conv", "conv_transpose", "linear", "matmul_const")
+
+
+def _through_last_linear(g: nx.DiGraph, nodes64: list[ir.IRNode], entry: str, exit_: str, shape: tuple[int, ...],
+                         dev: torch.device) -> torch.Tensor | None:
+    """``J`` (``(n_out, n_in)``) of entry -> exit when the exit is a linear layer ``W`` (``n_out x k``) whose
+    input is reached from the entry through members without weights (pools, reshapes, BatchNorm, scales):
+    ``J = W P`` with ``P`` the prefix's Jacobian, read row by row as ``P^T w_i`` from the prefix's pull-back
+    of each row ``w_i`` of ``W``. VGG's classifier region (a 2x2 -> 7x7 adaptive average pool, flatten, a
+    4096 x 25088 linear) costs ``n_out`` pool adjoints this way, where the basis through the whole region
+    multiplied ``W`` by 2048 vectors of 25088 entries (2.1e11 flops, 5 s). None when the pattern does not
+    hold."""
+    last = next((n for n in nodes64 if n.name == exit_), None)
+    if last is None or last.op != "linear" or len(last.inputs) != 1 or last.inputs[0] == entry:
+        return None
+    w = last.params.get("weight")
+    prefix = [n for n in nodes64 if n.name != exit_]
+    if not isinstance(w, torch.Tensor) or w.ndim != 2 or any(n.op in _HEAVY for n in prefix):
+        return None
+    k_shape = tuple(ir.node(g, last.inputs[0]).out_shape)
+    if math.prod(k_shape) != w.shape[1] or not (len(k_shape) == 1 or (len(k_shape) == 2 and k_shape[0] == 1)):
+        return None
+    mid = last.inputs[0]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return _run_members(g, prefix, {entry: x}, mid, lambda u: _held_input(g, u, dev))
+
+    _, pull = vjp(run, torch.zeros(shape, dtype=torch.float64, device=dev))
+    rows = w.detach().to(device=dev, dtype=torch.float64).reshape(w.shape[0], *k_shape)
+    return torch.vmap(lambda r: pull(r)[0])(rows).reshape(w.shape[0], -1)
 
 
 def _pixelwise(n: ir.IRNode, spatial: tuple[int, ...]) -> bool:
@@ -423,6 +461,89 @@ def _pixelwise_norm(g: nx.DiGraph, members: list[str], entry: str, exit_: str, c
         return None
     m = out.reshape(c_in, -1).T  # (c_out, c_in): the one pixel's channel map
     return norms.dense_norm(m, dev).upper
+
+
+def _live_members(nodes: list[ir.IRNode], entry: str, exit_: str) -> list[ir.IRNode]:
+    """The members on a path entry -> exit through members. The others only feed constants into the partial
+    map (their inputs are held), and a constant does not change the linear part of an affine map, so leaving
+    them out (held at zero, :func:`_held_input`) keeps the Jacobian. densenet121: a dense layer's conv reaches a
+    later BatchNorm through one concatenation, but the layers between are members too, reached from it only
+    through ReLUs outside the region."""
+    reached = {entry}
+    for n in nodes:
+        if any(u in reached for u in n.inputs):
+            reached.add(n.name)
+    needed = {exit_}
+    for n in reversed(nodes):
+        if n.name in needed:
+            needed.update(n.inputs)
+    live = [n for n in nodes if n.name in reached and n.name in needed]
+    return live if any(n.name == exit_ for n in live) else nodes
+
+
+def _channel_slice(n: ir.IRNode, c0: int, c1: int) -> ir.IRNode | None:
+    """``n`` (a BatchNorm, a per-channel or scalar constant scale, or an identity on dim 1) acting on channels
+    ``c0:c1`` only, with its parameters cut to them; None for other nodes."""
+    nd = len(n.out_shape)
+    shape = (n.out_shape[0], c1 - c0, *n.out_shape[2:])
+    if n.op == "identity":
+        params = dict(n.params)
+    elif n.op == "batch_norm":
+        params = {k: (v[c0:c1] if isinstance(v, torch.Tensor) and v.ndim == 1 else v) for k, v in n.params.items()}
+    elif n.op == "scale":
+        c = n.params.get("const")
+        if not isinstance(c, torch.Tensor):
+            return None
+        if c.numel() == 1:
+            cut = c
+        elif c.ndim == nd and all(d == 1 for i, d in enumerate(c.shape) if i != 1):
+            cut = c[:, c0:c1]
+        elif c.ndim == nd - 1 and all(d == 1 for d in c.shape[1:]):
+            cut = c[c0:c1]
+        else:
+            return None
+        params = {**n.params, "const": cut}
+    else:
+        return None
+    return dataclasses.replace(n, params=params, in_shapes=[shape], out_shape=shape)
+
+
+def _narrowed_at_cat(nodes64: list[ir.IRNode], entry: str, exit_: str) -> list[ir.IRNode]:
+    """A partial map that enters a channel concatenation through one of its inputs, the others held at zero,
+    and then only meets per-channel maps (BatchNorm, channel scales) to its exit: its Jacobian is zero outside
+    that input's channels ``c0:c1``, so the map is the same with the cat read as that input and every later
+    member cut to ``c0:c1`` (the same norm, without the zero rows). densenet121: every dense layer's 3x3 conv
+    reaches the BatchNorms of all later layers of its block through their concatenations, up to 1024 channels
+    wide for 32 live ones. ``nodes64`` unchanged when the pattern does not hold."""
+    reached = {entry}  # members that depend on the entry through members (the others are constants here)
+    for n in nodes64:
+        if any(u in reached for u in n.inputs):
+            reached.add(n.name)
+    cats = [n for n in nodes64 if n.op == "cat" and n.name in reached]
+    if len(cats) != 1 or exit_ not in reached:
+        return nodes64
+    cat = cats[0]
+    nd = len(cat.out_shape) if isinstance(cat.out_shape, (tuple, list)) else 0
+    live = [u for u in cat.inputs if u in reached]
+    if nd < 3 or cat.attrs.get("dim") not in (1, 1 - nd) or len(live) != 1 or cat.inputs.count(live[0]) != 1:
+        return nodes64
+    k = cat.inputs.index(live[0])
+    c0 = sum(int(sh[1]) for sh in cat.in_shapes[:k])
+    c1 = c0 + int(cat.in_shapes[k][1])
+    at = nodes64.index(cat)
+    out: list[ir.IRNode] = list(nodes64[:at])
+    out.append(dataclasses.replace(cat, op="identity", inputs=[live[0]], in_shapes=[tuple(cat.in_shapes[k])],
+                                   out_shape=tuple(cat.in_shapes[k]), attrs={}, params={}))
+    prev = cat.name
+    for n in nodes64[at + 1:]:
+        if n.name not in reached:
+            continue  # a constant of the partial map that the cut members do not read (checked below)
+        cut = _channel_slice(n, c0, c1) if n.inputs == [prev] else None
+        if cut is None:
+            return nodes64
+        out.append(cut)
+        prev = n.name
+    return out if prev == exit_ else nodes64
 
 
 def _through_channel_cat(nodes64: list[ir.IRNode], cat: ir.IRNode, entry: str

@@ -60,7 +60,7 @@ def gram_rows(a: torch.Tensor) -> torch.Tensor:
 
 def _gram_err(w: torch.Tensor, inner: int) -> float:
     """Bound on ||fl(W W^H) - W W^H||_2 <= 4 (m + 2) u ||W||_F^2 (m = inner dimension)."""
-    return 4.0 * (inner + 2) * U64 * float((w.abs() ** 2).sum())
+    return 4.0 * (inner + 2) * U64 * float(torch.linalg.vector_norm(w)) ** 2  # one pass, no temporaries
 
 
 def gram_norm(h: torch.Tensor, err: float) -> NormResult:
