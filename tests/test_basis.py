@@ -270,3 +270,52 @@ def test_partial_through_a_concatenation_into_per_channel_maps_is_the_exact_jaco
     monkeypatch.setattr(affine, "_live_members", lambda nodes, e, v: nodes)
     slow = affine.fold(g, local, ctx)
     assert [p.norm for p in slow.partials] == pytest.approx([p.norm for p in fast.partials], rel=1e-12)
+
+
+class _Bottleneck(nn.Module):
+    """A ReLU read by a grouped 1x1 conv and an ungrouped one, each with BatchNorm, added: a pixelwise part
+    whose first members are 1x1 convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.a, self.b = nn.Conv2d(6, 4, 1, groups=2), nn.Conv2d(6, 4, 1, bias=False)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        with torch.no_grad():
+            for bn in (self.bn_a, self.bn_b):
+                bn.running_var.uniform_(0.3, 3.0)
+                bn.weight.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv0(x))
+        return torch.relu(self.bn_a(self.a(h)) + 0.7 * self.bn_b(self.b(h)))
+
+
+def test_pixelwise_partial_led_by_1x1_convs_is_the_exact_jacobian_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-pixel map of two 1x1 convs (one grouped), their BatchNorms and the scaled add, read from the convs'
+    weights, equals the exact norm of the float64 autograd Jacobian of the part on the whole map."""
+    model = _Bottleneck().eval()
+    g = lipgraph.trace(model, torch.randn(1, 3, 4, 4))
+    ctx = Settings()
+    local = {k: v[0] for k, v in local_constants(g, ctx, None, None).items()}
+    used: list[bool] = []
+    real = affine._pixel_responses_from_weights
+    monkeypatch.setattr(affine, "_pixel_responses_from_weights",
+                        lambda *a: (lambda out: used.append(out is not None) or out)(real(*a)))
+    fast = affine.fold(g, local, ctx)
+    assert any(used)
+    m64 = _Bottleneck().eval().double()
+
+    def part(h: torch.Tensor) -> torch.Tensor:
+        def at(u: torch.Tensor) -> torch.Tensor:
+            return m64.bn_a(m64.a(u)) + 0.7 * m64.bn_b(m64.b(u))
+        return at(h) - at(torch.zeros_like(h))
+
+    jac = torch.autograd.functional.jacobian(part, torch.zeros(1, 6, 4, 4, dtype=torch.float64)).reshape(64, 96)
+    truth = float(torch.linalg.matrix_norm(jac, 2))
+    mine = [p for p in fast.partials if p.method == "pixelwise-jacobian"]
+    assert len(mine) == 1 and truth <= mine[0].norm <= truth + 1.01e-7 * mine[0].autolip
+    monkeypatch.setattr(affine, "_pixel_responses_from_weights", lambda *a: None)
+    slow = [p for p in affine.fold(g, local, ctx).partials if p.method == "pixelwise-jacobian"]
+    assert slow[0].norm == pytest.approx(mine[0].norm, rel=1e-13)
