@@ -274,3 +274,30 @@ def test_root_only_search_brackets_the_maximum_with_an_attained_vertex(slope):
         lo, hi = min(slope), max(slope)
         d = torch.where(root.pattern, torch.tensor(hi, dtype=D), torch.tensor(lo, dtype=D))
         assert float(torch.linalg.matrix_norm(a @ torch.diag(d) @ b, 2)) == pytest.approx(root.lower, rel=1e-12)
+
+
+@pytest.mark.parametrize("shapes", [((5, 9), (6, 5), (8, 6)), ((7, 4), (3, 7)), ((4, 9), (8, 4)),
+                                    ((6, 6), (5, 6), (4, 5), (7, 4))])
+def test_end_factors_give_the_svd_pairs_inner_values_on_every_pattern(shapes) -> None:
+    """The first and last matrices enter as themselves or a QR triangle: on every pattern, each pair's
+    ``||A diag(s) B||`` equals the published SeqLip pair's ``||S~_{i+1} V_{i+1}^T diag(s) U_i S~_i||``, written
+    here from full SVDs (so the bound is the same, and so is every inner maximum)."""
+    g = torch.Generator().manual_seed(len(shapes) * 7 + shapes[0][1])
+    mats = [torch.randn(*sh, generator=g, dtype=D) for sh in shapes]
+    svds = [torch.linalg.svd(m, full_matrices=False) for m in mats]
+    k = len(mats)
+    pairs = S.inner_factors(mats)
+    assert len(pairs) == k - 1
+    for i, (a, b) in enumerate(pairs):
+        u_i, s_i, _ = svds[i]
+        _, s_n, vh_n = svds[i + 1]
+        b_ref = u_i * (s_i if i == 0 else s_i.sqrt())
+        a_ref = (s_n if i + 1 == k - 1 else s_n.sqrt())[:, None] * vh_n
+        n = a.shape[1]
+        for bits in itertools.product((0.0, 1.0), repeat=n):
+            d = torch.tensor(bits, dtype=D)
+            got = float(torch.linalg.matrix_norm(a * d @ b, 2))
+            want = float(torch.linalg.matrix_norm(a_ref * d @ b_ref, 2))
+            assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert pairs[0][1].shape[1] <= min(shapes[0])  # never more columns than the SVD factor
+    assert pairs[-1][0].shape[0] <= min(shapes[-1])
