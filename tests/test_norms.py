@@ -527,3 +527,20 @@ def test_gram_rows_by_syrk_is_the_product(monkeypatch: pytest.MonkeyPatch, layou
     assert g.shape == want.shape
     assert torch.equal(g, g.mT)
     assert float((g - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("side, selection", [(2, True), (5, False)])
+def test_wide_conv_on_a_tiny_map_takes_the_cheaper_gram(monkeypatch: pytest.MonkeyPatch, side: int,
+                                                        selection: bool) -> None:
+    """With the thin-group rule off, a 3x3 conv on a 2x2 map (``P^2 O / 2 = 32 <= T^2 = 81``) forms its Gram from
+    the conv matrix and one on 5x5 by tap products; both certify the exact norm."""
+    from lipgraph.norms import materialise
+
+    monkeypatch.setattr(materialise, "SELECTION_GRAM_RATIO", 0)
+    calls: list[str] = []
+    real_sel, real_tap = materialise._selection_input_gram, materialise.conv_input_gram
+    monkeypatch.setattr(materialise, "_selection_input_gram", lambda *a: calls.append("sel") or real_sel(*a))
+    monkeypatch.setattr(materialise, "conv_input_gram", lambda *a: calls.append("tap") or real_tap(*a))
+    torch.manual_seed(17)
+    _materialised_exact(nn.Conv2d(12, 10, 3, padding=1), (12, side, side), "materialised-gram")
+    assert calls == (["sel"] if selection else ["tap"])

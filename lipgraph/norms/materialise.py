@@ -196,7 +196,12 @@ def _small_conv_norm(weight: torch.Tensor, attrs: dict, transposed: bool, in_sha
         # thin groups: A_g^T A_g by a dense matmul (2 c_out/g P^2 flops per input) beats scattering the tap
         # products (~400 flops' time per scattered entry, T^2 of them per output) by far
         t_n = math.prod(geom.kernel)
-        if (weight.shape[0] // geom.groups) * math.prod(geom.spatial) ** 2 <= SELECTION_GRAM_RATIO * t_n * t_n:
+        p_n, o_n = math.prod(geom.spatial), math.prod(geom.out)
+        # wide convs on tiny maps: the one-triangle Gram of the matrix (``(c_in P)^2 c_out O / 2`` multiply-adds)
+        # is cheaper than the tap products (``T^2 c_out c_in^2``) when ``P^2 O / 2 <= T^2``: wide_resnet50_2's
+        # 1024-channel 3x3 convs on 2x2 maps, 3.1 s each by tap products
+        if ((weight.shape[0] // geom.groups) * p_n ** 2 <= SELECTION_GRAM_RATIO * t_n * t_n
+                or p_n * p_n * o_n <= 2 * t_n * t_n):
             gram, err = _selection_input_gram(weight, geom, device)
         else:
             gram, err = conv_input_gram(weight, geom, device)
