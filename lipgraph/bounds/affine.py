@@ -16,7 +16,13 @@ AutoLip's product of member norms by the norm of each partial map as a whole.
    ``MATERIALIZE_MAX``, the Jacobian is formed exactly in float64 (``torch.func``
    over the basis of the smaller side) and its norm certified by
    :func:`lipgraph.norms.dense_norm`; a relative margin ``EVAL_MARGIN`` (1e-7)
-   of the region's AutoLip product covers the float64 evaluation error;
+   of the region's AutoLip product covers the float64 evaluation error. The map
+   is evaluated on the members that depend on the entry and reach the exit
+   (:func:`_live_members`), with a concatenation that has one live input and is
+   followed only by per-channel maps read as that input (:func:`_narrowed_at_cat`);
+   layers whose matrix is their weight are written from it, not run on a basis
+   (:func:`_from_first_layers`, :func:`_through_last_linear`), and a per-pixel
+   part is certified by its one-pixel channel map (:func:`_pixelwise_norm`);
 2. *folded*: along a path, per-channel scales (eval BatchNorm, constant
    channel scales) fold into the neighbouring conv / linear weight
    (``diag(s) W`` or ``W diag(s)``), and a pointwise (1x1, stride 1,
