@@ -265,7 +265,7 @@ def _alternating_completion(n_mat: torch.Tensor, a_r: torch.Tensor, b_r: torch.T
 
 def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
                            max_nodes: int = INNER_NODES, leaf_width: int = 10, max_open: int | None = None,
-                           base: torch.Tensor | None = None) -> InnerMax:
+                           base: torch.Tensor | None = None, norm_ab: float | None = None) -> InnerMax:
     """``max_{d in {lo,hi}^n} ||base + A diag(d) B||`` by best-first branch and bound (certified).
 
     Write ``d_j = c + h t_j``, ``c = (lo+hi)/2``, ``h = (hi-lo)/2``, ``t in {-1,1}^n``.
@@ -283,6 +283,8 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
     upper bound. Both stops count work, so the result is the same at any machine load; the search order
     compares bounds that come out of float64 norms, so it is bit-identical whenever those norms are
     (single-threaded small matrices; for large ones BLAS threading could in principle change last bits).
+    ``norm_ab``: ``||A|| ||B||`` when the caller has it (a SeqLip pair's factors have the norms of its
+    matrices or their square roots), in place of two eigenvalue solves of the root's triangle bound.
     """
     t0 = time.perf_counter()
     lo, hi = min(lo, hi), max(lo, hi)  # the same vertex set; the bounds below need h >= 0
@@ -297,7 +299,8 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
     # ||A_R|| ||B_R|| for R = {k..n-1} at checkpoints (norms of column/row blocks decrease with k).
     checks = sorted({0, *[min(n, 2**i) for i in range(int(math.log2(max(n, 1))) + 2)],
                      *range(0, n + 1, max(1, n // 64))}) if n * p * q <= 2e7 else [0, n]
-    prod_norm = {k: _norm(a_mat[:, k:]) * _norm(b_mat[k:]) if k < n else 0.0 for k in checks}
+    prod_norm = {k: (norm_ab if k == 0 and norm_ab is not None else _norm(a_mat[:, k:]) * _norm(b_mat[k:]))
+                 if k < n else 0.0 for k in checks}
 
     def rad(k: int) -> float:
         kk = max(x for x in checks if x <= k)
@@ -423,9 +426,9 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
 
 
 def inner_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
-              max_nodes: int = INNER_NODES) -> InnerMax:
+              max_nodes: int = INNER_NODES, norm_ab: float | None = None) -> InnerMax:
     """Certified ``max_{d in [lo,hi]^n} ||A diag(d) B||``: enumeration for n <= ENUM_MAX_WIDTH, else
-    branch and bound exploring at most ``max_nodes`` nodes."""
+    branch and bound exploring at most ``max_nodes`` nodes (``norm_ab``: ``||A|| ||B||`` if known)."""
     if hi == lo:
         v = abs(lo) * _norm(a_mat.to(_DT) @ b_mat.to(_DT))
         return InnerMax(v * (1 + ROUNDING_MARGIN), v, True, True, "constant slope")
@@ -439,7 +442,7 @@ def inner_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
         return InnerMax(v * (1 + ROUNDING_MARGIN), v, True, True, "closed form (rank one)", 0.0, 0, pat)
     if a_mat.shape[1] <= ENUM_MAX_WIDTH:
         return enumerate_max(a_mat, b_mat, lo, hi)
-    return branch_and_bound(a_mat, b_mat, lo, hi, max_nodes)
+    return branch_and_bound(a_mat, b_mat, lo, hi, max_nodes, norm_ab=norm_ab)
 
 
 #: A per-neuron slope interval: ``(lo, hi)`` tensors with one entry per neuron (any shape, row-major order).
@@ -552,9 +555,9 @@ def enumerate_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float
 
 def branch_and_bound(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
                      max_nodes: int = INNER_NODES, leaf_width: int = 10, max_open: int | None = None,
-                     base: torch.Tensor | None = None) -> InnerMax:
+                     base: torch.Tensor | None = None, norm_ab: float | None = None) -> InnerMax:
     with _single_thread(_small(a_mat, b_mat)):
-        return _branch_and_bound_impl(a_mat, b_mat, lo, hi, max_nodes, leaf_width, max_open, base)
+        return _branch_and_bound_impl(a_mat, b_mat, lo, hi, max_nodes, leaf_width, max_open, base, norm_ab)
 
 
 def greedy_max(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, hi: float,
@@ -626,6 +629,12 @@ def inner_factors(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Te
     factor equal to them up to an isometry serves (:func:`_first_factor`, :func:`_last_factor`: the matrix
     itself or a triangular factor of its QR). Two 2048-square float64 SVDs took 5 s of resnet18's SeqLip pass;
     inception_v3's 4-matrix runs spent 16 s in SVDs, half of them of end matrices."""
+    return _factors_and_inner_norms(mats)[0]
+
+
+def _factors_and_inner_norms(mats: list[torch.Tensor]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                                  dict[int, float]]:
+    """:func:`inner_factors` and the inner matrices' spectral norms (their SVDs' largest singular values)."""
     k = len(mats)
     svds = {i: _svd(mats[i]) for i in range(1, k - 1)}
     pairs = []
@@ -641,7 +650,7 @@ def inner_factors(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Te
             _, s_n, vh_n = svds[i + 1]
             left = s_n.sqrt()[:, None] * vh_n
         pairs.append((left, right))
-    return pairs
+    return pairs, {i: float(sv[1][0]) if sv[1].numel() else 0.0 for i, sv in svds.items()}
 
 
 def _is_neuron(slope: tuple[Any, Any]) -> bool:
@@ -674,18 +683,25 @@ def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float] | Ne
     t0 = time.perf_counter()
     if len(slopes) != len(mats) - 1:
         raise ValueError("need one slope interval per activation (len(mats) - 1)")
-    norms = [_norm(m.to(_DT)) for m in mats]
+    if len(mats) == 1:
+        auto_cert = _norm(mats[0].to(_DT)) * (1 + ROUNDING_MARGIN)
+        return ChainBound(auto_cert, True, "dense SVD norm", auto_cert, [], time.perf_counter() - t0)
+    factors, inner_norms = _factors_and_inner_norms(mats)  # the inner matrices' norms from their SVDs
+    norms = [inner_norms[i] if i in inner_norms else _norm(m.to(_DT)) for i, m in enumerate(mats)]
     auto = math.prod(norms) * math.prod(_slope_max(s) for s in slopes)
     auto_cert = auto * (1 + ROUNDING_MARGIN) ** len(mats)
-    if len(mats) == 1:
-        return ChainBound(auto_cert, True, "dense SVD norm", auto_cert, [], time.perf_counter() - t0)
     results = []
-    for (a_m, b_m), (lo, hi) in zip(inner_factors(mats), slopes, strict=True):
+    k = len(mats)
+    for i, ((a_m, b_m), (lo, hi)) in enumerate(zip(factors, slopes, strict=True)):
+        # the factors' norms: the end matrices' own, the square roots of the inner ones' (S^(1/2) splits)
+        norm_ab = ((norms[i + 1] if i + 1 == k - 1 else math.sqrt(norms[i + 1]))
+                   * (norms[i] if i == 0 else math.sqrt(norms[i])))
         b_i = max_nodes if work is None else max(MIN_INNER_NODES, min(max_nodes, work.left,
                                                                    INNER_WORK // (a_m.shape[0] + b_m.shape[1]) ** 3))
         if a_m.shape[0] * b_m.shape[1] * min(a_m.shape[0], b_m.shape[1]) > WIDE_INNER_WORK:
             b_i = 1
-        r = inner_max_box(a_m, b_m, lo, hi, b_i) if _is_neuron((lo, hi)) else inner_max(a_m, b_m, lo, hi, b_i)
+        r = (inner_max_box(a_m, b_m, lo, hi, b_i) if _is_neuron((lo, hi))
+             else inner_max(a_m, b_m, lo, hi, b_i, norm_ab=norm_ab))
         if work is not None and "branch-and-bound" in r.method:
             work.left -= r.nodes
         results.append(r)
