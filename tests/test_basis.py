@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +18,27 @@ from lipgraph import ir, norms
 from lipgraph.api import local_constants
 from lipgraph.bounds import affine, chains
 from lipgraph.ops import Settings
+
+
+def _traced(model: nn.Module, side: int) -> tuple[Any, Settings, dict]:
+    """The model's IR on a ``1 x 3 x side x side`` input, default settings and its nodes' local constants."""
+    g = lipgraph.trace(model, torch.randn(1, 3, side, side))
+    ctx = Settings()
+    return g, ctx, {k: v[0] for k, v in local_constants(g, ctx, None, None).items()}
+
+
+def _uses(monkeypatch: pytest.MonkeyPatch, name: str, hit: Callable[[Any, tuple], bool]) -> list[bool]:
+    """Spy on ``affine.<name>``: one entry per call, whether ``hit(result, args)`` (the route took effect)."""
+    real = getattr(affine, name)
+    seen: list[bool] = []
+
+    def spy(*args: Any) -> Any:
+        out = real(*args)
+        seen.append(hit(out, args))
+        return out
+
+    monkeypatch.setattr(affine, name, spy)
+    return seen
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -145,9 +168,7 @@ def test_region_partials_through_a_concatenation_equal_the_exact_jacobian_norm(s
     """Each branch's partial map into the next convs, ground truth: the float64 autograd Jacobian of the module's
     own layers with the other branch at zero, its exact spectral norm."""
     model = _Inception().eval()
-    g = lipgraph.trace(model, torch.randn(1, 3, side, side))
-    ctx = Settings()
-    local = {k: v[0] for k, v in local_constants(g, ctx, None, None).items()}
+    g, ctx, local = _traced(model, side)
     res = affine.fold(g, local, ctx)
     m64 = _Inception().eval().double()
     relu_nodes = [n for n in ir.nodes(g) if n.op == "relu" and "cat" in [s for s in g.successors(n.name)]]
@@ -190,12 +211,8 @@ def test_partial_into_a_last_linear_layer_is_the_exact_jacobian_norm(monkeypatch
     """The partial from the max pool to the linear layer's output, by the pull-back of the linear layer's rows
     (``W P``), equals the exact norm of the float64 autograd Jacobian, and the basis route through every member."""
     model = _VGGTail().eval()
-    g = lipgraph.trace(model, torch.randn(1, 3, 6, 6))
-    ctx = Settings()
-    local = {k: v[0] for k, v in local_constants(g, ctx, None, None).items()}
-    used: list[bool] = []
-    real = affine._through_last_linear
-    monkeypatch.setattr(affine, "_through_last_linear", lambda *a: used.append(real(*a) is not None) or real(*a))
+    g, ctx, local = _traced(model, 6)
+    used = _uses(monkeypatch, "_through_last_linear", lambda out, args: out is not None)
     fast = affine.fold(g, local, ctx)
     assert any(used)
     m64 = _VGGTail().eval().double()
@@ -244,13 +261,8 @@ def test_partial_through_a_concatenation_into_per_channel_maps_is_the_exact_jaco
     its one live input and the BatchNorm and scale cut to its channels, equals the exact norm of the float64
     autograd Jacobian of the layers as written (the other inputs of the cat at zero), and the full evaluation."""
     model = _DenseBlock().eval()
-    g = lipgraph.trace(model, torch.randn(1, 3, 5, 5))
-    ctx = Settings()
-    local = {k: v[0] for k, v in local_constants(g, ctx, None, None).items()}
-    narrowed: list[bool] = []
-    real = affine._narrowed_at_cat
-    monkeypatch.setattr(affine, "_narrowed_at_cat",
-                        lambda nodes, e, v: (lambda out: narrowed.append(out is not nodes) or out)(real(nodes, e, v)))
+    g, ctx, local = _traced(model, 5)
+    narrowed = _uses(monkeypatch, "_narrowed_at_cat", lambda out, args: out is not args[0])
     fast = affine.fold(g, local, ctx)
     assert any(narrowed)
     m64 = _DenseBlock().eval().double()
@@ -296,13 +308,8 @@ def test_pixelwise_partial_led_by_1x1_convs_is_the_exact_jacobian_norm(monkeypat
     """The one-pixel map of two 1x1 convs (one grouped), their BatchNorms and the scaled add, read from the convs'
     weights, equals the exact norm of the float64 autograd Jacobian of the part on the whole map."""
     model = _Bottleneck().eval()
-    g = lipgraph.trace(model, torch.randn(1, 3, 4, 4))
-    ctx = Settings()
-    local = {k: v[0] for k, v in local_constants(g, ctx, None, None).items()}
-    used: list[bool] = []
-    real = affine._pixel_responses_from_weights
-    monkeypatch.setattr(affine, "_pixel_responses_from_weights",
-                        lambda *a: (lambda out: used.append(out is not None) or out)(real(*a)))
+    g, ctx, local = _traced(model, 4)
+    used = _uses(monkeypatch, "_pixel_responses_from_weights", lambda out, args: out is not None)
     fast = affine.fold(g, local, ctx)
     assert any(used)
     m64 = _Bottleneck().eval().double()
