@@ -355,15 +355,22 @@ def _from_first_layers(g: nx.DiGraph, nodes64: list[ir.IRNode], entry: str, exit
     cols = [linear_part_columns(n, shape, dev) for n in first]
     if any(c is None for c in cols):
         return None
-    names = {n.name for n in first}
+    return _rest_on_columns(g, nodes64, first, cols, exit_, lambda u: _held_input(g, u, dev), dev)
+
+
+def _rest_on_columns(g: nx.DiGraph, nodes64: list[ir.IRNode], first: list[ir.IRNode], cols: list[torch.Tensor],
+                     exit_: str, held: Callable[[str], torch.Tensor], dev: torch.device) -> torch.Tensor:
+    """``J^T`` (``(n_in, n_out)``) from the basis responses ``cols`` of the members ``first`` that read the entry
+    (one ``(n_in, *out_shape)`` tensor each): the other members' linear part (``jvp`` at 0) runs on them, column
+    by column; the exit's own responses when it is one of ``first``."""
+    names = [n.name for n in first]
     rest = [n for n in nodes64 if n.name not in names]
     n_in = cols[0].shape[0]
     if not rest:  # the exit is one of the first layers
-        return cols[[n.name for n in first].index(exit_)].reshape(n_in, -1)
+        return cols[names.index(exit_)].reshape(n_in, -1)
 
     def run_rest(*ys: torch.Tensor) -> torch.Tensor:
-        vals: dict[str, Any] = dict(zip([n.name for n in first], ys, strict=True))
-        return _run_members(g, rest, vals, exit_, lambda u: _held_input(g, u, dev)).reshape(-1)
+        return _run_members(g, rest, dict(zip(names, ys, strict=True)), exit_, held).reshape(-1)
 
     zeros = tuple(torch.zeros(c.shape[1:], dtype=torch.float64, device=dev) for c in cols)
     return torch.vmap(lambda *ts: jvp(run_rest, zeros, ts)[1])(*cols)
@@ -471,16 +478,22 @@ def _pixelwise_norm(g: nx.DiGraph, members: list[str], entry: str, exit_: str, c
     return norms.dense_norm(m, dev).upper
 
 
+def _reached(nodes: list[ir.IRNode], entry: str) -> set[str]:
+    """``entry`` and the names of the ``nodes`` (in graph order) that depend on it through ``nodes``."""
+    reached = {entry}
+    for n in nodes:
+        if any(u in reached for u in n.inputs):
+            reached.add(n.name)
+    return reached
+
+
 def _live_members(nodes: list[ir.IRNode], entry: str, exit_: str) -> list[ir.IRNode]:
     """The members on a path entry -> exit through members. The others only feed constants into the partial
     map (their inputs are held), and a constant does not change the linear part of an affine map, so leaving
     them out (held at zero, :func:`_held_input`) keeps the Jacobian. densenet121: a dense layer's conv reaches a
     later BatchNorm through one concatenation, but the layers between are members too, reached from it only
     through ReLUs outside the region."""
-    reached = {entry}
-    for n in nodes:
-        if any(u in reached for u in n.inputs):
-            reached.add(n.name)
+    reached = _reached(nodes, entry)
     needed = {exit_}
     for n in reversed(nodes):
         if n.name in needed:
@@ -523,10 +536,7 @@ def _narrowed_at_cat(nodes64: list[ir.IRNode], entry: str, exit_: str) -> list[i
     member cut to ``c0:c1`` (the same norm, without the zero rows). densenet121: every dense layer's 3x3 conv
     reaches the BatchNorms of all later layers of its block through their concatenations, up to 1024 channels
     wide for 32 live ones. ``nodes64`` unchanged when the pattern does not hold."""
-    reached = {entry}  # members that depend on the entry through members (the others are constants here)
-    for n in nodes64:
-        if any(u in reached for u in n.inputs):
-            reached.add(n.name)
+    reached = _reached(nodes64, entry)  # the others are constants here
     cats = [n for n in nodes64 if n.op == "cat" and n.name in reached]
     if len(cats) != 1 or exit_ not in reached:
         return nodes64
@@ -557,7 +567,7 @@ def _narrowed_at_cat(nodes64: list[ir.IRNode], entry: str, exit_: str) -> list[i
 def _pixel_responses_from_weights(g: nx.DiGraph, nodes64: list[ir.IRNode], entry: str, exit_: str, c_in: int,
                                   one: tuple[int, ...], held: Callable[[str], torch.Tensor],
                                   dev: torch.device) -> torch.Tensor | None:
-    """The one-pixel responses ``(c_in, 1, c_out, 1, ...)`` of a pixelwise part whose members reading the
+    """The one-pixel responses ``(c_in, c_out)`` of a pixelwise part whose members reading the
     entry are 1x1 convs: their responses are their weights (:func:`linear_part_columns` on a 1x1 map), and only
     the rest (BatchNorm, scales, cats, adds) runs on them. Running a 1x1 conv on the ``c_in`` basis vectors
     cost ``c_in^2 c_out`` (wide_resnet50_2's 2048 -> 1024 convs: 4e9 flops each). None when the first members
@@ -570,16 +580,7 @@ def _pixel_responses_from_weights(g: nx.DiGraph, nodes64: list[ir.IRNode], entry
             for n in first]
     if any(c is None for c in cols):
         return None
-    names = [n.name for n in first]
-    rest = [n for n in nodes64 if n.name not in names]
-    if not rest:
-        return cols[names.index(exit_)]
-
-    def run_rest(*ys: torch.Tensor) -> torch.Tensor:
-        return _run_members(g, rest, dict(zip(names, ys, strict=True)), exit_, held)
-
-    zeros = tuple(torch.zeros(c.shape[1:], dtype=torch.float64, device=dev) for c in cols)
-    return torch.vmap(lambda *ts: jvp(run_rest, zeros, ts)[1])(*cols)
+    return _rest_on_columns(g, nodes64, first, cols, exit_, held, dev)
 
 
 def _through_channel_cat(nodes64: list[ir.IRNode], cat: ir.IRNode, entry: str
