@@ -171,3 +171,31 @@ def test_seqlip_and_affine_compound_and_stay_sound():
     m.float()
     assert worst <= both.value
     assert r.best[1].value <= both.value
+
+
+def test_regions_come_in_graph_order_whatever_the_hash_seed() -> None:
+    """Regions (and so the affine records in a report) are listed in graph order of their first node, the same
+    in processes with different string hash seeds (connected components come out of sets)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torchvision, lipgraph\n"
+        "from lipgraph.bounds import affine\n"
+        "from lipgraph.ops import LocalConstant\n"
+        "g = lipgraph.trace(torchvision.models.vgg11(weights=None).eval(), torch.randn(1, 3, 32, 32))\n"
+        "local = {n: LocalConstant([1.0], True, 'test') for n in g.nodes}  # every node foldable\n"
+        "order = {n: i for i, n in enumerate(g.graph['order'])}\n"
+        "regs = affine.find_regions(g, local)\n"
+        "assert len(regs) > 5\n"
+        "assert [order[r.nodes[0]] for r in regs] == sorted(order[r.nodes[0]] for r in regs)\n"
+        "print([r.nodes[0] for r in regs])\n"
+    )
+    outs = []
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs.append(res.stdout)
+    assert outs[0] == outs[1] == outs[2]

@@ -110,7 +110,8 @@ def find_regions(g: nx.DiGraph, local: Mapping[str, LocalConstant]) -> list[Regi
     members = {n.name for n in ir.nodes(g) if _foldable(n, local.get(n.name))}
     sub = g.subgraph(members).to_undirected(as_view=True)
     regions = []
-    for comp in nx.connected_components(sub):
+    # components in graph order of their first node (set iteration order depends on the string hash seed)
+    for comp in sorted(nx.connected_components(sub), key=lambda c: min(order[x] for x in c)):
         names = sorted(comp, key=order.__getitem__)
         if not any(ir.node(g, x).op in ("conv", "conv_transpose", "linear", "batch_norm", "matmul_const",
                                          "avg_pool", "adaptive_avg_pool") for x in names):
