@@ -379,6 +379,8 @@ def _domain(args: argparse.Namespace, example: Any) -> tuple[Any, Any]:
         for flag in ("clip", "center"):
             if getattr(args, flag):
                 raise LipgraphError(f"--{flag} needs --ball")
+        if args.domain_only:
+            raise LipgraphError("--domain-only needs --domain box:LO,HI or --ball RADIUS")
         return None, example
     if args.domain is not None and args.ball is not None:
         raise LipgraphError("give either --domain box:LO,HI or --ball RADIUS, not both")

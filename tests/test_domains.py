@@ -154,7 +154,8 @@ def test_bad_domains_are_one_clear_line(capsys: pytest.CaptureFixture[str], tmp_
     model.write_text("import torch.nn as nn\nNet = lambda: nn.Sequential(nn.Linear(4, 2), nn.ReLU())\n")
     for argv, msg in [(["--domain", "box:0"], "box:LO,HI"), (["--clip", "0,1"], "--clip needs --ball"),
                       (["--ball", "0.1", "--domain", "box:0,1"], "not both"),
-                      (["--ball", "-1"], "radius must be finite and >= 0")]:
+                      (["--ball", "-1"], "radius must be finite and >= 0"),
+                      (["--domain-only"], "--domain-only needs --domain")]:
         rc = cli.main(["analyze", f"{model}:Net", "--input-shape", "1,4", "--no-lower", "--rows", "0", *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and msg in err[0], (argv, err)
