@@ -59,8 +59,11 @@ def parse_methods(text: str) -> str | list[str]:
     return names
 
 
-def load_model(spec: str) -> Any:
-    """Load ``file.py:Name`` / ``package.module:Name`` (class or zero-argument factory) or an ONNX path."""
+def load_model(spec: str, seed: int = 0) -> Any:
+    """Load ``file.py:Name`` / ``package.module:Name`` (class or zero-argument factory) or an ONNX path.
+    torch's random generator is seeded with ``seed`` just before the model is built, so a model that draws its
+    weights (``torchvision.models:resnet18`` without weights) is the same model, and gets the same numbers, in
+    every run."""
     if spec.endswith(".onnx"):
         if not os.path.exists(spec):
             raise ModelLoadError(f"no such file: {spec}")
@@ -100,6 +103,9 @@ def load_model(spec: str) -> Any:
     obj = getattr(module, name, None)
     if obj is None:
         raise ModelLoadError(f"{where} has no attribute {name!r}")
+    torch_mod = sys.modules.get("torch")  # imported by the model's module if it builds a torch model
+    if torch_mod is not None:
+        torch_mod.manual_seed(seed)
     try:
         model = obj()
     except TypeError as exc:
@@ -235,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--power-iterations", type=int, default=100, help="power-method steps for estimates")
     a.add_argument("--rows", type=int, default=60, help="node rows to print (0: none, -1: all)")
     a.add_argument("--seed", type=int, default=0,
-                   help="seed of every random choice: example input, power-method starts, lower-bound search")
+                   help="seed of every random choice: the model's construction (random initial weights), example "
+                        "input, power-method starts, lower-bound search")
     a.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
     a.add_argument("--domain", metavar="box:LO,HI",
                    help="bound the constant on the input box LO <= x <= HI (e.g. box:0,1 for images in [0,1])")
@@ -297,7 +304,7 @@ def _certify(args: argparse.Namespace) -> int:
     check_outputs(args)
     import lipgraph  # noqa: PLC0415
 
-    model = load_model(args.model)  # an .onnx path stays a path: certify loads its IR on one input's shape
+    model = load_model(args.model, args.seed)  # an .onnx path stays a path: certify loads its IR on one shape
     x, y = _load_data(args.data)
     box = None
     if args.clip:
@@ -322,7 +329,7 @@ def _certify(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     check_outputs(args)  # before the (possibly long) analysis
     constants = load_constants(args.constants) if args.constants else None
-    model = load_model(args.model)  # errors in the spec come back before torch is imported
+    model = load_model(args.model, args.seed)  # errors in the spec come back before torch is imported
 
     import torch  # noqa: PLC0415
 

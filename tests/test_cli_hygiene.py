@@ -300,6 +300,25 @@ def test_cli_seed_reaches_analyze(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     assert torch.equal(got[3][1], got[3][1]) and not torch.equal(got[3][1], got[4][1])
 
 
+def test_cli_builds_a_randomly_initialised_model_the_same_in_every_run(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A factory that draws its weights (``torchvision.models:resnet18`` without weights) gets the same weights,
+    and so the same bound, in every run for one ``--seed``: the global generator is seeded before it is built
+    (two runs in one process start from different generator states)."""
+    src = tmp_path / "rand.py"
+    src.write_text("import torch.nn as nn\nNet = lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))\n")
+    uppers = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"r{len(uppers)}.json"
+        assert main(["analyze", f"{src}:Net", "--input-shape", "1,4", "--seed", str(seed), "--json", str(out),
+                     *FAST]) == 0
+        uppers.append(json.loads(out.read_text())["upper"])
+    capsys.readouterr()
+    assert uppers[0] == uppers[1] != uppers[2]
+    w = [load_model(f"{src}:Net", seed)[0].weight for seed in (5, 5)]
+    assert torch.equal(w[0], w[1])
+
+
 # --- --input-dtype for models with integer inputs -----------------------------------------------------
 
 EMB_SRC = """
