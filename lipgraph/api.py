@@ -76,6 +76,7 @@ def analyze(
     seed: int = 0,
     domain: Domain | Sequence[Domain] | None = None,
     domain_only: bool = False,
+    effort: float = 1.0,
 ) -> Report | list[Report]:
     """Bound the l2 Lipschitz constant of ``model``: globally, or on an input ``domain``.
 
@@ -89,6 +90,12 @@ def analyze(
     least 1); by default a plan scaled to the model (:func:`lipgraph.bounds.lower.search_plan`: 8 restarts
     where they fit :data:`~lipgraph.bounds.lower.SEARCH_WORK` multiply-adds, fewer and shorter ones on large
     or deep models, counted from the graph's shapes and node count), so the value does not depend on machine load.
+    ``effort`` scales the work budgets of the refinements that ``method="auto"`` runs (SeqLip's dense work,
+    :data:`~lipgraph.bounds.seqlip.DENSE_WORK`; affine folding's materialised maps,
+    :data:`~lipgraph.bounds.affine.AFFINE_WORK_BUDGET`; the dense chain methods,
+    :data:`~lipgraph.bounds.chain_mats.CHAIN_WORK_BUDGET`): ``effort=4`` spends up to four times as much for a
+    bound at least as tight, ``math.inf`` lifts them, as naming the methods does. Budgets count work from the
+    graph's shapes, never seconds, so every run at the same ``effort`` gives the same numbers.
     ``progress(stage, done, total)`` is called during long work. ``seed`` fixes every random choice
     (power-method starts, the lower-bound search and its random inputs) without touching the caller's
     global random state.
@@ -127,8 +134,7 @@ def analyze(
                             "'Conv2d' or node names from the report)")
 
     ctx = Settings(device=dev, power_iterations=power_iterations, seed=seed)
-    if method != "auto":  # methods named by the caller run whatever they cost
-        ctx.extra["chain_flops"] = math.inf
+    ctx.extra.update(work_budgets(method, effort))
     t0 = time.perf_counter()
     cb = (lambda i, n, node: progress("constants", i, n)) if progress else None
     local_full = local_constants(g, ctx, constants, cb)
@@ -190,6 +196,24 @@ def analyze(
     if domains is None:
         return _finish(base, None)
     return [_finish(base, d) for d in domains] if isinstance(domain, Sequence) else _finish(base, domains[0])
+
+
+def work_budgets(method: str | Sequence[str], effort: float = 1.0) -> dict[str, float]:
+    """The refinements' work budgets (``Settings.extra`` keys) for ``analyze(method=..., effort=...)``: the
+    defaults times ``effort`` for ``"auto"``; none (``inf``) where the caller names the methods (they run
+    whatever they cost) or ``effort`` is ``inf``."""
+    if isinstance(effort, bool) or not isinstance(effort, (int, float)) or math.isnan(effort) or effort <= 0:
+        raise LipgraphError(f"effort must be a positive number (1 is the default, inf lifts every budget), "
+                            f"not {effort!r}")
+    from .bounds.affine import AFFINE_WORK_BUDGET  # noqa: PLC0415 - the algorithms load when used
+    from .bounds.chain_mats import CHAIN_FLOPS, CHAIN_WORK_BUDGET  # noqa: PLC0415
+    from .bounds.seqlip import DENSE_WORK  # noqa: PLC0415
+
+    defaults = {"chain_flops": CHAIN_FLOPS, "chain_work": CHAIN_WORK_BUDGET, "affine_work": AFFINE_WORK_BUDGET,
+                "seqlip_work": DENSE_WORK}
+    scale = math.inf if method != "auto" else float(effort)
+    # inf lifts a budget outright (0 * inf would be NaN, which no cost passes)
+    return {k: math.inf if math.isinf(scale) else v * scale for k, v in defaults.items()}
 
 
 def unbounded_by(g: nx.DiGraph, local: Mapping[str, LocalConstant], cum: Mapping[str, Cumulative]) -> str | None:

@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restarts of the lower-bound search (work, not seconds; default: up to 8, scaled to "
                         "the model's size)")
     a.add_argument("--power-iterations", type=int, default=100, help="power-method steps for estimates")
+    a.add_argument("--effort", type=float, default=1.0,
+                   help="scale the work budgets of SeqLip, affine folding and the SDP-class chain bounds under "
+                        "--method auto (work counted from shapes, not seconds; default 1, 'inf' lifts them)")
     a.add_argument("--rows", type=int, default=60, help="node rows to print (0: none, -1: all)")
     a.add_argument("--seed", type=int, default=0,
                    help="seed of every random choice: the model's construction (random initial weights), example "
@@ -328,6 +331,9 @@ def _certify(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     check_outputs(args)  # before the (possibly long) analysis
+    if not args.effort > 0:  # NaN too; the library says the same, after the model is loaded
+        raise LipgraphError(f"--effort must be a positive number (1 is the default, inf lifts every budget), "
+                            f"not {args.effort!r}")
     constants = load_constants(args.constants) if args.constants else None
     model = load_model(args.model, args.seed)  # errors in the spec come back before torch is imported
 
@@ -353,7 +359,7 @@ def _analyze(args: argparse.Namespace) -> int:
     report = lipgraph.analyze(
         model, example, method=args.method, device=args.device, constants=constants, lower=not args.no_lower,
         lower_budget=args.lower_budget, power_iterations=args.power_iterations, progress=progress,
-        seed=args.seed, domain=domain, domain_only=args.domain_only,
+        seed=args.seed, domain=domain, domain_only=args.domain_only, effort=args.effort,
     )
     elapsed = time.perf_counter() - t0
     if args.json_path == "-":

@@ -1,15 +1,17 @@
 """Work budgets that keep default runs fast and deterministic: the lower-bound search plan scaled to the model's
-multiply-adds, and the flop cap of the dense chain methods (skipped with the reason under ``method="auto"``, run
-when named)."""
+multiply-adds, the flop cap of the dense chain methods (skipped with the reason under ``method="auto"``, run
+when named), and the per-analysis work budgets of the dense chain methods, affine folding's materialised maps and
+SeqLip's dense work (served cheapest first, scaled by ``effort``, lifted by naming the methods)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
 import lipgraph
 from lipgraph import ir
-from lipgraph.bounds import chain_mats
+from lipgraph.bounds import affine, chain_mats, chain_sdp, combettes_pesquet, eclipse_fast, seqlip
 from lipgraph.bounds.lower import (
     DEFAULT_SEARCH,
     MINIMAL_RATIO,
@@ -21,6 +23,7 @@ from lipgraph.bounds.lower import (
     search_passes,
     search_plan,
 )
+from lipgraph.errors import LipgraphError
 
 
 def test_model_macs_counts_linear_and_conv_work() -> None:
@@ -39,9 +42,9 @@ def test_search_plan_scales_down_and_honours_an_explicit_budget() -> None:
     assert mid["restarts"] == 4 and mid["ascent_steps"] == DEFAULT_SEARCH["ascent_steps"]
     large = search_plan(SEARCH_WORK / search_passes(SMALLEST_SEARCH) * 2)  # the smallest search is 2x over
     assert large == {"restarts": 1, **{k: v for k, v in SMALLEST_SEARCH.items() if k != "restarts"}}
-    # more than MINIMAL_RATIO times over (vit_b_16 at 224): one 3-step power method
+    # more than MINIMAL_RATIO times over (vit_b_16 at 224): one power step (a jvp, a vjp, a jvp)
     assert search_plan(SEARCH_WORK / search_passes(SMALLEST_SEARCH) * MINIMAL_RATIO * 1.01) == MINIMAL_SEARCH
-    assert search_plan(10 ** 12) == MINIMAL_SEARCH and search_passes(MINIMAL_SEARCH) == 8
+    assert search_plan(10 ** 12) == MINIMAL_SEARCH and search_passes(MINIMAL_SEARCH) == 4
     assert search_plan(10 ** 12, 5) == {**DEFAULT_SEARCH, "restarts": 5}  # the caller asked: as asked
     assert search_plan(10 ** 9) == search_plan(10 ** 9)  # a function of the shape only
     for macs in (10 ** 6, 10 ** 7, 10 ** 8):
@@ -75,3 +78,90 @@ def test_large_chains_skip_the_dense_methods_by_default_and_run_when_named(monke
     named = lipgraph.analyze(model, x, lower=False, method=["eclipse-fast"])
     ran = named.bounds["autolip+eclipse-fast"]
     assert "skipped" not in ran.details and ran.value < rep.bounds["autolip"].value
+
+
+class TwoBranches(nn.Module):
+    """``f(x) + h(x)``: two linear-chain segments, ``f`` narrow (width 8) and ``h`` wide (width 40)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.h = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x) + self.h(x)
+
+
+def _two_branches() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return TwoBranches().eval(), torch.randn(1, 6)
+
+
+def test_chain_methods_share_a_budget_cheapest_segment_first(monkeypatch) -> None:
+    model, x = _two_branches()
+    narrow = eclipse_fast.work([(8, 6), (3, 8)])
+    wide = eclipse_fast.work([(40, 6), (3, 40)])
+    assert 0 < narrow < wide
+    monkeypatch.setattr(chain_mats, "CHAIN_WORK_BUDGET", (narrow + wide) / 2)  # room for the narrow one only
+    runs = [lipgraph.analyze(model, x, lower=False, method="auto") for _ in range(2)]
+    res = runs[0].bounds["autolip+eclipse-fast"]
+    assert res.details["work"] == narrow
+    [skip] = res.details["skipped"]
+    assert "would pass the analysis's budget" in skip and "segment h_0" in skip
+    assert runs[1].bounds["autolip+eclipse-fast"].value == res.value  # counted, not timed: the same choice
+    # effort scales the budget; naming the method or effort=inf lifts it, and then both segments give relations
+    assert "skipped" not in lipgraph.analyze(model, x, lower=False, effort=2.0).bounds["autolip+eclipse-fast"].details
+    named = lipgraph.analyze(model, x, lower=False, method=["eclipse-fast"]).bounds["autolip+eclipse-fast"]
+    lifted = lipgraph.analyze(model, x, lower=False, effort=float("inf")).bounds["autolip+eclipse-fast"]
+    assert named.value == lifted.value < res.value
+
+
+def test_work_estimates_follow_each_method_s_scheme() -> None:
+    shapes = [(50, 784), (10, 50)]  # the LipSDP MNIST network: its whole LMI (50 + 50 rows)
+    assert chain_sdp.work(shapes) == chain_sdp.WORK_NEWTON * 100 ** 3
+    assert combettes_pesquet.work(shapes) < eclipse_fast.work(shapes)
+    wide = [(2000, 2000), (2000, 2000), (10, 2000)]  # one-activation windows of 4000 rows: refused, no solve
+    assert chain_sdp.work(wide) == 0.0
+    budgeted = [(768, 768), (768, 768)]  # 768 + 768 rows > MAX_WINDOW_LMI: the 8-step layer-wise scheme
+    assert chain_sdp.work(budgeted) == chain_sdp.BUDGET_NEWTON * 1536 ** 3
+    assert chain_sdp.work([(1536, 1536), (384, 1536)]) == 0.0  # 3072 rows > MAX_BUDGET_WINDOW_LMI: refused
+
+
+def test_affine_materialisations_past_the_budget_are_folded(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 2, 6, 6)
+    full = lipgraph.analyze(model, x, lower=False)
+    assert "folded_over_budget" not in full.bounds["autolip+affine"].details
+    monkeypatch.setattr(affine, "AFFINE_WORK_BUDGET", 0.0)
+    cut = lipgraph.analyze(model, x, lower=False)
+    aff = cut.bounds["autolip+affine"]
+    assert "partial maps were folded, not materialised" in aff.details["folded_over_budget"]
+    assert aff.details["materialise_work"] == 0.0
+    assert aff.value > full.bounds["autolip+affine"].value  # the exact map's norm is tighter than folding
+    assert lipgraph.analyze(model, x, lower=False, method=["affine"]).bounds["autolip+affine"].value == \
+        full.bounds["autolip+affine"].value
+
+
+def test_seqlip_segments_past_the_dense_budget_keep_autolip(monkeypatch) -> None:
+    model, x = _two_branches()
+    g = lipgraph.trace(model, x)
+    works = sorted(seqlip.dense_work(g, seg) for seg in seqlip.find_segments(g))
+    assert works[0] > 0
+    monkeypatch.setattr(seqlip, "DENSE_WORK", works[0])  # the cheapest segment only
+    rep = lipgraph.analyze(model, x, lower=False)
+    skipped = [s for s in rep.segments if s["method"].startswith("skipped: its dense work")]
+    assert len(skipped) == len(works) - 1 and skipped[0]["seqlip"] == skipped[0]["autolip"]
+    lifted = lipgraph.analyze(model, x, lower=False, effort=float("inf"))
+    assert not any(s["method"].startswith("skipped") for s in lifted.segments)
+    assert lifted.bounds["autolip+seqlip"].value <= rep.bounds["autolip+seqlip"].value
+
+
+@pytest.mark.parametrize("effort", [0, -1.0, float("nan"), "2", True])
+def test_effort_must_be_a_positive_number(effort) -> None:
+    model, x = _two_branches()
+    with pytest.raises(LipgraphError, match="effort must be a positive number"):
+        lipgraph.analyze(model, x, lower=False, effort=effort)

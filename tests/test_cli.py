@@ -151,9 +151,11 @@ def test_torchvision_spec(capsys: pytest.CaptureFixture[str], cheap_norms: None)
     ([f"{MODELS / 'small.py'}:Untraceable", "--input-shape", "2,6"],
      [f"small.py:{BRANCH}", "if x.sum() > 0", "torch.where"]),
     ([SMALL, "--input-shape", "1,3,8,8", "--method", "auto", "--device", "cuda:7"], []),
+    ([SMALL, "--input-shape", "1,3,8,8", "--effort", "0"], ["--effort must be a positive number", "not 0.0"]),
+    ([SMALL, "--input-shape", "1,3,8,8", "--effort", "nan"], ["--effort must be a positive number", "nan"]),
 ], ids=["missing-file", "bad-spec", "missing-onnx", "no-attr", "factory-args", "not-module", "import-error",
         "no-package", "bad-shape", "zero-dim", "no-shape", "wrong-shape", "too-many-inputs", "untraceable",
-        "bad-device"])
+        "bad-device", "zero-effort", "nan-effort"])
 def test_bad_input_is_one_line_exit_2(argv: list[str], needles: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     import torch  # noqa: PLC0415
 

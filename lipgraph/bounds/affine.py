@@ -58,6 +58,13 @@ from .relations import AlgorithmResult, Cumulative, Relation, Term, combine
 MATERIALIZE_MAX = 2048
 #: ... and the Jacobian has at most this many entries.
 MATERIALIZE_ENTRIES = 1 << 23
+#: Work budget of the materialised partial maps of one analysis (``method="auto"``), in multiply-adds of their
+#: Gram matrices (:func:`_materialize_work`); the maps are served cheapest first, the others are folded
+#: (route 2 of the module docstring). Counted from shapes, so every run makes the same choices; the ``affine``
+#: record says how many were left. Measured (idle, 2 cores): shufflenet_v2_x0_5 at 64x64 has ~1.6e11 of them
+#: (9 s, 476 alone and 113.6 with SeqLip where folding alone leaves 29387 and 147.9); about 1.6e10 per
+#: second. ``analyze`` with methods named explicitly lifts it (``Settings.extra["affine_work"] = inf``).
+AFFINE_WORK_BUDGET = 3e10
 #: Relative margin (of the region's AutoLip product) for float64 evaluation error of a materialised map.
 EVAL_MARGIN = 1e-7
 _SKIP = ("input", "output", "constant")
@@ -433,6 +440,31 @@ def _pixelwise(n: ir.IRNode, spatial: tuple[int, ...]) -> bool:
     return False
 
 
+def _pixelwise_part(g: nx.DiGraph, members: list[str], entry: str, exit_: str) -> bool:
+    """Whether :func:`_pixelwise_norm` applies: every member a per-pixel map, one of them a conv (without a conv
+    the part is scales and copies, which the other routes bound cheaply: densenet121's ~900 cat-BatchNorm
+    partials, same bound). Shapes only, before any float64 copy."""
+    e_node, x_node = ir.node(g, entry), ir.node(g, exit_)
+    shape = tuple(e_node.out_shape) if isinstance(e_node.out_shape, (tuple, list)) else ()
+    if len(shape) < 3 or shape[0] != 1 or tuple(x_node.out_shape[2:]) != shape[2:]:
+        return False
+    nodes = [ir.node(g, m) for m in members]
+    return any(n.op == "conv" for n in nodes) and all(_pixelwise(n, shape[2:]) for n in nodes)
+
+
+def _materialize_work(g: nx.DiGraph, members: list[str], entry: str, exit_: str) -> float:
+    """Estimated cost of the materialised routes of one partial map (the units of ``AFFINE_WORK_BUDGET``): the
+    Gram matrix of the matrix they certify, ``min(n_in, n_out)^2 max(n_in, n_out)`` multiply-adds (the one-pixel
+    channel map for a per-pixel part); 0 where neither route applies (it returns at once)."""
+    if _pixelwise_part(g, members, entry, exit_):
+        n_in, n_out = ir.node(g, entry).out_shape[1], ir.node(g, exit_).out_shape[1]
+    else:
+        n_in, n_out = _numel(ir.node(g, entry).out_shape), _numel(ir.node(g, exit_).out_shape)
+        if n_in <= 0 or n_out <= 0 or min(n_in, n_out) > MATERIALIZE_MAX or n_in * n_out > MATERIALIZE_ENTRIES:
+            return 0.0
+    return float(min(n_in, n_out) ** 2 * max(n_in, n_out))
+
+
 def _pixelwise_norm(g: nx.DiGraph, members: list[str], entry: str, exit_: str, ctx: Settings) -> float | None:
     """``||J_{entry -> exit}||`` of a region part made of per-pixel maps (:func:`_pixelwise`): ``J = M (x) I_P``
     for the one-pixel channel map ``M`` (channel-major flattening), so ``||J|| = ||M||``, certified by
@@ -441,17 +473,11 @@ def _pixelwise_norm(g: nx.DiGraph, members: list[str], entry: str, exit_: str, c
     read off the float64 responses to the ``c_in`` basis vectors of a one-pixel input (every member acts on one
     pixel alone, so it runs on a 1x1 map: the full map cost ``c_in`` times its conv, 34 GFLOP for a 1024-channel
     entry of densenet121 at 16x16). None when the part is not pixelwise."""
-    e_node, x_node = ir.node(g, entry), ir.node(g, exit_)
-    shape = tuple(e_node.out_shape) if isinstance(e_node.out_shape, (tuple, list)) else ()
-    if len(shape) < 3 or shape[0] != 1 or tuple(x_node.out_shape[2:]) != shape[2:]:
+    if not _pixelwise_part(g, members, entry, exit_):
         return None
+    shape = tuple(ir.node(g, entry).out_shape)
     spatial = shape[2:]
-    nodes = [ir.node(g, m) for m in members]
-    # without a conv the part is scales and copies, which the other routes bound cheaply (densenet121's ~900
-    # cat-BatchNorm partials, same bound); the checks read shapes only, before any float64 copy
-    if not any(n.op == "conv" for n in nodes) or not all(_pixelwise(n, spatial) for n in nodes):
-        return None
-    nodes64 = [ir.as_float64(n) for n in nodes]
+    nodes64 = [ir.as_float64(ir.node(g, m)) for m in members]
     dev = ctx.device
     c_in = shape[1]
     one = (1,) * len(spatial)
@@ -624,6 +650,7 @@ def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings,
     cache: dict = {}
     terms: dict[str, list[Partial]] = {}
     partials: list[Partial] = []
+    tasks = []  # (region, exit, entry, members on the paths entry -> exit, their AutoLip product), graph order
     for reg in regions:
         comp = set(reg.nodes)
         for v in reg.exits:
@@ -635,33 +662,47 @@ def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings,
                 desc = nx.descendants(g, e)
                 path_members = [m for m in members if m in desc and m in comp]
                 auto = _autolip_partial(g, path_members, e, v, local)
-                if auto == 0.0:
-                    continue
-                got = None
-                if materialize:
-                    how = "pixelwise-jacobian"
-                    mat = _pixelwise_norm(g, path_members, e, v, ctx)
-                    if mat is None:
-                        how, mat = "materialised-jacobian", _materialize(g, path_members, e, v, ctx)
-                    if mat is not None:
-                        cert = all(local[m].certified for m in path_members)
-                        got = Partial(e, v, mat + EVAL_MARGIN * auto, cert, how, auto)
-                if got is None:
-                    b, cert, how = _fold_partial(g, reg, path_members, e, v, local, ctx, cache)
-                    got = Partial(e, v, b, cert, how, auto)
-                if got.norm > auto:  # folding never needs to be worse than the product
-                    got = Partial(e, v, auto * (1 + ROUNDING_MARGIN), all(local[m].certified for m in path_members),
-                                  "autolip-in-region", auto)
-                terms.setdefault(v, []).append(got)
-                partials.append(got)
+                if auto != 0.0:
+                    tasks.append((reg, v, e, path_members, auto))
+    budget = ctx.extra.get("affine_work", AFFINE_WORK_BUDGET)
+    costs = [_materialize_work(g, pm, e, v) if materialize else 0.0 for _, v, e, pm, _ in tasks]
+    served, spent = set(), 0.0
+    for i in sorted(range(len(tasks)), key=lambda i: (costs[i], i)):  # cheapest first, then graph order
+        if spent + costs[i] <= budget:
+            served.add(i)
+            spent += costs[i]
+    left = 0
+    for i, (reg, v, e, path_members, auto) in enumerate(tasks):
+        got = None
+        if materialize and i not in served:
+            left += 1
+        if materialize and i in served:
+            how = "pixelwise-jacobian"
+            mat = _pixelwise_norm(g, path_members, e, v, ctx)
+            if mat is None:
+                how, mat = "materialised-jacobian", _materialize(g, path_members, e, v, ctx)
+            if mat is not None:
+                cert = all(local[m].certified for m in path_members)
+                got = Partial(e, v, mat + EVAL_MARGIN * auto, cert, how, auto)
+        if got is None:
+            b, cert, how = _fold_partial(g, reg, path_members, e, v, local, ctx, cache)
+            got = Partial(e, v, b, cert, how, auto)
+        if got.norm > auto:  # folding never needs to be worse than the product
+            got = Partial(e, v, auto * (1 + ROUNDING_MARGIN), all(local[m].certified for m in path_members),
+                          "autolip-in-region", auto)
+        terms.setdefault(v, []).append(got)
+        partials.append(got)
     norms.release_scratch()
     # graph-order AutoLip with the exits' relations, so that folds compound (the combinator's policy:
     # a certified value is never replaced by an uncertified one)
     relations = _relations(terms)
     cum = combine(g, local, relations)
     overrides = {v: cum[v] for v in terms}
-    return AffineResult(regions, partials, overrides, cum, time.perf_counter() - t0,
-                        {"regions": len(regions), "partials": len(partials)})
+    details = {"regions": len(regions), "partials": len(partials), "materialise_work": spent}
+    if left:
+        details["folded_over_budget"] = (f"{left} partial maps were folded, not materialised: their work would "
+                                         f"pass the budget {budget:.2g} (name the method to lift it)")
+    return AffineResult(regions, partials, overrides, cum, time.perf_counter() - t0, details)
 
 
 def _relations(terms: Mapping[str, list[Partial]]) -> list[Relation]:

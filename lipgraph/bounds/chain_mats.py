@@ -121,6 +121,16 @@ def check(mats: list[torch.Tensor], slopes: list[tuple[float, float]]) -> None:
 #: (1.5e11).
 CHAIN_FLOPS = 3e10
 
+#: Work budget of one dense chain method over all the segments of one analysis (``method="auto"``), in the
+#: units of the method's ``work`` estimate (:func:`chain_flops` scaled to the method's measured cost: about
+#: 1e10 units per second on this 2-core machine). Segments are served cheapest first until the next one would
+#: pass the budget; the others are recorded as skipped, with the reason. Counted from shapes, never from
+#: seconds, so every run makes the same choices. Measured (idle, 2 cores) on shufflenet_v2_x0_5 at 64x64, whose
+#: 14 affordable one-activation segments cost LipSDP 25 s, ECLipsE-Fast 12 s, Combettes-Pesquet 5 s: the bound
+#: went from 76.5 in 67 s (no budget) to the value in README.md's zoo table. ``analyze`` with methods named
+#: explicitly lifts it (``Settings.extra["chain_work"] = inf``), like ``CHAIN_FLOPS``.
+CHAIN_WORK_BUDGET = 3e9
+
 
 def chain_flops(shapes: Sequence[tuple[int, int]]) -> float:
     """``sum (n_in^3 + n_in^2 n_out + n_out^3)`` over the chain's matrix shapes ``(n_out, n_in)``: the order of
@@ -141,17 +151,33 @@ def segment_shapes(g: nx.DiGraph, seg: Segment) -> list[tuple[int, int]]:
 
 
 def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor], list[Any]], ChainValue],
-                 max_dense: int = MAX_DENSE, settings: Settings | None = None) -> AlgorithmResult:
+                 max_dense: int = MAX_DENSE, settings: Settings | None = None,
+                 work: Callable[[list[tuple[int, int]]], float] = chain_flops) -> AlgorithmResult:
     """One relation ``L(seg.last) <= bound(chain) * L(seg.entry)`` per segment (the relation contract of
     :mod:`lipgraph.bounds.relations`); segments too large to materialise or whose bound fails are
     recorded and give no relation. With ``settings.neuron_slopes`` (a domain pass; pass ``settings`` only
     to a ``bound`` that takes per-neuron intervals), an activation run that has them enters ``bound`` as
     the tensors ``(lo, hi)`` of :func:`~lipgraph.bounds.chains.neuron_interval` instead of its global
-    interval: the relation then holds on the domain only (its label says ``local segment``)."""
+    interval: the relation then holds on the domain only (its label says ``local segment``).
+
+    ``work(shapes)`` estimates the method's cost on a segment; the segments share ``CHAIN_WORK_BUDGET``
+    (``settings.extra["chain_work"]``), cheapest first."""
     t0 = time.perf_counter()
     res = AlgorithmResult()
-    cap = settings.extra.get("chain_flops", CHAIN_FLOPS) if settings is not None else CHAIN_FLOPS
-    for seg in find_segments(g):
+    extra = settings.extra if settings is not None else {}
+    cap = extra.get("chain_flops", CHAIN_FLOPS)
+    budget = extra.get("chain_work", CHAIN_WORK_BUDGET)
+    segments = find_segments(g)
+    shapes = [segment_shapes(g, seg) for seg in segments]
+    costs = [work(sh) if seg.activations and chain_flops(sh) <= cap else 0.0
+             for seg, sh in zip(segments, shapes, strict=True)]
+    served, spent = set(), 0.0
+    for i in sorted(range(len(segments)), key=lambda i: (costs[i], i)):  # cheapest first, then graph order
+        if spent + costs[i] <= budget:
+            served.add(i)
+            spent += costs[i]
+    res.details["work"] = spent
+    for i, seg in enumerate(segments):
         label = f"segment {seg.nodes[0]}..{seg.last}"
         rec: dict[str, Any] = {"nodes": list(seg.nodes), "entry": seg.entry, "label": label,
                                "slopes": [[float(a), float(b)] for a, b in seg.slopes]}
@@ -161,11 +187,19 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
                        "affine folding and the per-node constants)", seconds=0.0)
             res.records.append(rec)
             continue
-        cost = chain_flops(segment_shapes(g, seg))  # from the shapes: nothing is materialised past the cap
+        cost = chain_flops(shapes[i])  # from the shapes: nothing is materialised past the cap
         if cost > cap:
             rec.update(value=None, certified=False,
                        method=f"skipped: about {cost:.2g} flops exceed the default budget {cap:.2g} "
                               "(name the method to run it anyway)", seconds=time.perf_counter() - t1)
+            res.records.append(rec)
+            res.details.setdefault("skipped", []).append(f"{label}: {rec['method']}")
+            continue
+        if i not in served:
+            rec.update(value=None, certified=False,
+                       method=f"skipped: its work {costs[i]:.2g} would pass the analysis's budget {budget:.2g} for "
+                              "this method, spent on cheaper segments (name the method to run it anyway)",
+                       seconds=time.perf_counter() - t1)
             res.records.append(rec)
             res.details.setdefault("skipped", []).append(f"{label}: {rec['method']}")
             continue
@@ -197,5 +231,6 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
     return res
 
 
-__all__ = ["CHAIN_FLOPS", "ChainMats", "ChainValue", "autolip_chain", "certified_norms", "chain_flops", "check",
-           "drop_dead_neurons", "neuron_boxes", "run_segments", "segment_mats", "segment_shapes"]
+__all__ = ["CHAIN_FLOPS", "CHAIN_WORK_BUDGET", "ChainMats", "ChainValue", "autolip_chain", "certified_norms",
+           "chain_flops", "check", "drop_dead_neurons", "neuron_boxes", "run_segments", "segment_mats",
+           "segment_shapes"]

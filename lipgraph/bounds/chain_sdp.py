@@ -597,12 +597,39 @@ def _segment_bound(mats: list[torch.Tensor], slopes: Slopes) -> ChainValue:
     return cv
 
 
+#: Newton steps a solve to convergence is charged for in :func:`work` (they stop at ``GAP``; ``MAX_NEWTON`` is
+#: the cap). With one unit per ``rows^3`` of each step, shufflenet_v2_x0_5's whole 768-row LMIs (idle, 2 cores:
+#: 2.7-4.4 s each) and its budgeted 1536-row windows (8 steps, 2.0 s each) come out near 1e10 units per second.
+WORK_NEWTON = 60
+
+
+def work(shapes: Sequence[tuple[int, int]]) -> float:
+    """Estimated cost of :func:`_segment_bound` on a chain of these ``(out, in)`` matrix shapes, in the units of
+    ``CHAIN_WORK_BUDGET``: Newton steps times the cube of the LMI's rows, following the same choice of scheme
+    (whole LMI, windows, or the budgeted layer-wise one); ``inf`` where it would refuse the chain."""
+    widths = [n_out for n_out, _ in shapes[:-1]]
+    if not widths:
+        return 0.0
+    n_in = min(shapes[0])
+    neurons = sum(widths)
+    rows = [a + b for a, b in zip([n_in, *widths[:-1]], widths, strict=True)]
+    if neurons <= MAX_NEURONS and max(rows) <= MAX_WINDOW_LMI:
+        if n_in + neurons <= MAX_LMI and len(widths) <= MAX_WHOLE_ACTIVATIONS:
+            return float(WORK_NEWTON * (n_in + neurons) ** 3)
+        window = max(1, (WINDOW_LMI - max(widths)) // max(widths))
+        solves = max(1, math.ceil(len(widths) / max(1, (window + 1) // 2)))
+        return float(WORK_NEWTON * solves * (n_in + window * max(widths)) ** 3)
+    if neurons > MAX_BUDGET_NEURONS or max(rows) > MAX_BUDGET_WINDOW_LMI:
+        return 0.0  # refused at once (no solve)
+    return float(BUDGET_NEWTON * sum(r ** 3 for r in rows))
+
+
 def run(graph: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
     """One relation ``L(last) <= LipSDP(segment) * L(entry)`` per linear-chain segment; on a domain
     (``settings.neuron_slopes``) each neuron's multiplier constraint uses its own slope interval there
     (ECLipsE-Gen-Local's idea: a provably active or dead neuron has a point interval)."""
-    return run_segments(graph, SOURCE, _segment_bound, settings=settings)
+    return run_segments(graph, SOURCE, _segment_bound, settings=settings, work=work)
 
 
 __all__ = ["SOURCE", "ForwardCertificate", "LMISolution", "certify_multipliers", "eclipse_chain", "lipsdp_bound",
-           "lipsdp_chain", "run", "solve_chain_lmi"]
+           "lipsdp_chain", "run", "solve_chain_lmi", "work"]

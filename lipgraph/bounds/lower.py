@@ -35,13 +35,16 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 #: The default search's work per restart: ``(ascent_steps + 1)`` Jacobian evaluations of ``power_iters``
 #: jvp/vjp pairs and a gradient, plus ``secant_steps`` forward/backward pairs (model passes).
 DEFAULT_SEARCH = {"restarts": 8, "ascent_steps": 10, "power_iters": 20, "secant_steps": 30}
-#: The smallest search a scaled plan keeps (one restart of 3 Jacobian evaluations and 10 secant steps).
-SMALLEST_SEARCH = {"restarts": 1, "ascent_steps": 2, "power_iters": 5, "secant_steps": 10}
+#: The smallest search a scaled plan keeps (one restart of 2 Jacobian evaluations and 5 secant steps, 34 passes).
+#: Measured (idle, 2 cores, seed 0, 64x64): on vgg11 and resnet50 the old floor (3 evaluations, 10 secant steps,
+#: 56 passes) found 0.098928 in 5.1 s and 13.043 in 1.9 s; this one the same values in 2.9 s and 1.3 s.
+SMALLEST_SEARCH = {"restarts": 1, "ascent_steps": 1, "power_iters": 5, "secant_steps": 5}
 #: Models on which even :data:`SMALLEST_SEARCH` costs more than ``MINIMAL_RATIO`` times :data:`SEARCH_WORK` get
-#: this one: a 3-step power method at one point (8 passes). At 224x224 the smallest search was 56 passes of
-#: 0.84 s on vit_b_16 (47 of its 52 s, idle 2-core machine) and of 0.55 s on swin_t (31 of 32 s), whose bounds
-#: are ``inf``: the attained value is all such a run reports, and one Jacobian estimate is an attained value too.
-MINIMAL_SEARCH = {"restarts": 1, "ascent_steps": 0, "power_iters": 3, "secant_steps": 0}
+#: this one: one power step at one point (a jvp, a vjp, a jvp: 4 passes). At 224x224 the smallest search was 56
+#: passes of 0.84 s on vit_b_16 (47 of its 52 s, idle 2-core machine) and of 0.55 s on swin_t (31 of 32 s), whose
+#: bounds are ``inf``: the attained value is all such a run reports, and one Jacobian estimate is an attained value
+#: too. Three power steps (8 passes) took 8.5 s on vit_b_16 (2.598), one 6.7 s (1.948); maxvit_t 10.8 and 7.6 s.
+MINIMAL_SEARCH = {"restarts": 1, "ascent_steps": 0, "power_iters": 1, "secant_steps": 0}
 MINIMAL_RATIO = 10.0
 #: Work the default search may spend, in multiply-adds summed over model passes (``passes x model_macs``):
 #: AlexNet at 64x64 (9.8e7 multiply-adds a pass) ran the full 4176-pass search in 158 s on one loaded core,
@@ -143,9 +146,11 @@ def jacobian_norm(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, it
         v = torch.randn_like(z)
     v = v / v.norm()
     sigma = 0.0
+    pull = None  # the reverse pass at z, made once (z does not move here): one forward pass, not one per step
     for _ in range(iters):
         _, jv = jvp(g, (z,), (v,))
-        _, pull = vjp(g, z)
+        if pull is None:
+            _, pull = vjp(g, z)
         (w,) = pull(jv)
         wn = w.norm()
         if wn == 0:

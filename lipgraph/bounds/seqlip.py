@@ -51,6 +51,7 @@ from typing import Any
 import networkx as nx
 import torch
 
+from .. import ir
 from ..core import ROUNDING_MARGIN
 from ..ops import LocalConstant, Settings
 from .chains import (
@@ -88,6 +89,13 @@ DOMAIN_INNER_NODES = INNER_NODES // 4
 #: per-node constants and the other algorithms' relations still bound the segment.
 DOMAIN_MAX_UNSTABLE = 64
 DOMAIN_TOTAL_NODES = TOTAL_NODES // 10
+#: Dense work of one ``analyze`` pass (``method="auto"``) in multiply-adds of its segments' SVDs (``m n min(m, n)``
+#: per group matrix, :func:`dense_work`): the segments are served cheapest first, the others keep AutoLip and are
+#: recorded as skipped. Counted from shapes, never timed. Measured (idle, 2 cores): inception_v3 at 80x80 has
+#: 51 segments whose SVDs of 1152-1728-wide groups took 16-26 s (a few branch-and-bound nodes each, the nodes'
+#: budget far from spent); shufflenet_v2_x0_5 at 64x64 8.4 s. ``analyze`` with methods named explicitly lifts it
+#: (``Settings.extra["seqlip_work"] = inf``).
+DENSE_WORK = 6e10
 #: Work of the inner maximisations of an ``analyze`` pass, in units of ``(p + q)^3`` per node (the eigenvalue
 #: solve of a node's ``(p + q)``-square quadratic bound, which dominates a node's cost): ``INNER_NODES`` nodes of
 #: the LipSDP MNIST network's inner problem (``p + q = 60``), so that network keeps its full, exact search. A
@@ -863,7 +871,23 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
         max_nodes = min(max_nodes, DOMAIN_INNER_NODES)
         total_nodes = min(total_nodes, DOMAIN_TOTAL_NODES)
     work = WorkBudget(total_nodes)
-    for seg in find_segments(g):
+    segments = find_segments(g)
+    dense_budget = settings.extra.get("seqlip_work", DENSE_WORK) if settings is not None else DENSE_WORK
+    costs = [dense_work(g, seg, max_dense) for seg in segments]
+    served, spent = set(), 0.0
+    for i in sorted(range(len(segments)), key=lambda i: (costs[i], i)):  # cheapest first, then graph order
+        if spent + costs[i] <= dense_budget:
+            served.add(i)
+            spent += costs[i]
+    for i, seg in enumerate(segments):
+        if i not in served:
+            auto, _ = _members_autolip(g, seg, local)
+            records.append({"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
+                            "method": f"skipped: its dense work {costs[i]:.2g} would pass the pass's budget "
+                                      f"{dense_budget:.2g}, spent on cheaper segments; AutoLip kept (name the "
+                                      "method to run it anyway)",
+                            "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
+            continue
         unstable = _most_unstable(seg, settings)
         if unstable > DOMAIN_MAX_UNSTABLE:
             auto, _ = _members_autolip(g, seg, local)
@@ -893,7 +917,30 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     used = sum(1 for r in records if r["certified"])
     return AlgorithmResult(relations, records, time.perf_counter() - t0,
                            {"segments": len(records), "certified_segments": used,
-                            "nodes": total_nodes - work.left})
+                            "nodes": total_nodes - work.left, "dense_work": spent})
+
+
+def dense_work(g: nx.DiGraph, seg: Segment, max_dense: int = BOUND_MAX_DENSE) -> float:
+    """Estimated work of SeqLip on ``seg`` from the IR's shapes, in the units of ``DENSE_WORK``: the SVD of each
+    group matrix, ``m n min(m, n)`` multiply-adds (a group with a side larger than ``max_dense`` is not
+    materialised and costs 0), and for each inner maximum between two materialised groups that gets more than
+    its root bound (``p q n <= WIDE_INNER_WORK``) its node budget times ``(p + q)^3 / 4`` (one eigenvalue solve
+    of a node's quadratic bound, about a quarter of a multiply-add's cost per unit: shufflenet_v2_x0_5's 384-wide
+    inner maxima, 64 nodes, 1.0 s each; inception_v3's 448-wide ones 1.2 s)."""
+    dims = [ir.numel(ir.node(g, seg.entry).out_shape)]
+    for grp in seg.groups:
+        dims.append(ir.numel(ir.node(g, grp[-1]).out_shape))
+    dense = [0 < a <= max_dense and 0 < b <= max_dense for a, b in zip(dims[:-1], dims[1:], strict=True)]
+    total = 0.0
+    for i, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        if dense[i]:
+            total += float(n_in * n_out * min(n_in, n_out))
+        if i + 1 < len(dense) and dense[i] and dense[i + 1]:  # the activation between groups i and i + 1
+            q, n, p = min(dims[i], n_out), n_out, min(n_out, dims[i + 2])
+            if p * q * n <= WIDE_INNER_WORK:
+                nodes = max(MIN_INNER_NODES, min(INNER_NODES, INNER_WORK // max((p + q) ** 3, 1)))
+                total += nodes * (p + q) ** 3 / 4
+    return total
 
 
 def _most_unstable(seg: Segment, settings: Settings | None) -> int:
@@ -919,7 +966,7 @@ def bound(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings 
 
 
 __all__ = [
-    "ChainBound", "InnerMax", "WorkBudget", "bound", "run",
+    "DENSE_WORK", "ChainBound", "InnerMax", "WorkBudget", "bound", "dense_work", "run",
     "branch_and_bound", "enumerate_max", "greedy_max", "inner_factors",
     "inner_max", "segment_bound", "seqlip_chain", "seqlip_estimate", "seqlip_lower_chain", "spectral_norms",
 ]
