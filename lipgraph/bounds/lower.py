@@ -45,7 +45,9 @@ SMALLEST_SEARCH = {"restarts": 1, "ascent_steps": 1, "power_iters": 5, "secant_s
 #: bounds are ``inf``: the attained value is all such a run reports, and one Jacobian estimate is an attained value
 #: too. Three power steps (8 passes) took 8.5 s on vit_b_16 (2.598), one 6.7 s (1.948); maxvit_t 10.8 and 7.6 s.
 MINIMAL_SEARCH = {"restarts": 1, "ascent_steps": 0, "power_iters": 1, "secant_steps": 0}
-MINIMAL_RATIO = 10.0
+#: (5 with the 34-pass floor, 10 with the old 56-pass one: the same line, a smallest search of about 7.5e10
+#: multiply-adds. At 10, swin_t at 224 (3.0e9 a pass) ran the floor's 34 passes, 15.9 s instead of 2.8 s.)
+MINIMAL_RATIO = 5.0
 #: Work the default search may spend, in multiply-adds summed over model passes (``passes x model_macs``):
 #: AlexNet at 64x64 (9.8e7 multiply-adds a pass) ran the full 4176-pass search in 158 s on one loaded core,
 #: 38 ms a pass; 1.5e10 is about 160 of its passes, ~6 s. The MNIST and digits networks (<= 1e6 multiply-adds)

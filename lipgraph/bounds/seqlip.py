@@ -89,13 +89,14 @@ DOMAIN_INNER_NODES = INNER_NODES // 4
 #: per-node constants and the other algorithms' relations still bound the segment.
 DOMAIN_MAX_UNSTABLE = 64
 DOMAIN_TOTAL_NODES = TOTAL_NODES // 10
-#: Dense work of one ``analyze`` pass (``method="auto"``) in multiply-adds of its segments' SVDs (``m n min(m, n)``
-#: per group matrix, :func:`dense_work`): the segments are served cheapest first, the others keep AutoLip and are
-#: recorded as skipped. Counted from shapes, never timed. Measured (idle, 2 cores): inception_v3 at 80x80 has
-#: 51 segments whose SVDs of 1152-1728-wide groups took 16-26 s (a few branch-and-bound nodes each, the nodes'
-#: budget far from spent); shufflenet_v2_x0_5 at 64x64 8.4 s. ``analyze`` with methods named explicitly lifts it
-#: (``Settings.extra["seqlip_work"] = inf``).
-DENSE_WORK = 6e10
+#: Work of one ``analyze`` pass (``method="auto"``) as :func:`dense_work` estimates it from shapes (the segments'
+#: SVDs and inner node budgets): the segments are served cheapest first, the others keep AutoLip and are
+#: recorded as skipped. Counted, never timed. Measured (idle, 2 cores; about 1.6e10 a second): inception_v3 at
+#: 80x80 has 2.1e11 of it (51 segments with SVDs of 1152-1728-wide groups, 13 s for 923.0 alone),
+#: shufflenet_v2_x0_5 at 64x64 9.2e10 (5.1 s for 147.9 alone, every segment served), resnet18 4.5e10 (3.2 s).
+#: ``analyze`` with methods named explicitly lifts it (``Settings.extra["seqlip_work"] = inf``); ``effort``
+#: scales it.
+DENSE_WORK = 9.5e10
 #: Work of the inner maximisations of an ``analyze`` pass, in units of ``(p + q)^3`` per node (the eigenvalue
 #: solve of a node's ``(p + q)``-square quadratic bound, which dominates a node's cost): ``INNER_NODES`` nodes of
 #: the LipSDP MNIST network's inner problem (``p + q = 60``), so that network keeps its full, exact search. A
@@ -107,8 +108,12 @@ MIN_INNER_NODES = 64
 #: Inner problems ``A diag(d) B`` with ``rows(A) * cols(B) * min(rows, cols)`` above this get only the root
 #: bound of the branch and bound (one node, certified): on the width-1000 random chain of the chain benchmark
 #: one node costs 0.8 s (1 thread) and 1, 10 and 30 nodes all gave the root's 2.4293, so the pass budget would
-#: buy hours and nothing else. 512^3: every chain of the benchmark up to width 256 keeps its full search.
-WIDE_INNER_WORK = 512**3
+#: buy hours and nothing else. At 512^3 shufflenet_v2_x0_5's three 384-wide inner problems (384^3) and
+#: inception_v3's two 448-wide ones at 64x64 / 80x80 each spent 64 nodes and 1.1 s to end at their root's bound
+#: (0.48191, 0.58233, 0.49238; 0.28766, 0.26917: equal), so 320^3: every chain of the benchmark up to width 256
+#: and the digits CNN (``p + q = 320``) keep their full search; SeqLip on the two models 9.3 s -> 5.1 s and
+#: 16.1 s -> 13.0 s, the same bounds (147.93, 923.02).
+WIDE_INNER_WORK = 320**3
 #: Branch and bound tries a heuristic completion of a new node's free slopes (a lower bound) at every this
 #: many explored nodes. On the LipSDP MNIST network's inner maximum a completion at every node improved the
 #: best pattern 9 times in 14,327 tries and took a fifth of the search; every 16th node finds the same
@@ -923,8 +928,9 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
 def dense_work(g: nx.DiGraph, seg: Segment, max_dense: int = BOUND_MAX_DENSE) -> float:
     """Estimated work of SeqLip on ``seg`` from the IR's shapes, in the units of ``DENSE_WORK``: the SVD of each
     group matrix, ``m n min(m, n)`` multiply-adds (a group with a side larger than ``max_dense`` is not
-    materialised and costs 0), and for each inner maximum between two materialised groups that gets more than
-    its root bound (``p q n <= WIDE_INNER_WORK``) its node budget times ``(p + q)^3 / 4`` (one eigenvalue solve
+    materialised and costs 0), for each inner maximum between two materialised groups its root's product and norm
+    (``p n q + min(p, q)^2 max(p, q)``) and, when it gets more than its root bound
+    (``p q min(p, q) <= WIDE_INNER_WORK``), its node budget times ``(p + q)^3 / 4`` (one eigenvalue solve
     of a node's quadratic bound, about a quarter of a multiply-add's cost per unit: shufflenet_v2_x0_5's 384-wide
     inner maxima, 64 nodes, 1.0 s each; inception_v3's 448-wide ones 1.2 s)."""
     dims = [ir.numel(ir.node(g, seg.entry).out_shape)]
@@ -937,7 +943,8 @@ def dense_work(g: nx.DiGraph, seg: Segment, max_dense: int = BOUND_MAX_DENSE) ->
             total += float(n_in * n_out * min(n_in, n_out))
         if i + 1 < len(dense) and dense[i] and dense[i + 1]:  # the activation between groups i and i + 1
             q, n, p = min(dims[i], n_out), n_out, min(n_out, dims[i + 2])
-            if p * q * n <= WIDE_INNER_WORK:
+            total += float(p * n * q + min(p, q) ** 2 * max(p, q))  # the root's product and its norm
+            if p * q * min(p, q) <= WIDE_INNER_WORK:
                 nodes = max(MIN_INNER_NODES, min(INNER_NODES, INNER_WORK // max((p + q) ** 3, 1)))
                 total += nodes * (p + q) ** 3 / 4
     return total
