@@ -3,6 +3,7 @@
     python bench/bench_zoo.py                         # all models, 1x3x64x64 (224 where required)
     python bench/bench_zoo.py --size 224 --models resnet18,vgg11
     python bench/bench_zoo.py --device cuda           # when torch.cuda.is_available()
+    python bench/bench_zoo.py --models shufflenet_v2_x0_5 --effort 4   # four times the refinements' budgets
     python bench/bench_zoo.py --cheap-norms --method autolip --power-iterations 2   # as tests/test_zoo.py
 
 Each row is printed as soon as the model is done and the table is written to
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--power-iterations", type=int, default=100)
+    p.add_argument("--effort", type=float, default=1.0, help="analyze(effort=...): scale the refinements' budgets")
     p.add_argument("--method", default="auto", choices=["auto", "autolip", "seqlip"])
     p.add_argument("--no-lower", action="store_true", help="skip the attained lower bound (lower=False)")
     p.add_argument("--repeat", action="store_true", help="analyse twice; the 'same' column says if bounds match")
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads), device {args.device}, "
         f"{datetime.datetime.now():%Y-%m-%d %H:%M}\n"
         f"# analyze(model, x, method={args.method!r}, lower={not args.no_lower}, "
-        f"power_iterations={args.power_iterations}, "
+        f"power_iterations={args.power_iterations}, effort={args.effort}, "
         f"device={args.device!r}); "
         f"norms: {'power-method estimates (--cheap-norms)' if args.cheap_norms else 'default (certified)'}; "
         f"input 1x3xSxS, S = max({args.size}, model minimum); weights=None, seed 0 (vit_b_16: random head)\n"
@@ -157,7 +159,7 @@ def _row(name: str, side: int, args: argparse.Namespace) -> str:
     t_trace = time.perf_counter() - t0
     t0 = time.perf_counter()
     kw = {"method": args.method, "lower": not args.no_lower, "power_iterations": args.power_iterations,
-          "device": args.device}
+          "device": args.device, "effort": args.effort}
     r = lipgraph.analyze(model, x, **kw)
     t_analyze = time.perf_counter() - t0
     same = "-"

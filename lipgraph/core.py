@@ -79,6 +79,18 @@ def l2_sum(values: Any) -> float:
     return math.hypot(*values)
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every float, at any depth of dicts, lists and tuples, made strict JSON by :func:`json_float`
+    (the free-form ``details`` and ``segments`` of a report hold budgets and AutoLip values that may be ``inf``)."""
+    if isinstance(obj, float):
+        return json_float(obj)
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def json_float(x: float | None) -> float | str | None:
     """A float for strict JSON: non-finite values become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
     if x is None:
@@ -131,7 +143,7 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-__all__ = ["INF", "ROUNDING_MARGIN", "Settings", "Status", "format_number", "json_float"]
+__all__ = ["INF", "ROUNDING_MARGIN", "Settings", "Status", "format_number", "json_float", "strict_json"]
 
 
 def training_modes(model: Any) -> list[tuple[Any, bool]]:

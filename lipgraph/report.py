@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .core import format_number, json_float, round_outward
+from .core import format_number, json_float, round_outward, strict_json
 
 SCHEMA = "lipgraph.report/1"
 _UNDEFINED = "the computation gave an undefined value; reported as an uncertified inf"
@@ -260,7 +260,8 @@ class Report:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=str)
+        # strict JSON: no Infinity / NaN tokens anywhere, free-form details included
+        return json.dumps(strict_json(self.to_dict()), indent=indent, default=str, allow_nan=False)
 
     def summary(self) -> str:
         """Totals as a few readable lines."""

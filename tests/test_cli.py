@@ -112,6 +112,24 @@ def test_file_spec_writes_valid_json(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "Lipschitz constant in" in stdout
 
 
+def test_effort_reaches_the_analysis(capsys: pytest.CaptureFixture[str]) -> None:
+    # effort=inf lifts the work budgets, as naming the methods does: the same bounds as --method with every default
+    rc, out_inf, _ = run(capsys, SMALL, "--input-shape", "1,3,8,8", "--effort", "inf", "--json", "-", *FAST)
+    assert rc == 0
+    rc, out_auto, _ = run(capsys, SMALL, "--input-shape", "1,3,8,8", "--json", "-", *FAST)
+    assert rc == 0
+    def no_constants(token: str) -> None:
+        raise AssertionError(f"{token} in the JSON: not strict JSON")
+
+    # every inf budget is the string "inf" (the report's details are free-form: each float is made strict)
+    lifted, default = (json.loads(o, parse_constant=no_constants) for o in (out_inf, out_auto))
+    assert lifted["upper"] <= default["upper"]
+    for key, budget in [("autolip+eclipse-fast", "budget"), ("autolip+affine", "materialise_budget"),
+                        ("autolip+seqlip", "dense_budget")]:  # each report says what it was allowed
+        assert isinstance(default["bounds"][key]["details"][budget], float)
+        assert lifted["bounds"][key]["details"][budget] == "inf"
+
+
 def test_json_to_stdout_with_inf(capsys: pytest.CaptureFixture[str]) -> None:
     rc, stdout, _ = run(capsys, f"{MODELS / 'small.py'}:WithCumprod", "--input-shape", "2,6", "--json", "-", *FAST)
     assert rc == 0

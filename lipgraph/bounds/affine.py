@@ -698,7 +698,8 @@ def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings,
     relations = _relations(terms)
     cum = combine(g, local, relations)
     overrides = {v: cum[v] for v in terms}
-    details = {"regions": len(regions), "partials": len(partials), "materialise_work": spent}
+    details = {"regions": len(regions), "partials": len(partials), "materialise_work": spent,
+               "materialise_budget": budget}
     if left:
         details["folded_over_budget"] = (f"{left} partial maps were folded, not materialised: their work would "
                                          f"pass the budget {budget:.2g} (name the method to lift it)")

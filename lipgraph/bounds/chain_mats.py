@@ -176,7 +176,7 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
         if spent + costs[i] <= budget:
             served.add(i)
             spent += costs[i]
-    res.details["work"] = spent
+    res.details.update(work=spent, budget=budget)  # the reproducibility record: what was spent of what
     for i, seg in enumerate(segments):
         label = f"segment {seg.nodes[0]}..{seg.last}"
         rec: dict[str, Any] = {"nodes": list(seg.nodes), "entry": seg.entry, "label": label,

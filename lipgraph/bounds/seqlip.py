@@ -922,7 +922,7 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     used = sum(1 for r in records if r["certified"])
     return AlgorithmResult(relations, records, time.perf_counter() - t0,
                            {"segments": len(records), "certified_segments": used,
-                            "nodes": total_nodes - work.left, "dense_work": spent})
+                            "nodes": total_nodes - work.left, "dense_work": spent, "dense_budget": dense_budget})
 
 
 def dense_work(g: nx.DiGraph, seg: Segment, max_dense: int = BOUND_MAX_DENSE) -> float:
