@@ -93,9 +93,10 @@ def analyze(
     ``effort`` scales the work budgets of the refinements that ``method="auto"`` runs (SeqLip's dense work,
     :data:`~lipgraph.bounds.seqlip.DENSE_WORK`; affine folding's materialised maps,
     :data:`~lipgraph.bounds.affine.AFFINE_WORK_BUDGET`; the dense chain methods,
-    :data:`~lipgraph.bounds.chain_mats.CHAIN_WORK_BUDGET`): ``effort=4`` spends up to four times as much for a
-    bound at least as tight, ``math.inf`` lifts them, as naming the methods does. Budgets count work from the
-    graph's shapes, never seconds, so every run at the same ``effort`` gives the same numbers.
+    :data:`~lipgraph.bounds.chain_mats.CHAIN_WORK_BUDGET`): ``effort=4`` spends up to four times as much, for a
+    bound that is usually tighter (more segments and maps are served; SeqLip's node budget, shared in graph
+    order, is the one thing not scaled), ``math.inf`` lifts them, as naming the methods does. Budgets count
+    work from the graph's shapes, never seconds, so every run at the same ``effort`` gives the same numbers.
     ``progress(stage, done, total)`` is called during long work. ``seed`` fixes every random choice
     (power-method starts, the lower-bound search and its random inputs) without touching the caller's
     global random state.

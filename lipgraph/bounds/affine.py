@@ -62,8 +62,9 @@ MATERIALIZE_ENTRIES = 1 << 23
 #: Gram matrices (:func:`_materialize_work`); the maps are served cheapest first, the others are folded
 #: (route 2 of the module docstring). Counted from shapes, so every run makes the same choices; the ``affine``
 #: record says how many were left. Measured (idle, 2 cores): shufflenet_v2_x0_5 at 64x64 has ~1.6e11 of them
-#: (9 s, 476 alone and 113.6 with SeqLip where folding alone leaves 29387 and 147.9); about 1.6e10 per
-#: second. ``analyze`` with methods named explicitly lifts it (``Settings.extra["affine_work"] = inf``).
+#: (9 s, 476 alone and 113.6 with SeqLip where folding alone leaves 29387 and 147.9; at 3e10, 4.8 s); VGG-11's
+#: one classifier fold (2048 -> 4096, 1.7e10, 1.2 s) gives its 7366 (16020 folded). ``analyze(effort=k)`` scales
+#: it; methods named explicitly lift it (``Settings.extra["affine_work"] = inf``).
 AFFINE_WORK_BUDGET = 3e10
 #: Relative margin (of the region's AutoLip product) for float64 evaluation error of a materialised map.
 EVAL_MARGIN = 1e-7
@@ -702,7 +703,7 @@ def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings,
                "materialise_budget": budget}
     if left:
         details["folded_over_budget"] = (f"{left} partial maps were folded, not materialised: their work would "
-                                         f"pass the budget {budget:.2g} (name the method to lift it)")
+                                         f"pass the budget {budget:.2g} (raise effort, or name the method to lift it)")
     return AffineResult(regions, partials, overrides, cum, time.perf_counter() - t0, details)
 
 
