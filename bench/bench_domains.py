@@ -34,6 +34,18 @@ from bench_zoo import MIN_SIDE, MODELS, build  # noqa: E402
 DOMAINS = ["box 0..1", "linf 1e-2", "linf 1e-3", "l2 1e-2", "l2 1e-3"]
 
 
+def _stage_printer(name: str, t0: float):  # noqa: ANN202 - a progress callback
+    """A progress callback printing each stage once, with the seconds since ``t0`` (long runs: swin_t at 224)."""
+    seen: set[str] = set()
+
+    def show(stage: str, done: int, total: int) -> None:
+        if stage not in seen:
+            seen.add(stage)
+            print(f"  {name}: {time.perf_counter() - t0:8.1f} s  {stage}", file=sys.stderr, flush=True)
+
+    return show
+
+
 def domains_around(x: torch.Tensor) -> list:
     return [Box(0, 1), Ball(x, 1e-2, "linf", clip=(0, 1)), Ball(x, 1e-3, "linf", clip=(0, 1)),
             Ball(x, 1e-2, "l2"), Ball(x, 1e-3, "l2")]
@@ -49,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                         "('all' for every one; it dominates the time on CNNs: ~1 min per domain for resnet18)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "domains.txt"))
     p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
+    p.add_argument("--progress", action="store_true", help="print each analysis stage with its start time (stderr)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
         doms = domains_around(x)
-        reps = lipgraph.analyze(model, x, domain=doms, lower=False)
+        reps = lipgraph.analyze(model, x, domain=doms, lower=False,
+                                progress=_stage_printer(name, t0) if args.progress else None)
         lowers: list[float | None] = []
         for label, d in zip(DOMAINS, doms, strict=True):
             if args.lower_on != "all" and label not in args.lower_on.split(","):
