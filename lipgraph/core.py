@@ -79,6 +79,18 @@ def l2_sum(values: Any) -> float:
     return math.hypot(*values)
 
 
+def serve_cheapest(costs: list[float], budget: float) -> tuple[set[int], float]:
+    """The items a work budget serves, cheapest first (ties in the given order), each while the total stays
+    within ``budget``: ``(their indices, the work they spend)``. A function of the costs only, so every run
+    makes the same choices; the refinements' budgets (SeqLip, affine folding, the chain methods) use it."""
+    served, spent = set(), 0.0
+    for i in sorted(range(len(costs)), key=lambda i: (costs[i], i)):
+        if spent + costs[i] <= budget:
+            served.add(i)
+            spent += costs[i]
+    return served, spent
+
+
 def strict_json(obj: Any) -> Any:
     """``obj`` with every float, at any depth of dicts, lists and tuples, made strict JSON by :func:`json_float`
     (the free-form ``details`` and ``segments`` of a report hold budgets and AutoLip values that may be ``inf``)."""
@@ -143,7 +155,8 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-__all__ = ["INF", "ROUNDING_MARGIN", "Settings", "Status", "format_number", "json_float", "strict_json"]
+__all__ = ["INF", "ROUNDING_MARGIN", "Settings", "Status", "format_number", "json_float", "serve_cheapest",
+           "strict_json"]
 
 
 def training_modes(model: Any) -> list[tuple[Any, bool]]:

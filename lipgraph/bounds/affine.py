@@ -49,7 +49,7 @@ import torch
 from torch.func import jvp, vjp
 
 from .. import ir, norms
-from ..core import ROUNDING_MARGIN, l2_sum
+from ..core import ROUNDING_MARGIN, l2_sum, serve_cheapest
 from ..ops import RULES, LocalConstant, Settings
 from .basis import linear_part_columns
 from .relations import AlgorithmResult, Cumulative, Relation, Term, combine
@@ -309,6 +309,12 @@ def _run_members(g: nx.DiGraph, nodes64: list[ir.IRNode], vals: dict[str, Any], 
     return vals[exit_]
 
 
+def _materializable(n_in: int, n_out: int) -> bool:
+    """Whether :func:`_materialize` forms an ``n_out x n_in`` Jacobian (within ``MATERIALIZE_MAX`` and
+    ``MATERIALIZE_ENTRIES``)."""
+    return n_in > 0 and n_out > 0 and min(n_in, n_out) <= MATERIALIZE_MAX and n_in * n_out <= MATERIALIZE_ENTRIES
+
+
 def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
                  ctx: Settings) -> float | None:
     """Norm of the exact float64 Jacobian of entry -> exit (others fixed), or None when too large."""
@@ -316,7 +322,7 @@ def _materialize(g: nx.DiGraph, members: list[str], entry: str, exit_: str,
     n_in, n_out = _numel(e_node.out_shape), _numel(ir.node(g, exit_).out_shape)
     # sized by the exit as it is (narrowing below makes more maps small enough, but on densenet121 the 300 more
     # it would materialise, each tighter, cost 15 s and left the output bound unchanged)
-    if n_in <= 0 or n_out <= 0 or min(n_in, n_out) > MATERIALIZE_MAX or n_in * n_out > MATERIALIZE_ENTRIES:
+    if not _materializable(n_in, n_out):
         return None
     nodes = _narrowed_at_cat(_live_members([ir.node(g, m) for m in members], entry, exit_), entry, exit_)
     n_out = _numel(next(n for n in nodes if n.name == exit_).out_shape)
@@ -461,7 +467,7 @@ def _materialize_work(g: nx.DiGraph, members: list[str], entry: str, exit_: str)
         n_in, n_out = ir.node(g, entry).out_shape[1], ir.node(g, exit_).out_shape[1]
     else:
         n_in, n_out = _numel(ir.node(g, entry).out_shape), _numel(ir.node(g, exit_).out_shape)
-        if n_in <= 0 or n_out <= 0 or min(n_in, n_out) > MATERIALIZE_MAX or n_in * n_out > MATERIALIZE_ENTRIES:
+        if not _materializable(n_in, n_out):
             return 0.0
     return float(min(n_in, n_out) ** 2 * max(n_in, n_out))
 
@@ -667,16 +673,10 @@ def fold(g: nx.DiGraph, local: Mapping[str, LocalConstant], ctx: Settings,
                     tasks.append((reg, v, e, path_members, auto))
     budget = ctx.extra.get("affine_work", AFFINE_WORK_BUDGET)
     costs = [_materialize_work(g, pm, e, v) if materialize else 0.0 for _, v, e, pm, _ in tasks]
-    served, spent = set(), 0.0
-    for i in sorted(range(len(tasks)), key=lambda i: (costs[i], i)):  # cheapest first, then graph order
-        if spent + costs[i] <= budget:
-            served.add(i)
-            spent += costs[i]
-    left = 0
+    served, spent = serve_cheapest(costs, budget)  # cheapest first, then graph order
+    left = len(tasks) - len(served) if materialize else 0
     for i, (reg, v, e, path_members, auto) in enumerate(tasks):
         got = None
-        if materialize and i not in served:
-            left += 1
         if materialize and i in served:
             how = "pixelwise-jacobian"
             mat = _pixelwise_norm(g, path_members, e, v, ctx)

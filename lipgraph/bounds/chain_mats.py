@@ -24,7 +24,7 @@ import networkx as nx
 import torch
 
 from .. import ir
-from ..core import ROUNDING_MARGIN, Settings
+from ..core import ROUNDING_MARGIN, Settings, serve_cheapest
 from ..norms import dense_norm
 from .chains import MAX_DENSE, Segment, find_segments, group_matrix, neuron_interval
 from .relations import AlgorithmResult, Relation, Term
@@ -171,13 +171,10 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
     budget = extra.get("chain_work", CHAIN_WORK_BUDGET)
     segments = find_segments(g)
     shapes = [segment_shapes(g, seg) for seg in segments]
-    costs = [work(sh) if seg.activations and chain_flops(sh) <= cap else 0.0
-             for seg, sh in zip(segments, shapes, strict=True)]
-    served, spent = set(), 0.0
-    for i in sorted(range(len(segments)), key=lambda i: (costs[i], i)):  # cheapest first, then graph order
-        if spent + costs[i] <= budget:
-            served.add(i)
-            spent += costs[i]
+    flops = [chain_flops(sh) for sh in shapes]  # from the shapes: nothing is materialised past the cap
+    costs = [work(sh) if seg.activations and f <= cap else 0.0
+             for seg, sh, f in zip(segments, shapes, flops, strict=True)]
+    served, spent = serve_cheapest(costs, budget)  # cheapest first, then graph order
     res.details.update(work=spent, budget=budget)  # the reproducibility record: what was spent of what
     for i, seg in enumerate(segments):
         label = f"segment {seg.nodes[0]}..{seg.last}"
@@ -189,7 +186,7 @@ def run_segments(g: nx.DiGraph, source: str, bound: Callable[[list[torch.Tensor]
                        "affine folding and the per-node constants)", seconds=0.0)
             res.records.append(rec)
             continue
-        cost = chain_flops(shapes[i])  # from the shapes: nothing is materialised past the cap
+        cost = flops[i]
         if cost > cap:
             rec.update(value=None, certified=False,
                        method=f"skipped: about {cost:.2g} flops exceed the default budget {cap:.2g} "

@@ -581,10 +581,17 @@ def lipsdp_bound(mats: Sequence[torch.Tensor], slopes: Slopes, **kw) -> float:
     return cv.value if cv.certified else math.inf
 
 
+def _chain_size(shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """``(neurons, rows)`` of a chain of these ``(out, in)`` matrix shapes: its activations' widths summed, and the
+    rows of its largest one-activation window (an input wider than the first layer is reduced to that layer's
+    width): what :func:`_segment_bound` and :func:`work` choose the scheme by."""
+    neurons = sum(n_out for n_out, _ in shapes[:-1])
+    widths = [min(shapes[0])] + [n_out for n_out, _ in shapes[:-1]]
+    return neurons, max((a + b for a, b in zip(widths[:-1], widths[1:], strict=True)), default=0)
+
+
 def _segment_bound(mats: list[torch.Tensor], slopes: Slopes) -> ChainValue:
-    neurons = sum(w.shape[0] for w in mats[:-1])
-    widths = [min(mats[0].shape[1], mats[0].shape[0])] + [w.shape[0] for w in mats[:-1]]
-    single = max((a + b for a, b in zip(widths[:-1], widths[1:], strict=True)), default=0)
+    neurons, single = _chain_size([tuple(w.shape) for w in mats])
     if neurons <= MAX_NEURONS and single <= MAX_WINDOW_LMI:
         return lipsdp_chain(mats, slopes)
     if neurons > MAX_BUDGET_NEURONS:
@@ -606,21 +613,21 @@ WORK_NEWTON = 60
 def work(shapes: Sequence[tuple[int, int]]) -> float:
     """Estimated cost of :func:`_segment_bound` on a chain of these ``(out, in)`` matrix shapes, in the units of
     ``CHAIN_WORK_BUDGET``: Newton steps times the cube of the LMI's rows, following the same choice of scheme
-    (whole LMI, windows, or the budgeted layer-wise one); ``inf`` where it would refuse the chain."""
+    (whole LMI, windows, or the budgeted layer-wise one); 0 where it refuses the chain at once (no solve)."""
     widths = [n_out for n_out, _ in shapes[:-1]]
     if not widths:
         return 0.0
     n_in = min(shapes[0])
-    neurons = sum(widths)
-    rows = [a + b for a, b in zip([n_in, *widths[:-1]], widths, strict=True)]
-    if neurons <= MAX_NEURONS and max(rows) <= MAX_WINDOW_LMI:
+    neurons, single = _chain_size(shapes)
+    if neurons <= MAX_NEURONS and single <= MAX_WINDOW_LMI:
         if n_in + neurons <= MAX_LMI and len(widths) <= MAX_WHOLE_ACTIVATIONS:
             return float(WORK_NEWTON * (n_in + neurons) ** 3)
         window = max(1, (WINDOW_LMI - max(widths)) // max(widths))
         solves = max(1, math.ceil(len(widths) / max(1, (window + 1) // 2)))
         return float(WORK_NEWTON * solves * (n_in + window * max(widths)) ** 3)
-    if neurons > MAX_BUDGET_NEURONS or max(rows) > MAX_BUDGET_WINDOW_LMI:
+    if neurons > MAX_BUDGET_NEURONS or single > MAX_BUDGET_WINDOW_LMI:
         return 0.0  # refused at once (no solve)
+    rows = [a + b for a, b in zip([n_in, *widths[:-1]], widths, strict=True)]
     return float(BUDGET_NEWTON * sum(r ** 3 for r in rows))
 
 

@@ -51,9 +51,9 @@ from typing import Any
 import networkx as nx
 import torch
 
-from .. import ir
-from ..core import ROUNDING_MARGIN
+from ..core import ROUNDING_MARGIN, serve_cheapest
 from ..ops import LocalConstant, Settings
+from .chain_mats import segment_shapes
 from .chains import (
     MAX_DENSE,
     Segment,
@@ -879,41 +879,25 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     segments = find_segments(g)
     dense_budget = settings.extra.get("seqlip_work", DENSE_WORK) if settings is not None else DENSE_WORK
     costs = [dense_work(g, seg, max_dense) for seg in segments]
-    served, spent = set(), 0.0
-    for i in sorted(range(len(segments)), key=lambda i: (costs[i], i)):  # cheapest first, then graph order
-        if spent + costs[i] <= dense_budget:
-            served.add(i)
-            spent += costs[i]
+    served, spent = serve_cheapest(costs, dense_budget)  # cheapest first, then graph order
     for i, seg in enumerate(segments):
+        unstable = _most_unstable(seg, settings) if i in served else 0
+        skip = None
         if i not in served:
-            auto, _ = _members_autolip(g, seg, local)
-            records.append({"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
-                            "method": f"skipped: its dense work {costs[i]:.2g} would pass the pass's budget "
-                                      f"{dense_budget:.2g}, spent on cheaper segments; AutoLip kept (name the "
-                                      "method to run it anyway)",
-                            "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
-            continue
-        unstable = _most_unstable(seg, settings)
-        if unstable > DOMAIN_MAX_UNSTABLE:
-            auto, _ = _members_autolip(g, seg, local)
-            records.append({"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
-                            "method": f"skipped on the domain: {unstable} unstable neurons in one activation run "
-                                      f"(> {DOMAIN_MAX_UNSTABLE}), the domain's AutoLip kept",
-                            "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
-            continue
-        if work.left <= 0:
-            auto, _ = _members_autolip(g, seg, local)
-            records.append({"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
-                            "method": f"skipped: SeqLip work budget ({total_nodes} nodes) spent, AutoLip kept",
-                            "entry": seg.entry, "groups": [list(x) for x in seg.groups]})
+            skip = (f"skipped: its dense work {costs[i]:.2g} would pass the pass's budget {dense_budget:.2g}, spent "
+                    "on cheaper segments; AutoLip kept (raise effort, or name the method to run it anyway)")
+        elif unstable > DOMAIN_MAX_UNSTABLE:
+            skip = (f"skipped on the domain: {unstable} unstable neurons in one activation run "
+                    f"(> {DOMAIN_MAX_UNSTABLE}), the domain's AutoLip kept")
+        elif work.left <= 0:
+            skip = f"skipped: SeqLip work budget ({total_nodes} nodes) spent, AutoLip kept"
+        if skip is not None:
+            records.append(_autolip_kept(g, seg, local, skip))
             continue
         try:
             rec = segment_bound(g, seg, local, max_nodes, max_dense, estimate, work, settings)
         except Exception as exc:  # noqa: BLE001 - a segment SeqLip cannot handle keeps its AutoLip bound
-            auto, _ = _members_autolip(g, seg, local)
-            rec = {"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False,
-                   "method": f"SeqLip failed ({type(exc).__name__}: {exc}); AutoLip kept", "entry": seg.entry,
-                   "groups": [list(x) for x in seg.groups]}
+            rec = _autolip_kept(g, seg, local, f"SeqLip failed ({type(exc).__name__}: {exc}); AutoLip kept")
         records.append(rec)
         if rec["certified"] and rec["seqlip"] < rec["autolip"]:
             where = "local segment" if rec.get("local") else "segment"
@@ -925,6 +909,14 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
                             "nodes": total_nodes - work.left, "dense_work": spent, "dense_budget": dense_budget})
 
 
+def _autolip_kept(g: nx.DiGraph, seg: Segment, local: Mapping[str, LocalConstant], method: str) -> dict[str, Any]:
+    """The record of a segment SeqLip did not bound (skipped or failed): its members' AutoLip, uncertified as a
+    SeqLip value, so it gives no relation; ``method`` says why."""
+    auto, _ = _members_autolip(g, seg, local)
+    return {"nodes": list(seg.nodes), "autolip": auto, "seqlip": auto, "certified": False, "method": method,
+            "entry": seg.entry, "groups": [list(x) for x in seg.groups]}
+
+
 def dense_work(g: nx.DiGraph, seg: Segment, max_dense: int = BOUND_MAX_DENSE) -> float:
     """Estimated work of SeqLip on ``seg`` from the IR's shapes, in the units of ``DENSE_WORK``: the SVD of each
     group matrix, ``m n min(m, n)`` multiply-adds (a group with a side larger than ``max_dense`` is not
@@ -933,9 +925,8 @@ def dense_work(g: nx.DiGraph, seg: Segment, max_dense: int = BOUND_MAX_DENSE) ->
     (``p q min(p, q) <= WIDE_INNER_WORK``), its node budget times ``(p + q)^3 / 4`` (one eigenvalue solve
     of a node's quadratic bound, about a quarter of a multiply-add's cost per unit: shufflenet_v2_x0_5's 384-wide
     inner maxima, 64 nodes, 1.0 s each; inception_v3's 448-wide ones 1.2 s)."""
-    dims = [ir.numel(ir.node(g, seg.entry).out_shape)]
-    for grp in seg.groups:
-        dims.append(ir.numel(ir.node(g, grp[-1]).out_shape))
+    shapes = segment_shapes(g, seg)  # (out, in) of each group
+    dims = [shapes[0][1], *(n_out for n_out, _ in shapes)]
     dense = [0 < a <= max_dense and 0 < b <= max_dense for a, b in zip(dims[:-1], dims[1:], strict=True)]
     total = 0.0
     for i, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
