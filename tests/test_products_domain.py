@@ -309,3 +309,113 @@ def test_attention_block_is_finite_on_a_ball_with_range_rules() -> None:
     for n in lipgraph.ir.nodes(g):
         if n.op == "matmul_var":
             assert all(math.isfinite(p) for p in dc.local[n.name].partials), dc.sources.get(n.name)
+
+
+# --- einsum and torchvision's fx-wrapped Swin functions written out ---------------------------------
+
+_EINSUM_SIZES = {"b": 2, "g": 3, "i": 4, "j": 5, "d": 6, "k": 7}
+
+
+@pytest.mark.parametrize("equation", ["bgid,bgjd->bgij", "bgij,bgjd->bgid", "ij,jk->ik", "bij,bj->bi", "bj,bjk->bk",
+                                      "bi,bj->bij", "bi,bi->b", "ij,j->i", "i,i->", "b i d, b j d -> b i j",
+                                      "jb,bi->ijb", "bij,bjk->bki", "bgi,bgi->gb", "i,j->ij", "ij,ij->ji"])
+def test_einsum_plan_reproduces_torch_einsum(equation) -> None:
+    """Every batched-matrix-product equation, written as permutes and one matmul, equals torch.einsum
+    (float64, independent random operands)."""
+    from lipgraph.frontends.fx_attention import einsum_forward, einsum_plan
+
+    plan = einsum_plan(equation)
+    assert plan is not None
+    lhs = "".join(equation.split()).split("->")[0]
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(*[_EINSUM_SIZES[c] for c in t], generator=gen, dtype=DT) for t in lhs.split(","))
+    expected = torch.einsum(equation, a, b)
+    got = einsum_forward(plan, a, b)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("equation", ["ii,ij->j", "ij,jk,kl->il", "...ij,jk->...ik", "ijk,jkl->il", "ij->ji",
+                                      "ij,kl->ijkl", "ij,jk", "ij,jk->ikk", "ij,jk->iz"])
+def test_einsum_plan_refuses_other_equations(equation) -> None:
+    from lipgraph.frontends.fx_attention import einsum_plan
+
+    assert einsum_plan(equation) is None
+
+
+def test_maxvit_attention_einsums_are_written_out() -> None:
+    """maxvit's attention computes q k^T and P v with torch.einsum: the IR holds matmul_var nodes (finite on a
+    domain), no opaque node, and executes equal to the module on another input."""
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+    torch.manual_seed(0)
+    m = RelativePositionalMultiHeadAttention(feat_dim=8, head_dim=4, max_seq_len=4).eval()
+    x = torch.randn(1, 2, 4, 8)
+    g = lipgraph.trace(m, x)
+    ops = [n.op for n in lipgraph.ir.nodes(g)]
+    assert "opaque" not in ops and ops.count("matmul_var") == 2 and "softmax" in ops
+    x2 = torch.randn(1, 2, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lipgraph.execute(g, x2), m(x2), rtol=1e-5, atol=1e-6)
+
+
+def _tiny_swin() -> nn.Module:
+    """Swin V1 whose 10x10 input makes 5x5 maps: windows of 2 need padding, odd blocks shift by 1 (the region
+    mask), and patch merging pads 5 to 6."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[2, 2],
+                           num_classes=3, stochastic_depth_prob=0.0).eval()
+
+
+def test_swin_window_attention_and_patch_merging_are_written_out() -> None:
+    """torchvision's fx-wrapped shifted_window_attention and _patch_merging_pad are traced into (no opaque
+    node: padding, roll, windows, mask, softmax), the IR executes equal to the model on other inputs (the
+    shapes' constants are right), and a second trace in the same process works (fx's wrapped-function
+    registration is not left pointing at torch.cat)."""
+    m = _tiny_swin()
+    x = torch.rand(1, 3, 10, 10)
+    g = lipgraph.trace(m, x)
+    ops = [n.op for n in lipgraph.ir.nodes(g)]
+    assert "opaque" not in ops
+    assert ops.count("matmul_var") == 8 and ops.count("roll") == 4 and "pad" in ops and "cat" in ops
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(3):
+            x2 = torch.rand(1, 3, 10, 10, generator=gen) * 4 - 2
+            torch.testing.assert_close(lipgraph.execute(g, x2), m(x2), rtol=1e-5, atol=1e-5)
+    g2 = lipgraph.trace(_tiny_swin(), x)
+    assert [n.op for n in lipgraph.ir.nodes(g2)] == ops
+    lipgraph.trace(nn.Sequential(nn.Linear(3, 3)), torch.randn(2, 3))
+
+
+def test_swin_region_mask_separates_the_shifted_regions() -> None:
+    """The mask of a 4x4 map in windows of 2 shifted by 1, from its definition: after the shift, rows and
+    columns 0..1 form one region, 2 and 3 their own; two tokens of a window are masked exactly when they
+    lie in different regions."""
+    from lipgraph.frontends.fx_windows import MASKED_LOGIT, region_mask
+
+    mask = region_mask((4, 4), (2, 2), (1, 1), DT)
+    assert mask.shape == (4, 4, 4)
+    region = [0, 0, 1, 2]
+    for wi in range(2):
+        for wj in range(2):
+            cells = [(2 * wi + a, 2 * wj + b) for a in range(2) for b in range(2)]
+            for s, (r1, c1) in enumerate(cells):
+                for t, (r2, c2) in enumerate(cells):
+                    same = region[r1] == region[r2] and region[c1] == region[c2]
+                    assert float(mask[2 * wi + wj, s, t]) == (0.0 if same else MASKED_LOGIT)
+
+
+def test_swin_is_finite_and_sound_on_a_ball() -> None:
+    """The written-out Swin gets a finite certified bound on an l2 ball (it was inf: one opaque node per
+    attention), and no float64 Jacobian norm at sampled points of the ball exceeds it."""
+    m = _tiny_swin().double()
+    x = torch.rand(1, 3, 10, 10, generator=torch.Generator().manual_seed(2), dtype=DT)
+    ball = Ball(x, 0.01, "l2")
+    r = lipgraph.analyze(m, x, domain=ball, lower=False)
+    assert math.isfinite(r.upper)
+    gen = torch.Generator().manual_seed(3)
+    for z in ball.sample(4, x, gen):
+        assert _opnorm(m, z.reshape(x.shape)) <= r.upper

@@ -35,7 +35,7 @@ from ..core import restore_training_modes, training_modes
 from ..errors import InputShapeError, TraceError
 from ..ops import execute, structural
 from ..ops.registry import kind_spelled, module_spellings, torch_spellings
-from . import finite, fx_attention, fx_canon
+from . import finite, fx_attention, fx_canon, fx_windows
 from .fx_canon import Canon, Var
 
 #: Custom ops registered through :func:`lipgraph.register_op`: module type or function -> op kind.
@@ -44,8 +44,15 @@ CUSTOM_FUNCTIONS: dict[Any, str] = {}
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaf_paths: set[str], leaf_types: set[type]) -> None:
+    def __init__(self, leaf_paths: set[str], leaf_types: set[type],
+                 examples: dict[Callable[..., Any], list[fx_windows.Example]] | None = None) -> None:
         super().__init__(autowrap_functions=tuple(f for f in CUSTOM_FUNCTIONS if callable(f)) + torch_spellings())
+        self.examples = {fn: list(v) for fn, v in (examples or {}).items()}  # consumed in call order
+        self.writers = fx_windows.written_functions() if self.examples else {}
+        # fx marks the node a wrapped function returns ("is_wrapped"), and the generated code then registers its
+        # target as a wrapped global: for a written-out call that node is ours (torch.cat, torch.roll), and the
+        # registration would break every later trace (fx looks "torch.cat" up in a module's globals)
+        self.written_outputs: list[fx.Node] = []
         self.leaf_paths = leaf_paths
         self.leaf_types = leaf_types
         self.record_stack_traces = True
@@ -73,6 +80,18 @@ class _Tracer(fx.Tracer):
                 and fx_attention.sdpa_decomposable(args, kwargs)):
             self.decomposed += 1
             return fx_attention.sdpa_forward(*args, **kwargs)
+        if kind == "call_function" and target in self.writers and self.examples.get(target):
+            written = self.writers[target](self.examples[target].pop(0), args, kwargs)
+            if isinstance(written, fx.Proxy):
+                self.decomposed += 1
+                self.written_outputs.append(written.node)
+                return written
+        if kind == "call_function" and target is torch.einsum and not kwargs:
+            operands = fx_attention.einsum_operands(args)
+            plan = fx_attention.einsum_plan(operands[0]) if operands is not None else None
+            if plan is not None:
+                self.decomposed += 1
+                return fx_attention.einsum_forward(plan, operands[1], operands[2])
         return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -113,14 +132,17 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
-def _trace(model: nn.Module, leaf_paths: set[str], leaf_types: set[type]) -> fx.GraphModule:
-    tracer = _Tracer(leaf_paths, leaf_types)
+def _trace(model: nn.Module, leaf_paths: set[str], leaf_types: set[type],
+           examples: dict[Callable[..., Any], list[fx_windows.Example]] | None = None) -> fx.GraphModule:
+    tracer = _Tracer(leaf_paths, leaf_types, examples)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear error
         where = _user_frame(exc)
         at = f" at {where}" if where else ""
         raise TraceError(f"cannot trace {type(model).__name__}{at}: {_first_line(exc)}. {_TRACE_HINT}") from exc
+    for n in tracer.written_outputs:
+        n.meta.pop("is_wrapped", None)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["decomposed_attention"] = tracer.decomposed
     return gm
@@ -350,7 +372,7 @@ def trace(
         leaf_paths = set(leaves)
         frontend = "torch.fx"
         try:
-            gm = _trace(model, leaf_paths, set())
+            gm = _trace(model, leaf_paths, set(), fx_windows.record_shapes(model, example_inputs))
         except TraceError as fx_error:
             gm = _export(model, example_inputs, leaf_paths, fx_error)
             frontend = "torch.export"

@@ -10,6 +10,11 @@ primitives give a finite constant.
 The tracer calls :func:`mha_forward` / :func:`sdpa_forward` on its proxies instead of recording the call,
 only for configurations they reproduce exactly (no masks, no dropout in effect, no extra key/value
 biases, no zero attention); every other call stays one node (``attention`` / opaque, bounded by inf).
+``torch.einsum`` of two tensors in the form of a batched matrix product (maxvit's attention: each index
+in both operands and the output a batch index, at most one index summed, at most one free index per operand)
+is written out the same way: permutes, a ``matmul`` and a permute back (:func:`einsum_forward`); other
+equations stay one opaque node.
+
 The frontend checks the IR against the model's own output.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -135,4 +141,80 @@ def sdpa_forward(*args: Any, **kwargs: Any) -> Any:
     return attend(q, a["key"], a["value"], scale)[0]
 
 
-__all__ = ["attend", "mha_decomposable", "mha_forward", "sdpa_decomposable", "sdpa_forward"]
+@dataclass(frozen=True)
+class EinsumPlan:
+    """``out = einsum(a, b)`` as ``permute(a) @ permute(b)``: ``a`` brought to ``batch + left + summed``,
+    ``b`` to ``batch + summed + right`` (a missing ``left``, ``summed`` or ``right`` index is a size-1 axis
+    added and removed again), the product's ``batch + left + right`` permuted to the output's order."""
+
+    a_order: tuple[int, ...]
+    b_order: tuple[int, ...]
+    left: bool
+    summed: bool
+    right: bool
+    out_order: tuple[int, ...]
+
+
+def einsum_plan(equation: Any) -> EinsumPlan | None:
+    """The plan of a two-operand equation with an explicit ``->`` that is a batched matrix product, or None
+    (an ellipsis, a repeated index in one term, an index summed in one operand only, more than one summed or
+    free index per operand)."""
+    if not isinstance(equation, str) or "..." in equation:
+        return None
+    eq = "".join(equation.split())
+    if eq.count("->") != 1:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        return None
+    a, b = terms
+    if any(len(set(t)) != len(t) or not t.isalpha() for t in (a, b)) or len(set(out)) != len(out):
+        return None
+    if not set(out) <= set(a) | set(b) or not set(a) ^ set(b) <= set(out):
+        return None
+    batch = [i for i in out if i in a and i in b]
+    summed = [i for i in a if i in b and i not in out]
+    left = [i for i in a if i not in b]
+    right = [i for i in b if i not in a]
+    if len(summed) > 1 or len(left) > 1 or len(right) > 1:
+        return None
+    product = batch + left + right
+    return EinsumPlan(tuple(a.index(i) for i in batch + left + summed),
+                      tuple(b.index(i) for i in batch + summed + right),
+                      bool(left), bool(summed), bool(right), tuple(product.index(i) for i in out))
+
+
+def _permuted(x: Any, order: tuple[int, ...]) -> Any:
+    return x if order == tuple(range(len(order))) else x.permute(*order)
+
+
+def einsum_operands(args: tuple[Any, ...]) -> tuple[Any, Any, Any] | None:
+    """``(equation, a, b)`` of ``torch.einsum(eq, a, b)`` or ``torch.einsum(eq, [a, b])``, else None."""
+    if len(args) == 2 and isinstance(args[1], (list, tuple)) and len(args[1]) == 2:
+        return args[0], args[1][0], args[1][1]
+    if len(args) == 3:
+        return args
+    return None
+
+
+def einsum_forward(plan: EinsumPlan, a: Any, b: Any) -> Any:
+    """``einsum`` by its :class:`EinsumPlan`: two permutes, a ``matmul`` and a permute back."""
+    x, y = _permuted(a, plan.a_order), _permuted(b, plan.b_order)
+    if not plan.left:
+        x = x.unsqueeze(-2 if plan.summed else -1)
+    if not plan.summed:
+        x = x.unsqueeze(-1)
+        y = y.unsqueeze(-2 if plan.right else -1)
+    if not plan.right:
+        y = y.unsqueeze(-1)
+    z = torch.matmul(x, y)
+    if not plan.right:
+        z = z.squeeze(-1)
+    if not plan.left:
+        z = z.squeeze(-2 if plan.right else -1)
+    return _permuted(z, plan.out_order)
+
+
+__all__ = ["attend", "einsum_forward", "einsum_operands", "einsum_plan", "mha_decomposable", "mha_forward",
+           "sdpa_decomposable", "sdpa_forward", "EinsumPlan"]
