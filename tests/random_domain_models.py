@@ -1,6 +1,7 @@
 """Random small token models for the randomized soundness test on input domains (``tests/test_random_domains.py``):
 dense layers with every kind of activation, gating ``a(x) * sigmoid(g(x))``, squeeze-excitation over tokens,
-LayerNorm, softmax attention (``nn.MultiheadAttention``) and residual adds, each on inputs ``(1, tokens, dim)``,
+LayerNorm, softmax attention (``nn.MultiheadAttention``, and written with ``torch.einsum`` as maxvit does) and
+residual adds, each on inputs ``(1, tokens, dim)``,
 with seeded random weights; and a seeded random domain (box, l2 ball, l_inf ball within a box) around a point."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn as nn
 from lipgraph.domains import Ball, Box, Domain
 
 ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Mish, nn.Hardswish]
-KINDS = ["mlp", "gate", "se", "ln", "attn"]
+KINDS = ["mlp", "gate", "se", "ln", "attn", "einsum"]
 
 
 class Block(nn.Module):
@@ -41,6 +42,9 @@ class Block(nn.Module):
             h = x * torch.sigmoid(self.g(x.mean(dim=1, keepdim=True)))
         elif self.kind == "ln":
             h = self.norm(x)
+        elif self.kind == "einsum":
+            scores = torch.einsum("btd,bsd->bts", self.a(x), self.g(x)) * x.shape[-1] ** -0.5
+            h = torch.einsum("bts,bsd->btd", torch.softmax(scores, dim=-1), x)
         else:
             h = self.attn(x, x, x, need_weights=False)[0]
         return x + h if self.residual else h
