@@ -276,12 +276,14 @@ def lower_bound(
         z = base + (0.0 if r == 0 else radius * scale) * noise
         v = None
         step = 0.1 * scale
-        for _ in range(ascent_steps + 1):
+        for step_index in range(ascent_steps + 1):
             sigma, v = jacobian_norm(g, z, power_iters, v)
             points += 1
             if sigma > best:
                 witness = ("jacobian", z.detach().clone(), v.detach().clone())
             best = max(best, sigma)
+            if step_index == ascent_steps and not secant_steps:
+                break  # the step would only move a point that nothing evaluates (the minimal search: 3 passes saved)
             zz = z.detach().requires_grad_(True)
             _, jv = jvp(g, (zz,), (v.detach(),))
             obj = jv.norm()
