@@ -419,3 +419,24 @@ def test_swin_is_finite_and_sound_on_a_ball() -> None:
     gen = torch.Generator().manual_seed(3)
     for z in ball.sample(4, x, gen):
         assert _opnorm(m, z.reshape(x.shape)) <= r.upper
+
+
+def test_swin_v2_cosine_attention_stays_opaque_and_batches_execute_equal() -> None:
+    """Swin V2's cosine attention is not written out (one opaque node per call, inf with its name), its patch
+    merging is; and V1 with a batch of 2, windows of 3x2 on 7x5 maps executes equal (the mask broadcasts)."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    v2 = SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[2, 2],
+                         num_classes=3, stochastic_depth_prob=0.0, block=SwinTransformerBlockV2,
+                         downsample_layer=PatchMergingV2).eval()
+    g = lipgraph.trace(v2, torch.rand(1, 3, 10, 10))
+    opaque = [n.name for n in lipgraph.ir.nodes(g) if n.op == "opaque"]
+    assert opaque and all(name.startswith("shifted_window_attention") for name in opaque)
+    v1 = SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[3, 2],
+                         num_classes=3, stochastic_depth_prob=0.0).eval()
+    g1 = lipgraph.trace(v1, torch.rand(2, 3, 14, 10))
+    assert "opaque" not in [n.op for n in lipgraph.ir.nodes(g1)]
+    x2 = torch.randn(2, 3, 14, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(lipgraph.execute(g1, x2), v1(x2), rtol=1e-5, atol=1e-5)
