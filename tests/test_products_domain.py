@@ -440,3 +440,49 @@ def test_swin_v2_cosine_attention_stays_opaque_and_batches_execute_equal() -> No
     x2 = torch.randn(2, 3, 14, 10)
     with torch.no_grad():
         torch.testing.assert_close(lipgraph.execute(g1, x2), v1(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_written_out_calls_are_checked_on_a_probe_beyond_the_example(monkeypatch) -> None:
+    """A constant example input hides a wrong attention mask (every token equal): the written-out trace is also
+    compared with the model on a seeded random probe, and a writer that agrees on the example only is not kept
+    (the calls stay opaque and the IR still computes the model). Negative shifts (which torchvision does not
+    apply) stay opaque."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    import lipgraph.frontends.fx_windows as fw
+
+    torch.manual_seed(0)
+    m = ShiftedWindowAttention(dim=4, window_size=[2, 2], shift_size=[-1, -1], num_heads=1).eval()
+    g = lipgraph.trace(m, torch.ones(1, 4, 4, 4))
+    assert "opaque" in [n.op for n in lipgraph.ir.nodes(g)]
+    x2 = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(lipgraph.execute(g, x2), m(x2))
+    shifted = ShiftedWindowAttention(dim=4, window_size=[2, 2], shift_size=[1, 1], num_heads=1).eval()
+    assert "opaque" not in [n.op for n in lipgraph.ir.nodes(lipgraph.trace(shifted, torch.ones(1, 4, 4, 4)))]
+    monkeypatch.setattr(fw, "region_mask", lambda *a: torch.zeros(4, 4, 4))  # a wrong (missing) mask
+    g = lipgraph.trace(shifted, torch.ones(1, 4, 4, 4))
+    assert "opaque" in [n.op for n in lipgraph.ir.nodes(g)]
+    with torch.no_grad():
+        torch.testing.assert_close(lipgraph.execute(g, x2), shifted(x2))
+
+
+def test_einsum_that_matmul_cannot_broadcast_stays_opaque() -> None:
+    """einsum broadcasts a size-1 summed index, matmul does not: the written-out trace does not run, so the
+    model is traced again with the einsum one (opaque) node, and the IR computes the model."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(2, 3, 5))
+
+        def forward(self, x):
+            return torch.einsum("bij,bjk->bik", x, self.w)
+
+    x = torch.randn(2, 4, 1)
+    g = lipgraph.trace(M(), x)
+    assert "opaque" in [n.op for n in lipgraph.ir.nodes(g)]
+    m = M()
+    g = lipgraph.trace(m, x)
+    with torch.no_grad():
+        torch.testing.assert_close(lipgraph.execute(g, x), m(x))

@@ -17,6 +17,7 @@ import inspect
 import io
 import linecache
 import logging
+import math
 import operator
 import re
 import traceback
@@ -45,8 +46,10 @@ CUSTOM_FUNCTIONS: dict[Any, str] = {}
 
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_paths: set[str], leaf_types: set[type],
-                 examples: dict[Callable[..., Any], list[fx_windows.Example]] | None = None) -> None:
+                 examples: dict[Callable[..., Any], list[fx_windows.Example]] | None = None,
+                 write: bool = True) -> None:
         super().__init__(autowrap_functions=tuple(f for f in CUSTOM_FUNCTIONS if callable(f)) + torch_spellings())
+        self.write = write  # False: attention, einsum and torchvision's wrapped calls stay one node each
         self.examples = {fn: list(v) for fn, v in (examples or {}).items()}  # consumed in call order
         self.writers = fx_windows.written_functions() if self.examples else {}
         # fx marks the node a wrapped function returns ("is_wrapped"), and the generated code then registers its
@@ -64,7 +67,7 @@ class _Tracer(fx.Tracer):
         """MultiheadAttention calls that :mod:`fx_attention` reproduces are traced through its primitive
         forward (projections, matmuls, softmax) instead of one opaque ``attention`` node."""
         qualname = self.path_of_module(m)
-        if (qualname not in self.leaf_paths and type(m).__name__ not in self.leaf_paths
+        if (self.write and qualname not in self.leaf_paths and type(m).__name__ not in self.leaf_paths
                 and fx_attention.mha_decomposable(m, args, kwargs)):
             outer, self._inlining = self._inlining, m
             try:
@@ -76,17 +79,18 @@ class _Tracer(fx.Tracer):
 
     def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      *rest: Any, **more: Any) -> Any:
-        if (kind == "call_function" and target is torch.nn.functional.scaled_dot_product_attention
-                and fx_attention.sdpa_decomposable(args, kwargs)):
+        if not self.write or kind != "call_function":
+            return super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        if target is torch.nn.functional.scaled_dot_product_attention and fx_attention.sdpa_decomposable(args, kwargs):
             self.decomposed += 1
             return fx_attention.sdpa_forward(*args, **kwargs)
-        if kind == "call_function" and target in self.writers and self.examples.get(target):
-            written = self.writers[target](self.examples[target].pop(0), args, kwargs)
+        if target in self.writers and self.examples.get(target):
+            written = self.writers[target](target, self.examples[target].pop(0), args, kwargs)
             if isinstance(written, fx.Proxy):
                 self.decomposed += 1
                 self.written_outputs.append(written.node)
                 return written
-        if kind == "call_function" and target is torch.einsum and not kwargs:
+        if target is torch.einsum and not kwargs:
             operands = fx_attention.einsum_operands(args)
             plan = fx_attention.einsum_plan(operands[0]) if operands is not None else None
             if plan is not None:
@@ -133,8 +137,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _trace(model: nn.Module, leaf_paths: set[str], leaf_types: set[type],
-           examples: dict[Callable[..., Any], list[fx_windows.Example]] | None = None) -> fx.GraphModule:
-    tracer = _Tracer(leaf_paths, leaf_types, examples)
+           examples: dict[Callable[..., Any], list[fx_windows.Example]] | None = None,
+           write: bool = True) -> fx.GraphModule:
+    tracer = _Tracer(leaf_paths, leaf_types, examples, write)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear error
@@ -145,7 +150,62 @@ def _trace(model: nn.Module, leaf_paths: set[str], leaf_types: set[type],
         n.meta.pop("is_wrapped", None)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["decomposed_attention"] = tracer.decomposed
+    gm.meta["unused_examples"] = sum(len(v) for v in tracer.examples.values())
     return gm
+
+
+def _outputs_agree(got: Any, expected: Any) -> bool:
+    """The tensors of two output structures are equal (floats up to rtol 1e-4 and atol 1e-5 of their scale)."""
+    exp = [x for x in pytree.tree_leaves(expected) if isinstance(x, torch.Tensor)]
+    out = [x for x in pytree.tree_leaves(got) if isinstance(x, torch.Tensor)]
+    if len(exp) != len(out):
+        return False
+    for e, o in zip(exp, out, strict=True):
+        if e.shape != o.shape:
+            return False
+        if e.is_floating_point():
+            scale = float(e.abs().max()) if e.numel() else 0.0
+            if not torch.allclose(o.to(e.dtype), e, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+                return False
+        elif not torch.equal(o, e):
+            return False
+    return True
+
+
+#: Seed of the random probe on which written-out calls are checked beside the example input.
+PROBE_SEED = 0
+
+
+def _written_out_faithfully(gm: fx.GraphModule, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """A trace with calls written out in primitive ops (attention, einsum, Swin's windows) keeps them only if
+    the traced module computes the model's output on the example input *and* on a seeded random probe of the
+    same shapes (example + noise of its spread): a writer that agrees on the example only (a constant input
+    hides a wrong mask) is not kept. Every recorded shape must have been used, and the traced module must
+    run (a size-1 summed einsum index, which matmul does not broadcast). A probe on which the model's output
+    is not finite is not compared."""
+    if gm.meta.get("unused_examples"):
+        return False
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+
+    def probe(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x
+        spread = float(x.double().std()) if x.numel() > 1 else 0.0
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
+        return x + noise * (spread if math.isfinite(spread) and spread > 0 else 1.0)
+
+    for z in (inputs, tuple(probe(x) for x in inputs)):
+        try:
+            with torch.no_grad():
+                got = gm(*(x.clone() if isinstance(x, torch.Tensor) else x for x in z))
+                expected = model(*(x.clone() if isinstance(x, torch.Tensor) else x for x in z))
+        except Exception:  # noqa: BLE001 - a written-out graph that does not run is not kept
+            return False
+        finite = all(bool(torch.isfinite(e).all()) for e in pytree.tree_leaves(expected)
+                     if isinstance(e, torch.Tensor) and e.is_floating_point())
+        if finite and not _outputs_agree(got, expected):
+            return False
+    return True
 
 
 def _export_frame(exc: BaseException) -> str | None:
@@ -232,19 +292,7 @@ def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected:
                 f"the output of {model_name} on the example input is not finite (NaN or inf): a non-finite "
                 "weight, statistic or parameter, or an overflow; no bound is computed"
             )
-    got_leaves = [x for x in pytree.tree_leaves(got) if isinstance(x, torch.Tensor)]
-    ok = len(exp_leaves) == len(got_leaves)
-    for e, o in zip(exp_leaves, got_leaves, strict=False):
-        if not ok:
-            break
-        if e.shape != o.shape:
-            ok = False
-        elif e.is_floating_point():
-            scale = float(e.abs().max()) if e.numel() else 0.0
-            ok = bool(torch.allclose(o.to(e.dtype), e, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True))
-        else:
-            ok = bool(torch.equal(o, e))
-    if not ok:
+    if not _outputs_agree(got, expected):
         if inplace:
             raise TraceError(
                 f"the traced graph of {model_name} does not reproduce the model's output on the example input: "
@@ -373,6 +421,8 @@ def trace(
         frontend = "torch.fx"
         try:
             gm = _trace(model, leaf_paths, set(), fx_windows.record_shapes(model, example_inputs))
+            if gm.meta["decomposed_attention"] and not _written_out_faithfully(gm, model, example_inputs):
+                gm = _trace(model, leaf_paths, set(), write=False)  # each such call one node (inf), as before
         except TraceError as fx_error:
             gm = _export(model, example_inputs, leaf_paths, fx_error)
             frontend = "torch.export"

@@ -14,14 +14,19 @@ call ``k`` of a function out for the ``k``-th shape recorded (same model, same i
   output projection, and the reverse partition, shift and crop;
 * ``_patch_merging_pad``: zero padding to even sizes and the four strided slices concatenated.
 
-A call whose arguments these do not reproduce (Swin V2's cosine attention, dropout in effect, a shape not
-recorded) stays one opaque node. The frontend checks the IR against the model's own output.
+A call whose arguments these do not reproduce (Swin V2's cosine attention, dropout in effect, a negative
+shift, a shape not recorded) stays one opaque node. A trace with calls written out is kept only if it computes
+the model's output on the example and on a seeded random probe of the same shapes, with every recorded shape
+used (``fx._written_out_faithfully``); otherwise the model is traced again with each such call one node. The
+IR is then checked against the model's own output as always.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,8 +41,10 @@ SWIN_MODULE = "torchvision.models.swin_transformer"
 MASKED_LOGIT = -100.0
 
 
-#: What the recording keeps of a call's input: its shape and dtype.
-Example = tuple[tuple[int, ...], torch.dtype]
+#: What the recording keeps of a call's input: its shape, dtype and device.
+Example = tuple[tuple[int, ...], torch.dtype, torch.device]
+#: One recording at a time: patching a module's globals from two threads at once could leave a recorder in place.
+_RECORDING = threading.Lock()
 
 
 def _swin() -> Any:
@@ -64,8 +71,9 @@ def _recording(shapes: dict[Callable[..., Any], list[Example]]) -> Iterator[None
     originals = {name: getattr(mod, name) for name in ("shifted_window_attention", "_patch_merging_pad")}
 
     def recorder(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
         def call(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            shapes.setdefault(fn, []).append((tuple(x.shape), x.dtype))
+            shapes.setdefault(fn, []).append((tuple(x.shape), x.dtype, x.device))
             return fn(x, *args, **kwargs)
         return call
 
@@ -85,7 +93,7 @@ def record_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[Ca
     if not uses_written_functions(model):
         return shapes
     try:
-        with torch.no_grad(), _recording(shapes):
+        with _RECORDING, torch.no_grad(), _recording(shapes):
             model(*(x.clone() for x in inputs))
     except Exception:  # noqa: BLE001 - the trace and its check report a model that does not run
         return {}
@@ -117,16 +125,18 @@ def region_mask(padded: tuple[int, int], window: tuple[int, int], shift: tuple[i
     return torch.where(differ, MASKED_LOGIT, 0.0).to(dtype)
 
 
-def window_attention(example: Example, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
+def window_attention(fn: Callable[..., Any], example: Example, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any | None:
     """``shifted_window_attention`` for an input of ``shape`` ``(B, H, W, C)``, in primitive ops (see the
     module docstring); None when the call is not one this reproduces."""
-    shape, dtype = example
-    mod = _swin()
-    a = _bind(mod.shifted_window_attention, args, kwargs)
+    shape, dtype, device = example
+    a = _bind(fn, args, kwargs)
     if a is None or a["logit_scale"] is not None or len(shape) != 4:
         return None
     if a["training"] and (a["attention_dropout"] > 0 or a["dropout"] > 0):
         return None
+    if any(int(v) < 0 for v in a["shift_size"]):
+        return None  # torchvision shifts only when the sum is positive, and its mask's slices assume shifts >= 0
     b, h, w, c = shape
     (wh, ww), heads = (int(v) for v in a["window_size"]), int(a["num_heads"])
     ph, pw = h + (-h) % wh, w + (-w) % ww
@@ -145,7 +155,7 @@ def window_attention(example: Example, args: tuple[Any, ...], kwargs: dict[str, 
     q, k, v = qkv[0], qkv[1], qkv[2]
     logits = (q * (c // heads) ** -0.5).matmul(k.transpose(-2, -1)) + a["relative_position_bias"]
     if sh or sw:
-        mask = region_mask((ph, pw), (wh, ww), (sh, sw), dtype)
+        mask = region_mask((ph, pw), (wh, ww), (sh, sw), dtype).to(device)
         logits = (logits.reshape(b, nh * nw, heads, tokens, tokens) + mask[None, :, None]).reshape(
             windows, heads, tokens, tokens)
     x = F.softmax(logits, dim=-1).matmul(v).transpose(1, 2).reshape(windows, tokens, c)
@@ -156,7 +166,8 @@ def window_attention(example: Example, args: tuple[Any, ...], kwargs: dict[str, 
     return x if (ph, pw) == (h, w) else x[:, :h, :w, :]
 
 
-def patch_merging_pad(example: Example, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
+def patch_merging_pad(fn: Callable[..., Any], example: Example, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any | None:
     """``_patch_merging_pad`` for an input of ``shape`` ``(..., H, W, C)``: zero padding to even ``H`` and
     ``W``, then the entries at (even, even), (odd, even), (even, odd), (odd, odd) positions concatenated
     along channels."""
