@@ -5,6 +5,8 @@ SeqLip's dense work (served cheapest first, scaled by ``effort``, lifted by nami
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -189,3 +191,30 @@ def test_the_minimal_search_makes_only_its_power_step_passes() -> None:
     sigma, _ = jacobian_norm(lambda z: f(z.reshape(1, 6)).reshape(-1), x.reshape(-1), MINIMAL_SEARCH["power_iters"])
     assert searched == calls[0]
     assert lb.value == pytest.approx(sigma, rel=1e-6)
+
+
+def test_the_minimal_search_with_a_float64_model_skips_its_float32_measurement() -> None:
+    """One point, one power step, and a float64 model to evaluate the witness: the float32 ||J v|| after the
+    step is not taken (2 model calls: the jvp and the vjp); the value is the float64 ||J v|| of the same v."""
+    from torch.func import jvp
+
+    from lipgraph.bounds.lower import jacobian_norm, lower_bound
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    net64 = copy.deepcopy(net).double()
+    calls = [0]
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return net(x)
+
+    x = torch.randn(1, 6)
+    torch.manual_seed(1)
+    lb = lower_bound(f, [x], f64=net64, **MINIMAL_SEARCH)
+    assert calls[0] == 2
+    torch.manual_seed(1)
+    _, v = jacobian_norm(lambda z: net(z.reshape(1, 6)).reshape(-1), x.reshape(-1), MINIMAL_SEARCH["power_iters"])
+    v64 = v.double() / v.double().norm()
+    _, jv = jvp(lambda z: net64(z.reshape(1, 6)).reshape(-1), (x.double().reshape(-1),), (v64,))
+    assert lb.value == pytest.approx(float(jv.norm()), rel=1e-12)

@@ -142,8 +142,9 @@ def _set_grads(loss: torch.Tensor, leaves: list[torch.Tensor]) -> None:
 
 
 def jacobian_norm(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, iters: int = 30,
-                  v: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
-    """||J_g(z)||_2 by power iteration (returns the attained ||J v|| and the last v)."""
+                  v: torch.Tensor | None = None, measure: bool = True) -> tuple[float, torch.Tensor]:
+    """||J_g(z)||_2 by power iteration (returns the attained ||J v|| and the last v). ``measure=False``: the
+    last ``||J v||`` is not computed (returned as ``nan``), for a caller that evaluates ``v`` itself."""
     if v is None:
         v = torch.randn_like(z)
     # every step's vector is detached: functorch's transforms record their own graphs, and a vector that carries
@@ -161,6 +162,8 @@ def jacobian_norm(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, it
         if wn == 0:
             return 0.0, v
         v = (w / wn).detach()
+    if not measure:
+        return math.nan, v
     _, jv = jvp(g, (z,), (v,))
     sigma = float(jv.detach().norm())
     return sigma, v
@@ -271,12 +274,17 @@ def lower_bound(
     scale = float(base.std()) if base.numel() > 1 and float(base.std()) > 0 else 1.0
     best, points = 0.0, 0
     witness: tuple | None = None
+    only_point = restarts == 1 and ascent_steps == 0 and not secant_steps  # the search evaluates one point
     for r in range(restarts):
         noise = torch.randn(base.shape, generator=gen).to(base.device)
         z = base + (0.0 if r == 0 else radius * scale) * noise
         v = None
         step = 0.1 * scale
         for step_index in range(ascent_steps + 1):
+            if only_point and f64 is not None:  # its value is taken in float64 anyway: one pass saved
+                _, v = jacobian_norm(g, z, power_iters, v, measure=False)
+                witness, points = ("jacobian", z.detach().clone(), v.detach().clone()), points + 1
+                break
             sigma, v = jacobian_norm(g, z, power_iters, v)
             points += 1
             if sigma > best:
