@@ -176,15 +176,17 @@ def _outputs_agree(got: Any, expected: Any) -> bool:
 PROBE_SEED = 0
 
 
-def _written_out_faithfully(gm: fx.GraphModule, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+def _written_out_faithfully(gm: fx.GraphModule, model: nn.Module,
+                            inputs: tuple[torch.Tensor, ...]) -> tuple[bool, Any]:
     """A trace with calls written out in primitive ops (attention, einsum, Swin's windows) keeps them only if
     the traced module computes the model's output on the example input *and* on a seeded random probe of the
     same shapes (example + noise of its spread): a writer that agrees on the example only (a constant input
     hides a wrong mask) is not kept. Every recorded shape must have been used, and the traced module must
     run (a size-1 summed einsum index, which matmul does not broadcast). A probe on which the model's output
-    is not finite is not compared."""
+    is not finite is not compared. Returns ``(kept, the model's output on the example)`` (the reference the IR
+    is checked against afterwards)."""
     if gm.meta.get("unused_examples"):
-        return False
+        return False, None
     gen = torch.Generator().manual_seed(PROBE_SEED)
 
     def probe(x: Any) -> Any:
@@ -194,18 +196,20 @@ def _written_out_faithfully(gm: fx.GraphModule, model: nn.Module, inputs: tuple[
         noise = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
         return x + noise * (spread if math.isfinite(spread) and spread > 0 else 1.0)
 
+    on_example = None
     for z in (inputs, tuple(probe(x) for x in inputs)):
         try:
             with torch.no_grad():
                 got = gm(*(x.clone() if isinstance(x, torch.Tensor) else x for x in z))
                 expected = model(*(x.clone() if isinstance(x, torch.Tensor) else x for x in z))
         except Exception:  # noqa: BLE001 - a written-out graph that does not run is not kept
-            return False
+            return False, None
+        on_example = expected if on_example is None else on_example
         finite = all(bool(torch.isfinite(e).all()) for e in pytree.tree_leaves(expected)
                      if isinstance(e, torch.Tensor) and e.is_floating_point())
         if finite and not _outputs_agree(got, expected):
-            return False
-    return True
+            return False, None
+    return True, on_example
 
 
 def _export_frame(exc: BaseException) -> str | None:
@@ -419,10 +423,13 @@ def trace(
     try:
         leaf_paths = set(leaves)
         frontend = "torch.fx"
+        model_output = None  # the model's own output on the example, where calls were written out
         try:
             gm = _trace(model, leaf_paths, set(), fx_windows.record_shapes(model, example_inputs))
-            if gm.meta["decomposed_attention"] and not _written_out_faithfully(gm, model, example_inputs):
-                gm = _trace(model, leaf_paths, set(), write=False)  # each such call one node (inf), as before
+            if gm.meta["decomposed_attention"]:
+                kept, model_output = _written_out_faithfully(gm, model, example_inputs)
+                if not kept:
+                    gm = _trace(model, leaf_paths, set(), write=False)  # each such call one node (inf), as before
         except TraceError as fx_error:
             gm = _export(model, example_inputs, leaf_paths, fx_error)
             frontend = "torch.export"
@@ -436,7 +443,7 @@ def trace(
         with torch.no_grad():  # clones: an in-place write in the model must not change the caller's input
             expected = recorder.run(*(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs))
             if gm.meta.get("decomposed_attention"):  # written-out attention: check against the model itself
-                expected = model(*(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs))
+                expected = model_output
         out_spec = None
         if frontend == "torch.export":
             out_spec = gm.graph._codegen.pytree_info.out_spec  # Interpreter.run already applied it

@@ -56,8 +56,7 @@ def written_functions() -> dict[Callable[..., Any], Callable[..., Any]]:
     mod = _swin()
     if mod is None:
         return {}
-    pairs = {"shifted_window_attention": window_attention, "_patch_merging_pad": patch_merging_pad}
-    return {getattr(mod, name): fn for name, fn in pairs.items() if callable(getattr(mod, name, None))}
+    return {getattr(mod, name): fn for name, fn in _WRITERS.items() if callable(getattr(mod, name, None))}
 
 
 def uses_written_functions(model: nn.Module) -> bool:
@@ -68,7 +67,7 @@ def uses_written_functions(model: nn.Module) -> bool:
 @contextmanager
 def _recording(shapes: dict[Callable[..., Any], list[Example]]) -> Iterator[None]:
     mod = _swin()
-    originals = {name: getattr(mod, name) for name in ("shifted_window_attention", "_patch_merging_pad")}
+    originals = {name: getattr(mod, name) for name in _WRITERS}
 
     def recorder(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -87,8 +86,8 @@ def _recording(shapes: dict[Callable[..., Any], list[Example]]) -> Iterator[None
 
 
 def record_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[Callable[..., Any], list[Example]]:
-    """The input shape and dtype of every call of a written-out function, in call order, from one run of ``model``
-    on ``inputs`` (without gradients, on clones). Empty when the model uses none or does not run."""
+    """The input shape, dtype and device of every call of a written-out function, in call order, from one run of
+    ``model`` on ``inputs`` (without gradients, on clones). Empty when the model uses none or does not run."""
     shapes: dict[Callable[..., Any], list[Example]] = {}
     if not uses_written_functions(model):
         return shapes
@@ -180,5 +179,9 @@ def patch_merging_pad(fn: Callable[..., Any], example: Example, args: tuple[Any,
         x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
     return torch.cat([x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], -1)
 
+
+#: The torchvision functions written out (names in :data:`SWIN_MODULE`) and their writers.
+_WRITERS: dict[str, Callable[..., Any]] = {"shifted_window_attention": window_attention,
+                                           "_patch_merging_pad": patch_merging_pad}
 
 __all__ = ["patch_merging_pad", "record_shapes", "region_mask", "window_attention", "written_functions"]
