@@ -6,6 +6,7 @@ SeqLip's dense work (served cheapest first, scaled by ``effort``, lifted by nami
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -169,12 +170,8 @@ def test_effort_must_be_a_positive_number(effort) -> None:
         lipgraph.analyze(model, x, lower=False, effort=effort)
 
 
-def test_the_minimal_search_makes_only_its_power_step_passes() -> None:
-    """With no secant and no further ascent step, the last point's ascent gradient moves a point that nothing
-    evaluates: the minimal search calls the model exactly as often as its one power step does (on vit_b_16 at
-    224 the skipped gradient was 4.4 of 11.1 s, one loaded thread). The value is the power step's."""
-    from lipgraph.bounds.lower import jacobian_norm, lower_bound
-
+def _counted_net() -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], list[int], torch.Tensor]:
+    """A small tanh network, the same function counting its calls (``calls[0]``), and an input point."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     calls = [0]
@@ -183,7 +180,16 @@ def test_the_minimal_search_makes_only_its_power_step_passes() -> None:
         calls[0] += 1
         return net(x)
 
-    x = torch.randn(1, 6)
+    return net, f, calls, torch.randn(1, 6)
+
+
+def test_the_minimal_search_makes_only_its_power_step_passes() -> None:
+    """With no secant and no further ascent step, the last point's ascent gradient moves a point that nothing
+    evaluates: the minimal search calls the model exactly as often as its one power step does (on vit_b_16 at
+    224 the skipped gradient was 4.4 of 11.1 s, one loaded thread). The value is the power step's."""
+    from lipgraph.bounds.lower import jacobian_norm, lower_bound
+
+    net, f, calls, x = _counted_net()
     torch.manual_seed(1)
     lb = lower_bound(f, [x], **MINIMAL_SEARCH)
     searched, calls[0] = calls[0], 0
@@ -200,16 +206,8 @@ def test_the_minimal_search_with_a_float64_model_skips_its_float32_measurement()
 
     from lipgraph.bounds.lower import jacobian_norm, lower_bound
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    net, f, calls, x = _counted_net()
     net64 = copy.deepcopy(net).double()
-    calls = [0]
-
-    def f(x: torch.Tensor) -> torch.Tensor:
-        calls[0] += 1
-        return net(x)
-
-    x = torch.randn(1, 6)
     torch.manual_seed(1)
     lb = lower_bound(f, [x], f64=net64, **MINIMAL_SEARCH)
     assert calls[0] == 2
