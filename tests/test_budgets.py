@@ -43,10 +43,11 @@ def test_search_plan_scales_down_and_honours_an_explicit_budget() -> None:
     full = search_passes(DEFAULT_SEARCH)
     mid = search_plan(int(SEARCH_WORK / (full / 2)))  # half the default work fits: fewer restarts
     assert mid["restarts"] == 4 and mid["ascent_steps"] == DEFAULT_SEARCH["ascent_steps"]
-    large = search_plan(SEARCH_WORK / search_passes(SMALLEST_SEARCH) * 2)  # the smallest search is 2x over
-    assert large == {"restarts": 1, **{k: v for k, v in SMALLEST_SEARCH.items() if k != "restarts"}}
-    # more than MINIMAL_RATIO times over (vit_b_16 at 224): one power step (a jvp, a vjp, a jvp)
+    fits = search_plan(SEARCH_WORK / search_passes(SMALLEST_SEARCH) * 0.99)  # the smallest search just fits
+    assert fits == {"restarts": 1, **{k: v for k, v in SMALLEST_SEARCH.items() if k != "restarts"}}
+    # more than MINIMAL_RATIO times over (vgg11 at 64, vit_b_16 at 224): one power step (a jvp, a vjp, a jvp)
     assert search_plan(SEARCH_WORK / search_passes(SMALLEST_SEARCH) * MINIMAL_RATIO * 1.01) == MINIMAL_SEARCH
+    assert search_plan(SEARCH_WORK / search_passes(SMALLEST_SEARCH) * 2) == MINIMAL_SEARCH  # 2x over: past the line
     assert search_plan(10 ** 12) == MINIMAL_SEARCH and search_passes(MINIMAL_SEARCH) == 4
     assert search_plan(10 ** 12, 5) == {**DEFAULT_SEARCH, "restarts": 5}  # the caller asked: as asked
     assert search_plan(10 ** 9) == search_plan(10 ** 9)  # a function of the shape only

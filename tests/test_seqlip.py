@@ -301,3 +301,37 @@ def test_end_factors_give_the_svd_pairs_inner_values_on_every_pattern(shapes) ->
             assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
     assert pairs[0][1].shape[1] <= min(shapes[0])  # never more columns than the SVD factor
     assert pairs[-1][0].shape[0] <= min(shapes[-1])
+
+
+def test_wide_matrices_get_a_certified_norm_just_above_the_svd_and_an_attained_one_below() -> None:
+    """Above CERTIFIED_NORM_MIN the norms SeqLip needs as upper values come from the Cholesky certificate, not
+    eigenvalues: at most NORM_DELTA (on the square) above the float64 SVD's value, never below it, and the
+    attained value never above it."""
+    g = torch.Generator().manual_seed(21)
+    for rows, cols in ((600, 700), (800, 530), (520, 520)):
+        x = torch.randn(rows, cols, generator=g, dtype=D) * torch.linspace(0.5, 2.0, cols, dtype=D)
+        svd = float(torch.linalg.svdvals(x)[0])
+        upper, lower = S._norm_bounds(x)
+        assert svd <= upper <= svd * (1 + S.NORM_DELTA), (upper / svd - 1)
+        assert svd * (1 - 1e-9) <= lower <= svd * (1 + 1e-12)
+    small = torch.randn(30, 40, generator=g, dtype=D)
+    assert S._norm_bounds(small) == (S._norm(small), S._norm(small))  # below the line: the eigenvalue value
+
+
+def test_a_chain_through_the_certified_norms_stays_above_every_attained_pattern(monkeypatch) -> None:
+    """The same chain with every norm through the certified route (CERTIFIED_NORM_MIN and DENSE_SVD_MAX lowered
+    to 0) bounds every attained pattern (brute force over all 2^8 patterns of its one activation) and moves by at
+    most NORM_DELTA from the eigenvalue route's bound."""
+    g = torch.Generator().manual_seed(5)
+    mats = [torch.randn(8, 6, generator=g, dtype=D), torch.randn(5, 8, generator=g, dtype=D)]
+    slopes = [(0.0, 1.0)]
+    monkeypatch.setattr(S, "WIDE_INNER_WORK", 1)  # the root-only branch: its n0 norm by the certified route too
+    before = S.seqlip_chain(mats, slopes)
+    monkeypatch.setattr(S, "CERTIFIED_NORM_MIN", 0)
+    monkeypatch.setattr(lipgraph.norms, "DENSE_SVD_MAX", 0)  # Lanczos and the Cholesky test at every size
+    after = S.seqlip_chain(mats, slopes)
+    brute = max(float(torch.linalg.matrix_norm(mats[1] @ torch.diag(torch.tensor(s, dtype=D)) @ mats[0], 2))
+                for s in itertools.product((0.0, 1.0), repeat=8))
+    assert after.certified and after.value >= brute
+    assert before.value >= brute
+    assert before.value <= after.value <= before.value * (1 + S.NORM_DELTA)

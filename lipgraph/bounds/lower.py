@@ -45,9 +45,12 @@ SMALLEST_SEARCH = {"restarts": 1, "ascent_steps": 1, "power_iters": 5, "secant_s
 #: bounds are ``inf``: the attained value is all such a run reports, and one Jacobian estimate is an attained value
 #: too. Three power steps (8 passes) took 8.5 s on vit_b_16 (2.598), one 6.7 s (1.948); maxvit_t 10.8 and 7.6 s.
 MINIMAL_SEARCH = {"restarts": 1, "ascent_steps": 0, "power_iters": 1, "secant_steps": 0}
-#: (5 with the 34-pass floor, 10 with the old 56-pass one: the same line, a smallest search of about 7.5e10
-#: multiply-adds. At 10, swin_t at 224 (3.0e9 a pass) ran the floor's 34 passes, 15.9 s instead of 2.8 s.)
-MINIMAL_RATIO = 5.0
+#: 1: the smallest search runs only where it fits :data:`SEARCH_WORK`. (It was 5, a smallest search of up to
+#: 7.5e10 multiply-adds: vgg11 and wide_resnet50_2 at 64x64, 7.4e8 and 9.7e8 a pass, ran its 34 passes, 4.6 and
+#: 4.2 s of their 16.9 and 17.0 s, idle 2-core machine; one power step found 0.0844 and 8.81 where the 34 passes
+#: found 0.0989 and 8.45, against certified bounds of 7366 and 1.9e21. At 10, swin_t at 224 (3.0e9 a pass) ran
+#: the smallest search's 34 passes, 15.9 s instead of 2.8 s.)
+MINIMAL_RATIO = 1.0
 #: Work the default search may spend, in multiply-adds summed over model passes (``passes x model_macs``):
 #: AlexNet at 64x64 (9.8e7 multiply-adds a pass) ran the full 4176-pass search in 158 s on one loaded core,
 #: 38 ms a pass; 1.5e10 is about 160 of its passes, ~6 s. The MNIST and digits networks (<= 1e6 multiply-adds)

@@ -52,6 +52,7 @@ import networkx as nx
 import torch
 
 from ..core import ROUNDING_MARGIN, serve_cheapest
+from ..norms.dense import dense_norm
 from ..ops import LocalConstant, Settings
 from .chain_mats import segment_shapes
 from .chains import (
@@ -178,6 +179,29 @@ def _norms_above(x: torch.Tensor, best: float) -> torch.Tensor:
 
 def _norm(x: torch.Tensor) -> float:
     return float(spectral_norms(x)) if x.numel() else 0.0
+
+
+#: Matrices whose smaller side is wider than this get the certified norm of :mod:`lipgraph.norms` where an upper
+#: bound is what is needed (:func:`_norm_bounds`): the float64 Gram matrix, a Lanczos estimate and one Cholesky
+#: test, not all of the Gram matrix's eigenvalues. inception_v3 at 80x80 has 20 such matrices 1000-1728 wide
+#: (its SeqLip segments' end matrices and wide roots): eigenvalues took 0.1-0.25 s each, 2.7 s of its 6.3 s
+#: SeqLip pass; the certificate 0.05-0.19 s (idle, 2 threads).
+CERTIFIED_NORM_MIN = 512
+#: ... with the certificate at most this far (relative, on ``||X||^2``) above the Lanczos estimate: on those 20
+#: matrices every first test passed, each upper value 5.0e-8 above the eigenvalue solver's norm.
+NORM_DELTA = 1e-7
+
+
+def _norm_bounds(x: torch.Tensor) -> tuple[float, float]:
+    """``(upper, lower)`` on ``||X||_2``: ``upper`` certified (for the AutoLip caps and triangle bounds),
+    ``lower`` attained by a vector (float64). Both the eigenvalue solver's value up to ``CERTIFIED_NORM_MIN``
+    on the smaller side; above it :func:`lipgraph.norms.dense.dense_norm` (its Cholesky certificate and the
+    Lanczos estimate's square root)."""
+    if min(x.shape[-2:], default=0) <= CERTIFIED_NORM_MIN:
+        v = _norm(x)
+        return v, v
+    r = dense_norm(x, delta=NORM_DELTA)
+    return r.upper, r.lower
 
 
 @contextmanager
@@ -312,7 +336,8 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
     # ||A_R|| ||B_R|| for R = {k..n-1} at checkpoints (norms of column/row blocks decrease with k).
     checks = sorted({0, *[min(n, 2**i) for i in range(int(math.log2(max(n, 1))) + 2)],
                      *range(0, n + 1, max(1, n // 64))}) if n * p * q <= 2e7 else [0, n]
-    prod_norm = {k: (norm_ab if k == 0 and norm_ab is not None else _norm(a_mat[:, k:]) * _norm(b_mat[k:]))
+    prod_norm = {k: (norm_ab if k == 0 and norm_ab is not None
+                     else _norm_bounds(a_mat[:, k:])[0] * _norm_bounds(b_mat[k:])[0])
                  if k < n else 0.0 for k in checks}
 
     def rad(k: int) -> float:
@@ -378,8 +403,8 @@ def _branch_and_bound_impl(a_mat: torch.Tensor, b_mat: torch.Tensor, lo: float, 
         # the root's bound needs ||N|| = |c| ||A B||, and the vertex with every slope at the end of larger
         # magnitude attains max(|lo|, |hi|) ||A B||: a lower value for free, where the completion's rounds cost
         # two more wide matmuls and norms (1728-wide: 0.8 of an inner problem's 1.5 s on inception_v3)
-        n0_norm = _norm(n0)
-        root_ub = node_ub(0, n0) if quad else n0_norm + rad(0)
+        n0_upper, n0_norm = _norm_bounds(n0)
+        root_ub = node_ub(0, n0) if quad else n0_upper + rad(0)
         attained = n0_norm * max(abs(lo), abs(hi)) / abs(c)
         pattern = torch.full((n,), abs(hi) >= abs(lo), dtype=torch.bool)
         exact = root_ub <= attained * (1 + 1e-12)
@@ -697,10 +722,11 @@ def seqlip_chain(mats: list[torch.Tensor], slopes: list[tuple[float, float] | Ne
     if len(slopes) != len(mats) - 1:
         raise ValueError("need one slope interval per activation (len(mats) - 1)")
     if len(mats) == 1:
-        auto_cert = _norm(mats[0].to(_DT)) * (1 + ROUNDING_MARGIN)
-        return ChainBound(auto_cert, True, "dense SVD norm", auto_cert, [], time.perf_counter() - t0)
+        auto_cert = _norm_bounds(mats[0].to(_DT))[0] * (1 + ROUNDING_MARGIN)
+        return ChainBound(auto_cert, True, "dense certified norm", auto_cert, [], time.perf_counter() - t0)
     factors, inner_norms = _factors_and_inner_norms(mats)  # the inner matrices' norms from their SVDs
-    norms = [inner_norms[i] if i in inner_norms else _norm(m.to(_DT)) for i, m in enumerate(mats)]
+    # upper values: they enter the dense AutoLip cap and the pairs' triangle bounds (norm_ab)
+    norms = [inner_norms[i] if i in inner_norms else _norm_bounds(m.to(_DT))[0] for i, m in enumerate(mats)]
     auto = math.prod(norms) * math.prod(_slope_max(s) for s in slopes)
     auto_cert = auto * (1 + ROUNDING_MARGIN) ** len(mats)
     results = []

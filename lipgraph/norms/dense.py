@@ -63,17 +63,19 @@ def _gram_err(w: torch.Tensor, inner: int) -> float:
     return 4.0 * (inner + 2) * U64 * float(torch.linalg.vector_norm(w)) ** 2  # one pass, no temporaries
 
 
-def gram_norm(h: torch.Tensor, err: float) -> NormResult:
+def gram_norm(h: torch.Tensor, err: float, delta: float = CHOLESKY_DELTA) -> NormResult:
     """``sqrt(max_b lambda_max(H_b))`` for exact Gram matrices ``H_b`` given their float64 values ``h``
     (b, n, n) with ``||h_b - H_b||_2 <= err``, certified. ``n <= DENSE_SVD_MAX``: LAPACK eigenvalues
     (backward stable, covered by ``ROUNDING_MARGIN``) plus ``err``. Larger: a float64 Lanczos estimate
-    (``GRAM_LANCZOS_STEPS``) and the Cholesky certificate of :func:`certify_psd_max`. More than 4 blocks wider than
+    (``GRAM_LANCZOS_STEPS``, stopped once it moves less than ``delta / 4``) and the Cholesky certificate of
+    :func:`certify_psd_max`, at most ``delta`` (relative, on ``lambda_max``) above the estimate when the first
+    test passes. More than 4 blocks wider than
     ``BATCHED_GRAM_MIN`` (grouped convs, depthwise convs materialised per group): one batched certificate
     (single-precision Lanczos on the blocks of largest trace, one batched Cholesky: ``n^3 / 3`` flops per
     block where an eigensolve costs ~10 ``n^3``). ``lower``: the square root of the largest eigenvalue /
     Rayleigh quotient found, in float64 (a value the Gram matrix attains, up to rounding)."""
     if h.shape[0] > BATCHED_GRAM_MIN_BLOCKS and h.shape[-1] > BATCHED_GRAM_MIN:  # n^3 / 3 per block instead of ~10 n^3
-        r = certify_psd_max(h, err, lanczos_steps=40)
+        r = certify_psd_max(h, err, lanczos_steps=40, delta=delta)
         lower = 0.0
         if r.vector is not None:
             v = r.vector.to(h.dtype)
@@ -86,16 +88,18 @@ def gram_norm(h: torch.Tensor, err: float) -> NormResult:
     best_upper, best_lower = 0.0, 0.0
     for hb in h:
         theta = lanczos_max(lambda v, hb=hb: hb @ v, hb.shape[0], hb.device, steps=GRAM_LANCZOS_STEPS,
-                            tol=CHOLESKY_DELTA / 4)
-        r = certify_psd_max(hb[None], err, estimate=theta)
+                            tol=delta / 4)
+        r = certify_psd_max(hb[None], err, estimate=theta, delta=delta)
         best_upper = max(best_upper, math.sqrt(r.upper) * (1 + ROUNDING_MARGIN))
         best_lower = max(best_lower, math.sqrt(max(theta, 0.0)))
     return NormResult(best_upper, True, "gram-lanczos-cholesky", best_lower)
 
 
-def dense_norm(w: torch.Tensor, device: torch.device | str | None = None) -> NormResult:
+def dense_norm(w: torch.Tensor, device: torch.device | str | None = None,
+               delta: float = CHOLESKY_DELTA) -> NormResult:
     """||W||_2 of a dense matrix (batched: max over leading dims), certified: the float64 Gram matrix of
-    the smaller side, with rounding bound ``4 (m + 2) u ||W||_F^2``, then :func:`gram_norm`."""
+    the smaller side, with rounding bound ``4 (m + 2) u ||W||_F^2``, then :func:`gram_norm` (``delta``: its
+    certificate's distance above the estimate)."""
     dev = torch.device(device) if device is not None else w.device
     w64 = w.detach().to(device=dev, dtype=torch.float64)
     if w64.ndim == 1:
@@ -106,5 +110,5 @@ def dense_norm(w: torch.Tensor, device: torch.device | str | None = None) -> Nor
     rows, cols = w64.shape[-2:]
     a = w64 if rows <= cols else w64.mT
     err = _gram_err(a, a.shape[-1]) if w64.shape[0] == 1 else max(_gram_err(x, x.shape[-1]) for x in a)
-    return gram_norm(gram_rows(a), err)
+    return gram_norm(gram_rows(a), err, delta)
 
