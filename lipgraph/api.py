@@ -16,7 +16,7 @@ from . import ir
 from .bounds import METHODS
 from .bounds.linear_bounds import tightened_ranges
 from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
-from .bounds.lower import PatternTargets, lower_bound, pass_work, search_plan
+from .bounds.lower import PatternTargets, lower_bound, pass_work, pattern_passes, search_plan
 from .bounds.on_domain import domain_constants
 from .bounds.ranges import propagate
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, subgraph_constant
@@ -265,7 +265,7 @@ def _widened(model: Any, example_input: Any) -> tuple[Any, Any]:
 
 def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: Domain | None,
               plan: dict[str, int], seed: int, patterns: PatternTargets | None = None,
-              copies: dict[str, Any] | None = None) -> Any:
+              copies: dict[str, Any] | None = None, pattern_budget: int | None = None) -> Any:
     """The lower-bound search on the model (its float64 copy re-evaluates the witness), else on the IR (float32
     search, float64 IR re-evaluation): the IR path serves ONNX files and models whose ops lack forward-mode AD
     (PyTorch's fused CPU attention), since the IR runs attention as matmuls and softmax. None if both fail.
@@ -294,7 +294,8 @@ def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: D
         m64 = copies["model"]
         tries.append((model, run_ir64 if m64 is None else (lambda *zs, _m=m64: _m(*(z.double() for z in zs)))))
     tries += [(run_ir, run_ir64), (run_ir, None)]
-    kw: dict[str, Any] = {"domain": domain, "patterns": patterns} if domain is not None else {}
+    kw: dict[str, Any] = ({"domain": domain, "patterns": patterns, "pattern_budget": pattern_budget}
+                          if domain is not None else {})
     for fn, f64 in tries:
         torch.manual_seed(seed)
         try:
@@ -351,9 +352,11 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
         rng_devices = [dev.index or 0] if dev.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=rng_devices):  # the search's own draws, seeded, then restored
-                plan = search_plan(pass_work(ir.model_macs(g), g.number_of_nodes()), lower_budget)
+                work = pass_work(ir.model_macs(g), g.number_of_nodes())
+                plan = search_plan(work, lower_budget)
                 patterns = dom["patterns"] if dom is not None else None
-                lb = _attained(model, g, xs, domain, plan, seed, patterns, base["float64"])
+                lb = _attained(model, g, xs, domain, plan, seed, patterns, base["float64"],
+                               pattern_passes(work, lower_budget))
         finally:
             restore_training_modes(base["modes"])
         lower_value = lb.value if lb is not None else None

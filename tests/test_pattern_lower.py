@@ -97,3 +97,33 @@ def test_mnist_attained_values_improve() -> None:
         assert rep.lower >= before * (1 - 1e-4)
         assert rep.lower <= rep.upper
         assert rep.upper / rep.lower <= MNIST_RATIO_002 + 0.005
+
+
+def test_the_pattern_search_spends_at_most_its_pass_budget() -> None:
+    """With ``pattern_budget`` the steering and the hill climb stop where the budget ends: on a 200-neuron layer
+    (a climb over every unstable neuron would take thousands of passes) the pattern reads stay within it, the
+    value stays an attained one, at most the unbudgeted search's (its steps are a prefix of them), and
+    ``analyze`` sets the budget from the model's size (:func:`lipgraph.bounds.lower.pattern_passes`)."""
+    from lipgraph.bounds.lower import MIN_PATTERN_PASSES, SEARCH_WORK, pattern_passes  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 200), nn.ReLU(), nn.Linear(200, 4)).double()
+    x = torch.rand(1, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dom = Ball(x, 0.5, "linf")
+    calls = [0]
+
+    def preact(z: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return net[0](z.reshape(1, -1)).reshape(-1)
+
+    targets = PatternTargets(preact, [torch.ones(200)], 1e-3)
+    free = lower_bound(net, (x,), restarts=1, seed=0, domain=dom, f64=net, patterns=targets, pattern_steps=8)
+    unbudgeted = calls[0]
+    calls[0] = 0
+    capped = lower_bound(net, (x,), restarts=1, seed=0, domain=dom, f64=net, patterns=targets, pattern_steps=8,
+                         pattern_budget=60)
+    assert unbudgeted > 400  # the climb reads every neuron's pattern
+    assert calls[0] <= 60
+    assert 0 < capped.value <= free.value * (1 + 1e-12)
+    assert pattern_passes(1e12) == MIN_PATTERN_PASSES and pattern_passes(1e6) == int(SEARCH_WORK / 1e6)
+    assert pattern_passes(1e6, restarts=4) is None  # the caller asked for a search size: no limit

@@ -76,6 +76,23 @@ def pass_work(macs: int, nodes: int) -> float:
     return float(macs) + NODE_PASS_WORK * nodes
 
 
+#: The pattern search on a domain (steering toward sign patterns, then the one-flip hill climb) may spend
+#: :data:`SEARCH_WORK` in model passes too, at least this many (:func:`pattern_passes`). Unbudgeted, the climb tried
+#: every unstable neuron for ``pattern_steps // 4`` passes each: PP-OCR's text-direction classifier (a trained
+#: MobileNetV3 at 3x48x192, thousands of unstable ReLUs on a ball of one grey level) ran past 10 minutes, where
+#: the LipSDP MNIST network's climb (35-50 unstable neurons) takes about 2000 of its 7500 allowed passes.
+MIN_PATTERN_PASSES = 200
+
+
+def pattern_passes(macs: float, restarts: int | None = None) -> int | None:
+    """Model passes (forward or backward) the pattern search may spend: ``SEARCH_WORK / macs`` (``macs`` from
+    :func:`pass_work`), at least :data:`MIN_PATTERN_PASSES`; None (no limit) when the caller set ``restarts``, as
+    :func:`search_plan` then runs the default search whatever it costs."""
+    if restarts is not None:
+        return None
+    return max(MIN_PATTERN_PASSES, int(SEARCH_WORK / max(float(macs), 1.0)))
+
+
 def search_plan(macs: float, restarts: int | None = None) -> dict[str, int]:
     """The lower-bound search's sizes for a model of ``macs`` multiply-adds a pass (:func:`pass_work`).
 
@@ -221,6 +238,7 @@ def lower_bound(
     patterns: PatternTargets | None = None,
     pattern_steps: int = 100,
     climb_rounds: int = 2,
+    pattern_budget: int | None = None,
 ) -> LowerBound:
     """Largest ``||J_f(x)||_2`` found around ``example_inputs`` (an attained value: a lower bound).
 
@@ -259,7 +277,9 @@ def lower_bound(
     a target that is infeasible in the domain (a partial pattern reached) still counts. Then a hill
     climb over the patterns the domain allows (:func:`pattern_climb`, ``climb_rounds`` passes): flip
     one targeted neuron of the pattern reached, steer there (``pattern_steps // 4`` steps), keep the
-    point if it reaches that pattern with a larger ``||J||``.
+    point if it reaches that pattern with a larger ``||J||``. ``pattern_budget``: the most model passes the
+    pattern search may spend (each steering step a forward and a backward pass, each pattern read a forward
+    pass, each ``||J||`` evaluation ``2 power_iters + 2``); it stops where the budget ends (None: no limit).
 
     The work is fixed (``restarts`` x (``ascent_steps + 1`` Jacobian evaluations + ``secant_steps`` secant
     steps)), never timed, so the value is the same
@@ -267,7 +287,8 @@ def lower_bound(
     if domain is not None:
         return _lower_on_domain(f, example_inputs, domain, restarts=restarts, ascent_steps=ascent_steps,
                                 power_iters=power_iters, secant_steps=secant_steps, seed=seed, f64=f64,
-                                patterns=patterns, pattern_steps=pattern_steps, climb_rounds=climb_rounds)
+                                patterns=patterns, pattern_steps=pattern_steps, climb_rounds=climb_rounds,
+                                pattern_budget=pattern_budget)
     t0 = time.perf_counter()
     shapes = [tuple(x.shape) for x in example_inputs]
     g = _flat_fn(f, shapes)
@@ -341,7 +362,8 @@ def _domain_size(domain: Domain, like: torch.Tensor) -> tuple[float, bool]:
 def _lower_on_domain(f: Callable[..., object], example_inputs: Sequence[torch.Tensor], domain: Domain, *,
                      restarts: int, ascent_steps: int, power_iters: int, secant_steps: int, seed: int,
                      f64: Callable[..., object] | None, patterns: PatternTargets | None = None,
-                     pattern_steps: int = 100, climb_rounds: int = 2) -> LowerBound:
+                     pattern_steps: int = 100, climb_rounds: int = 2,
+                     pattern_budget: int | None = None) -> LowerBound:
     """:func:`lower_bound` with every evaluated point in ``domain`` (see its docstring)."""
     t0 = time.perf_counter()
     if len(example_inputs) != 1:
@@ -391,16 +413,21 @@ def _lower_on_domain(f: Callable[..., object], example_inputs: Sequence[torch.Te
                 consider("secant", sec, pair[0], pair[0] + pair[1])
             points += secant_steps
     if patterns is not None and full:
+        budget = PassBudget(pattern_budget)
+
         def norm_at(z: torch.Tensor) -> tuple[float, torch.Tensor]:
+            budget.spend(2 * power_iters + 2)
             return jacobian_norm(g, z, power_iters, torch.randn(n, generator=gen).to(dtype).to(dev))
 
         for s in patterns.signs:
+            if budget.spent_out():
+                break
             try:
                 found = [(*norm_at(z), z) for z in pattern_points(patterns, s, proj(starts[0].to(dtype).to(dev)), proj,
-                                                                 size, pattern_steps)]
+                                                                 size, pattern_steps, budget)]
                 sigma, v, z = max(found, key=lambda t: t[0])
                 sigma, v, z, evals = pattern_climb(patterns, norm_at, (sigma, v, z), proj, size,
-                                                   max(1, pattern_steps // 4), climb_rounds)
+                                                   max(1, pattern_steps // 4), climb_rounds, budget)
                 consider("jacobian", sigma, z, v)
                 points += len(found) + evals
             except (RuntimeError, TypeError, ValueError):  # pre-activations the search cannot run: skip
@@ -412,12 +439,27 @@ def _lower_on_domain(f: Callable[..., object], example_inputs: Sequence[torch.Te
     return LowerBound(best, time.perf_counter() - t0, points, "domain-search", witness)
 
 
+@dataclass
+class PassBudget:
+    """Model passes left to a search (``None``: no limit), spent as they are made; counted work, not time."""
+
+    left: int | None
+
+    def spend(self, passes: int) -> None:
+        if self.left is not None:
+            self.left -= passes
+
+    def spent_out(self, need: int = 1) -> bool:
+        return self.left is not None and self.left < need
+
+
 def pattern_points(targets: PatternTargets, signs: torch.Tensor, z0: torch.Tensor, proj: Projection,
-                   size: float, steps: int) -> list[torch.Tensor]:
+                   size: float, steps: int, budget: PassBudget | None = None) -> list[torch.Tensor]:
     """Points of the domain steered toward the sign pattern ``signs`` of ``targets.preact``: projected Adam
     (step ``0.02 size / sqrt(n)`` per coordinate, ``size`` the domain's diameter) from ``z0`` on the hinge
     loss ``sum_j relu(margin_j - s_j z_j(x))``. Returns the point of least loss and the last point (both
-    projected; one point when they agree). Fixed work: ``steps`` forward and backward passes."""
+    projected; one point when they agree). Fixed work: ``steps`` forward and backward passes (fewer where
+    ``budget`` runs out: each step spends 2 of its passes)."""
     s = signs.to(z0.dtype).to(z0.device)
     margin = targets.margin.to(z0.dtype).to(z0.device) if isinstance(targets.margin, torch.Tensor) \
         else targets.margin
@@ -425,6 +467,10 @@ def pattern_points(targets: PatternTargets, signs: torch.Tensor, z0: torch.Tenso
     opt = torch.optim.Adam([x], lr=0.02 * size / math.sqrt(max(1, z0.numel())))
     best_loss, best = math.inf, z0.detach().clone()
     for _ in range(steps):
+        if budget is not None:
+            if budget.spent_out(2):
+                break
+            budget.spend(2)
         loss = torch.relu(margin - s * targets.preact(x)).sum()
         if float(loss.detach()) < best_loss:
             best_loss, best = float(loss.detach()), x.detach().clone()
@@ -438,28 +484,33 @@ def pattern_points(targets: PatternTargets, signs: torch.Tensor, z0: torch.Tenso
     return [best] if torch.equal(best, last) else [best, last]
 
 
-def _reached(targets: PatternTargets, z: torch.Tensor) -> torch.Tensor:
-    """The sign pattern of the targeted neurons at ``z`` (``+1``: ``z_j > 0``, else ``-1``)."""
+def _reached(targets: PatternTargets, z: torch.Tensor, budget: PassBudget | None = None) -> torch.Tensor:
+    """The sign pattern of the targeted neurons at ``z`` (``+1``: ``z_j > 0``, else ``-1``; one forward pass)."""
+    if budget is not None:
+        budget.spend(1)
     with torch.no_grad():
         return torch.where(targets.preact(z).to(torch.float64) > 0, 1.0, -1.0)
 
 
 def pattern_climb(targets: PatternTargets, norm_at: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
                   start: tuple[float, torch.Tensor, torch.Tensor], proj: Projection, size: float, steps: int,
-                  rounds: int) -> tuple[float, torch.Tensor, torch.Tensor, int]:
+                  rounds: int, budget: PassBudget | None = None) -> tuple[float, torch.Tensor, torch.Tensor, int]:
     """Hill climb over reachable patterns: from ``start = (||J(z)||, v, z)``, for each targeted neuron in
     turn, steer (:func:`pattern_points`, ``steps`` steps from ``z``) toward the pattern reached at ``z``
     with that neuron flipped; a point that reaches it with a larger ``||J||`` replaces ``z``. ``rounds``
-    passes (fewer when a pass changes nothing). Returns ``(value, v, z, Jacobian evaluations)``."""
+    passes (fewer when a pass changes nothing, or where ``budget`` runs out). Returns ``(value, v, z, Jacobian
+    evaluations)``."""
     sigma, v, z = start
     evals = 0
     for _ in range(rounds):
         improved = False
-        for j in range(len(_reached(targets, z))):
-            want = _reached(targets, z)
+        for j in range(len(_reached(targets, z, budget))):
+            if budget is not None and budget.spent_out():
+                return sigma, v, z, evals
+            want = _reached(targets, z, budget)
             want[j] = -want[j]
-            for cand in pattern_points(targets, want, z, proj, size, steps)[:1]:
-                if not torch.equal(_reached(targets, cand), want):
+            for cand in pattern_points(targets, want, z, proj, size, steps, budget)[:1]:
+                if not torch.equal(_reached(targets, cand, budget), want):
                     continue
                 s2, v2 = norm_at(cand)
                 evals += 1
