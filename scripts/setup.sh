@@ -23,4 +23,10 @@ if ! .venv/bin/python -c "import torch, torchvision, onnx, onnxruntime, onnxscri
   .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 fi
+# a trained model that a pip wheel ships (PP-OCR's text-direction classifier, for tests/test_shipped_models.py):
+# the wheel only, without its dependencies (OpenCV and others); lipgraph reads its ONNX file and runs none of it
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('rapidocr_onnxruntime') is None)"; then
+  echo "setup: installing rapidocr-onnxruntime 1.4.4 (no dependencies: only its trained ONNX models are used)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps rapidocr-onnxruntime==1.4.4 2>&1 | grep -v "^WARNING: Location" || true
+fi
 .venv/bin/python -c "import torch, torchvision, lipgraph; print('setup: ok, torch', torch.__version__, 'torchvision', torchvision.__version__)"

@@ -213,6 +213,46 @@ def test_older_opsets_decomposed_gelu_and_layernorm(opset: int, tmp_path: Path) 
     assert rel(bound(model, x), bound(str(path), x)) < REL
 
 
+class SpelledHardswish(nn.Module):
+    """Hard-swish spelled out as PaddlePaddle's exporter writes it (``x * clip(x + 3, 0, 6) / 6``, PP-OCR's
+    MobileNetV3) and as ``x * hardsigmoid(x)`` (ONNX HardSigmoid with alpha 1/6), then a gate that multiplies
+    two different tensors."""
+
+    def __init__(self, gate: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.gate = gate
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h * torch.clamp(h + 3, 0, 6) / 6
+        h = self.b(h)
+        h = h * F.hardsigmoid(h)
+        if self.gate:
+            h = h * torch.sigmoid(self.b(h))
+        return self.c(h)
+
+
+def test_spelled_out_hardswish_is_one_elementwise_rule(tmp_path: Path) -> None:
+    """Both spellings become one ``hardswish`` node each (slope in [-1/2, 3/2]): no product of two variables,
+    the same bound as the PyTorch model's own ``nn.Hardswish``; a gate of two different tensors stays a
+    product (``inf``)."""
+    model = SpelledHardswish().eval()
+    x = torch.randn(3, 4) * 3
+    path = export(model, x, tmp_path / "hsw.onnx", opset_version=13)
+    g = assert_matches_ort(path, x)
+    kinds = ir.summary(g)
+    assert kinds["hardswish"] == 2 and "mul_var" not in kinds and "opaque" not in kinds
+    reference = nn.Sequential(model.a, nn.Hardswish(), model.b, nn.Hardswish(), model.c).eval()
+    assert rel(bound(reference, x), bound(str(path), x)) < REL
+    assert math.isfinite(bound(str(path), x))
+    gated = SpelledHardswish(gate=True).eval()
+    path2 = export(gated, x, tmp_path / "gated.onnx", opset_version=13)
+    kinds2 = ir.summary(assert_matches_ort(path2, x))
+    assert kinds2["hardswish"] == 2 and kinds2["mul_var"] == 1
+    assert math.isinf(bound(str(path2), x))
+
+
 def test_unfused_export_keeps_batchnorm_and_the_same_bound(tmp_path: Path) -> None:
     """Without constant folding the exporter keeps BatchNormalization: the ONNX IR then has the very
     nodes of the PyTorch IR, and node-wise constants agree."""

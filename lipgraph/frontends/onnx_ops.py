@@ -529,7 +529,47 @@ def _fused_activation(b: Builder, a: Value, c: Value) -> Value | None:
                 b.drop(n.name)
                 b.drop(p.name)
                 return b.emit("mish", [x])
+    for x, other in ((a, c), (c, a)):
+        y = _fused_hardswish(b, x, other)
+        if y is not None:
+            return y
     return _fused_gelu(b, a, c)
+
+
+def _fused_hardswish(b: Builder, x: Value, other: Value) -> Value | None:
+    """Hard-swish as exporters spell it: ``x * clip(x + 3, 0, 6)`` (the trailing ``/ 6`` stays a scale), mapped
+    to ``6 * hardswish(x)``, and ``x * hardsigmoid(x)`` with slope 1/6 and offset 1/2 (ONNX HardSigmoid with
+    those parameters, or a scale, an add and a clip to [0, 1]), mapped to ``hardswish(x)``: one elementwise
+    function of ``x`` with slope in [-1/2, 3/2], where the product of two variables would be an ``inf``."""
+    relu6 = _node_if(b, other.node, "relu6")
+    if relu6 is not None:
+        add = _node_if(b, relu6.inputs[0], "add")
+        if (add is not None and add.inputs == [x.node] and add.attrs.get("coeffs") == [1.0]
+                and _is_const(add, 3.0)):
+            for n in (relu6, add):
+                b.drop(n.name)
+            y = b.emit("hardswish", [x])
+            return b.emit("scale", [y], {"divide": False}, {"const": torch.tensor(6.0, dtype=x.value.dtype)})
+    hsig = _node_if(b, other.node, "hardsigmoid")  # ONNX HardSigmoid with PyTorch's alpha 1/6, beta 1/2
+    if hsig is not None and hsig.inputs == [x.node]:
+        b.drop(hsig.name)
+        return b.emit("hardswish", [x])
+    clip = _node_if(b, other.node, "hardtanh")  # clip(x / 6 + 1/2, 0, 1) written out
+    if clip is None or clip.attrs.get("min_val") != 0.0 or clip.attrs.get("max_val") != 1.0:
+        return None
+    add = _node_if(b, clip.inputs[0], "add")
+    if add is None or add.attrs.get("coeffs") != [1.0] or not _is_const(add, 0.5):
+        return None
+    scale = _node_if(b, add.inputs[0], "scale")
+    if scale is None or scale.inputs != [x.node] or scale.params["const"].numel() != 1:
+        return None
+    k = float(scale.params["const"])
+    slope = 1.0 / k if scale.attrs.get("divide") else k
+    if abs(slope - 1.0 / 6.0) > 1e-6:
+        return None
+    for n in (clip, add, scale):
+        b.drop(n.name)
+    return b.emit("hardswish", [x])
 
 
 def _node_if(b: Builder, name: str | None, op: str, uses: int = 1, origin: str | None = None) -> ir.IRNode | None:
