@@ -279,3 +279,55 @@ def test_wrong_number_of_inputs() -> None:
         trace(nn.Linear(3, 3), (torch.randn(1, 3), torch.randn(1, 3)))
     with pytest.raises(lipgraph.InputShapeError, match="failed at"):
         trace(nn.Sequential(nn.Linear(3, 3)), torch.randn(1, 4))
+
+
+class _SelfProducts(nn.Module):
+    """SiLU and hard-swish spelled as products of a tensor and a function of itself (hand-written MobileNetV3 and
+    EfficientNet code), next to a gate of two different tensors and a sigmoid read twice."""
+
+    def __init__(self, gate: bool = False, shared: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.gate, self.shared = gate, shared
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h * torch.sigmoid(h)
+        h = h * F.relu6(h + 3) / 6
+        h = self.b(h)
+        h = h * F.hardsigmoid(h)
+        h = h * F.hardtanh(h + 3, 0.0, 6.0) / 6
+        if self.gate:
+            h = h * torch.sigmoid(self.b(h))  # two different tensors: a product
+        if self.shared:
+            s = torch.sigmoid(h)
+            h = h * s + s  # the sigmoid is read twice: not folded
+        return self.c(h)
+
+
+def test_products_of_a_tensor_and_a_function_of_it_become_elementwise_rules() -> None:
+    """x * sigmoid(x) -> silu, x * relu6(x + 3) / 6, x * hardtanh(x + 3, 0, 6) / 6 and x * hardsigmoid(x) ->
+    hardswish: no product left, the IR equals the model on other inputs, and the bound is that of the same model
+    written with nn.SiLU / nn.Hardswish (finite, where the products gave inf). A gate of two tensors and a
+    sigmoid that something else reads stay as they were."""
+    torch.manual_seed(0)
+    model = _SelfProducts().eval()
+    x = torch.randn(5, 4) * 3
+    g = trace(model, x)
+    kinds = ir.summary(g)
+    assert kinds.get("silu") == 1 and kinds.get("hardswish") == 3 and "mul_var" not in kinds
+    for k in range(3):
+        z = torch.randn(5, 4, generator=torch.Generator().manual_seed(k)) * 4
+        torch.testing.assert_close(execute(g, z), model(z), rtol=1e-6, atol=1e-6)
+    ref = nn.Sequential(model.a, nn.SiLU(), nn.Hardswish(), model.b, nn.Hardswish(), nn.Hardswish(), model.c)
+    for z in (x, torch.randn(5, 4) * 4):
+        torch.testing.assert_close(ref(z), model(z), rtol=1e-6, atol=1e-6)
+    got = analyze(model, x, lower=False, method="autolip").upper
+    want = analyze(ref, x, lower=False, method="autolip").upper
+    assert math.isfinite(got) and got == pytest.approx(want, rel=1e-9)
+    gated = trace(_SelfProducts(gate=True).eval(), x)
+    assert ir.summary(gated).get("mul_var") == 1
+    shared = _SelfProducts(shared=True).eval()
+    gs = trace(shared, x)
+    assert ir.summary(gs).get("mul_var") == 1 and ir.summary(gs).get("sigmoid") == 1
+    torch.testing.assert_close(execute(gs, x), shared(x), rtol=1e-6, atol=1e-6)

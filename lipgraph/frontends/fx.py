@@ -37,6 +37,7 @@ from ..errors import InputShapeError, TraceError
 from ..ops import execute, structural
 from ..ops.registry import kind_spelled, module_spellings, torch_spellings
 from . import finite, fx_attention, fx_canon, fx_windows
+from .fuse import fuse_self_products
 from .fx_canon import Canon, Var
 
 #: Custom ops registered through :func:`lipgraph.register_op`: module type or function -> op kind.
@@ -448,6 +449,7 @@ def trace(
         if frontend == "torch.export":
             out_spec = gm.graph._codegen.pytree_info.out_spec  # Interpreter.run already applied it
         g = _build(gm, recorder.env, type(model).__name__, frontend, out_spec)
+        fuse_self_products(g)  # x * sigmoid(x) and hard-swish spelled out: checked below with the rest
         finite.check_graph(g, TraceError)
         inplace = [f"{n.name!r} ({_origin(n, gm)})" for n in gm.graph.nodes
                    if n.op in ("call_function", "call_method", "call_module") and _mutated_input(n, gm) is not None]
