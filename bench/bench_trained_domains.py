@@ -1,6 +1,6 @@
 """Benchmark: trained models, global interval vs the interval on input domains around test points.
 
-    python bench/bench_trained_domains.py [--points 5]
+    python bench/bench_trained_domains.py [--points 5] [--models mlp,cnn] [--domains linf0.02,linf0.05,l2]
 
 Models: the digits MLP of ``../shared/benchmarks/chains`` (64-200-200-200-10, trained, test accuracy 0.976;
 inputs are sklearn's digits scaled to [0,1] by /16, on which it classifies 99.4% of the data set) and a small
@@ -66,13 +66,19 @@ def fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 40) -> n
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--points", type=int, default=5)
+    p.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    p.add_argument("--domains", default="linf0.02,linf0.05,l2", help="comma-separated: linf0.02, linf0.05, l2")
     args = p.parse_args(argv)
+    wanted_models, wanted_domains = set(args.models.split(",")), set(args.domains.split(","))
     xs, ys = load_digits(return_X_y=True)
     x = torch.tensor(xs / 16.0, dtype=torch.float32)
     y = torch.tensor(ys)
     train, test = slice(0, 1400), slice(1400, None)
-    models = {"digits MLP 64-200x3-10 (shared)": shared_mlp(),
-              "digits CNN (trained here)": digits_cnn(x[train], y[train])}
+    models = {}
+    if "mlp" in wanted_models:
+        models["digits MLP 64-200x3-10 (shared)"] = shared_mlp()
+    if "cnn" in wanted_models:
+        models["digits CNN (trained here)"] = digits_cnn(x[train], y[train])
     gen = torch.Generator().manual_seed(3)
     pick = torch.randperm(len(x) - 1400, generator=gen)[: args.points] + 1400
     print(f"{'model':<34} {'domain':<22} {'global [lower, upper]':>24} {'ratio':>7} "
@@ -83,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         # the global interval: every default algorithm but SeqLip, whose global branch and bound on the
         # 200-wide chain takes minutes (its certified value, 134.6-179 class, is in bench/results/chains.txt)
         glob = lipgraph.analyze(net, x[:1], method=["autolip", "affine", "combettes-pesquet", "eclipse-fast"])
-        for label, make in [("linf 0.02 in [0,1]", lambda c: Ball(c, 0.02, "linf", clip=(0, 1))),
-                            ("linf 0.05 in [0,1]", lambda c: Ball(c, 0.05, "linf", clip=(0, 1))),
-                            ("l2 0.1", lambda c: Ball(c, 0.1, "l2"))]:
+        for key, label, make in [("linf0.02", "linf 0.02 in [0,1]", lambda c: Ball(c, 0.02, "linf", clip=(0, 1))),
+                                 ("linf0.05", "linf 0.05 in [0,1]", lambda c: Ball(c, 0.05, "linf", clip=(0, 1))),
+                                 ("l2", "l2 0.1", lambda c: Ball(c, 0.1, "l2"))]:
+            if key not in wanted_domains:
+                continue
             ups, lows, secs = [], [], []
             for i in pick.tolist():
                 c = x[i:i + 1]

@@ -253,6 +253,57 @@ def test_spelled_out_hardswish_is_one_elementwise_rule(tmp_path: Path) -> None:
     assert math.isinf(bound(str(path2), x))
 
 
+def _hardswish_like(tmp: Path, name: str, shift: float, scale_op: str = "Div", scale: float = 6.0,
+                    shift_shape: tuple[int, ...] = (), x_shape: tuple[int, ...] = (1, 1)) -> Path:
+    """``x * clip(x + shift, 0, 6) / 6``, or ``x * clip(x / scale + 1/2, 0, 1)`` when ``scale_op`` is
+    ``"DivClip1"``."""
+    if scale_op == "DivClip1":
+        nodes = [helper.make_node("Div", ["x", "k"], ["d"]), helper.make_node("Add", ["d", "half"], ["a"]),
+                 helper.make_node("Clip", ["a", "lo", "one"], ["r"]), helper.make_node("Mul", ["x", "r"], ["y"])]
+        inits = [init("k", scale), init("half", 0.5), init("lo", 0.0), init("one", 1.0)]
+    else:
+        nodes = [helper.make_node("Add", ["x", "k"], ["a"]), helper.make_node("Clip", ["a", "lo", "hi"], ["r"]),
+                 helper.make_node("Mul", ["x", "r"], ["m"]), helper.make_node("Div", ["m", "six"], ["y"])]
+        inits = [init("k", np.full(shift_shape, shift)), init("lo", 0.0), init("hi", 6.0), init("six", 6.0)]
+    return save(tmp, name, nodes, [vi("x", list(x_shape))], [vi("y", None)], inits, opset=13)
+
+
+def test_hardswish_is_fused_only_when_it_is_the_same_function(tmp_path: Path) -> None:
+    """A near-3 shift (kinks 3e-5 away: a box between them would get hard-swish's flat slope 0, where the file's
+    function has slope -1/2) stays a product; a division by 0 in the written-out hard-sigmoid is not a load
+    error; a broadcasting (1, 1) shift keeps the product's (1, 1) shape; a division by 6 exactly fuses."""
+    x = torch.tensor([[-3.00001]])
+    near = _hardswish_like(tmp_path, "near", float(np.float32(3.0 + 2.9e-5)))
+    assert "mul_var" in ir.summary(assert_matches_ort(near, x))
+    zero = _hardswish_like(tmp_path, "zero", 0.0, "DivClip1", 0.0)
+    assert "hardswish" not in ir.summary(lipgraph.trace(zero, x))
+    wide = _hardswish_like(tmp_path, "wide", 3.0, shift_shape=(1, 1), x_shape=(4,))
+    g = assert_matches_ort(wide, torch.tensor([2.5, -1.0, 4.0, -3.5]))  # (4,) * (1, 1) -> (1, 4)
+    assert "hardswish" not in ir.summary(g)
+    exact = _hardswish_like(tmp_path, "exact", 0.0, "DivClip1", 6.0)
+    assert ir.summary(assert_matches_ort(exact, x)).get("hardswish") == 1
+
+
+@pytest.mark.parametrize("m", [0.9, float(np.float32(2 ** -0.5) * np.float32(1 + 1e-5)), float(np.float32(2 ** -0.5))])
+def test_erf_gelu_with_the_files_own_constant_is_the_same_function(m: float, tmp_path: Path) -> None:
+    """``0.5 x (1 + erf(m x))`` for an ``m`` that is not 1/sqrt 2 (float32's, one 1e-5 away, or 0.9): the IR is
+    that function (float64 IR against float64 math with the file's float32 ``m``, 1e-12), not GELU, and its
+    bound is GELU's, since ``x Phi(s x)`` has the same constant for every ``s > 0``."""
+    nodes = [helper.make_node("Mul", ["x", "m"], ["u"]), helper.make_node("Erf", ["u"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["x", "a"], ["p"]),
+             helper.make_node("Mul", ["p", "half"], ["y"])]
+    path = save(tmp_path, "gelu_m", nodes, [vi("x", [1, 5])], [vi("y", None)],
+                [init("m", m), init("one", 1.0), init("half", 0.5)], opset=13)
+    x = torch.linspace(-4, 4, 5).reshape(1, 5)
+    g = assert_matches_ort(path, x)
+    assert "mul_var" not in ir.summary(g) and ir.summary(g).get("gelu") == 1
+    z = torch.linspace(-6, 6, 5, dtype=torch.float64).reshape(1, 5)
+    m32 = float(np.float32(m))
+    want = 0.5 * z * (1 + torch.erf(m32 * z))
+    torch.testing.assert_close(execute(ir.to_float64(g), z), want, rtol=1e-12, atol=1e-12)
+    assert bound(str(path), x) == pytest.approx(bound(nn.GELU(), x), rel=1e-6)
+
+
 def test_unfused_export_keeps_batchnorm_and_the_same_bound(tmp_path: Path) -> None:
     """Without constant folding the exporter keeps BatchNormalization: the ONNX IR then has the very
     nodes of the PyTorch IR, and node-wise constants agree."""

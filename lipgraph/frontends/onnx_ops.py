@@ -198,11 +198,12 @@ def _gelu(b, node, ins, at):
 
 @mapping("HardSigmoid")
 def _hardsigmoid(b, node, ins, at):
-    """PyTorch's (alpha=1/6, beta=1/2): the ``hardsigmoid`` rule; otherwise clamp(alpha x + beta, 0, 1)
-    as scale -> add -> hardtanh (ONNX's default is alpha=0.2)."""
+    """PyTorch's (alpha=1/6, beta=1/2 exactly): the ``hardsigmoid`` rule; otherwise clamp(alpha x + beta, 0, 1)
+    as scale -> add -> hardtanh, the file's own constants (ONNX's default is alpha=0.2; an exported
+    ``nn.Hardsigmoid`` has alpha = float32(1/6), whose kinks lie 1.8e-7 from PyTorch's)."""
     x = _var(ins[0])
     alpha, beta = float(at.get("alpha", 0.2)), float(at.get("beta", 0.5))
-    if math.isclose(alpha, 1 / 6, rel_tol=1e-6) and math.isclose(beta, 0.5, rel_tol=1e-7):
+    if alpha == 1 / 6 and beta == 0.5:  # exactly (a float32 attribute never is): a near 1/6 moves the kinks
         return b.emit("hardsigmoid", [x])
     y = b.emit("scale", [x], {"divide": False}, {"const": torch.tensor(alpha, dtype=x.value.dtype)})
     y = b.emit("add", [y], {"coeffs": [1.0]}, {"const": torch.tensor(beta, dtype=x.value.dtype)})
@@ -536,63 +537,94 @@ def _fused_activation(b: Builder, a: Value, c: Value) -> Value | None:
     return _fused_gelu(b, a, c)
 
 
+def _exactly(n: ir.IRNode, value: float, key: str = "const") -> bool:
+    """``n``'s scalar constant is ``value`` exactly (no tolerance: a fused rule must be the same function)."""
+    c = n.params.get(key)
+    return c is not None and c.numel() == 1 and float(c) == value
+
+
 def _fused_hardswish(b: Builder, x: Value, other: Value) -> Value | None:
-    """Hard-swish as exporters spell it: ``x * clip(x + 3, 0, 6)`` (the trailing ``/ 6`` stays a scale), mapped
-    to ``6 * hardswish(x)``, and ``x * hardsigmoid(x)`` with slope 1/6 and offset 1/2 (ONNX HardSigmoid with
-    those parameters, or a scale, an add and a clip to [0, 1]), mapped to ``hardswish(x)``: one elementwise
-    function of ``x`` with slope in [-1/2, 3/2], where the product of two variables would be an ``inf``."""
+    """Hard-swish as exporters spell it, rewritten exactly (constants compared exactly, shapes equal), where the
+    product of two variables would be an ``inf``: ``x * clip(x + 3, 0, 6) = 6 hardswish(x)`` (the trailing
+    ``/ 6`` stays a scale); ``x * hardsigmoid(x) = hardswish(x)`` (the ``hardsigmoid`` rule is PyTorch's, slope
+    1/6 and offset 1/2 exactly); and ``x * clip(k x + 1/2, 0, 1) = hardswish(6 k x) / (6 k)`` for any ``k != 0``
+    (an ONNX HardSigmoid with ``alpha = float32(1/6)`` is such a clip), its scales by ``k`` and by 6 applied one at
+    a time so that every constant is the file's own or 6. Hard-swish's slope lies in [-1/2, 3/2]."""
+    if tuple(other.value.shape) != tuple(x.value.shape):  # a broadcasting constant would change the shape
+        return None
     relu6 = _node_if(b, other.node, "relu6")
     if relu6 is not None:
         add = _node_if(b, relu6.inputs[0], "add")
         if (add is not None and add.inputs == [x.node] and add.attrs.get("coeffs") == [1.0]
-                and _is_const(add, 3.0)):
+                and _exactly(add, 3.0) and tuple(add.out_shape) == tuple(x.value.shape)):
             for n in (relu6, add):
                 b.drop(n.name)
             y = b.emit("hardswish", [x])
             return b.emit("scale", [y], {"divide": False}, {"const": torch.tensor(6.0, dtype=x.value.dtype)})
-    hsig = _node_if(b, other.node, "hardsigmoid")  # ONNX HardSigmoid with PyTorch's alpha 1/6, beta 1/2
+        return None
+    hsig = _node_if(b, other.node, "hardsigmoid")
     if hsig is not None and hsig.inputs == [x.node]:
         b.drop(hsig.name)
         return b.emit("hardswish", [x])
-    clip = _node_if(b, other.node, "hardtanh")  # clip(x / 6 + 1/2, 0, 1) written out
+    clip = _node_if(b, other.node, "hardtanh")  # clip(k x + 1/2, 0, 1): HardSigmoid, or written out
     if clip is None or clip.attrs.get("min_val") != 0.0 or clip.attrs.get("max_val") != 1.0:
         return None
-    add = _node_if(b, clip.inputs[0], "add")
-    if add is None or add.attrs.get("coeffs") != [1.0] or not _is_const(add, 0.5):
+    add = _node_if(b, clip.inputs[0], "add", inner=True)
+    if add is None or add.attrs.get("coeffs") != [1.0] or not _exactly(add, 0.5):
         return None
-    scale = _node_if(b, add.inputs[0], "scale")
-    if scale is None or scale.inputs != [x.node] or scale.params["const"].numel() != 1:
+    scale = _node_if(b, add.inputs[0], "scale", inner=True)
+    if (scale is None or scale.inputs != [x.node] or scale.params["const"].numel() != 1
+            or tuple(add.out_shape) != tuple(x.value.shape)):
         return None
-    k = float(scale.params["const"])
-    slope = 1.0 / k if scale.attrs.get("divide") else k
-    if abs(slope - 1.0 / 6.0) > 1e-6:
+    k = scale.params["const"].reshape(()).clone()
+    if not math.isfinite(float(k)) or float(k) == 0.0:
         return None
+    divide = bool(scale.attrs.get("divide"))
     for n in (clip, add, scale):
         b.drop(n.name)
-    return b.emit("hardswish", [x])
+    six = torch.tensor(6.0, dtype=x.value.dtype)
+    u = b.emit("scale", [x], {"divide": divide}, {"const": k})  # k x (or x / c)
+    u = b.emit("scale", [u], {"divide": False}, {"const": six})  # 6 k x
+    y = b.emit("hardswish", [u])
+    y = b.emit("scale", [y], {"divide": True}, {"const": six})
+    return b.emit("scale", [y], {"divide": not divide}, {"const": k})  # / (6 k)
 
 
-def _node_if(b: Builder, name: str | None, op: str, uses: int = 1, origin: str | None = None) -> ir.IRNode | None:
-    """The IR node ``name`` if it has kind ``op`` (and ``origin``), and its ONNX value is read ``uses`` times."""
+def _node_if(b: Builder, name: str | None, op: str, uses: int = 1, origin: str | None = None,
+             inner: bool = False) -> ir.IRNode | None:
+    """The IR node ``name`` if it has kind ``op`` (and ``origin``), and its ONNX value is read ``uses`` times.
+    ``inner``: it may also be a node inside one ONNX node's mapping (no ONNX value of its own, as HardSigmoid's
+    scale and add), read by one IR node."""
     if name is None or name not in b.g:
         return None
     n = ir.node(b.g, name)
     if n.op != op or (origin is not None and n.origin != origin):
         return None
+    if inner and name not in b.produced:
+        return n if b.g.out_degree(name) == 1 and uses == 1 else None
     if b.uses.get(b.produced.get(name, ""), 0) != uses:
         return None
     return n
 
 
 def _is_const(n: ir.IRNode, value: float, key: str = "const") -> bool:
+    """``n``'s scalar constant is ``value`` as the file's dtype writes it (``value`` rounded to that dtype)."""
     c = n.params.get(key)
-    return c is not None and c.numel() == 1 and math.isclose(float(c), value, rel_tol=1e-5)
+    if c is None or c.numel() != 1:
+        return False
+    return float(c) == float(torch.tensor(value, dtype=c.dtype if c.is_floating_point() else torch.float64))
 
 
 def _fused_gelu(b: Builder, a: Value, c: Value) -> Value | None:
-    """Exporters before opset 20 spell GELU as x * (1 + erf(x / sqrt 2)) [* 0.5]: map the product to
-    ``2 * gelu(x)`` (the trailing ``* 0.5`` stays a scale)."""
+    """Exporters before opset 20 spell GELU as x * (1 + erf(x / sqrt 2)) [* 0.5]. With the file's own constant
+    ``m`` in the place of ``1 / sqrt 2`` (``x / c`` or ``x * c``: float32's sqrt 2 is not sqrt 2), the product is
+    ``x (1 + erf(m x)) = (sqrt 2 / m) gelu(sqrt 2 m x)``, written so: scales by ``m`` and by ``sqrt 2`` (float64),
+    ``gelu``, then by ``sqrt 2`` and ``1 / m`` (the trailing ``* 0.5`` stays a scale), for any ``m != 0``. The
+    same function up to the float64 rounding of ``sqrt 2``; the product of two variables would be an ``inf``.
+    (The tanh form's two constants are matched as the file's dtype rounds them: :func:`_fused_gelu_tanh`.)"""
     for x, other in ((a, c), (c, a)):
+        if tuple(other.value.shape) != tuple(x.value.shape):
+            continue
         add = _node_if(b, other.node, "add")
         if add is None or add.attrs.get("coeffs") != [1.0] or not _is_const(add, 1.0):
             continue
@@ -600,16 +632,18 @@ def _fused_gelu(b: Builder, a: Value, c: Value) -> Value | None:
         div = _node_if(b, erf.inputs[0] if erf else None, "scale")
         if erf is None or div is None or div.inputs != [x.node]:
             continue
-        c0 = div.params["const"]
-        if c0.numel() != 1 or float(c0) == 0.0:
+        c0 = div.params["const"].reshape(()).clone()
+        if c0.numel() != 1 or not math.isfinite(float(c0)) or float(c0) == 0.0:
             continue
-        k = float(c0) if div.attrs.get("divide") else 1.0 / float(c0)
-        if abs(k - math.sqrt(2)) > 1e-5:
-            continue
+        divide = bool(div.attrs.get("divide"))
         for n in (add, erf, div):
             b.drop(n.name)
-        y = b.emit("gelu", [x], {"approximate": "none"})
-        return b.emit("scale", [y], {"divide": False}, {"const": torch.tensor(2.0, dtype=x.value.dtype)})
+        root2 = torch.tensor(math.sqrt(2.0), dtype=torch.float64)
+        u = b.emit("scale", [x], {"divide": divide}, {"const": c0})  # m x
+        u = b.emit("scale", [u], {"divide": False}, {"const": root2})  # sqrt 2 m x
+        y = b.emit("gelu", [u], {"approximate": "none"})
+        y = b.emit("scale", [y], {"divide": False}, {"const": root2})
+        return b.emit("scale", [y], {"divide": not divide}, {"const": c0})  # (sqrt 2 / m) gelu(sqrt 2 m x)
     for x, other in ((a, c), (c, a)):
         y = _fused_gelu_tanh(b, x, other)
         if y is not None:
