@@ -699,3 +699,19 @@ def test_newer_opset_than_onnx_knows(tmp_path: Path) -> None:
     onnx.save(m, str(path))
     with pytest.raises(ModelLoadError, match="newer than the installed onnx"):
         lipgraph.trace(str(path))
+
+
+def test_selu_with_float32_attributes_keeps_the_files_constants(tmp_path: Path) -> None:
+    """An exported SELU writes alpha and gamma as float32 (1.6732632, 1.0507010), whose product gamma * alpha,
+    the function's constant (its slope just left of 0), lies 3e-9 above the float64 SELU's: the IR keeps the
+    file's constants (elu, then a scale) and the bound is at least that product."""
+    a32, g32 = float(np.float32(1.6732632423543772)), float(np.float32(1.0507009873554805))
+    node = helper.make_node("Selu", ["x"], ["y"], alpha=a32, gamma=g32)
+    path = save(tmp_path, "selu32", [node], [vi("x", [1, 4])], [vi("y", None)], opset=13)
+    x = torch.tensor([[-1.0, -1e-3, 0.5, 2.0]])
+    g = assert_matches_ort(path, x)
+    assert "selu" not in ir.summary(g) and ir.summary(g).get("elu") == 1
+    assert bound(str(path), x) >= g32 * a32
+    default = save(tmp_path, "selu", [helper.make_node("Selu", ["x"], ["y"])], [vi("x", [1, 4])], [vi("y", None)],
+                   opset=13)
+    assert ir.summary(lipgraph.trace(default, x)).get("selu") == 1  # absent attributes: SELU's own constants

@@ -156,10 +156,12 @@ _SELU_ALPHA, _SELU_GAMMA = 1.6732632423543772, 1.0507009873554805
 
 @mapping("Selu")
 def _selu(b, node, ins, at):
-    """Default alpha/gamma: the ``selu`` rule; otherwise ``gamma * elu(x, alpha)`` (elu then scale)."""
+    """The default alpha/gamma (absent attributes): the ``selu`` rule; otherwise ``gamma * elu(x, alpha)`` (elu
+    then scale) with the file's constants, so float32 attributes (exported ``nn.SELU``: 1.6732632, 1.0507010)
+    keep their own value of the constant, ``gamma * max(1, alpha)``, which the float64 SELU's can undercut."""
     x = _var(ins[0])
     alpha, gamma = float(at.get("alpha", _SELU_ALPHA)), float(at.get("gamma", _SELU_GAMMA))
-    if math.isclose(alpha, _SELU_ALPHA, rel_tol=1e-6) and math.isclose(gamma, _SELU_GAMMA, rel_tol=1e-6):
+    if alpha == _SELU_ALPHA and gamma == _SELU_GAMMA:
         return b.emit("selu", [x])
     y = b.emit("elu", [x], {"alpha": alpha})
     return b.emit("scale", [y], {"divide": False}, {"const": torch.tensor(gamma)})
