@@ -331,3 +331,29 @@ def test_products_of_a_tensor_and_a_function_of_it_become_elementwise_rules() ->
     gs = trace(shared, x)
     assert ir.summary(gs).get("mul_var") == 1 and ir.summary(gs).get("sigmoid") == 1
     torch.testing.assert_close(execute(gs, x), shared(x), rtol=1e-6, atol=1e-6)
+
+
+def test_prelu_with_an_input_dependent_weight_is_not_a_product() -> None:
+    """``F.prelu(x, w(x))`` is ``x`` where ``x >= 0`` and ``w x`` below: it was traced as ``x * w`` (the example
+    input was negative, so the check agreed), and then fused into silu, certifying 0.55 on [0, 0.1] where the
+    slope is 1. No rule: an opaque node and an honest inf."""
+    from lipgraph.domains import Box  # noqa: PLC0415
+
+    model = Fn(lambda x: F.prelu(x, torch.sigmoid(x)))
+    x = torch.tensor([-1.0])
+    g = trace(model, x)
+    assert "mul_var" not in ir.summary(g) and "silu" not in ir.summary(g) and ir.summary(g).get("opaque") == 1
+    r = analyze(model, x, domain=Box(torch.tensor([0.0]), torch.tensor([0.1])), lower=False)
+    assert math.isinf(r.upper)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_self_products_in_half_precision_still_trace(dtype) -> None:
+    """The fused op rounds once where a float16 model rounds twice, which its check can see: the fusion then
+    stands back (the trace keeps the product), and ``analyze`` (a float64 copy) fuses and bounds it."""
+    torch.manual_seed(0)
+    model = _SelfProducts().to(dtype).eval()
+    x = torch.randn(5, 4).to(dtype) * 3
+    g = trace(model, x)
+    torch.testing.assert_close(execute(g, x), model(x))
+    assert math.isfinite(analyze(model, x, lower=False, method="autolip").upper)

@@ -25,8 +25,9 @@ def _only_reader(g: nx.DiGraph, name: str, reader: str) -> bool:
 
 
 def _scalar(n: ir.IRNode, key: str = "const") -> float | None:
+    """A 0-dim constant's value (a 1-element tensor with dimensions could broadcast or promote the dtype)."""
     c = n.params.get(key)
-    return float(c) if isinstance(c, torch.Tensor) and c.numel() == 1 else None
+    return float(c) if isinstance(c, torch.Tensor) and c.dim() == 0 else None
 
 
 def _is_shift_by_three(g: nx.DiGraph, name: str, x: str, reader: str) -> bool:
@@ -86,6 +87,17 @@ def _fuse_product(g: nx.DiGraph, m: ir.IRNode, x: str, other: str) -> bool:
                  origin="x * relu6(x + 3)")
         return True
     return False
+
+
+def fused(g: nx.DiGraph) -> nx.DiGraph | None:
+    """A copy of ``g`` with :func:`fuse_self_products` applied, or None when there is nothing to fuse (``g``
+    itself is left as it was)."""
+    if not any(n.op == "mul_var" for n in ir.nodes(g)):
+        return None
+    h = g.copy()
+    h.graph["order"] = list(g.graph["order"])
+    h.graph["inputs"] = list(g.graph["inputs"])
+    return h if fuse_self_products(h) else None
 
 
 def fuse_self_products(g: nx.DiGraph) -> int:

@@ -36,8 +36,7 @@ from ..core import restore_training_modes, training_modes
 from ..errors import InputShapeError, TraceError
 from ..ops import execute, structural
 from ..ops.registry import kind_spelled, module_spellings, torch_spellings
-from . import finite, fx_attention, fx_canon, fx_windows
-from .fuse import fuse_self_products
+from . import finite, fuse, fx_attention, fx_canon, fx_windows
 from .fx_canon import Canon, Var
 
 #: Custom ops registered through :func:`lipgraph.register_op`: module type or function -> op kind.
@@ -284,6 +283,21 @@ def _rewrite_tuple_ops(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _fused_if_faithful(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected: Any, model_name: str,
+                       inplace: Sequence[str]) -> nx.DiGraph:
+    """``g`` with products ``x * f(x)`` fused into their elementwise rules (:mod:`lipgraph.frontends.fuse`) when
+    the fused IR reproduces the model on the example too; else ``g`` as built. The fused op rounds once where
+    the model rounds twice, which a float16 model's check can see, and integer tensors have no such kernels."""
+    h = fuse.fused(g)
+    if h is None:
+        return g
+    try:
+        _check_reproduces(h, inputs, expected, model_name, inplace)
+    except Exception:  # noqa: BLE001 - the unfused graph is checked (and its error raised) by the caller
+        return g
+    return h
+
+
 def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected: Any, model_name: str,
                       inplace: Sequence[str] = ()) -> None:
     """The IR must compute the model's output on the example input (catches in-place writes through
@@ -449,10 +463,10 @@ def trace(
         if frontend == "torch.export":
             out_spec = gm.graph._codegen.pytree_info.out_spec  # Interpreter.run already applied it
         g = _build(gm, recorder.env, type(model).__name__, frontend, out_spec)
-        fuse_self_products(g)  # x * sigmoid(x) and hard-swish spelled out: checked below with the rest
         finite.check_graph(g, TraceError)
         inplace = [f"{n.name!r} ({_origin(n, gm)})" for n in gm.graph.nodes
                    if n.op in ("call_function", "call_method", "call_module") and _mutated_input(n, gm) is not None]
+        g = _fused_if_faithful(g, example_inputs, expected, type(model).__name__, inplace)
         _check_reproduces(g, example_inputs, expected, type(model).__name__, inplace)
     finally:
         restore_training_modes(modes)

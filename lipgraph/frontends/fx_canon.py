@@ -100,8 +100,8 @@ def clamp(input, min=None, max=None):  # noqa: A002
 
 
 def prelu(input, weight):  # noqa: A002
-    if is_var(weight):
-        return Canon("mul_var", [input, weight])
+    if is_var(weight):  # max(0, x) + w min(0, x) with an input-dependent w: not x * w (that is only its x < 0 half)
+        return None
     return Canon("prelu", [input], params={"weight": _t(weight)})
 
 
