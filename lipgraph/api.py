@@ -17,6 +17,7 @@ from .bounds import METHODS
 from .bounds.linear_bounds import tightened_ranges
 from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
 from .bounds.lower import PatternTargets, lower_bound, pass_work, pattern_passes, search_plan
+from .bounds.mean_value import center_ranges, intersect, l2_radius, mean_value_ranges, spreads, tightens
 from .bounds.on_domain import domain_constants
 from .bounds.ranges import propagate
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, subgraph_constant
@@ -385,11 +386,44 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
     )
 
 
+def _domain_relations(base: dict[str, Any], dc: Any, rr: Any, domain: Domain, example: torch.Tensor,
+                      seconds: dict[str, float]) -> tuple[list[Relation], list[dict[str, Any]], list[str]]:
+    """The global relations and those of every domain-aware algorithm run on the domain's constants ``dc`` and
+    ranges ``rr`` (each algorithm's seconds added to ``seconds``), SeqLip's records, and what failed."""
+    g, ctx = base["g"], base["ctx"]
+    dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr,
+                                                                            "domain": (domain, example)})
+    relations = list(base["relations"])
+    seq_records: list[dict[str, Any]] = []
+    failures: list[str] = []
+    for name in base["names"]:
+        if not METHODS[name].uses_domain:
+            continue
+        t0 = time.perf_counter()
+        try:
+            res = METHODS[name].runner()(g, dc.local, dctx)
+        except Exception as exc:  # noqa: BLE001 - a refinement that fails adds nothing; the bound stands, said why
+            failures.append(f"{name} on the domain failed ({type(exc).__name__}: {str(exc)[:200]}); not used")
+            seconds[f"domain:{name}"] = seconds.get(f"domain:{name}", 0.0) + time.perf_counter() - t0
+            continue
+        relations.extend(res.relations)
+        if name == "seqlip":
+            seq_records = list(res.records)
+        seconds[f"domain:{name}"] = seconds.get(f"domain:{name}", 0.0) + time.perf_counter() - t0
+    return relations, seq_records, failures
+
+
+#: Rounds of mean-value ranges in a domain pass (:mod:`lipgraph.bounds.mean_value`): each bounds every node's
+#: spread by what the domain pass has proven so far (its constants and the algorithms' relations), computes the
+#: ranges and constants again and, where a constant moved, reruns the domain-aware algorithms.
+MEAN_VALUE_ROUNDS = 2
+
+
 def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float],
                  bounds: dict[str, BoundResult]) -> dict[str, Any]:
     """Ranges over ``domain``, the nodes' constants on it, the domain-aware algorithms rerun on them, and the
     combination with every global relation. Adds ``domain:*`` entries to ``bounds``."""
-    g, names, ctx, local = base["g"], base["names"], base["ctx"], base["local"]
+    g, ctx, local = base["g"], base["ctx"], base["local"]
     example = _as_inputs(base["example_input"]) if base["example_input"] is not None else None
     if example is None or len(example) != 1:
         raise LipgraphError("an input domain needs a single-input model and its example input")
@@ -404,25 +438,26 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
         rr = propagate(g, domain, example[0], overrides=tight)
     dc = domain_constants(g, local, rr, ctx)
     seconds["domain:ranges"] = time.perf_counter() - t0
-    dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr,
-                                                                            "domain": (domain, example[0])})
-    relations = list(base["relations"])
-    seq_records: list[dict[str, Any]] = []
-    failures: list[str] = []
-    for name in names:
-        if not METHODS[name].uses_domain:
-            continue
-        t0 = time.perf_counter()
-        try:
-            res = METHODS[name].runner()(g, dc.local, dctx)
-        except Exception as exc:  # noqa: BLE001 - a refinement that fails adds nothing; the bound stands, said why
-            failures.append(f"{name} on the domain failed ({type(exc).__name__}: {str(exc)[:200]}); not used")
-            seconds[f"domain:{name}"] = time.perf_counter() - t0
-            continue
-        relations.extend(res.relations)
-        if name == "seqlip":
-            seq_records = list(res.records)
-        seconds[f"domain:{name}"] = time.perf_counter() - t0
+    relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds)
+    radius = l2_radius(domain, example[0])
+    if radius is not None and math.isfinite(radius):
+        at_center = None
+        for _ in range(MEAN_VALUE_ROUNDS):  # what is proven on the domain bounds every node's spread (mean value)
+            t0 = time.perf_counter()
+            at_center = center_ranges(g, domain, example[0]) if at_center is None else at_center
+            spread = spreads(at_center, radius, combine(g, dc.local, relations))
+            mv = mean_value_ranges(spread)
+            rr_next = rr
+            if tightens(rr.ranges, mv):
+                tight = intersect(tight, mv)
+                rr_next = propagate(g, domain, example[0], overrides=tight)
+            dc_next = domain_constants(g, local, rr_next, dataclasses.replace(ctx, extra={**ctx.extra,
+                                                                                          "spread": spread}))
+            seconds["domain:ranges"] += time.perf_counter() - t0
+            if all(dc_next.local[n].partials == dc.local[n].partials for n in dc.local):
+                break  # no constant moved: the algorithms would find the same
+            rr, dc = rr_next, dc_next
+            relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds)
     t0 = time.perf_counter()
     cum_auto = combine(g, dc.local)
     cum_best = combine(g, dc.local, relations)

@@ -157,6 +157,20 @@ def _scale_lower(node, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return low + _eps(node)
 
 
+def spread_scale_lower(node, center: Range, d: float) -> torch.Tensor:
+    """Per group, a lower bound of var (ms for RMSNorm) over the inputs ``y`` with ``||y - y_c||_2 <= d`` for a
+    ``y_c`` in the box ``center``: with ``P`` the centring projection (the identity for RMSNorm), ``sqrt(n var(y))
+    = ||P y|| >= ||P m|| - ||P (y_c - m)|| - ||P (y - y_c)|| >= ||P m|| - ||rad||_2 - d`` (``m``, ``rad``: the
+    box's midpoint and half-widths, per group; ``||P|| <= 1``), so ``var >= max(0, .)^2 / n``, rounded down."""
+    m, rad = _group_rows(node, center.mid), _group_rows(node, center.rad)
+    if node.op != "rms_norm":
+        m = m - m.mean(dim=1, keepdim=True)
+    n = m.shape[1]
+    norm = torch.linalg.vector_norm(m, dim=1) * (1 - 1e-12) - torch.linalg.vector_norm(rad, dim=1) * (1 + 1e-12)
+    low = torch.clamp(norm - d * (1 + 1e-12), min=0.0)
+    return low * low / n * (1 - _SUM_SLACK)
+
+
 def norm_local(node, ins, settings: Settings) -> LocalConstant | None:
     """Per group J = diag(gamma) (I - z z^T/(n s^2)) P / s (P = I for RMSNorm) with a middle factor of norm <= 1:
     ||J|| <= max_group |gamma| / sqrt(s2_min), s2_min a certified lower bound of var + eps (ms + eps) over the
@@ -168,10 +182,18 @@ def norm_local(node, ins, settings: Settings) -> LocalConstant | None:
         return None
     gmax = _group_rows(node, gamma.abs()).amax(dim=1)
     s2 = _scale_lower(node, lo, hi)
+    spread = settings.extra.get("spread", {}).get(node.inputs[0]) if settings is not None else None
+    how = "domain: max|gamma| / sqrt(var_min + eps)"
+    if spread is not None and spread[0].lo.numel() == r.lo.numel():
+        center = Range(spread[0].lo.reshape(r.lo.shape), spread[0].hi.reshape(r.hi.shape))
+        s2_spread = spread_scale_lower(node, center, spread[1]) + _eps(node)
+        if bool((s2_spread > s2).any()):
+            s2 = torch.maximum(s2, s2_spread)
+            how = "domain: max|gamma| / sqrt(var_min + eps), var_min from the input's l2 spread around the center"
     v = float((gmax / torch.sqrt(s2)).amax()) * (1 + 1e-9)
     if not math.isfinite(v):
         return None
-    return LocalConstant([v], True, "domain: max|gamma| / sqrt(var_min + eps)")
+    return LocalConstant([v], True, how)
 
 
 def _divide(num_lo: torch.Tensor, num_hi: torch.Tensor, s_lo: torch.Tensor,
