@@ -151,3 +151,25 @@ def test_new_algorithm_flows_through_report_and_rendering(softsign_rule, test_al
 def test_unknown_method_is_one_clear_error() -> None:
     with pytest.raises(lipgraph.LipgraphError, match="unknown method 'nope'"):
         lipgraph.analyze(SoftsignNet(), torch.randn(1, 4), method="nope", lower=False)
+
+
+def test_an_assumed_zero_constant_does_not_certify_what_depends_on_it() -> None:
+    """A user constant of 0 given as an assumption (certified=False) bounds its branch by 0, but the node that adds
+    it to the rest is not proven: its bound holds only if the assumption does (here the branch's constant is
+    about 5, so the report's value is below the truth), so nothing downstream is labelled certified."""
+    import torch.nn as nn  # noqa: PLC0415
+
+    from lipgraph.bounds.local import UserConstant  # noqa: PLC0415
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.u, self.h = nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.h(torch.relu(x + self.u(x)))
+
+    torch.manual_seed(0)
+    r = lipgraph.analyze(M(), torch.randn(1, 6), constants={"u": UserConstant(0.0, False)}, method="autolip",
+                         lower=False)
+    assert not r.bounds["autolip"].certified

@@ -91,8 +91,11 @@ def own_rule(lc: LocalConstant, inputs: Sequence[Cumulative]) -> Cumulative:
     """AutoLip's step: a node's bound from its inputs' bounds and its own partial constants."""
     terms = [times(c, u.value) for c, u in zip(lc.partials, inputs, strict=True)]
     value = l2_sum(terms) if lc.combine == "l2" else sum(terms)
-    used = [u for u in inputs if u.value != 0.0]
-    certified = lc.certified and all(u.certified for u in used) if used else True
+    # an input the node depends on (nonzero partial) must be proven even when its bound is 0: a user's assumed
+    # constant of 0 is not a proof that the input is constant
+    depends = [u for c, u in zip(lc.partials, inputs, strict=True) if c != 0.0]
+    moving = any(u.value != 0.0 for u in inputs)
+    certified = (lc.certified or not moving) and all(u.certified for u in depends)
     return Cumulative(value, certified)
 
 
@@ -100,7 +103,8 @@ def evaluate(relation: Relation, cum: Mapping[str, Cumulative]) -> Cumulative:
     """The right-hand side of ``relation`` on the bounds ``cum`` of its entries."""
     used = [t for t in relation.terms if cum[t.entry].value != 0.0]
     value = sum(times(t.factor, cum[t.entry].value) for t in used)
-    certified = all(t.certified and cum[t.entry].certified for t in used)
+    certified = all((t.certified or cum[t.entry].value == 0.0) and (cum[t.entry].certified or t.factor == 0.0)
+                    for t in relation.terms)
     return Cumulative(value, certified, relation.source)
 
 
