@@ -110,10 +110,13 @@ def test_combine_sum_l2_and_zero_times_inf() -> None:
     assert own_rule(lc, [Cumulative(1.0, True), Cumulative(2.0, True)]).value == 8.0
     l2 = LocalConstant([1.0, 1.0], True, "t", combine="l2")
     assert own_rule(l2, [Cumulative(3.0, True), Cumulative(4.0, True)]).value == 5.0
-    # a constant input contributes nothing, even through an inf partial, and cannot uncertify
+    # a constant input (proven bound 0) contributes nothing, even through an inf partial, and cannot uncertify
     mixed = LocalConstant([math.inf, 1.0], True, "t")
-    out = own_rule(mixed, [Cumulative(0.0, False), Cumulative(2.0, True)])
+    out = own_rule(mixed, [Cumulative(0.0, True), Cumulative(2.0, True)])
     assert out.value == 2.0 and out.certified
+    # a bound of 0 that is only assumed does: the node depends on that input
+    assumed = own_rule(mixed, [Cumulative(0.0, False), Cumulative(2.0, True)])
+    assert assumed.value == 2.0 and not assumed.certified
     assert not own_rule(LocalConstant([1.0], False, "t"), [Cumulative(1.0, True)]).certified
 
 
