@@ -441,10 +441,11 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
     relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds)
     radius = l2_radius(domain, example[0])
     if radius is not None and math.isfinite(radius):
-        at_center = None
+        t0 = time.perf_counter()
+        at_center = center_ranges(g, domain, example[0])
+        seconds["domain:ranges"] += time.perf_counter() - t0
         for _ in range(MEAN_VALUE_ROUNDS):  # what is proven on the domain bounds every node's spread (mean value)
             t0 = time.perf_counter()
-            at_center = center_ranges(g, domain, example[0]) if at_center is None else at_center
             spread = spreads(at_center, radius, combine(g, dc.local, relations))
             mv = mean_value_ranges(spread)
             rr_next = rr

@@ -10,8 +10,6 @@ they are read (:func:`lipgraph.frontends.onnx_ops._fused_activation`).
 
 from __future__ import annotations
 
-import math
-
 import networkx as nx
 import torch
 
@@ -35,7 +33,7 @@ def _is_shift_by_three(g: nx.DiGraph, name: str, x: str, reader: str) -> bool:
     n = ir.node(g, name)
     c = _scalar(n)
     return (n.op == "add" and n.inputs == [x] and n.attrs.get("coeffs") == [1.0] and c is not None
-            and math.isclose(c, 3.0, rel_tol=0.0, abs_tol=0.0) and _only_reader(g, name, reader))
+            and c == 3.0 and _only_reader(g, name, reader))
 
 
 def _clips_to_six(n: ir.IRNode) -> bool:
@@ -75,7 +73,7 @@ def _fuse_product(g: nx.DiGraph, m: ir.IRNode, x: str, other: str) -> bool:
         _remove(g, other)
         _replace(g, m, "silu", [x], {}, origin="x * sigmoid(x)")
         return True
-    if o.op == "hardsigmoid" and o.inputs == [x]:  # x * relu6(x + 3) / 6 = hardswish(x)
+    if o.op == "hardsigmoid" and o.inputs == [x]:  # x * hardsigmoid(x) = x * relu6(x + 3) / 6 = hardswish(x)
         _remove(g, other)
         _replace(g, m, "hardswish", [x], {}, origin="x * hardsigmoid(x)")
         return True

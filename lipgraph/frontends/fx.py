@@ -283,19 +283,21 @@ def _rewrite_tuple_ops(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _fused_if_faithful(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected: Any, model_name: str,
-                       inplace: Sequence[str]) -> nx.DiGraph:
-    """``g`` with products ``x * f(x)`` fused into their elementwise rules (:mod:`lipgraph.frontends.fuse`) when
-    the fused IR reproduces the model on the example too; else ``g`` as built. The fused op rounds once where
-    the model rounds twice, which a float16 model's check can see, and integer tensors have no such kernels."""
+def _checked_graph(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected: Any, model_name: str,
+                   inplace: Sequence[str]) -> nx.DiGraph:
+    """The IR that reproduces the model (:func:`_check_reproduces`): ``g`` with products ``x * f(x)`` fused into
+    their elementwise rules (:mod:`lipgraph.frontends.fuse`) when that one passes the check, else ``g`` as built,
+    checked (its error raised). The fused op rounds once where the model rounds twice, which a float16 model's
+    check can see, and integer tensors have no such kernels."""
     h = fuse.fused(g)
-    if h is None:
-        return g
-    try:
-        _check_reproduces(h, inputs, expected, model_name, inplace)
-    except Exception:  # noqa: BLE001 - the unfused graph is checked (and its error raised) by the caller
-        return g
-    return h
+    if h is not None:
+        try:
+            _check_reproduces(h, inputs, expected, model_name, inplace)
+            return h
+        except Exception:  # noqa: BLE001 - the unfused graph is checked next, and its error is the one raised
+            pass
+    _check_reproduces(g, inputs, expected, model_name, inplace)
+    return g
 
 
 def _check_reproduces(g: nx.DiGraph, inputs: tuple[torch.Tensor, ...], expected: Any, model_name: str,
@@ -466,8 +468,7 @@ def trace(
         finite.check_graph(g, TraceError)
         inplace = [f"{n.name!r} ({_origin(n, gm)})" for n in gm.graph.nodes
                    if n.op in ("call_function", "call_method", "call_module") and _mutated_input(n, gm) is not None]
-        g = _fused_if_faithful(g, example_inputs, expected, type(model).__name__, inplace)
-        _check_reproduces(g, example_inputs, expected, type(model).__name__, inplace)
+        g = _checked_graph(g, example_inputs, expected, type(model).__name__, inplace)
     finally:
         restore_training_modes(modes)
         changed = _restore_state(state)
