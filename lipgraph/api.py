@@ -387,9 +387,12 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
 
 
 def _domain_relations(base: dict[str, Any], dc: Any, rr: Any, domain: Domain, example: torch.Tensor,
-                      seconds: dict[str, float]) -> tuple[list[Relation], list[dict[str, Any]], list[str]]:
+                      seconds: dict[str, float], once: dict[str, Any] | None = None,
+                      ) -> tuple[list[Relation], list[dict[str, Any]], list[str]]:
     """The global relations and those of every domain-aware algorithm run on the domain's constants ``dc`` and
-    ranges ``rr`` (each algorithm's seconds added to ``seconds``), SeqLip's records, and what failed."""
+    ranges ``rr`` (each algorithm's seconds added to ``seconds``), SeqLip's records, and what failed. ``once``
+    keeps the results of the algorithms that do not read the constants (``Method.reads_constants``) between
+    the calls of one domain pass."""
     g, ctx = base["g"], base["ctx"]
     dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr,
                                                                             "domain": (domain, example)})
@@ -399,6 +402,9 @@ def _domain_relations(base: dict[str, Any], dc: Any, rr: Any, domain: Domain, ex
     for name in base["names"]:
         if not METHODS[name].uses_domain:
             continue
+        if once is not None and name in once:
+            relations.extend(once[name].relations)
+            continue
         t0 = time.perf_counter()
         try:
             res = METHODS[name].runner()(g, dc.local, dctx)
@@ -407,6 +413,8 @@ def _domain_relations(base: dict[str, Any], dc: Any, rr: Any, domain: Domain, ex
             seconds[f"domain:{name}"] = seconds.get(f"domain:{name}", 0.0) + time.perf_counter() - t0
             continue
         relations.extend(res.relations)
+        if once is not None and not METHODS[name].reads_constants:
+            once[name] = res
         if name == "seqlip":
             seq_records = list(res.records)
         seconds[f"domain:{name}"] = seconds.get(f"domain:{name}", 0.0) + time.perf_counter() - t0
@@ -438,7 +446,8 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
         rr = propagate(g, domain, example[0], overrides=tight)
     dc = domain_constants(g, local, rr, ctx)
     seconds["domain:ranges"] = time.perf_counter() - t0
-    relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds)
+    once: dict[str, Any] = {}
+    relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds, once)
     radius = l2_radius(domain, example[0])
     if radius is not None and math.isfinite(radius):
         t0 = time.perf_counter()
@@ -458,7 +467,7 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
             if all(dc_next.local[n].partials == dc.local[n].partials for n in dc.local):
                 break  # no constant moved: the algorithms would find the same
             rr, dc = rr_next, dc_next
-            relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds)
+            relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds, once)
     t0 = time.perf_counter()
     cum_auto = combine(g, dc.local)
     cum_best = combine(g, dc.local, relations)

@@ -25,6 +25,9 @@ class Method:
     uses_domain: bool = False
     #: The module's function that runs the algorithm.
     function: str = "run"
+    #: With a domain, the algorithm reads the domain pass's constants and ranges (so it reruns when they move);
+    #: False for one that reads only the graph and the domain (it runs once per domain).
+    reads_constants: bool = True
 
     def runner(self) -> Callable:
         return getattr(importlib.import_module(self.module), self.function)
@@ -35,12 +38,12 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, module: str, doc: str, *, default: bool = True, replace: bool = False,
-                    uses_domain: bool = False, function: str = "run") -> Method:
+                    uses_domain: bool = False, function: str = "run", reads_constants: bool = True) -> Method:
     """Add a bound algorithm: ``module`` (importable path) defines ``function(graph, local, settings)``
     (``run`` unless named)."""
     if name in METHODS and not replace:
         raise ValueError(f"a bound algorithm named {name!r} is already registered (pass replace=True)")
-    METHODS[name] = m = Method(name, module, doc, default, uses_domain, function)
+    METHODS[name] = m = Method(name, module, doc, default, uses_domain, function, reads_constants)
     return m
 
 
@@ -69,5 +72,9 @@ register_method("eclipse-cvxpy", "lipgraph.bounds.sdp_cvxpy",
 register_method("jacobian-interval", "lipgraph.bounds.jacobian_interval",
                 "interval Jacobian on an input domain: ||Jc|| + ||Jr|| of an enclosure of every node's Jacobian "
                 "(needs a domain; nothing in a global analysis)", uses_domain=True)
+register_method("taylor", "lipgraph.bounds.taylor",
+                "second-order Taylor models of every node's Jacobian on the l2 ball around the domain's center: "
+                "||J(c)|| + rho ||d2v(c)|| + rho^2/2 ||d3v(c)|| + remainder (inputs of at most 44 entries; needs a "
+                "domain)", uses_domain=True, reads_constants=False)
 
 __all__ = ["METHODS", "Method", "register_method"]

@@ -1,0 +1,546 @@
+"""Taylor models of every node's value and Jacobian on an l2 ball around the domain's center (third-order jets).
+
+Interval Jacobians (:mod:`lipgraph.bounds.jacobian_interval`) enclose each entry over the box that holds the
+domain, and every product of enclosures widens them again; on an l2 ball in ``n`` dimensions the box is
+``sqrt(n)`` times wider than the ball, and through attention and LayerNorm the enclosures grow by orders of
+magnitude. A Taylor model keeps every term up to second order in ``delta = x - c`` exact and bounds only what
+is of third order. For every node ``v`` and every ``x = c + delta`` with ``||delta||_2 <= rho``:
+
+* value: ``v(x) = c_v + A_v delta + G_v[delta, delta] / 2 + e``, ``|e| <= E_v`` entrywise;
+* Jacobian: ``J_v(x) = A_v + G_v[delta] + T_v[delta, delta] / 2 + F``, ``|F| <= P_v`` entrywise,
+
+where ``A_v = J_v(c)``, ``G_v`` and ``T_v`` (the second and third derivatives at ``c``) are computed in
+float64 as forward-mode jets and ``E_v``, ``P_v`` collect the Lagrange remainders and every rounding error.
+Then for every ``x`` of the ball
+
+    ``||J_v(x)||_2 <= ||A_v||_2 + rho ||G_v||_flat + rho^2 / 2 ||T_v||_flat + ||P_v||_2``
+
+(certified norms, :func:`lipgraph.norms.dense_norm`). ``G[delta]`` has norm ``sup_{|w|=|u|=1} sum w_i G[k, j, i]
+u_j delta_k``, at most ``rho`` times the norm of either flattening of ``G``, rows ``i`` against columns
+``(k, j)`` or rows ``j`` against ``(k, i)``, since ``||delta (x) u|| = ||delta|| ||u||``; ``||.||_flat`` is the
+smaller of the two, and likewise for ``T[delta, delta]`` with ``||delta (x) delta (x) u|| = ||delta||^2``. A
+nonnegative matrix dominates the norm of every matrix it bounds entrywise. The ball is convex, so this bounds the
+Lipschitz constant of ``x -> v(x)`` on the ball and on every domain inside it (``rho``:
+:func:`lipgraph.bounds.mean_value.l2_radius`).
+
+Entrywise bounds the rules use: ``lin = rho ||A[:, i]||_2 >= |A delta|``, ``quad = rho^2 ||G[:, :, i]||_2 / 2
+>= |G[delta, delta]| / 2`` (the smaller of the symmetric matrix's largest eigenvalue in absolute value, with a
+margin, and its Frobenius norm), ``dev = lin + quad + E >= |v(x) - c_v|``, ``V = |c_v| + dev >= |v(x)|``; for the
+Jacobian ``g >= |G[delta]|`` and ``t >= |T[delta, delta]| / 2`` the same way, and ``W = |A| + g + t + P >=
+|J_v(x)|``.
+
+* affine ops (linear, conv, reshapes, sums, means, scalings, ...): the linear part ``M`` materialised with its
+  entry error ``dM`` (:func:`lipgraph.bounds.jacobian_interval._linear_parts`); ``c, A, G, T`` mapped by ``M``,
+  ``E -> |M| E + (dM + m |M|) V``, ``P -> |M| P + (dM + m |M|) W`` (``m``: the rounding allowance).
+* a smooth elementwise ``s`` with derivatives ``s_1, s_2, s_3`` at ``c_u`` and ``M3``, ``M4`` bounding
+  ``|s^(3)|``, ``|s^(4)|`` on ``[c_u - dev_u, c_u + dev_u]``: the jet rules ``A -> s_1 A``, ``G -> s_1 G + s_2
+  A A``, ``T -> s_1 T + s_2 (three products A G) + s_3 A A A``. With ``D = A delta + G[delta, delta] / 2 + e``,
+  ``s(c + D) = s_0 + s_1 D + s_2 D^2 / 2 + s^(3)(xi) D^3 / 6`` gives ``E -> |s_1| E + |s_2| (quad + E)(2 lin +
+  quad + E) / 2 + M3 dev^3 / 6``; the same expansion of ``s'(c + D)`` one order higher (remainder ``R``) times
+  ``J_u`` gives ``P -> |s_1| P + |s_2| lin (t + P) + (|s_2| quad + |s_3| lin^2 / 2)(g + t + P) + R W``. Rules:
+  sigmoid, tanh, exact GELU (global ``M3``, ``M4``, derived at :data:`_SMOOTH`), and inside softmax and the
+  norms ``exp`` and ``(u + a)^p`` for ``p < 0`` (their higher derivatives are monotone: sups at an end of the
+  range).
+* a bilinear ``B`` (elementwise product with broadcasting, matmul) of two models: the product of the two
+  expansions, every term of order at most 2 kept, the others bounded with ``|B(x, y)| <= B(|x|, |y|)``.
+* softmax as ``e = exp(u - k)`` (``k``: the center's maximum, a constant) and ``p = e (sum e)^-1``; layer / rms
+  norm as ``z = u - mean u`` (``z = u`` for rms), ``q = mean(z z)``, ``y = gamma z (q + eps)^-1/2 + beta``.
+
+Every rounding error of a computed coefficient is at most ``m`` times the same op applied to the operands'
+bounds ``V``, ``W`` (``gamma_k <= m`` for ``k <= 4e6`` terms); it is added to ``E`` or ``P``. Function values
+(exp, erf, tanh, powers) get the allowance :data:`FUNCTION_ERROR`. Work limits count entries: a node whose
+third derivatives would exceed ``JACOBIAN_ENTRIES`` entries stops there, and so does everything after it; ops
+without a rule stop likewise (the records say where and why). Exact for affine graphs up to rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import networkx as nx
+import torch
+
+from .. import ir, norms
+from ..core import ROUNDING_MARGIN, Settings
+from ..ops import RULES, LocalConstant
+from .jacobian_interval import JACOBIAN_ENTRIES, _linear_parts
+from .jacobian_interval import _Stop as _PartsStop
+from .mean_value import l2_radius
+from .relations import AlgorithmResult, Relation, Term
+
+SOURCE = "taylor"
+_DT = torch.float64
+_M = ROUNDING_MARGIN
+#: Allowance for one float64 evaluation of exp, erf, tanh, sigmoid, a power or a short formula of them:
+#: ``|computed - exact| <= FUNCTION_ERROR (1 + |computed|)``. Their errors are a few units in the last place
+#: (2.2e-16) relative, and cancellations such as ``1 + erf(x)`` for negative ``x`` or ``1 - tanh(x)^2`` are
+#: off by about 1e-16 absolute; 1e-12 is ample.
+FUNCTION_ERROR = 1e-12
+#: Allowance for the rounding of one rule's coefficients, as a multiple of ``op(|.|, |.|)`` (a few operations
+#: per rule, each within ``ROUNDING_MARGIN``).
+_ROUND = 8 * _M
+
+
+class _Stop(Exception):  # noqa: N818 - internal signal: no model at this node, with the reason
+    """This node gets no Taylor model (the message says why)."""
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    return t * (1 + 4 * _M)
+
+
+def _sym_norms(m: torch.Tensor, lead: int) -> torch.Tensor:
+    """``||m[..., :, :]||_2`` of the symmetric part of each ``n x n`` matrix, certified: ``m`` has shape
+    ``(n, n, *rest)`` after ``lead`` leading dims (``rest`` indexes the matrices, as do the leading dims); the
+    smaller of the largest eigenvalue in absolute value plus ``1e-12 n`` times the Frobenius norm (LAPACK's
+    symmetric eigenvalues err by a small multiple of ``n u ||m||_2``) and the Frobenius norm, rounded up."""
+    k = lead
+    x = m.movedim(k, -1).movedim(k, -1)  # (*lead, *rest, n, n)
+    x = 0.5 * (x + x.transpose(-1, -2))
+    n = x.shape[-1]
+    fro = torch.linalg.matrix_norm(x, "fro") * (1 + 4 * _M)
+    if n <= 1:
+        return fro
+    eig = torch.linalg.eigvalsh(x).abs().amax(dim=-1)
+    return torch.minimum(fro, eig + 1e-12 * n * fro + 1e-300)
+
+
+@dataclasses.dataclass
+class TaylorModel:
+    """One node's model (see the module doc). Shapes: ``c, E`` the value's ``S``; ``A, P`` ``(n, *S)`` (column
+    ``j`` is ``d v / d x_j``); ``G`` ``(n, n, *S)`` (``G[k, j] = d^2 v / dx_k dx_j``); ``T`` ``(n, n, n, *S)``."""
+
+    c: torch.Tensor
+    A: torch.Tensor
+    G: torch.Tensor
+    T: torch.Tensor
+    E: torch.Tensor
+    P: torch.Tensor
+    rho: float
+
+    @functools.cached_property
+    def lin(self) -> torch.Tensor:
+        return _up(self.rho * torch.linalg.vector_norm(self.A, dim=0))
+
+    @functools.cached_property
+    def quad(self) -> torch.Tensor:
+        return _up(0.5 * self.rho ** 2 * _sym_norms(self.G, 0))
+
+    @functools.cached_property
+    def dev(self) -> torch.Tensor:
+        return _up(self.lin + self.quad + self.E)
+
+    @functools.cached_property
+    def value_bound(self) -> torch.Tensor:
+        return _up(self.c.abs() + self.dev)
+
+    @functools.cached_property
+    def g(self) -> torch.Tensor:
+        return _up(self.rho * torch.linalg.vector_norm(self.G, dim=0))
+
+    @functools.cached_property
+    def t(self) -> torch.Tensor:
+        # T[:, :, j] for every column j: (n_j, *S) after moving j first
+        return _up(0.5 * self.rho ** 2 * _sym_norms(self.T.movedim(2, 0), 1))
+
+    @functools.cached_property
+    def jac_bound(self) -> torch.Tensor:
+        return _up(self.A.abs() + self.g + self.t + self.P)
+
+    def map(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> TaylorModel:
+        """The model with ``fn(tensor, leading dims)`` (a permutation or reshape of the value dims) applied."""
+        return TaylorModel(fn(self.c, 0), fn(self.A, 1), fn(self.G, 2), fn(self.T, 3), fn(self.E, 0),
+                           fn(self.P, 1), self.rho)
+
+
+# --- affine maps ----------------------------------------------------------------------------------------
+
+
+def _linear(tm: TaylorModel, lin: Callable[[torch.Tensor], torch.Tensor],
+            lin_abs: Callable[[torch.Tensor], torch.Tensor]) -> TaylorModel:
+    """``v = L(u)`` for a linear ``L`` of the trailing value dims (``lin`` works under any leading dims), with
+    ``lin_abs(t) >= |L|(t)`` for ``t >= 0``."""
+    e = lin_abs(tm.E) + _ROUND * lin_abs(tm.value_bound)
+    p = lin_abs(tm.P) + _ROUND * lin_abs(tm.jac_bound)
+    return TaylorModel(lin(tm.c), lin(tm.A), lin(tm.G), lin(tm.T), _up(e), _up(p), tm.rho)
+
+
+def _shift(tm: TaylorModel, b: torch.Tensor) -> TaylorModel:
+    """``v = u + b`` for a constant ``b`` that broadcasts to ``u``'s shape."""
+    c = tm.c + b
+    e = tm.E + _ROUND * (tm.c.abs() + b.abs())
+    return TaylorModel(c, tm.A, tm.G, tm.T, _up(e.expand_as(c).clone()), tm.P, tm.rho)
+
+
+def _constant(value: torch.Tensor, n: int, rho: float) -> TaylorModel:
+    s = tuple(value.shape)
+    z1 = torch.zeros((n, *s), dtype=_DT)
+    return TaylorModel(value, z1, torch.zeros((n, n, *s), dtype=_DT), torch.zeros((n, n, n, *s), dtype=_DT),
+                       torch.zeros_like(value), z1, rho)
+
+
+def _add(a: TaylorModel, b: TaylorModel) -> TaylorModel:
+    e = a.E + b.E + _ROUND * (a.value_bound + b.value_bound)
+    p = a.P + b.P + _ROUND * (a.jac_bound + b.jac_bound)
+    return TaylorModel(a.c + b.c, a.A + b.A, a.G + b.G, a.T + b.T, _up(e), _up(p), a.rho)
+
+
+def _affine(n: ir.IRNode, tms: list[TaylorModel | None], consts: Mapping[str, torch.Tensor]) -> TaylorModel:
+    """A generic affine op: ``v = sum_i M_i u_i + f(0)``, each ``M_i`` materialised with its entry error."""
+    var_pos = [k for k, i in enumerate(n.inputs) if i not in consts]
+    if not var_pos:
+        raise _Stop("no variable input")
+    shapes = [tuple(s) for s in n.in_shapes]
+    base = [consts[i] if i in consts else torch.zeros(shapes[k], dtype=_DT) for k, i in enumerate(n.inputs)]
+    y0 = RULES[n.op].forward(ir.as_float64(n), *base)
+    if not isinstance(y0, torch.Tensor):
+        raise _Stop(f"{n.op} is not tensor-valued")
+    out_shape = tuple(n.out_shape)
+    total: TaylorModel | None = None
+    for k, (mt, dm) in zip(var_pos, _linear_parts(n, consts, var_pos), strict=True):
+        tm = tms[k]
+        assert tm is not None
+        mabs = mt.abs()
+        slack = dm + _ROUND * mabs
+
+        def apply(t: torch.Tensor, lead: int, m: torch.Tensor) -> torch.Tensor:
+            return (t.reshape(*t.shape[:lead], -1) @ m).reshape(*t.shape[:lead], *out_shape)
+
+        part = TaylorModel(apply(tm.c, 0, mt), apply(tm.A, 1, mt), apply(tm.G, 2, mt), apply(tm.T, 3, mt),
+                           _up(apply(tm.E, 0, mabs) + apply(tm.value_bound, 0, slack)),
+                           _up(apply(tm.P, 1, mabs) + apply(tm.jac_bound, 1, slack)), tm.rho)
+        total = part if total is None else _add(total, part)
+    assert total is not None
+    return _shift(total, y0.detach().to(_DT).reshape(out_shape))
+
+
+# --- smooth elementwise functions -----------------------------------------------------------------------
+
+_SQRT2PI = math.sqrt(2.0 * math.pi)
+
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * x * x) / _SQRT2PI
+
+
+Derivs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _gelu_derivs(x: torch.Tensor) -> Derivs:
+    cdf = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    ph = _phi(x)
+    return x * cdf, cdf + x * ph, ph * (2.0 - x * x), ph * (x * x * x - 4.0 * x)
+
+
+def _sigmoid_derivs(x: torch.Tensor) -> Derivs:
+    s = torch.sigmoid(x)
+    q = s * (1 - s)
+    return s, q, q * (1 - 2 * s), q * (1 - 6 * q)
+
+
+def _tanh_derivs(x: torch.Tensor) -> Derivs:
+    t = torch.tanh(x)
+    d = 1 - t * t
+    return t, d, -2 * t * d, -2 * d * (1 - 3 * t * t)
+
+
+#: ``op -> (value and derivatives 1-3, M3 >= sup |s'''|, M4 >= sup |s''''|)`` over the real line.
+#: sigmoid: ``q = s (1 - s)`` in ``(0, 1/4]``, ``s''' = q (1 - 6q)``: ``|.| <= 1/8`` (``q = 1/4``); with
+#: ``u = 1 - 2s``, ``s'''' = q u (1 - 12 q) = (1 - u^2) u (3u^2 - 2) / 4``: ``|.| <= 2/4``.
+#: tanh: ``t''' = -2 (1 - t^2)(1 - 3 t^2)``: ``|.| <= 2``; ``t'''' = 8 t (1 - t^2)(2 - 3 t^2)``: ``|.| <= 16``.
+#: exact GELU ``x Phi(x)``: ``s''' = phi(x)(x^3 - 4x)``, whose extrema solve ``x^4 - 7x^2 + 4 = 0``
+#: (``x^2 = (7 -+ sqrt 33) / 2``): ``0.77877`` at ``|x| = 0.79229``, ``0.0990`` at ``2.5243``, so 0.779;
+#: ``s'''' = phi(x)(-x^4 + 7x^2 - 4)``: ``|.| <= phi x^4 + 7 phi x^2 + 4 phi <= (16 e^-2 + 14 e^-1 + 4) /
+#: sqrt(2 pi) = 4.5146`` (``x^4 e^(-x^2/2)`` peaks at ``x^2 = 4``, ``x^2 e^(-x^2/2)`` at 2), so 4.52.
+_SMOOTH: dict[str, tuple[Callable[[torch.Tensor], Derivs], float, float]] = {
+    "sigmoid": (_sigmoid_derivs, 0.125 * (1 + 1e-9), 0.5 * (1 + 1e-9)),
+    "tanh": (_tanh_derivs, 2.0 * (1 + 1e-9), 16.0 * (1 + 1e-9)),
+    "gelu": (_gelu_derivs, 0.779, 4.52),
+}
+
+
+def _elementwise(tm: TaylorModel, d: Derivs, m3: torch.Tensor | float, m4: torch.Tensor | float) -> TaylorModel:
+    """``v = s(u)`` with ``d = (s, s', s'', s''')`` at ``c_u`` (each within ``FUNCTION_ERROR (1 + |.|)``) and
+    ``m3``, ``m4`` bounding ``|s'''|``, ``|s''''|`` on ``[c_u -+ dev_u]`` (see the module doc)."""
+    s0, s1, s2, s3 = d
+    e0, e1, e2, e3 = (FUNCTION_ERROR * (1 + x.abs()) for x in d)
+    a1, a2, a3 = s1.abs() + e1, s2.abs() + e2, s3.abs() + e3
+    lin, quad, dev, big_e = tm.lin, tm.quad, tm.dev, tm.E
+    aa = tm.A[:, None] * tm.A[None, :]  # [k, j] = A[k] A[j]
+    g_new = s1 * tm.G + s2 * aa
+    ag = tm.A[:, None, None] * tm.G[None]  # [k, l, j] = A[k] G[l, j]
+    t_new = (s1 * tm.T + s2 * (ag + ag.transpose(0, 1) + tm.G[:, :, None] * tm.A[None, None])
+             + s3 * aa[:, :, None] * tm.A[None, None])
+    mix = (quad + big_e) * (2 * lin + quad + big_e)
+    e = (a1 * big_e + e1 * (lin + quad) + 0.5 * a2 * mix + 0.5 * e2 * lin * lin + m3 * dev ** 3 / 6 + e0
+         + _ROUND * (s0.abs() + a1 * (lin + quad) + a2 * lin * lin))
+    r = (e1 + a2 * big_e + e2 * (lin + quad) + 0.5 * a3 * mix + 0.5 * e3 * lin * lin + m4 * dev ** 3 / 6)
+    b1 = a2 * lin
+    b2 = a2 * quad + 0.5 * a3 * lin * lin
+    w = tm.jac_bound
+    p = (a1 * tm.P + b1 * (tm.t + tm.P) + b2 * (tm.g + tm.t + tm.P) + r * w
+         + _ROUND * (a1 + b1 + b2) * w)
+    return TaylorModel(s0, s1 * tm.A, g_new, t_new, _up(e), _up(p), tm.rho)
+
+
+def _smooth(op: str, tm: TaylorModel) -> TaylorModel:
+    derivs, m3, m4 = _SMOOTH[op]
+    return _elementwise(tm, derivs(tm.c), m3, m4)
+
+
+def _exp(tm: TaylorModel) -> TaylorModel:
+    top = torch.exp(tm.c + tm.dev) * (1 + 1e-12)
+    e0 = torch.exp(tm.c)
+    return _elementwise(tm, (e0, e0, e0, e0), top, top)
+
+
+def _power(tm: TaylorModel, shift: float, p: float) -> TaylorModel:
+    """``v = (u + shift)^p`` for ``p < 0`` where ``u + shift > 0`` on the range; ``|d^3|`` and ``|d^4|`` decrease
+    in ``u``, so their sups are at the range's low end."""
+    lo = tm.c - tm.dev + shift
+    if not bool((lo > 0).all()):
+        raise _Stop(f"(u + {shift:g})^{p:g}: the range reaches {float(lo.min()):.3g} <= 0")
+    lo = lo * (1 - 1e-12)
+    x = tm.c + shift
+    k1, k2, k3, k4 = p, p * (p - 1), p * (p - 1) * (p - 2), p * (p - 1) * (p - 2) * (p - 3)
+    d = (x ** p, k1 * x ** (p - 1), k2 * x ** (p - 2), k3 * x ** (p - 3))
+    m3 = abs(k3) * lo ** (p - 3) * (1 + 1e-12)
+    m4 = abs(k4) * lo ** (p - 4) * (1 + 1e-12)
+    return _elementwise(tm, d, m3, m4)
+
+
+# --- products -------------------------------------------------------------------------------------------
+
+
+def _bilinear(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: TaylorModel, b: TaylorModel,
+              nd: int) -> TaylorModel:
+    """``v = op(a, b)`` for a bilinear ``op`` with ``|op(x, y)| <= op(|x|, |y|)`` that broadcasts over leading
+    dims; ``nd``: the output's value dims (see the module doc)."""
+
+    def bl(x: torch.Tensor, lx: int, y: torch.Tensor, ly: int) -> torch.Tensor:
+        """``op`` of ``x`` (``lx`` leading column dims) and ``y`` (``ly``), leading dims aligned on the left."""
+        x = x.reshape(*x.shape[:lx], *([1] * (nd - (x.dim() - lx))), *x.shape[lx:])
+        y = y.reshape(*y.shape[:ly], *([1] * (nd - (y.dim() - ly))), *y.shape[ly:])
+        lead = max(lx, ly)
+        x = x.reshape(*x.shape[:lx], *([1] * (lead - lx)), *x.shape[lx:])
+        y = y.reshape(*y.shape[:ly], *([1] * (lead - ly)), *y.shape[ly:])
+        return op(x, y)
+
+    ca, cb, aa, ab, ga, gb = a.c, b.c, a.A, b.A, a.G, b.G
+    c = bl(ca, 0, cb, 0)
+    amat = bl(aa, 1, cb, 0) + bl(ca, 0, ab, 1)
+    cross = bl(aa[None], 2, ab[:, None], 2)  # [k, j] = op(A_a[j], A_b[k])
+    gmat = bl(ga, 2, cb, 0) + bl(ca, 0, gb, 2) + cross + cross.transpose(0, 1)
+    # third order, [k, l, j]: op(Ga[k,j], Ab[l]) + op(Ga[l,j], Ab[k]) + op(Ga[k,l], Ab[j]) and the same with
+    # the roles of a and b exchanged
+    g_a = bl(ga[:, None], 3, ab[None, :, None], 3)  # op(Ga[k, j], Ab[l])
+    ga_kl = bl(ga[:, :, None], 3, ab[None, None], 3)  # op(Ga[k, l], Ab[j])
+    a_g = bl(aa[None, :, None], 3, gb[:, None], 3)  # op(Aa[l], Gb[k, j])
+    aj_g = bl(aa[None, None], 3, gb[:, :, None], 3)  # op(Aa[j], Gb[k, l])
+    tmat = (bl(a.T, 3, cb, 0) + bl(ca, 0, b.T, 3) + g_a + g_a.transpose(0, 1) + ga_kl
+            + a_g + a_g.transpose(0, 1) + aj_g)
+    lin_a, lin_b, quad_a, quad_b = a.lin, b.lin, a.quad, b.quad
+    vab_a, vab_b, jab_a, jab_b = a.value_bound, b.value_bound, a.jac_bound, b.jac_bound
+    e = (bl(lin_a, 0, quad_b, 0) + bl(quad_a, 0, lin_b, 0) + bl(quad_a, 0, quad_b, 0)
+         + bl(a.E, 0, vab_b, 0) + bl(vab_a, 0, b.E, 0) + _ROUND * bl(vab_a, 0, vab_b, 0))
+    p = (bl(a.P, 1, vab_b, 0) + bl(jab_a, 1, b.E, 0) + bl(a.g, 1, quad_b, 0) + bl(a.t, 1, lin_b + quad_b, 0)
+         + bl(vab_a, 0, b.P, 1) + bl(a.E, 0, jab_b, 1) + bl(quad_a, 0, b.g, 1) + bl(lin_a + quad_a, 0, b.t, 1)
+         + _ROUND * (bl(jab_a, 1, vab_b, 0) + bl(vab_a, 0, jab_b, 1)))
+    return TaylorModel(c, amat, gmat, tmat, _up(e), _up(p), a.rho)
+
+
+def _mul(a: TaylorModel, b: TaylorModel, nd: int) -> TaylorModel:
+    return _bilinear(torch.mul, a, b, nd)
+
+
+# --- composite ops --------------------------------------------------------------------------------------
+
+
+def _softmax(n: ir.IRNode, tm: TaylorModel) -> TaylorModel:
+    """``p = e (sum e)^-1`` along ``dim``, ``e = exp(u - k)`` with the center's maximum ``k`` (softmax is
+    invariant under a constant shift of its slice)."""
+    nd = len(n.out_shape)
+    dim = n.attrs["dim"] % nd
+    t = tm.map(lambda x, lead: x.movedim(lead + dim, -1))
+    e = _exp(_shift(t, -t.c.amax(dim=-1, keepdim=True)))
+    s = _linear(e, lambda x: x.sum(dim=-1, keepdim=True), lambda x: x.sum(dim=-1, keepdim=True))
+    p = _mul(e, _power(s, 0.0, -1.0), nd)
+    return p.map(lambda x, lead: x.movedim(-1, lead + dim))
+
+
+def _norm(n: ir.IRNode, tm: TaylorModel) -> TaylorModel:
+    """layer / rms norm over the trailing ``normalized_shape``: ``y = gamma z (mean(z z) + eps)^-1/2 + beta``
+    with ``z = u - mean u`` (``z = u`` for rms norm)."""
+    normalized = tuple(n.attrs["normalized_shape"])
+    k = math.prod(normalized)
+    shape = tuple(n.out_shape)
+    groups = shape[: len(shape) - len(normalized)]
+    t = tm.map(lambda x, lead: x.reshape(*x.shape[:lead], *groups, k))
+    nd = len(groups) + 1
+    if n.op == "layer_norm":
+        # |I - 11^T / k| t = (1 - 2/k) t + mean(t) for t >= 0
+        z = _linear(t, lambda x: x - x.mean(dim=-1, keepdim=True),
+                    lambda x: (1 - 2 / k) * x + x.mean(dim=-1, keepdim=True))
+    else:
+        z = t
+    q = _linear(_mul(z, z, nd), lambda x: x.mean(dim=-1, keepdim=True), lambda x: x.mean(dim=-1, keepdim=True))
+    eps = n.attrs.get("eps")
+    eps = torch.finfo(_DT).eps if eps is None else float(eps)
+    y = _mul(z, _power(q, eps, -0.5), nd)
+    params = ir.as_float64(n).params
+    w, b = params.get("weight"), params.get("bias")
+    if w is not None:
+        wv = w.detach().to(_DT).reshape(k)
+        y = _linear(y, lambda x: x * wv, lambda x: x * wv.abs())
+    if b is not None:
+        y = _shift(y, b.detach().to(_DT).reshape(k))
+    return y.map(lambda x, lead: x.reshape(*x.shape[:lead], *shape))
+
+
+_NORMS = ("layer_norm", "rms_norm")
+
+
+def _step(n: ir.IRNode, tms: list[TaylorModel | None], consts: Mapping[str, torch.Tensor], nin: int,
+          rho: float) -> TaylorModel:
+    if n.op == "output":
+        if len(n.inputs) != 1:
+            raise _Stop("output of several tensors")
+        assert tms[0] is not None
+        return tms[0]
+    if not isinstance(n.out_shape, (tuple, list)) or not all(isinstance(d, int) for d in n.out_shape):
+        raise _Stop(f"{n.op} is not tensor-valued")
+    dtype = n.attrs.get("dtype")
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise _Stop(f"{n.op} casts to {dtype}: discontinuous")
+    nd = len(n.out_shape)
+    if n.op in ("mul_var", "matmul_var") and len(n.inputs) == 2:
+        if n.op == "matmul_var" and any(len(s) < 2 for s in n.in_shapes):
+            raise _Stop("matmul_var of a vector")
+        a, b = (t if t is not None else _constant(consts[i], nin, rho) for t, i in zip(tms, n.inputs, strict=True))
+        return _bilinear(torch.mul if n.op == "mul_var" else torch.matmul, a, b, nd)
+    if n.op == "softmax" and len(n.inputs) == 1 and tms[0] is not None:
+        return _softmax(n, tms[0])
+    if n.op in _NORMS and len(n.inputs) == 1 and tms[0] is not None:
+        return _norm(n, tms[0])
+    if n.op in _SMOOTH and len(n.inputs) == 1 and tms[0] is not None:
+        if n.op == "gelu" and n.attrs.get("approximate", "none") != "none":
+            raise _Stop("tanh-approximated GELU: no Taylor-model rule")
+        return _smooth(n.op, tms[0])
+    rule = RULES.get(n.op)
+    if rule is not None and rule.affine and n.op not in ("split", "unbind", "tuple_getitem"):
+        return _affine(n, tms, consts)
+    raise _Stop(f"no Taylor-model rule for {n.op}")
+
+
+def bound(tm: TaylorModel) -> tuple[float, bool]:
+    """``sup ||J_v||_2`` on the ball: ``||A|| + rho ||G||_flat + rho^2 / 2 ||T||_flat + ||P||`` (certified when
+    its norms are; see the module doc), rounded up."""
+    n = tm.A.shape[0]
+
+    def smaller(*cands: Any) -> Any:
+        return min((x for x in cands if x.certified), key=lambda x: x.upper, default=cands[0])
+
+    a = norms.dense_norm(tm.A.reshape(n, -1).T)
+    fg = smaller(norms.dense_norm(tm.G.reshape(n * n, -1).T), norms.dense_norm(tm.G.transpose(0, 1).reshape(n, -1)))
+    ft = smaller(norms.dense_norm(tm.T.reshape(n ** 3, -1).T), norms.dense_norm(tm.T.movedim(2, 0).reshape(n, -1)))
+    p = norms.dense_norm(tm.P.reshape(n, -1).T)
+    value = (a.upper + tm.rho * fg.upper + 0.5 * tm.rho ** 2 * ft.upper + p.upper) * (1 + 16 * _M)
+    return value, all(x.certified for x in (a, fg, ft, p))
+
+
+def models(g: nx.DiGraph, center: torch.Tensor, rho: float) -> tuple[dict[str, TaylorModel], dict[str, str]]:
+    """Every node's Taylor model on the ball ``B(center, rho)`` as far as the rules reach, and ``node -> reason``
+    where none (see the module doc)."""
+    (inp,) = g.graph["inputs"]
+    shape = tuple(ir.node(g, inp).out_shape)
+    nin = math.prod(shape)
+    tms: dict[str, TaylorModel] = {}
+    reasons: dict[str, str] = {}
+    consts: dict[str, torch.Tensor] = {}
+    for n in ir.nodes(g):
+        if n.op == "input":
+            tm = _constant(center.detach().to(_DT).reshape(shape), nin, rho)
+            tm.A = torch.eye(nin, dtype=_DT).reshape(nin, *shape)
+            tms[n.name] = tm
+            continue
+        if n.op == "constant":
+            v = RULES["constant"].forward(ir.as_float64(n))
+            if isinstance(v, torch.Tensor):
+                consts[n.name] = v.detach().to(_DT)
+            continue
+        var = [i for i in n.inputs if i not in consts]
+        missing = [i for i in var if i not in tms]
+        if missing:
+            reasons[n.name] = reasons.get(missing[0], f"no model for {missing[0]}")
+            continue
+        if not var:
+            reasons[n.name] = "constant-valued node"
+            continue
+        out = n.out_shape[0] if n.op == "output" else n.out_shape
+        size = math.prod(tuple(out)) * nin ** 3 if isinstance(out, (tuple, list)) else None
+        if size is None or size > JACOBIAN_ENTRIES:
+            reasons[n.name] = f"work limit: third derivatives of {size} entries (limit {JACOBIAN_ENTRIES})"
+            continue
+        try:
+            tm = _step(n, [tms.get(i) for i in n.inputs], consts, nin, rho)
+        except (_Stop, _PartsStop) as exc:
+            reasons[n.name] = str(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a rule that cannot handle this node: no model, said why
+            reasons[n.name] = f"Taylor model of {n.op} failed ({type(exc).__name__}: {exc})"
+            continue
+        if not all(bool(torch.isfinite(x).all()) for x in (tm.c, tm.A, tm.G, tm.T, tm.E, tm.P)):
+            reasons[n.name] = "non-finite Taylor model"
+            continue
+        tms[n.name] = tm
+    return tms, reasons
+
+
+def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
+    """Relations ``L(v) <= bound(model of v)`` for every node with a Taylor model on the ball of radius ``rho``
+    (:func:`l2_radius`) around the domain's center; none without a domain or where the input is too large."""
+    t0 = time.perf_counter()
+    settings = settings or Settings()
+    domain = settings.extra.get("domain")
+
+    def skipped(why: str) -> AlgorithmResult:
+        return AlgorithmResult([], [{"method": SOURCE, "skipped": why}], time.perf_counter() - t0)
+
+    if domain is None:
+        return skipped("needs a domain (global analysis)")
+    if len(g.graph["inputs"]) != 1:
+        return skipped("single-input models only")
+    dom, example = domain
+    (inp,) = g.graph["inputs"]
+    nin = math.prod(tuple(ir.node(g, inp).out_shape))
+    if nin ** 4 > JACOBIAN_ENTRIES:
+        return skipped(f"input of {nin} entries: the input's third derivatives alone have {nin ** 4} entries "
+                       f"(limit {JACOBIAN_ENTRIES})")
+    rho = l2_radius(dom, example)
+    if rho is None or not math.isfinite(rho):
+        return skipped("the domain's center is not in its enclosure")
+    center = dom.center(example.detach().to(_DT)).to(_DT)
+    tms, reasons = models(g, center, rho)
+    relations: list[Relation] = []
+    records: list[dict[str, Any]] = []
+    for n in ir.nodes(g):
+        if n.name not in tms or n.op in ("input", "constant"):
+            continue
+        value, certified = bound(tms[n.name])
+        if not math.isfinite(value):
+            continue
+        records.append({"node": n.name, "bound": value, "certified": certified})
+        relations.append(Relation(n.name, (Term(inp, value, certified),), SOURCE, f"Taylor model at {n.name}"))
+    stopped = {k: v for k, v in reasons.items() if ir.node(g, k).op != "constant"}
+    if stopped:
+        records.append({"method": SOURCE, "stopped": stopped})
+    return AlgorithmResult(relations, records, time.perf_counter() - t0,
+                           {"modelled": len(tms), "stopped": len(stopped), "rho": rho})
+
+
+__all__ = ["FUNCTION_ERROR", "SOURCE", "TaylorModel", "bound", "models", "run"]

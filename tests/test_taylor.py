@@ -1,0 +1,254 @@
+"""The Taylor models of :mod:`lipgraph.bounds.taylor` against independent float64 ground truths.
+
+* The coefficients are the derivatives at the center: ``A``, ``G``, ``T`` against nested
+  ``torch.autograd.functional.jacobian`` of the float64 IR (every node).
+* The enclosures hold on the ball: at sampled points (uniform in the ball, on its sphere, and the end points of
+  a projected ascent on ``||J||``) every node's float64 value lies in ``c + A d + G[d, d] / 2 +- E`` and its
+  float64 Jacobian in ``A + G[d] + T[d, d] / 2 +- P``, and the certified bound dominates ``||J||_2``.
+* The constants ``M3``, ``M4`` of sigmoid, tanh and GELU dominate their third and fourth derivatives on a fine
+  grid (their derivations are in the module).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lipgraph
+from lipgraph import execute, ir
+from lipgraph.bounds import taylor
+from lipgraph.core import Settings
+from lipgraph.domains import Ball, Box
+from tests.test_domain_tightness import Block, Gated, NormGelu, SoftAttn, TanhSquare, _point
+
+_DT = torch.float64
+
+
+class Broadcast(nn.Module):
+    """A product with broadcasting (a (1, 6) tensor times a (1, 1) one), a softmax over 6 and a sigmoid gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.s, self.w = nn.Linear(4, 6), nn.Linear(4, 1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x) * torch.tanh(self.s(x))
+        return self.w(torch.softmax(h, dim=-1) * torch.sigmoid(h))
+
+
+class SmallVarianceNorm(nn.Module):
+    """LayerNorm of a nearly constant vector (small variance: large higher derivatives of ``(q + eps)^-1/2``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 5)
+        with torch.no_grad():
+            self.a.weight.mul_(0.2)
+        self.n = nn.LayerNorm(5)
+        self.w = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.w(self.n(self.a(x)))
+
+
+_MODELS = {"gated": (Gated, (1, 8)), "tanh_square": (TanhSquare, (1, 5)), "soft_attn": (SoftAttn, (3, 2)),
+           "norm_gelu": (NormGelu, (1, 5)), "broadcast": (Broadcast, (1, 4)),
+           "small_variance_norm": (SmallVarianceNorm, (1, 3))}
+
+
+def _setup(key: str, seed: int = 0):
+    cls, shape = _MODELS[key]
+    torch.manual_seed(seed)
+    model = cls().double().eval()
+    x = _point(shape)
+    g = lipgraph.trace(model, x)
+    return model, x, g, ir.to_float64(g)
+
+
+def _node_fn(g64, name: str, shape):
+    def f(t: torch.Tensor) -> torch.Tensor:
+        _, vals = execute(g64, t.reshape(shape), keep=True)
+        return vals[name].reshape(-1)
+    return f
+
+
+def _jac(f, p):
+    return torch.autograd.functional.jacobian(f, p)
+
+
+def _hessian(f, p: torch.Tensor) -> torch.Tensor:
+    """``(m, j, k)``: d^2 f_i / dx_j dx_k by autograd."""
+    return torch.autograd.functional.jacobian(lambda t: torch.autograd.functional.jacobian(f, t, create_graph=True),
+                                              p)
+
+
+@pytest.mark.parametrize("key", ["gated", "tanh_square", "soft_attn", "norm_gelu", "broadcast",
+                                 "small_variance_norm"])
+def test_coefficients_are_the_derivatives_at_the_center(key) -> None:
+    """``A``, ``G`` against autograd; ``T`` against central differences of autograd's Hessians (step 1e-4, error
+    ~1e-8: PyTorch's third derivatives of ``layer_norm`` by autograd are wrong, the differences of its exact
+    second derivatives are not). Every node whose op is not affine, and the output."""
+    _, x, g, g64 = _setup(key)
+    tms, reasons = taylor.models(g, x.to(_DT), 0.1)
+    assert g.graph["output"] in tms, reasons
+    xc = x.reshape(-1).to(_DT)
+    n = xc.numel()
+    h = 1e-4
+    names = [nm for nm in tms if not lipgraph.ops.RULES[ir.node(g, nm).op].affine
+             and ir.node(g, nm).op not in ("input", "constant")] + [g.graph["output"]]
+    for name in names:
+        tm = tms[name]
+        f = _node_fn(g64, name, x.shape)
+        j1 = _jac(f, xc)  # (m, n)
+        j2 = _hessian(f, xc)  # (m, j, k)
+        j3 = torch.stack([(_hessian(f, xc + h * e) - _hessian(f, xc - h * e)) / (2 * h)
+                          for e in torch.eye(n, dtype=_DT)], dim=-1)  # (m, j, k, l)
+        m = j1.shape[0]
+        a = tm.A.reshape(n, m).T
+        gg = tm.G.reshape(n, n, m).permute(2, 1, 0)  # (m, j, k)
+        tt = tm.T.reshape(n, n, n, m).permute(3, 2, 0, 1)  # (m, j, k, l)
+        assert torch.allclose(tm.c.reshape(-1), f(xc), atol=1e-10), name
+        assert torch.allclose(a, j1, atol=1e-9), name
+        assert torch.allclose(gg, j2, atol=1e-8), name
+        assert torch.allclose(tt, j3, atol=1e-6), (name, float((tt - j3).abs().max()))
+
+
+def _points(x: torch.Tensor, r: float, count: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(count):
+        d = torch.randn(x.shape, generator=gen, dtype=_DT)
+        s = 1.0 if k % 2 else float(torch.rand((), generator=gen, dtype=_DT)) ** (1 / x.numel())
+        out.append(x.to(_DT) + r * s * d / d.norm())
+    return out
+
+
+def _ascent(model_fn, x: torch.Tensor, r: float, steps: int = 30) -> torch.Tensor:
+    """Projected ascent on ||J(x)||_2 inside the ball (a point where the bound is most likely to be tight)."""
+    xc = x.reshape(-1).to(_DT)
+    p = (xc + 0.5 * r * torch.ones_like(xc) / math.sqrt(xc.numel())).clone()
+    for _ in range(steps):
+        p = p.detach().requires_grad_(True)
+        j = torch.autograd.functional.jacobian(model_fn, p, create_graph=True)
+        s = torch.linalg.matrix_norm(j, 2)
+        (grad,) = torch.autograd.grad(s, p)
+        p = p + 0.3 * r * grad / (grad.norm() + 1e-30)
+        d = p - xc
+        if d.norm() > r:
+            p = xc + d * (r / d.norm())
+    return p.detach().reshape(x.shape)
+
+
+def _check(tm, vals: dict, name: str, p: torch.Tensor, x: torch.Tensor, f) -> None:
+    d = (p.to(_DT) - x.to(_DT)).reshape(-1)
+    n = d.numel()
+    v = vals[name].to(_DT).reshape(tm.c.shape)
+    gd = torch.einsum("k,kj...->j...", d, tm.G)  # G[d]: (n, *S)
+    tdd = torch.einsum("k,l,klj...->j...", d, d, tm.T)
+    pred_v = tm.c + torch.einsum("j,j...->...", d, tm.A) + 0.5 * torch.einsum("j,j...->...", d, gd)
+    assert bool(((v - pred_v).abs() <= tm.E).all()), (name, float(((v - pred_v).abs() - tm.E).max()))
+    jac = _jac(f, p.reshape(-1).to(_DT)).T.reshape(n, *tm.c.shape)  # columns first
+    pred_j = tm.A + gd + 0.5 * tdd
+    assert bool(((jac - pred_j).abs() <= tm.P).all()), (name, float(((jac - pred_j).abs() - tm.P).max()))
+
+
+@pytest.mark.parametrize("key", ["gated", "tanh_square", "soft_attn", "norm_gelu", "broadcast",
+                                 "small_variance_norm"])
+@pytest.mark.parametrize("radius", [0.01, 0.1, 0.5])
+def test_enclosures_hold_on_the_ball(key, radius) -> None:
+    model, x, g, g64 = _setup(key)
+    tms, reasons = taylor.models(g, x.to(_DT), radius)
+    out = g.graph["output"]
+    if out not in tms:  # a wide ball may let a range reach a pole: a stop, never a wrong model
+        assert any("range reaches" in r for r in reasons.values()), reasons
+    fout = _node_fn(g64, g.graph["output"], x.shape)
+    pts = _points(x, radius, 24, seed=3) + [_ascent(fout, x, radius)]
+    worst = 0.0
+    for p in pts:
+        _, vals = execute(g64, p.to(_DT), keep=True)
+        for name, tm in tms.items():
+            if ir.node(g, name).op in ("input", "constant"):
+                continue
+            _check(tm, vals, name, p, x, _node_fn(g64, name, x.shape))
+        worst = max(worst, float(torch.linalg.matrix_norm(_jac(fout, p.reshape(-1).to(_DT)), 2)))
+    if out in tms:
+        value, certified = taylor.bound(tms[out])
+        assert certified and value >= worst
+
+
+def test_block_enclosures_hold_on_the_ball() -> None:
+    """The one-block transformer (LayerNorm, attention as products and softmax, GELU, residual sums) at radius
+    0.1: every node's enclosure at 12 sampled points and the ascent's end point."""
+    torch.manual_seed(0)
+    model = Block().double().eval()
+    x = _point((1, 4, 8))
+    g = lipgraph.trace(model, x)
+    g64 = ir.to_float64(g)
+    tms, reasons = taylor.models(g, x.to(_DT), 0.1)
+    assert g.graph["output"] in tms, reasons
+    fout = _node_fn(g64, g.graph["output"], x.shape)
+    for p in _points(x, 0.1, 12, seed=4) + [_ascent(fout, x, 0.1, steps=10)]:
+        _, vals = execute(g64, p.to(_DT), keep=True)
+        for name in ("ln1", "matmul", "softmax", "matmul_1", "add", "ln2", "mlp_1", "add_1", "output"):
+            _check(tms[name], vals, name, p, x, _node_fn(g64, name, x.shape))
+
+
+@pytest.mark.parametrize("op,m3,m4", [("sigmoid", 0.125, 0.5), ("tanh", 2.0, 16.0), ("gelu", 0.779, 4.52)])
+def test_smooth_constants_dominate_the_derivatives(op, m3, m4) -> None:
+    """``M3``, ``M4`` above the third and fourth derivatives on [-12, 12] (step 2e-4; autograd, independent of
+    the module's formulas); the module's first derivatives agree with autograd's."""
+    fn = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": nn.functional.gelu}[op]
+    x = torch.arange(-12.0, 12.0, 2e-4, dtype=_DT).requires_grad_(True)
+    ds = [fn(x)]
+    for _ in range(4):
+        (d,) = torch.autograd.grad(ds[-1].sum(), x, create_graph=True)
+        ds.append(d)
+    assert float(ds[3].detach().abs().max()) <= m3
+    assert float(ds[4].detach().abs().max()) <= m4
+    derivs, mm3, mm4 = taylor._SMOOTH[op]
+    assert (mm3, mm4) == pytest.approx((m3, m4), rel=1e-6)
+    mine = derivs(x.detach())
+    for k in range(4):
+        assert torch.allclose(mine[k], ds[k].detach(), atol=1e-12), (op, k)
+
+
+def test_stops_and_skips_are_recorded() -> None:
+    """A ReLU has no rule (the output gets none, with the reason); a global analysis and a large input skip."""
+    torch.manual_seed(0)
+    relu = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double().eval()
+    x = torch.zeros(1, 3, dtype=_DT)
+    g = lipgraph.trace(relu, x)
+    tms, reasons = taylor.models(g, x, 0.1)
+    assert g.graph["output"] not in tms and "no Taylor-model rule for relu" in reasons[g.graph["output"]]
+    res = taylor.run(g, {}, Settings())
+    assert not res.relations and "needs a domain" in res.records[0]["skipped"]
+    big = nn.Linear(64, 2).double().eval()
+    xb = torch.zeros(1, 64, dtype=_DT)
+    res = taylor.run(lipgraph.trace(big, xb), {}, Settings(extra={"domain": (Box(-1.0, 1.0), xb)}))
+    assert not res.relations and "third derivatives" in res.records[0]["skipped"]
+
+
+def test_analyze_uses_the_taylor_relation_once_per_domain() -> None:
+    """On the gated model the Taylor relation wins at the output and runs once although the mean-value rounds
+    rerun the other domain algorithms."""
+    torch.manual_seed(0)
+    model = Gated().double().eval()
+    x = _point((1, 8))
+    calls = []
+    orig = taylor.models
+
+    def counting(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    taylor.models = counting
+    try:
+        rep = lipgraph.analyze(model, x, domain=Ball(x, 0.1), lower=False)
+    finally:
+        taylor.models = orig
+    assert len(calls) == 1
+    out = next(nd for nd in rep.nodes if nd.name == "w")
+    assert out.domain_via == "taylor"
