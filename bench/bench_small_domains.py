@@ -1,0 +1,67 @@
+"""Small smooth models on l2 balls: the gated model ``w(a(x) * sigmoid(g(x)))`` and the one-block transformer of
+``tests/test_domain_tightness.py`` (issue 12's "within 5%" models), with and without the Taylor models of
+:mod:`lipgraph.bounds.taylor`, in the same run.
+
+For each model and radius: the global bound, the certified bound on the ball without the ``taylor`` algorithm
+(every other default algorithm, the mean-value rounds included) and with it (the default), the attained value
+(``report.lower`` with ``lower_budget=8`` and float64 Jacobian norms at sampled points of the ball: the larger),
+the ratios and the seconds of each analysis.
+
+    python bench/bench_small_domains.py [--radii 0.01,0.1,0.3] [--out bench/results/small_domains.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lipgraph  # noqa: E402
+from lipgraph.bounds import METHODS  # noqa: E402
+from lipgraph.domains import Ball  # noqa: E402
+from tests.test_domain_tightness import Block, Gated, _build, _max_sampled, _point  # noqa: E402
+
+
+def _analyze(model, x, radius: float, taylor: bool):
+    saved = None if taylor else METHODS.pop("taylor")
+    try:
+        t0 = time.perf_counter()
+        rep = lipgraph.analyze(model, x, domain=Ball(x, radius, "l2"), lower_budget=8)
+        return rep, time.perf_counter() - t0
+    finally:
+        if saved is not None:
+            METHODS["taylor"] = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--radii", default="0.01,0.1,0.3")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    lines = ["| model | radius | global | without Taylor (s) | with Taylor (s) | attained | ratio before | ratio now |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, cls, shape in (("gated", Gated, (1, 8)), ("one-block transformer", Block, (1, 4, 8))):
+        model, x = _build(cls), _point(shape)
+        glob = lipgraph.analyze(model, x, lower=False).upper
+        for radius in (float(r) for r in args.radii.split(",")):
+            before, s_before = _analyze(model, x, radius, taylor=False)
+            now, s_now = _analyze(model, x, radius, taylor=True)
+            attained = max(before.lower, now.lower, _max_sampled(model, x, radius, 150))
+            row = (f"| {name} | {radius:g} | {glob:.5g} | {before.upper:.5g} ({s_before:.1f}) | {now.upper:.5g} "
+                   f"({s_now:.1f}) | {attained:.5g} | {before.upper / attained:.3f} | {now.upper / attained:.3f} |")
+            print(row, flush=True)
+            lines.append(row)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
