@@ -252,3 +252,30 @@ def test_analyze_uses_the_taylor_relation_once_per_domain() -> None:
     assert len(calls) == 1
     out = next(nd for nd in rep.nodes if nd.name == "w")
     assert out.domain_via == "taylor"
+
+
+@pytest.mark.parametrize("fn", ["exp", "inverse", "rsqrt"])
+@pytest.mark.parametrize("radius", [0.05, 0.3])
+def test_one_dimensional_remainders_are_sound_and_tight(fn, radius) -> None:
+    """On the identity of R (``A = 1``, no other term), the value and derivative remainders of ``exp``, ``1/x``
+    and ``(x + 1e-5)^-1/2`` bound the exact remainders of the second-order expansions at ``c -+ rho`` and at
+    interior points, and exceed the largest of them by at most 1e-3 relative (the end values are the bound)."""
+    c = torch.tensor([0.7], dtype=_DT)
+    base = taylor._constant(c, 1, radius)
+    base.A = torch.ones((1, 1), dtype=_DT)
+    if fn == "exp":
+        tm, f, df = taylor._exp(base), torch.exp, torch.exp
+    elif fn == "inverse":
+        tm, f, df = taylor._power(base, 0.0, -1.0), (lambda x: 1 / x), (lambda x: -1 / x ** 2)
+    else:
+        tm = taylor._power(base, 1e-5, -0.5)
+        f, df = (lambda x: (x + 1e-5) ** -0.5), (lambda x: -0.5 * (x + 1e-5) ** -1.5)
+    worst_v = worst_j = 0.0
+    for d in torch.linspace(-radius, radius, 41, dtype=_DT):
+        x = c + d
+        ev = float((f(x) - (tm.c + tm.A[0] * d + 0.5 * tm.G[0, 0] * d * d)).abs())
+        ej = float((df(x) - (tm.A[0] + tm.G[0, 0] * d + 0.5 * tm.T[0, 0, 0] * d * d)).abs())
+        assert ev <= float(tm.E) and ej <= float(tm.P[0])
+        worst_v, worst_j = max(worst_v, ev), max(worst_j, ej)
+    assert float(tm.E) <= worst_v * (1 + 1e-3) + 1e-7  # the rounding allowances: about 1e-8 here
+    assert float(tm.P[0]) <= worst_j * (1 + 1e-3) + 1e-7

@@ -264,22 +264,54 @@ _SMOOTH: dict[str, tuple[Callable[[torch.Tensor], Derivs], float, float]] = {
 }
 
 
-def _elementwise(tm: TaylorModel, d: Derivs, m3: torch.Tensor | float, m4: torch.Tensor | float) -> TaylorModel:
+def _end_remainders(tm: TaylorModel, d: Derivs, at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                    m3: torch.Tensor | float, m4: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of ``|s(c + D) - s_0 - s_1 D - s_2 D^2 / 2|`` and ``|s'(c + D) - s_1 - s_2 D - s_3 D^2 / 2|`` over
+    ``|D| <= dev``, for an ``s`` whose third and fourth derivatives keep one sign on the range (exp; powers with
+    ``p < 0`` on a positive range): each remainder is ``int_0^D s^(k)(c + t) (D - t)^(k-1) / (k-1)! dt``, whose
+    absolute value grows with ``|D|`` on either side, so its values at ``D = -dev`` and ``D = +dev`` bound it
+    (evaluated at ends pushed out past the rounding of ``c -+ dev``, ``FUNCTION_ERROR`` on every term). The
+    smaller of that and the Lagrange bounds ``m3 dev^3 / 6``, ``m4 dev^3 / 6``. ``at(x)``: ``(s(x), s'(x))``."""
+    s0, s1, s2, s3 = d
+    dev = tm.dev
+    push = dev + 4 * 2.220446049250313e-16 * (tm.c.abs() + dev) + 1e-300
+    best3, best4 = torch.zeros_like(dev), torch.zeros_like(dev)
+    for sign in (-1.0, 1.0):
+        x = tm.c + sign * push
+        dd = x - tm.c
+        f0, f1 = at(x)
+        v3 = f0 - s0 - s1 * dd - 0.5 * s2 * dd * dd
+        v4 = f1 - s1 - s2 * dd - 0.5 * s3 * dd * dd
+        err3 = 4 * FUNCTION_ERROR * (4 + f0.abs() + s0.abs() + (s1 * dd).abs() + (s2 * dd * dd).abs())
+        err4 = 4 * FUNCTION_ERROR * (4 + f1.abs() + s1.abs() + (s2 * dd).abs() + (s3 * dd * dd).abs())
+        best3 = torch.maximum(best3, v3.abs() + err3)
+        best4 = torch.maximum(best4, v4.abs() + err4)
+    return torch.minimum(best3, m3 * dev ** 3 / 6), torch.minimum(best4, m4 * dev ** 3 / 6)
+
+
+def _elementwise(tm: TaylorModel, d: Derivs, m3: torch.Tensor | float, m4: torch.Tensor | float,
+                 at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> TaylorModel:
     """``v = s(u)`` with ``d = (s, s', s'', s''')`` at ``c_u`` (each within ``FUNCTION_ERROR (1 + |.|)``) and
-    ``m3``, ``m4`` bounding ``|s'''|``, ``|s''''|`` on ``[c_u -+ dev_u]`` (see the module doc)."""
+    ``m3``, ``m4`` bounding ``|s'''|``, ``|s''''|`` on ``[c_u -+ dev_u]`` (see the module doc). With ``at`` (only
+    for functions whose third and fourth derivatives keep one sign there) the Lagrange terms are the tighter
+    :func:`_end_remainders`."""
     s0, s1, s2, s3 = d
     e0, e1, e2, e3 = (FUNCTION_ERROR * (1 + x.abs()) for x in d)
     a1, a2, a3 = s1.abs() + e1, s2.abs() + e2, s3.abs() + e3
     lin, quad, dev, big_e = tm.lin, tm.quad, tm.dev, tm.E
+    if at is None:
+        rem3, rem4 = m3 * dev ** 3 / 6, m4 * dev ** 3 / 6
+    else:
+        rem3, rem4 = _end_remainders(tm, d, at, m3, m4)
     aa = tm.A[:, None] * tm.A[None, :]  # [k, j] = A[k] A[j]
     g_new = s1 * tm.G + s2 * aa
     ag = tm.A[:, None, None] * tm.G[None]  # [k, l, j] = A[k] G[l, j]
     t_new = (s1 * tm.T + s2 * (ag + ag.transpose(0, 1) + tm.G[:, :, None] * tm.A[None, None])
              + s3 * aa[:, :, None] * tm.A[None, None])
     mix = (quad + big_e) * (2 * lin + quad + big_e)
-    e = (a1 * big_e + e1 * (lin + quad) + 0.5 * a2 * mix + 0.5 * e2 * lin * lin + m3 * dev ** 3 / 6 + e0
+    e = (a1 * big_e + e1 * (lin + quad) + 0.5 * a2 * mix + 0.5 * e2 * lin * lin + rem3 + e0
          + _ROUND * (s0.abs() + a1 * (lin + quad) + a2 * lin * lin))
-    r = (e1 + a2 * big_e + e2 * (lin + quad) + 0.5 * a3 * mix + 0.5 * e3 * lin * lin + m4 * dev ** 3 / 6)
+    r = (e1 + a2 * big_e + e2 * (lin + quad) + 0.5 * a3 * mix + 0.5 * e3 * lin * lin + rem4)
     b1 = a2 * lin
     b2 = a2 * quad + 0.5 * a3 * lin * lin
     w = tm.jac_bound
@@ -296,13 +328,18 @@ def _smooth(op: str, tm: TaylorModel) -> TaylorModel:
 def _exp(tm: TaylorModel) -> TaylorModel:
     top = torch.exp(tm.c + tm.dev) * (1 + 1e-12)
     e0 = torch.exp(tm.c)
-    return _elementwise(tm, (e0, e0, e0, e0), top, top)
+
+    def at(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ex = torch.exp(x)
+        return ex, ex
+
+    return _elementwise(tm, (e0, e0, e0, e0), top, top, at)
 
 
 def _power(tm: TaylorModel, shift: float, p: float) -> TaylorModel:
     """``v = (u + shift)^p`` for ``p < 0`` where ``u + shift > 0`` on the range; ``|d^3|`` and ``|d^4|`` decrease
     in ``u``, so their sups are at the range's low end."""
-    lo = tm.c - tm.dev + shift
+    lo = tm.c - tm.dev * (1 + 1e-9) - 1e-300 + shift  # also below the ends _end_remainders evaluates
     if not bool((lo > 0).all()):
         raise _Stop(f"(u + {shift:g})^{p:g}: the range reaches {float(lo.min()):.3g} <= 0")
     lo = lo * (1 - 1e-12)
@@ -311,7 +348,12 @@ def _power(tm: TaylorModel, shift: float, p: float) -> TaylorModel:
     d = (x ** p, k1 * x ** (p - 1), k2 * x ** (p - 2), k3 * x ** (p - 3))
     m3 = abs(k3) * lo ** (p - 3) * (1 + 1e-12)
     m4 = abs(k4) * lo ** (p - 4) * (1 + 1e-12)
-    return _elementwise(tm, d, m3, m4)
+
+    def at(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = u + shift
+        return y ** p, k1 * y ** (p - 1)
+
+    return _elementwise(tm, d, m3, m4, at)
 
 
 # --- products -------------------------------------------------------------------------------------------
