@@ -196,11 +196,13 @@ def test_block_enclosures_hold_on_the_ball() -> None:
             _check(tms[name], vals, name, p, x, _node_fn(g64, name, x.shape))
 
 
-@pytest.mark.parametrize("op,m3,m4", [("sigmoid", 0.125, 0.5), ("tanh", 2.0, 16.0), ("gelu", 0.779, 4.52)])
+@pytest.mark.parametrize("op,m3,m4", [("sigmoid", 0.125, 0.1277), ("tanh", 2.0, 4.086), ("gelu", 0.779, 1.5958),
+                                      ("silu", 0.6567, 1.2359)])
 def test_smooth_constants_dominate_the_derivatives(op, m3, m4) -> None:
     """``M3``, ``M4`` above the third and fourth derivatives on [-12, 12] (step 2e-4; autograd, independent of
     the module's formulas); the module's first derivatives agree with autograd's."""
-    fn = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": nn.functional.gelu}[op]
+    fn = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": nn.functional.gelu,
+          "silu": nn.functional.silu}[op]
     x = torch.arange(-12.0, 12.0, 2e-4, dtype=_DT).requires_grad_(True)
     ds = [fn(x)]
     for _ in range(4):
@@ -279,3 +281,29 @@ def test_one_dimensional_remainders_are_sound_and_tight(fn, radius) -> None:
         worst_v, worst_j = max(worst_v, ev), max(worst_j, ej)
     assert float(tm.E) <= worst_v * (1 + 1e-3) + 1e-7  # the rounding allowances: about 1e-8 here
     assert float(tm.P[0]) <= worst_j * (1 + 1e-3) + 1e-7
+
+
+def test_scalar_outputs_get_a_model() -> None:
+    """A sum to a 0-dim tensor (a regression head) and a product of two 0-dim tensors are modelled (their
+    reshapes once failed on the empty shape), and the bound dominates the sampled Jacobian norms."""
+
+    class Scalar(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+
+        def forward(self, x):
+            s = torch.tanh(self.a(x)).sum()
+            return s * torch.sigmoid(s)
+
+    torch.manual_seed(0)
+    model = Scalar().double().eval()
+    x = _point((1, 3))
+    g = lipgraph.trace(model, x)
+    tms, reasons = taylor.models(g, x.to(_DT), 0.2)
+    assert g.graph["output"] in tms, reasons
+    value, certified = taylor.bound(tms[g.graph["output"]])
+    g64 = ir.to_float64(g)
+    f = _node_fn(g64, g.graph["output"], x.shape)
+    worst = max(float(_jac(f, p.reshape(-1)).norm()) for p in _points(x, 0.2, 40, seed=1))
+    assert certified and value >= worst

@@ -38,7 +38,7 @@ Jacobian ``g >= |G[delta]|`` and ``t >= |T[delta, delta]| / 2`` the same way, an
   ``s(c + D) = s_0 + s_1 D + s_2 D^2 / 2 + s^(3)(xi) D^3 / 6`` gives ``E -> |s_1| E + |s_2| (quad + E)(2 lin +
   quad + E) / 2 + M3 dev^3 / 6``; the same expansion of ``s'(c + D)`` one order higher (remainder ``R``) times
   ``J_u`` gives ``P -> |s_1| P + |s_2| lin (t + P) + (|s_2| quad + |s_3| lin^2 / 2)(g + t + P) + R W``. Rules:
-  sigmoid, tanh, exact GELU (global ``M3``, ``M4``, derived at :data:`_SMOOTH`), and inside softmax and the
+  sigmoid, tanh, exact GELU, SiLU (global ``M3``, ``M4``, derived at :data:`_SMOOTH`), and inside softmax and the
   norms ``exp`` and ``(u + a)^p`` for ``p < 0`` (their higher derivatives are monotone: sups at an end of the
   range).
 * a bilinear ``B`` (elementwise product with broadcasting, matmul) of two models: the product of the two
@@ -47,7 +47,9 @@ Jacobian ``g >= |G[delta]|`` and ``t >= |T[delta, delta]| / 2`` the same way, an
   norm as ``z = u - mean u`` (``z = u`` for rms), ``q = mean(z z)``, ``y = gamma z (q + eps)^-1/2 + beta``.
 
 Every rounding error of a computed coefficient is at most ``m`` times the same op applied to the operands'
-bounds ``V``, ``W`` (``gamma_k <= m`` for ``k <= 4e6`` terms); it is added to ``E`` or ``P``. Function values
+bounds ``V``, ``W`` (``gamma_k <= m`` for ``k <= 4e6`` terms); it is added to ``E`` or ``P``. (For ``G`` and
+``T`` the error scales with their entries, which ``quad`` and ``t`` bound only up to a factor ``sqrt(n)``;
+``m = 1e-9`` is about ``1e5`` times the float64 error for ``n <= 44``, which covers it.) Function values
 (exp, erf, tanh, powers) get the allowance :data:`FUNCTION_ERROR`. Work limits count entries: a node whose
 third derivatives would exceed ``JACOBIAN_ENTRIES`` entries stops there, and so does everything after it; ops
 without a rule stop likewise (the records say where and why). Exact for affine graphs up to rounding.
@@ -209,7 +211,7 @@ def _affine(n: ir.IRNode, tms: list[TaylorModel | None], consts: Mapping[str, to
         slack = dm + _ROUND * mabs
 
         def apply(t: torch.Tensor, lead: int, m: torch.Tensor) -> torch.Tensor:
-            return (t.reshape(*t.shape[:lead], -1) @ m).reshape(*t.shape[:lead], *out_shape)
+            return (t.reshape((*t.shape[:lead], -1)) @ m).reshape((*t.shape[:lead], *out_shape))
 
         part = TaylorModel(apply(tm.c, 0, mt), apply(tm.A, 1, mt), apply(tm.G, 2, mt), apply(tm.T, 3, mt),
                            _up(apply(tm.E, 0, mabs) + apply(tm.value_bound, 0, slack)),
@@ -243,6 +245,12 @@ def _sigmoid_derivs(x: torch.Tensor) -> Derivs:
     return s, q, q * (1 - 2 * s), q * (1 - 6 * q)
 
 
+def _silu_derivs(x: torch.Tensor) -> Derivs:
+    s = torch.sigmoid(x)
+    q = s * (1 - s)
+    return x * s, s + x * q, q * (2 + x * (1 - 2 * s)), 3 * q * (1 - 2 * s) + x * q * (1 - 6 * q)
+
+
 def _tanh_derivs(x: torch.Tensor) -> Derivs:
     t = torch.tanh(x)
     d = 1 - t * t
@@ -251,16 +259,24 @@ def _tanh_derivs(x: torch.Tensor) -> Derivs:
 
 #: ``op -> (value and derivatives 1-3, M3 >= sup |s'''|, M4 >= sup |s''''|)`` over the real line.
 #: sigmoid: ``q = s (1 - s)`` in ``(0, 1/4]``, ``s''' = q (1 - 6q)``: ``|.| <= 1/8`` (``q = 1/4``); with
-#: ``u = 1 - 2s``, ``s'''' = q u (1 - 12 q) = (1 - u^2) u (3u^2 - 2) / 4``: ``|.| <= 2/4``.
-#: tanh: ``t''' = -2 (1 - t^2)(1 - 3 t^2)``: ``|.| <= 2``; ``t'''' = 8 t (1 - t^2)(2 - 3 t^2)``: ``|.| <= 16``.
+#: ``u = 1 - 2s`` in ``(-1, 1)``, ``s'''' = q u (1 - 12 q) = (-3u^5 + 5u^3 - 2u) / 4``, whose extrema solve
+#: ``15u^4 - 15u^2 + 2 = 0`` (``u^2 = (15 -+ sqrt 105) / 30``): ``0.12768`` at ``u^2 = 0.15843``, ``0.0191`` at
+#: ``0.84157``, 0 at ``u = -+1``: 0.1277.
+#: tanh: ``t''' = -2 (1 - t^2)(1 - 3 t^2)``: ``|.| <= 2`` (``t = 0``); ``t'''' = 8 (3t^5 - 5t^3 + 2t)``, extrema
+#: at the same ``t^2 = (15 -+ sqrt 105) / 30``: ``4.0859`` and ``0.610``: 4.086.
 #: exact GELU ``x Phi(x)``: ``s''' = phi(x)(x^3 - 4x)``, whose extrema solve ``x^4 - 7x^2 + 4 = 0``
-#: (``x^2 = (7 -+ sqrt 33) / 2``): ``0.77877`` at ``|x| = 0.79229``, ``0.0990`` at ``2.5243``, so 0.779;
-#: ``s'''' = phi(x)(-x^4 + 7x^2 - 4)``: ``|.| <= phi x^4 + 7 phi x^2 + 4 phi <= (16 e^-2 + 14 e^-1 + 4) /
-#: sqrt(2 pi) = 4.5146`` (``x^4 e^(-x^2/2)`` peaks at ``x^2 = 4``, ``x^2 e^(-x^2/2)`` at 2), so 4.52.
+#: (``x^2 = (7 -+ sqrt 33) / 2``): ``0.77877`` at ``|x| = 0.79229``, ``0.0990`` at ``2.5243``: 0.779;
+#: ``s'''' = phi(x)(-x^4 + 7x^2 - 4)``, extrema where ``x (x^4 - 11 x^2 + 18) = 0`` (``x^2`` in 0, 2, 9):
+#: ``4 phi(0) = 1.59577``, ``6 phi(sqrt 2) = 0.8806``, ``22 phi(3) = 0.0975``: 1.5958.
+#: SiLU ``x s(x)``: ``silu''' = 3 s'' + x s'''``, ``silu'''' = 4 s''' + x s''''`` (``s``: the sigmoid), with
+#: ``q = s (1 - s) <= e^-|x|`` and ``|x| e^-|x| <= 1/e``: ``|x s'''| = |x| q |1 - 6q| <= 1/e`` and
+#: ``|x s''''| = |x| q |1 - 2s| |1 - 12 q| <= 2/e``, so ``3 / (6 sqrt 3) + 1/e = 0.65655`` and
+#: ``4/8 + 2/e = 1.23576``.
 _SMOOTH: dict[str, tuple[Callable[[torch.Tensor], Derivs], float, float]] = {
-    "sigmoid": (_sigmoid_derivs, 0.125 * (1 + 1e-9), 0.5 * (1 + 1e-9)),
-    "tanh": (_tanh_derivs, 2.0 * (1 + 1e-9), 16.0 * (1 + 1e-9)),
-    "gelu": (_gelu_derivs, 0.779, 4.52),
+    "sigmoid": (_sigmoid_derivs, 0.125 * (1 + 1e-9), 0.1277),
+    "tanh": (_tanh_derivs, 2.0 * (1 + 1e-9), 4.086),
+    "gelu": (_gelu_derivs, 0.779, 1.5958),
+    "silu": (_silu_derivs, 0.6567, 1.2359),
 }
 
 
@@ -366,11 +382,11 @@ def _bilinear(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Taylo
 
     def bl(x: torch.Tensor, lx: int, y: torch.Tensor, ly: int) -> torch.Tensor:
         """``op`` of ``x`` (``lx`` leading column dims) and ``y`` (``ly``), leading dims aligned on the left."""
-        x = x.reshape(*x.shape[:lx], *([1] * (nd - (x.dim() - lx))), *x.shape[lx:])
-        y = y.reshape(*y.shape[:ly], *([1] * (nd - (y.dim() - ly))), *y.shape[ly:])
+        x = x.reshape((*x.shape[:lx], *([1] * (nd - (x.dim() - lx))), *x.shape[lx:]))
+        y = y.reshape((*y.shape[:ly], *([1] * (nd - (y.dim() - ly))), *y.shape[ly:]))
         lead = max(lx, ly)
-        x = x.reshape(*x.shape[:lx], *([1] * (lead - lx)), *x.shape[lx:])
-        y = y.reshape(*y.shape[:ly], *([1] * (lead - ly)), *y.shape[ly:])
+        x = x.reshape((*x.shape[:lx], *([1] * (lead - lx)), *x.shape[lx:]))
+        y = y.reshape((*y.shape[:ly], *([1] * (lead - ly)), *y.shape[ly:]))
         return op(x, y)
 
     ca, cb, aa, ab, ga, gb = a.c, b.c, a.A, b.A, a.G, b.G
@@ -432,8 +448,9 @@ def _norm(n: ir.IRNode, tm: TaylorModel) -> TaylorModel:
         z = t
     q = _linear(_mul(z, z, nd), lambda x: x.mean(dim=-1, keepdim=True), lambda x: x.mean(dim=-1, keepdim=True))
     eps = n.attrs.get("eps")
-    eps = torch.finfo(_DT).eps if eps is None else float(eps)
-    y = _mul(z, _power(q, eps, -0.5), nd)
+    if eps is None:  # PyTorch takes the input dtype's epsilon: the IR's float64 one is another function
+        raise _Stop(f"{n.op} with eps=None (the input dtype's epsilon): no Taylor-model rule")
+    y = _mul(z, _power(q, float(eps), -0.5), nd)
     params = ir.as_float64(n).params
     w, b = params.get("weight"), params.get("bias")
     if w is not None:
