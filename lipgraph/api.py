@@ -16,7 +16,7 @@ from . import ir
 from .bounds import METHODS
 from .bounds.linear_bounds import tightened_ranges
 from .bounds.local import UserConstant, check_constants, local_constants, unmatched_constants
-from .bounds.lower import PatternTargets, lower_bound, pass_work, pattern_passes, search_plan
+from .bounds.lower import PatternTargets, lower_bound, pass_work, pattern_passes, search_plan, secant_search
 from .bounds.mean_value import center_ranges, intersect, l2_radius, mean_value_ranges, spreads, tightens
 from .bounds.on_domain import domain_constants
 from .bounds.ranges import propagate
@@ -269,7 +269,10 @@ def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: D
               copies: dict[str, Any] | None = None, pattern_budget: int | None = None) -> Any:
     """The lower-bound search on the model (its float64 copy re-evaluates the witness), else on the IR (float32
     search, float64 IR re-evaluation): the IR path serves ONNX files and models whose ops lack forward-mode AD
-    (PyTorch's fused CPU attention), since the IR runs attention as matmuls and softmax. None if both fail.
+    (PyTorch's fused CPU attention), since the IR runs attention as matmuls and softmax. Where neither has
+    forward-mode AD (attention inside an opaque node), the same tries with central differences
+    (``lower_bound(finite_differences=True)``); where nothing can be differentiated (an ONNX op only the reference
+    evaluator runs), :func:`~lipgraph.bounds.lower.secant_search` on the IR. None if all fail.
     ``copies`` keeps the float64 model and IR made for one search, so the reports of a list of domains make
     them once."""
     copies = {} if copies is None else copies
@@ -297,11 +300,20 @@ def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: D
     tries += [(run_ir, run_ir64), (run_ir, None)]
     kw: dict[str, Any] = ({"domain": domain, "patterns": patterns, "pattern_budget": pattern_budget}
                           if domain is not None else {})
-    for fn, f64 in tries:
-        torch.manual_seed(seed)
+    for fd in (False, True):  # exact forward-mode AD on the model or the IR first, central differences last
+        for fn, f64 in tries:
+            torch.manual_seed(seed)
+            try:
+                return lower_bound(fn, xs, **plan, f64=f64, seed=seed, finite_differences=fd, **kw)
+            except (NotImplementedError, RuntimeError, TypeError, LipgraphError):  # no AD, a dtype refused: next
+                continue
+    # no derivative at all (an ONNX op only the reference evaluator runs): secants, searched without gradients
+    steps = max(10, plan.get("secant_steps", 0) + 4 * plan.get("ascent_steps", 0))
+    for fn, f64 in ((run_ir, run_ir64), (run_ir, None)):
         try:
-            return lower_bound(fn, xs, **plan, f64=f64, seed=seed, **kw)
-        except (NotImplementedError, RuntimeError, TypeError):  # no forward AD, a dtype the op refuses: next
+            return secant_search(fn, xs, restarts=max(1, plan.get("restarts", 1)), steps=steps, seed=seed,
+                                 f64=f64, domain=domain)
+        except (NotImplementedError, RuntimeError, TypeError, LipgraphError):
             continue
     return None
 

@@ -587,13 +587,23 @@ def test_op_without_rule_is_inf_naming_node_and_op(tmp_path: Path) -> None:
     assert r.lower is not None and 0 < r.lower <= 2 / math.sqrt(math.pi) * 1.001
 
 
-def test_reference_evaluator_op_refuses_autograd_clearly(tmp_path: Path) -> None:
-    n = helper.make_node("Shrink", ["x"], ["y"], name="shrinker", lambd=0.5)
+def test_reference_evaluator_op_gets_a_secant_lower_bound(tmp_path: Path) -> None:
+    """An op only the ONNX reference evaluator runs cannot be differentiated: the default run completes with a
+    derivative-free secant search through the IR (soft thresholding, Shrink with bias = lambd, has constant 1:
+    the secants reach it from below, globally and on a ball), and the op itself stays inf, named."""
+    n = helper.make_node("Shrink", ["x"], ["y"], name="shrinker", lambd=0.5, bias=0.5)
     path = save(tmp_path, "shrink", [n], [vi("x", [2, 3])], [vi("y", None)])
-    x = torch.randn(2, 3)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
     assert_matches_ort(path, x)
-    with pytest.raises(lipgraph.LipgraphError, match=r"'shrinker' \(Shrink\).*no-lower"):
-        lipgraph.analyze(str(path), x, lower=True, lower_budget=1.0, method="autolip")
+    from lipgraph.domains import Ball  # noqa: PLC0415
+
+    for domain in (None, Ball(x, 0.3)):
+        r = lipgraph.analyze(str(path), x, method="autolip", domain=domain)
+        assert r.upper == math.inf and r.lower is not None
+        assert 0.99 <= r.lower <= 1.0 + 1e-9
+    g = lipgraph.trace(str(path))
+    with pytest.raises(lipgraph.LipgraphError, match=r"'shrinker' \(Shrink\).*reference evaluator"):
+        lipgraph.execute(g, x.clone().requires_grad_(True))
 
 
 def test_non_default_domain_is_a_clear_error(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ domain is full-dimensional (see :func:`lower_bound`).
 
 from __future__ import annotations
 
+import contextvars
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.func import jvp, vjp
 
 from ..domains import Ball, Domain
@@ -146,10 +148,55 @@ def _flat_fn(f: Callable[..., object], shapes: Sequence[tuple[int, ...]]) -> Cal
     def g(z: torch.Tensor) -> torch.Tensor:
         parts = torch.split(z, sizes)
         out = f(*[p.reshape(s) for p, s in zip(parts, shapes, strict=True)])
-        leaves = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        leaves = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]  # dicts, nested tuples
+        if not leaves:
+            raise ValueError("the model's output holds no tensor")
         return torch.cat([o.reshape(-1) for o in leaves])
 
     return g
+
+
+#: Relative step of the central differences that replace forward-mode AD where an op has none (PyTorch's
+#: fused CPU attention): ``h = FD_STEP (1 + max |z|)``. Only the search steers by them; a value reported from
+#: them is a secant of that length evaluated again in float64 (a lower bound by definition).
+FD_STEP = 1e-3
+
+
+#: Set by :func:`lower_bound` (``finite_differences=True``): forward-mode AD may fall back to central differences.
+_FD_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("lipgraph_fd_allowed", default=False)
+
+
+def _fd_step(z: torch.Tensor) -> float:
+    return FD_STEP * (1.0 + float(z.detach().abs().max())) if z.numel() else FD_STEP
+
+
+def _jvp(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J_g(z) v`` by forward-mode AD, or by central differences where an op has no forward derivative
+    (differentiable in ``z`` by reverse mode either way, for the ascent)."""
+    try:
+        return jvp(g, (z,), (v,))[1]
+    except (NotImplementedError, RuntimeError):
+        if not _FD_ALLOWED.get():
+            raise
+        h = _fd_step(z)
+        return (g(z + h * v) - g(z - h * v)) / (2 * h)
+
+
+def _jv_norm_attained(g: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, u: torch.Tensor,
+                      proj: Projection | None = None) -> float:
+    """``||J(a) u||`` for a unit ``u`` by forward-mode AD; where an op has none, the secant ratio between ``a``
+    and ``a + h u`` (both projected into the domain if ``proj``), a lower bound by definition."""
+    try:
+        return float(jvp(g, (a,), (u,))[1].detach().norm())
+    except (NotImplementedError, RuntimeError):
+        if not _FD_ALLOWED.get():
+            raise
+        b = a + _fd_step(a) * u
+        if proj is not None:
+            b = proj(b)
+        with torch.no_grad():
+            dn = (b - a).norm()
+            return float((g(b) - g(a)).norm() / dn) if float(dn) > 0 else 0.0
 
 
 def _set_grads(loss: torch.Tensor, leaves: list[torch.Tensor]) -> None:
@@ -171,10 +218,9 @@ def jacobian_norm(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, it
     # the previous step's history makes each step's graph hold all the earlier ones (swin_t at 224: 14 GB in 27 s)
     z = z.detach()
     v = (v / v.norm()).detach()
-    sigma = 0.0
     pull = None  # the reverse pass at z, made once (z does not move here): one forward pass, not one per step
     for _ in range(iters):
-        _, jv = jvp(g, (z,), (v,))
+        jv = _jvp(g, z, v)
         if pull is None:
             _, pull = vjp(g, z)
         (w,) = pull(jv.detach())
@@ -184,9 +230,7 @@ def jacobian_norm(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, it
         v = (w / wn).detach()
     if not measure:
         return math.nan, v
-    _, jv = jvp(g, (z,), (v,))
-    sigma = float(jv.detach().norm())
-    return sigma, v
+    return _jv_norm_attained(g, z, v), v
 
 
 def _keep_in(project: Projection, x: torch.Tensor, d: torch.Tensor) -> None:
@@ -239,8 +283,15 @@ def lower_bound(
     pattern_steps: int = 100,
     climb_rounds: int = 2,
     pattern_budget: int | None = None,
+    finite_differences: bool = False,
 ) -> LowerBound:
     """Largest ``||J_f(x)||_2`` found around ``example_inputs`` (an attained value: a lower bound).
+
+    ``finite_differences``: where an op has no forward-mode derivative (PyTorch's fused CPU attention), the
+    search steers by central differences of step ``FD_STEP (1 + max |z|)`` and reverse-mode gradients, and a
+    point's value is the secant ratio over that step, evaluated again in float64 (a lower bound by definition);
+    without it such a model raises, for the caller to try another evaluation (lipgraph's IR writes attention
+    out in ops that have one).
 
     ``f64``: the same function in float64 (e.g. a float64 copy of the model). The search runs on ``f``;
     the value reported is the best witness (a point and a unit direction, or a secant pair) evaluated
@@ -284,6 +335,20 @@ def lower_bound(
     The work is fixed (``restarts`` x (``ascent_steps + 1`` Jacobian evaluations + ``secant_steps`` secant
     steps)), never timed, so the value is the same
     at any machine load; ``seconds`` is information."""
+    token = _FD_ALLOWED.set(finite_differences)
+    try:
+        return _lower_bound(f, example_inputs, restarts=restarts, ascent_steps=ascent_steps, power_iters=power_iters,
+                            radius=radius, secant_steps=secant_steps, seed=seed, f64=f64, domain=domain,
+                            patterns=patterns, pattern_steps=pattern_steps, climb_rounds=climb_rounds,
+                            pattern_budget=pattern_budget)
+    finally:
+        _FD_ALLOWED.reset(token)
+
+
+def _lower_bound(f: Callable[..., object], example_inputs: Sequence[torch.Tensor], *, restarts: int,
+                 ascent_steps: int, power_iters: int, radius: float, secant_steps: int, seed: int,
+                 f64: Callable[..., object] | None, domain: Domain | None, patterns: PatternTargets | None,
+                 pattern_steps: int, climb_rounds: int, pattern_budget: int | None) -> LowerBound:
     if domain is not None:
         return _lower_on_domain(f, example_inputs, domain, restarts=restarts, ascent_steps=ascent_steps,
                                 power_iters=power_iters, secant_steps=secant_steps, seed=seed, f64=f64,
@@ -317,8 +382,7 @@ def lower_bound(
             if step_index == ascent_steps and not secant_steps:
                 break  # the step would only move a point that nothing evaluates (the minimal search: 3 passes saved)
             zz = z.detach().requires_grad_(True)
-            _, jv = jvp(g, (zz,), (v.detach(),))
-            obj = jv.norm()
+            obj = _jvp(g, zz, v.detach()).norm()
             if not obj.requires_grad:
                 break
             try:
@@ -525,8 +589,7 @@ def _ascent_step(g: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, v: 
                  proj: Projection) -> torch.Tensor | None:
     """``P(z + step * grad / ||grad||)`` for ``grad`` the gradient of ``||J(z) v||`` (None: zero gradient)."""
     zz = z.detach().requires_grad_(True)
-    _, jv = jvp(g, (zz,), (v.detach(),))
-    obj = jv.norm()
+    obj = _jvp(g, zz, v.detach()).norm()
     if not obj.requires_grad:
         return None
     try:
@@ -553,8 +616,7 @@ def _reevaluate_on_domain(g: Callable[[torch.Tensor], torch.Tensor], witness: tu
         return value, ("secant", a, y)
     u = b.to(dtype)
     u = u / u.norm()
-    _, jv = jvp(g, (a,), (u,))
-    return float(jv.detach().norm()), ("jacobian", a, u)
+    return _jv_norm_attained(g, a, u, proj), ("jacobian", a, u)
 
 
 def _reevaluate(g64: Callable[[torch.Tensor], torch.Tensor], witness: tuple) -> float:
@@ -565,5 +627,78 @@ def _reevaluate(g64: Callable[[torch.Tensor], torch.Tensor], witness: tuple) -> 
         if kind == "secant":
             dn = b.norm()
             return float((g64(a + b) - g64(a)).norm() / dn) if float(dn) > 0 else 0.0
-    _, jv = jvp(g64, (a,), (b / b.norm(),))
-    return float(jv.detach().norm())
+    return _jv_norm_attained(g64, a, b / b.norm())
+
+
+def secant_search(f: Callable[..., object], example_inputs: Sequence[torch.Tensor], *, restarts: int = 2,
+                  steps: int = 40, seed: int = 0, f64: Callable[..., object] | None = None,
+                  domain: Domain | None = None) -> LowerBound:
+    """A lower bound without any derivative (a model whose ops only a non-differentiable runtime evaluates,
+    such as the ONNX reference evaluator): the largest secant ratio ``||f(x + d) - f(x)|| / ||d||`` found by a
+    (1+1) evolution strategy on ``(x, d)`` (a seeded Gaussian step on both, kept when the ratio grows; its
+    scale times 1.5 on success and 0.8 otherwise), from ``restarts`` starting points (the example input, or the
+    domain's center, then seeded samples) with ``d`` a seeded direction of length a tenth of the input's scale
+    (of the domain's diameter). On a domain both ends are projected into it. The best pair is evaluated again on
+    ``f64``. Work: ``restarts (steps + 1)`` pairs of forward passes, never timed."""
+    t0 = time.perf_counter()
+    shapes = [tuple(x.shape) for x in example_inputs]
+    g = _flat_fn(f, shapes)
+    dtype = example_inputs[0].dtype if example_inputs[0].is_floating_point() else torch.float32
+    base = torch.cat([x.detach().reshape(-1) for x in example_inputs]).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    n = base.numel()
+    proj: Projection | None = None
+    if domain is not None:
+        if len(example_inputs) != 1:
+            raise ValueError(f"a domain is for single-input models, this one has {len(example_inputs)} inputs")
+        size, _ = _domain_size(domain, example_inputs[0].detach())
+        if size == 0.0:
+            return LowerBound(0.0, time.perf_counter() - t0, 0, "secant-search")
+        proj = _flat_projection(domain, shapes[0])
+        starts = [domain.center(example_inputs[0].detach()).reshape(-1).to(dtype)]
+        if restarts > 1:
+            starts += list(domain.sample(restarts - 1, example_inputs[0].detach(), gen).reshape(restarts - 1, -1)
+                           .to(dtype))
+        length = 0.1 * size
+    else:
+        scale = float(base.std()) if n > 1 and float(base.std()) > 0 else 1.0
+        starts = [base] + [base + scale * torch.randn(n, generator=gen).to(dtype) for _ in range(restarts - 1)]
+        length = 0.1 * scale * math.sqrt(n)
+
+    def ratio(x: torch.Tensor, d: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        if proj is not None:
+            x = proj(x)
+            d = proj(x + d) - x
+        dn = float(d.norm())
+        if dn == 0.0:
+            return 0.0, x, d
+        with torch.no_grad():
+            return float((g(x + d) - g(x)).norm()) / dn, x, d
+
+    best, witness, points = 0.0, None, 0
+    for start in starts[:restarts]:
+        x = start.clone()
+        d = torch.randn(n, generator=gen).to(dtype)
+        d = length * d / d.norm()
+        cur, x, d = ratio(x, d)
+        points += 1
+        sigma = 0.3 * length
+        for _ in range(steps):
+            x2 = x + sigma * torch.randn(n, generator=gen).to(dtype) / math.sqrt(n)
+            d2 = d + sigma * torch.randn(n, generator=gen).to(dtype) / math.sqrt(n)
+            val, x2, d2 = ratio(x2, d2)
+            points += 1
+            if val > cur:
+                cur, x, d, sigma = val, x2, d2, sigma * 1.5
+            else:
+                sigma *= 0.8
+        if cur > best:
+            best, witness = cur, ("secant", x.clone(), (x + d).clone())
+    if f64 is not None and witness is not None:
+        g64 = _flat_fn(f64, shapes)
+        if proj is not None:
+            best = _reevaluate_on_domain(g64, witness, _flat_projection(domain, shapes[0]), torch.float64)[0]
+        else:
+            _, a, b = witness
+            best = _reevaluate(g64, ("secant", a, b - a))
+    return LowerBound(best, time.perf_counter() - t0, points, "secant-search")

@@ -136,12 +136,31 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
+def _defaults_after(model: nn.Module, n_inputs: int) -> dict[str, Any]:
+    """``forward``'s parameters after the first ``n_inputs`` that have a non-tensor default (``mask=None``,
+    ``is_causal=False``): fixed at that default for the trace, as the example call leaves them. Traced as
+    placeholders, ``TransformerEncoderLayer``'s ``src_mask`` reached ``F._none_or_dtype``, which refuses a
+    proxy, and the trace fell back to torch.export."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out: dict[str, Any] = {}
+    for p in params[n_inputs:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        if p.default is None or isinstance(p.default, (bool, int, float, str)):
+            out[p.name] = p.default
+    return out
+
+
 def _trace(model: nn.Module, leaf_paths: set[str], leaf_types: set[type],
            examples: dict[Callable[..., Any], list[fx_windows.Example]] | None = None,
-           write: bool = True) -> fx.GraphModule:
+           write: bool = True, n_inputs: int | None = None) -> fx.GraphModule:
     tracer = _Tracer(leaf_paths, leaf_types, examples, write)
+    concrete = _defaults_after(model, n_inputs) if n_inputs is not None else {}
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear error
         where = _user_frame(exc)
         at = f" at {where}" if where else ""
@@ -256,7 +275,45 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_paths: set[
                         "black box for the constants given; rewrite the control flow instead"
                     )
     _rewrite_tuple_ops(gm)
+    _write_out_attention(gm)
     return gm
+
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def _write_out_attention(gm: fx.GraphModule) -> None:
+    """``aten.scaled_dot_product_attention(q, k, v)`` without a mask, dropout, causality or grouped heads as
+    ``softmax(q k^T * scale) v`` in aten ops (``scale = q.size(-1) ** -0.5`` unless given), as the fx path
+    writes ``F.scaled_dot_product_attention`` out. torch.export keeps the fused call (``TransformerEncoderLayer``
+    cannot be traced by fx: its fast-path checks branch on the input), which has no rule; the IR is checked
+    against the model afterwards, as every trace is."""
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not _SDPA:
+            continue
+        a = fx_attention._bind_sdpa(tuple(n.args), dict(n.kwargs))
+        q = a["query"] if a else None
+        shape = getattr(q, "meta", {}).get("val") if q is not None else None
+        if (a is None or a["attn_mask"] is not None or a["dropout_p"] not in (0, 0.0) or a["is_causal"] is not False
+                or a["enable_gqa"] is not False or shape is None
+                or not (a["scale"] is None or isinstance(a["scale"], (int, float)))):
+            continue
+        scale = a["scale"] if a["scale"] is not None else int(shape.shape[-1]) ** -0.5
+        aten = torch.ops.aten
+        with gm.graph.inserting_before(n):
+            kt = gm.graph.call_function(aten.transpose.int, (a["key"], -2, -1))
+            scores = gm.graph.call_function(aten.matmul.default, (q, kt))
+            scaled = gm.graph.call_function(aten.mul.Tensor, (scores, float(scale)))
+            probs = gm.graph.call_function(aten._softmax.default, (scaled, -1, False))
+            out = gm.graph.call_function(aten.matmul.default, (probs, a["value"]))
+        for new in (kt, scores, scaled, probs, out):
+            new.meta = {k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        n.replace_all_uses_with(out)
+        gm.graph.erase_node(n)
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def _rewrite_tuple_ops(gm: fx.GraphModule) -> None:
@@ -442,11 +499,13 @@ def trace(
         frontend = "torch.fx"
         model_output = None  # the model's own output on the example, where calls were written out
         try:
-            gm = _trace(model, leaf_paths, set(), fx_windows.record_shapes(model, example_inputs))
+            gm = _trace(model, leaf_paths, set(), fx_windows.record_shapes(model, example_inputs),
+                        n_inputs=len(example_inputs))
             if gm.meta["decomposed_attention"]:
                 kept, model_output = _written_out_faithfully(gm, model, example_inputs)
                 if not kept:
-                    gm = _trace(model, leaf_paths, set(), write=False)  # each such call one node (inf), as before
+                    gm = _trace(model, leaf_paths, set(), write=False,  # each such call one node (inf), as before
+                                n_inputs=len(example_inputs))
         except TraceError as fx_error:
             gm = _export(model, example_inputs, leaf_paths, fx_error)
             frontend = "torch.export"

@@ -400,7 +400,7 @@ class Builder:
             if any(isinstance(x, torch.Tensor) and (x.requires_grad or _wrapped(x)) for x in xs):
                 raise LipgraphError(
                     f"ONNX {where} runs only through the ONNX reference evaluator (numpy), which cannot be "
-                    "differentiated: skip the lower-bound search (lower=False, --no-lower)"
+                    "differentiated (the lower-bound search uses secants without derivatives for such a model)"
                 )
             outs = run_reference(_node, list(xs), opsets)
             ts = [_to_torch(o) for o in outs]
