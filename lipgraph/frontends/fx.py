@@ -136,31 +136,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
-def _defaults_after(model: nn.Module, n_inputs: int) -> dict[str, Any]:
-    """``forward``'s parameters after the first ``n_inputs`` that have a non-tensor default (``mask=None``,
-    ``is_causal=False``): fixed at that default for the trace, as the example call leaves them. Traced as
-    placeholders, ``TransformerEncoderLayer``'s ``src_mask`` reached ``F._none_or_dtype``, which refuses a
-    proxy, and the trace fell back to torch.export."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return {}
-    out: dict[str, Any] = {}
-    for p in params[n_inputs:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
-            continue
-        if p.default is None or isinstance(p.default, (bool, int, float, str)):
-            out[p.name] = p.default
-    return out
-
-
 def _trace(model: nn.Module, leaf_paths: set[str], leaf_types: set[type],
            examples: dict[Callable[..., Any], list[fx_windows.Example]] | None = None,
-           write: bool = True, n_inputs: int | None = None) -> fx.GraphModule:
+           write: bool = True) -> fx.GraphModule:
     tracer = _Tracer(leaf_paths, leaf_types, examples, write)
-    concrete = _defaults_after(model, n_inputs) if n_inputs is not None else {}
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        graph = tracer.trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear error
         where = _user_frame(exc)
         at = f" at {where}" if where else ""
@@ -499,13 +480,11 @@ def trace(
         frontend = "torch.fx"
         model_output = None  # the model's own output on the example, where calls were written out
         try:
-            gm = _trace(model, leaf_paths, set(), fx_windows.record_shapes(model, example_inputs),
-                        n_inputs=len(example_inputs))
+            gm = _trace(model, leaf_paths, set(), fx_windows.record_shapes(model, example_inputs))
             if gm.meta["decomposed_attention"]:
                 kept, model_output = _written_out_faithfully(gm, model, example_inputs)
                 if not kept:
-                    gm = _trace(model, leaf_paths, set(), write=False,  # each such call one node (inf), as before
-                                n_inputs=len(example_inputs))
+                    gm = _trace(model, leaf_paths, set(), write=False)  # each such call one node (inf), as before
         except TraceError as fx_error:
             gm = _export(model, example_inputs, leaf_paths, fx_error)
             frontend = "torch.export"
@@ -643,7 +622,7 @@ def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str, fronten
             if not isinstance(v, torch.Tensor):
                 continue
             ir.add_node(g, ir.IRNode(n.name, "input", [], {}, {}, n.name, "input", [], tuple(v.shape)))
-            var[n] = Var(n.name, tuple(v.shape))
+            var[n] = Var(n.name, tuple(v.shape), dtype=v.dtype)
             continue
         if n.op == "output":
             leaves, spec = pytree.tree_flatten(n.args[0])
@@ -703,7 +682,8 @@ def _build(gm: fx.GraphModule, env: dict[fx.Node, Any], model_name: str, fronten
         in_shapes = [ir.node(g, i).out_shape for i in in_names]
         ir.add_node(g, ir.IRNode(n.name, canon.op, in_names, attrs, dict(canon.params), str(source), origin,
                                  in_shapes, out_shape))
-        var[n] = Var(n.name, out_shape, is_tuple=not isinstance(value, torch.Tensor), producer=canon.op)
+        var[n] = Var(n.name, out_shape, is_tuple=not isinstance(value, torch.Tensor), producer=canon.op,
+                     dtype=value.dtype if isinstance(value, torch.Tensor) else None)
         mutated = _mutated_input(n, gm)
         if mutated is not None and mutated in var:
             var[mutated] = var[n]  # later reads of the overwritten tensor see the new value
