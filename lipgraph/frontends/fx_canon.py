@@ -33,6 +33,7 @@ class Var:
     shape: Any  # tuple for tensors, list of tuples for tuple values
     is_tuple: bool = False
     producer: str = ""  # the canonical op that computed it (an order statistic's tuple: "order_pair")
+    dtype: torch.dtype | None = None  # a tensor's dtype on the example (None: a tuple, or not known)
 
 
 @dataclass
@@ -556,7 +557,14 @@ def getattr_(obj, name):
 # --- arithmetic ---------------------------------------------------------------------------------
 
 
-def _const(x: Any) -> torch.Tensor:
+def _const(x: Any, like: Any = None) -> torch.Tensor:
+    """A constant operand as a tensor. A Python number takes the dtype of the tensor ``like`` it scales, as
+    PyTorch computes with it (``torch.tensor(0.3)`` is float32, so a float64 model's ``x / 0.3`` was bounded by
+    ``1 / float32(0.3)``, 4e-8 below its slope)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        dtype = getattr(like, "dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return torch.tensor(float(x), dtype=dtype)
     return _t(x)
 
 
@@ -594,7 +602,7 @@ def mul(input, other, *, out=None):  # noqa: A002
     if is_var(input) and is_var(other):
         return Canon("mul_var", [input, other])
     var, const = (input, other) if is_var(input) else (other, input)
-    return Canon("scale", [var], {"divide": False}, {"const": _const(const)})
+    return Canon("scale", [var], {"divide": False}, {"const": _const(const, var)})
 
 
 def div(input, other, *, rounding_mode=None, out=None):  # noqa: A002
@@ -602,7 +610,7 @@ def div(input, other, *, rounding_mode=None, out=None):  # noqa: A002
         return None
     if is_var(other):
         return Canon("div_var", [input, other]) if is_var(input) else None
-    return Canon("scale", [input], {"divide": True}, {"const": _const(other)})
+    return Canon("scale", [input], {"divide": True}, {"const": _const(other, input)})
 
 
 def matmul(input, other, *, out=None):  # noqa: A002
