@@ -21,7 +21,7 @@ from .bounds.mean_value import center_ranges, intersect, l2_radius, mean_value_r
 from .bounds.on_domain import domain_constants
 from .bounds.ranges import propagate
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, subgraph_constant
-from .core import restore_training_modes, training_modes
+from .core import restore_training_modes, seeds_from_argument, training_modes
 from .domains import Domain, Range
 from .errors import InputShapeError, LipgraphError
 from .frontends import fx as fx_frontend
@@ -63,6 +63,7 @@ def _leaf_keys(constants: Mapping[str, Any] | None) -> list[str]:
     return list(constants or {})
 
 
+@seeds_from_argument
 def analyze(
     model: nn.Module | str | nx.DiGraph,
     example_input: Any = None,
@@ -99,8 +100,9 @@ def analyze(
     order, is the one thing not scaled), ``math.inf`` lifts them, as naming the methods does. Budgets count
     work from the graph's shapes, never seconds, so every run at the same ``effort`` gives the same numbers.
     ``progress(stage, done, total)`` is called during long work. ``seed`` fixes every random choice
-    (power-method starts, the lower-bound search and its random inputs) without touching the caller's
-    global random state.
+    (power-method, Lanczos and Rayleigh starts, the trace's random probe, structure checks, an ONNX file's
+    default example input, the lower-bound search and its random inputs; :func:`lipgraph.core.seeded`)
+    without touching the caller's global random state.
 
     ``domain`` (a :class:`~lipgraph.domains.Box`, :class:`~lipgraph.domains.Ball` or ball within a box, see
     :mod:`lipgraph.domains`): the constant on that convex set of inputs. Ranges of every node are propagated

@@ -71,7 +71,7 @@ import torch
 import torch.nn as nn
 
 from . import ir
-from .core import restore_training_modes, training_modes
+from .core import restore_training_modes, seeds_from_argument, training_modes
 from .domains import Ball, Box, Range
 from .errors import InputShapeError, LipgraphError
 from .ops import execute
@@ -440,6 +440,7 @@ def _classifier(model: Any, example: torch.Tensor) -> _Classifier:
     raise LipgraphError(f"certify needs a PyTorch nn.Module or the path of an .onnx file, not {type(model).__name__}")
 
 
+@seeds_from_argument
 def certify(
     model: nn.Module | str | os.PathLike[str],
     inputs: torch.Tensor,

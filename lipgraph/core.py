@@ -6,8 +6,11 @@ Nothing here imports anything from lipgraph; every other layer may import this m
 
 from __future__ import annotations
 
+import contextlib
 import decimal
+import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -155,8 +158,42 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-__all__ = ["INF", "ROUNDING_MARGIN", "Settings", "Status", "format_number", "json_float", "serve_cheapest",
-           "strict_json"]
+#: The seed of the running analysis (:func:`seeded`; ``analyze`` and ``certify`` set it from their ``seed``).
+_RUN_SEED = [0]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Within the block, :func:`run_seed` adds ``seed``: every random start without a seed of its own (Lanczos
+    and Rayleigh starts of certified norms, the trace's random probe, the interpolation structure check, an
+    ONNX file's default example input) follows the analysis's ``seed``; seed 0 draws what it always drew.
+    A plain variable, not a context variable: the norm code's worker threads read it too."""
+    previous = _RUN_SEED[0]
+    _RUN_SEED[0] = int(seed)
+    try:
+        yield
+    finally:
+        _RUN_SEED[0] = previous
+
+
+def seeds_from_argument(fn: Any) -> Any:
+    """Run ``fn`` within :func:`seeded` of its keyword argument ``seed`` (0 if not given)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with seeded(int(kwargs.get("seed", 0))):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def run_seed(base: int = 0) -> int:
+    """``base`` plus the running analysis's seed (:func:`seeded`; 0 outside one)."""
+    return int(base) + _RUN_SEED[0]
+
+
+__all__ = ["INF", "ROUNDING_MARGIN", "Settings", "Status", "format_number", "json_float", "run_seed", "seeded",
+           "seeds_from_argument", "serve_cheapest", "strict_json"]
 
 
 def training_modes(model: Any) -> list[tuple[Any, bool]]:

@@ -100,3 +100,34 @@ def test_round_outward_keeps_bounds_on_their_side() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__, "-q"])
+
+
+def test_seed_reaches_the_random_starts_that_have_no_seed_of_their_own(tmp_path) -> None:
+    """``analyze(seed=...)`` reaches the random starts outside the lower-bound search (issue 15): every unseeded
+    start (Lanczos and Rayleigh starts, the trace's probe, an ONNX file's default example input) adds the
+    running seed, seed 0 draws what it always drew, and the caller's global random state is untouched."""
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    from lipgraph import core  # noqa: PLC0415
+    from lipgraph.frontends import onnx as lonnx  # noqa: PLC0415
+
+    assert core.run_seed(5) == 5
+    with core.seeded(3):
+        assert core.run_seed(5) == 8
+    assert core.run_seed(5) == 5
+    node = helper.make_node("Tanh", ["x"], ["y"])
+    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "tanh.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    real = list(onnx.load(str(path)).graph.input)
+    drawn = {}
+    for seed in (0, 0, 3):
+        with core.seeded(seed):
+            drawn.setdefault(seed, []).append(lonnx._example_inputs(real, None, str(path))[0])
+    assert torch.equal(drawn[0][0], drawn[0][1]) and not torch.equal(drawn[0][0], drawn[3][0])
+    state = torch.get_rng_state()
+    r0 = lipgraph.analyze(str(path), None, seed=0, lower_budget=1.0)
+    assert torch.equal(torch.get_rng_state(), state) and r0.lower is not None
+    assert core.run_seed(0) == 0  # analyze restored it

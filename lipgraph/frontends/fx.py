@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .. import ir
-from ..core import restore_training_modes, training_modes
+from ..core import restore_training_modes, run_seed, training_modes
 from ..errors import InputShapeError, TraceError
 from ..ops import execute, structural
 from ..ops.registry import kind_spelled, module_spellings, torch_spellings
@@ -187,7 +187,7 @@ def _written_out_faithfully(gm: fx.GraphModule, model: nn.Module,
     is checked against afterwards)."""
     if gm.meta.get("unused_examples"):
         return False, None
-    gen = torch.Generator().manual_seed(PROBE_SEED)
+    gen = torch.Generator().manual_seed(run_seed(PROBE_SEED))
 
     def probe(x: Any) -> Any:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .. import ir
+from ..core import run_seed
 from ..errors import InputShapeError, LipgraphError, ModelLoadError
 from ..ops import RULES, structural
 from ..ops.registry import kind_spelled
@@ -520,7 +521,7 @@ def _example_inputs(real: list[onnx.ValueInfoProto], example: Any, path: str) ->
     sig = ", ".join(f"{vi.name}{_fmt(d)}" for vi, (d, _) in zip(real, declared, strict=True))
     if example is None:
         xs = []
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(run_seed(0))
         for vi, (dims, dtype) in zip(real, declared, strict=True):
             if any(not isinstance(d, int) for d in dims):
                 raise InputShapeError(

@@ -14,6 +14,7 @@ import scipy.linalg
 import torch
 
 from .. import norms as _pkg
+from ..core import run_seed
 
 # Names that tests and benchmarks patch on the package (``lipgraph.norms.X``) are read from it at call
 # time, so that one patch reaches every caller: see ``lipgraph/norms/__init__.py``.
@@ -55,7 +56,7 @@ def _rayleigh_power(h: torch.Tensor, iters: int, seed: int = 0) -> torch.Tensor:
     """Batched power iteration on PSD ``h`` (b, n, n) in single precision: Rayleigh quotients (b,).
     An estimate from below of each lambda_max (it only guides the certificate)."""
     low = h.to(torch.complex64 if h.is_complex() else torch.float32)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(run_seed(seed))
     v = torch.randn(h.shape[0], h.shape[-1], 1, generator=gen)
     if h.is_complex():
         v = v + 1j * torch.randn(h.shape[0], h.shape[-1], 1, generator=gen)
@@ -76,7 +77,7 @@ def _lanczos_batched(h: torch.Tensor, steps: int, seed: int = 0) -> tuple[torch.
     h = h.to(torch.complex64 if h.is_complex() else torch.float32)  # an estimate: single precision suffices
     b, n = h.shape[0], h.shape[-1]
     steps = max(1, min(steps, n))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(run_seed(seed))
     q = torch.randn(b, n, generator=gen, dtype=torch.float64)
     if h.is_complex():
         q = q + 1j * torch.randn(b, n, generator=gen, dtype=torch.float64)
@@ -125,7 +126,7 @@ def lanczos_max(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, device: 
     last 10 steps (a matvec on a 4096-wide Gram matrix streams 134 MB). An estimate from below of
     lambda_max, not a certificate."""
     steps = min(steps, n)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(run_seed(seed))
     q = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
     q = q / q.norm()
     qs = torch.zeros(steps, n, dtype=torch.float64, device=device)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import norms
-from ..core import ROUNDING_MARGIN
+from ..core import ROUNDING_MARGIN, run_seed
 from ..domains import Range
 from .registry import LocalConstant, Settings, not_lipschitz, register_rule
 
@@ -196,7 +196,7 @@ def separable_as_built(node, mats: list[torch.Tensor]) -> bool:
     in float64 on two fixed random inputs. A mismatch means the structure was assumed wrongly (inf)."""
     a = node.attrs
     axes = _spatial_axes(node)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(run_seed(0))
     kw = {k: a[k] for k in ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor")}
     for _ in range(2):
         x = torch.randn(*node.in_shapes[0], generator=gen, dtype=torch.float64)
