@@ -24,6 +24,8 @@ from lipgraph.ops import RULES
 
 #: Registered ops with no function of their own to check: the graph's input, its output and constants.
 EXEMPT = {"input", "output", "constant"}
+#: Ops on integer inputs, checked by their own test below (no Jacobian in the ids themselves).
+SPECIAL = {"embedding": "test_embedding_is_certified_in_the_one_hot_metric"}
 
 _W = torch.tensor([[0.5, -1.0, 2.0, 0.3], [1.5, 0.2, -0.7, 1.0], [-0.4, 0.9, 0.1, -2.0]])
 
@@ -199,7 +201,7 @@ def test_every_registered_rule_has_a_case() -> None:
         ops = {n.op for n in lipgraph.ir.nodes(g)}
         assert op in ops, (op, cid, sorted(ops))
         covered |= ops
-    missing = set(RULES) - EXEMPT - covered
+    missing = set(RULES) - EXEMPT - set(SPECIAL) - covered
     assert not missing, f"registered rules without a case in CASES: {sorted(missing)}"
 
 
@@ -216,3 +218,31 @@ def test_rule_dominates_the_sampled_jacobian(op, cid, model, shape) -> None:
     assert r.certified, (op, cid)
     slack = 1e-8 if op in _BACKWARD_ARTIFACTS else 1e-9  # central differences err by about 1e-10 here
     assert r.upper >= truth * (1 - slack) - 1e-12, f"UNSOUND {op} ({cid}): {r.upper} < sampled {truth}"
+
+
+def test_embedding_is_certified_in_the_one_hot_metric() -> None:
+    """``nn.Embedding`` (an opaque ``inf`` before) is the linear map of the ids' one-hot encoding: its rule is
+    ``||W||_2`` (float64 SVD), the model's certified bound dominates the Jacobian of the same model written on
+    one-hot inputs, and a table renormalised in place by every call (``max_norm``) is refused as a forward that
+    changes the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)).eval()
+    ids = torch.tensor([[1, 2, 7]])
+    g = lipgraph.trace(model, ids)
+    (node,) = [n for n in lipgraph.ir.nodes(g) if n.op == "embedding"]
+    lc = RULES["embedding"].lipschitz(node, lipgraph.core.Settings())
+    w = model[0].weight.detach().double()
+    assert lc.certified and lc.value == pytest.approx(float(torch.linalg.matrix_norm(w, 2)), rel=1e-8)
+    assert lc.value >= float(torch.linalg.matrix_norm(w, 2))
+    r = lipgraph.analyze(model, ids, method="autolip", lower=False)
+    m64 = copy.deepcopy(model).double()
+
+    def on_one_hot(z):  # (3, 10) one-hot rows -> the model's output
+        return m64[1](z @ m64[0].weight).reshape(-1)
+
+    onehot = F.one_hot(ids[0], 10).double()
+    j = torch.autograd.functional.jacobian(on_one_hot, onehot).reshape(-1, onehot.numel())
+    assert r.certified and r.upper >= float(torch.linalg.matrix_norm(j, 2)) * (1 - 1e-12)
+    clipped = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 2)).eval()
+    with pytest.raises(lipgraph.LipgraphError, match="written in place"):  # the forward rewrites the table
+        lipgraph.analyze(clipped, ids, method="autolip", lower=False)

@@ -130,6 +130,16 @@ def linear(input, weight, bias=None):  # noqa: A002
     return Canon("linear", [input], params=_params(weight=weight, bias=bias))
 
 
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,  # noqa: A002
+              sparse=False):
+    """``F.embedding``: a lookup of rows of a constant table (``padding_idx``, ``scale_grad_by_freq`` and
+    ``sparse`` change gradients only). With ``max_norm`` PyTorch renormalises the table's rows in place on
+    every call: no rule (opaque, inf)."""
+    if is_var(weight) or max_norm is not None:
+        return None
+    return Canon("embedding", [input], params=_params(weight=weight))
+
+
 def _conv(ndim: int):
     def handler(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,  # noqa: A002
                 padding_mode=ir.DEFAULT_PADDING_MODE, pad_reversed=None):
@@ -664,6 +674,7 @@ _method(softmax, "softmax")
 _fn(log_softmax, F.log_softmax, torch.log_softmax)
 _method(log_softmax, "log_softmax")
 _fn(linear, F.linear, torch._C._nn.linear)
+_fn(embedding, F.embedding)
 for _n in (1, 2, 3):
     _fn(_conv(_n), getattr(F, f"conv{_n}d"), getattr(torch, f"conv{_n}d"))
     _fn(_conv_transpose(_n), getattr(F, f"conv_transpose{_n}d"), getattr(torch, f"conv_transpose{_n}d"))
@@ -809,6 +820,7 @@ _module((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, 
         lambda m, x: dropout(x, m.p, m.training))
 _module((nn.Flatten, nn.Unflatten), lambda m, x: Canon("reshape", [x], {"shape": None}))
 _module((nn.Linear,), lambda m, x: linear(x, m.weight, m.bias))
+_module((nn.Embedding,), lambda m, x: embedding(x, m.weight, max_norm=m.max_norm))
 _module((nn.LayerNorm,), lambda m, x: layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps))
 _module((nn.GroupNorm,), lambda m, x: group_norm(x, m.num_groups, m.weight, m.bias, m.eps))
 _module((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _instance_norm_module)

@@ -50,6 +50,23 @@ def linear_ranges(node, r: Range) -> Range:
 register_rule("linear", linear_forward, linear_lipschitz, affine=True, ranges=linear_ranges)
 
 
+def embedding_forward(node, ids):
+    return F.embedding(ids, node.params["weight"])
+
+
+def embedding_lipschitz(node, ctx: Settings) -> LocalConstant:
+    """``y[t] = W[i_t]`` for integer ids ``i``: the lookup is the linear map ``one_hot(i) -> W^T one_hot(i)`` of
+    the ids' one-hot encoding (block diagonal over the tokens), so in that metric ``L = ||W||_2`` (certified:
+    :func:`lipgraph.norms.dense_norm`). The ids themselves are discrete: the report's constant is with respect
+    to their one-hot vectors (on two one-hot inputs the ratio is at most ``max_{i != j} ||W_i - W_j|| / sqrt 2
+    <= ||W||_2``)."""
+    lc = _from_norm(norms.dense_norm(node.params["weight"], ctx.device))
+    return dataclasses.replace(lc, reason="with respect to the one-hot encoding of the integer ids")
+
+
+register_rule("embedding", embedding_forward, embedding_lipschitz)
+
+
 def _center_radius(mid: torch.Tensor, rad: torch.Tensor, mag: torch.Tensor) -> Range:
     """``[mid - rad, mid + rad]`` rounded outward by ``ROUNDING_MARGIN * mag`` (``mag`` bounds the sizes of the
     terms the float64 evaluation summed)."""
