@@ -194,23 +194,37 @@ def _input_dtype(name: str) -> Any:
 
 
 class _Progress:
-    """A one-line progress indicator on stderr (only on a terminal, or when forced)."""
+    """A tqdm bar per stage on stderr (trace, constants, each bound algorithm, SeqLip's segments, the domain
+    pass, the lower-bound search's restarts), only on a terminal or when forced; quiet otherwise. tqdm is imported
+    on the first call, so the CLI's error paths stay fast."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.last = 0.0
+        self.stage: str | None = None
+        self.bar: Any = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
-        if done < total and now - self.last < 0.2:
-            return
-        self.last = now
-        end = "\n" if done >= total else ""
-        unit = " nodes" if stage == "constants" else ""
-        sys.stderr.write(f"\r{stage}: {done}/{total}{unit}".ljust(40) + end)
-        sys.stderr.flush()
+        if stage != self.stage:
+            self.close()
+            from tqdm import tqdm  # noqa: PLC0415 - lazy: only a run with progress shown pays for it
+
+            unit = " nodes" if stage == "constants" else ""
+            self.stage = stage
+            self.bar = tqdm(total=max(total, 1), desc=stage, unit=unit.strip() or "step", file=sys.stderr,
+                            leave=False, dynamic_ncols=True, mininterval=0.2)
+        if self.bar is not None:
+            self.bar.total = max(total, 1)
+            self.bar.n = min(done, self.bar.total)
+            self.bar.refresh()
+            if done >= total:
+                self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.stage = None, None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, torchvision, onnx, onnxruntime, onnxscript, networkx, graphviz, pytest, ruff, sklearn, matplotlib, cvxpy, cvxopt, lipgraph" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, torchvision, onnx, onnxruntime, onnxscript, networkx, graphviz, pytest, ruff, sklearn, matplotlib, cvxpy, cvxopt, tqdm, lipgraph" 2>/dev/null; then
   echo "setup: installing Python packages (torch 2.14.1, torchvision 0.29.1, onnx, ...)"
   .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
