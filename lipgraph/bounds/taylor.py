@@ -70,7 +70,7 @@ import torch
 from .. import ir, norms
 from ..core import ROUNDING_MARGIN, Settings
 from ..ops import RULES, LocalConstant
-from .jacobian_interval import JACOBIAN_ENTRIES, _linear_parts
+from .jacobian_interval import JACOBIAN_ENTRIES, _keep_constant, _linear_parts
 from .jacobian_interval import _Stop as _PartsStop
 from .mean_value import l2_radius
 from .relations import AlgorithmResult, Relation, Term
@@ -528,9 +528,7 @@ def models(g: nx.DiGraph, center: torch.Tensor, rho: float) -> tuple[dict[str, T
             tms[n.name] = tm
             continue
         if n.op == "constant":
-            v = RULES["constant"].forward(ir.as_float64(n))
-            if isinstance(v, torch.Tensor):
-                consts[n.name] = v.detach().to(_DT)
+            _keep_constant(n, consts)
             continue
         var = [i for i in n.inputs if i not in consts]
         missing = [i for i in var if i not in tms]

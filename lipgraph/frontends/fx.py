@@ -273,12 +273,12 @@ def _write_out_attention(gm: fx.GraphModule) -> None:
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or n.target is not _SDPA:
             continue
+        if not fx_attention.sdpa_decomposable(tuple(n.args), dict(n.kwargs)):
+            continue
         a = fx_attention._bind_sdpa(tuple(n.args), dict(n.kwargs))
-        q = a["query"] if a else None
-        shape = getattr(q, "meta", {}).get("val") if q is not None else None
-        if (a is None or a["attn_mask"] is not None or a["dropout_p"] not in (0, 0.0) or a["is_causal"] is not False
-                or a["enable_gqa"] is not False or shape is None
-                or not (a["scale"] is None or isinstance(a["scale"], (int, float)))):
+        q = a["query"]
+        shape = getattr(q, "meta", {}).get("val")
+        if shape is None:
             continue
         scale = a["scale"] if a["scale"] is not None else int(shape.shape[-1]) ** -0.5
         aten = torch.ops.aten
