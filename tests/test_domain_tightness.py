@@ -217,7 +217,7 @@ def test_block_tightness_on_ball() -> None:
     What moved: the Taylor model bounds the residual sum after attention at 2.194 on the ball (the interval
     Jacobian: 9.06; sampled: 1.616), the mean-value ranges then give the second LayerNorm 1.658 (2.62 before).
     What remains: the Taylor models' remainders, which grow through the attention's products (at the residual
-    sum their norm is 0.56 where the third-order seeds are about 1e-3), and the products of per-node constants
+    sum their norm is 0.50 where the third-order seeds are about 1e-3), and the products of per-node constants
     after the second LayerNorm."""
     upper, attained = _tightness(_build(Block), _point((1, 4, 8)))
     assert upper >= attained
