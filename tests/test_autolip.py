@@ -182,7 +182,19 @@ def triple(x: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(x, -1) * 0 + 3 * x
 
 
-def test_register_op_in_one_call() -> None:
+@pytest.fixture
+def restored_registry():
+    """The registry as it was before the test: rules registered here must not leak into other test files (the
+    every-rule test asks each registered rule for a case)."""
+    from lipgraph.ops.registry import RULES
+
+    saved = dict(RULES)
+    yield
+    RULES.clear()
+    RULES.update(saved)
+
+
+def test_register_op_in_one_call(restored_registry: None) -> None:
     register_op("test_double_it", 2.0, module=DoubleIt, doc="x -> 2x")
     register_op("test_triple", lambda node, ctx: exact(3.0, "by hand"), function=triple)
 
