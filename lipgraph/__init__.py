@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 #: public name -> the submodule that defines it
 _LAZY = {
+    "InconsistentBoundsError": "errors",
     "InputShapeError": "errors",
     "LipgraphError": "errors",
     "ModelLoadError": "errors",
@@ -31,6 +32,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "InconsistentBoundsError",
     "InputShapeError",
     "LipgraphError",
     "LocalConstant",
@@ -50,7 +52,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __g
     from .api import analyze, register_op, trace
     from .bounds.local import UserConstant
     from .certify import certify
-    from .errors import InputShapeError, LipgraphError, ModelLoadError, TraceError
+    from .errors import InconsistentBoundsError, InputShapeError, LipgraphError, ModelLoadError, TraceError
     from .ops import LocalConstant, execute, register_rule
     from .report import Report
 

@@ -23,7 +23,7 @@ from .bounds.ranges import propagate
 from .bounds.relations import AlgorithmResult, Cumulative, Relation, combine, subgraph_constant
 from .core import restore_training_modes, seeds_from_argument, training_modes
 from .domains import Domain, Range
-from .errors import InputShapeError, LipgraphError
+from .errors import InconsistentBoundsError, InputShapeError, LipgraphError
 from .frontends import fx as fx_frontend
 from .ops import RULES, LocalConstant, Settings, execute, register_rule
 from .report import BoundResult, NodeReport, Report
@@ -196,7 +196,7 @@ def analyze(
                 local_full=local_full, results=results, relations=relations, bounds=bounds, cum=cum,
                 cum_best=cum_best, modules=modules, segments=segments, seconds=seconds, lower=lower,
                 lower_budget=lower_budget, seed=seed, modes=modes, inputs_shapes=inputs_shapes,
-                progress=progress, float64={})
+                progress=progress, float64={}, constants=constants)
     if domains is None:
         return _finish(base, None)
     return [_finish(base, d) for d in domains] if isinstance(domain, Sequence) else _finish(base, domains[0])
@@ -383,7 +383,7 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
     for n in ir.nodes(g):
         lc, secs = local_full[n.name]
         nodes.append(_node_report(n, lc, cum[n.name], cum_best[n.name], secs, dom))
-    return Report(
+    report = Report(
         model=g.graph["name"],
         frontend=g.graph["frontend"],
         input_shapes=[tuple(s) for s in inputs_shapes],
@@ -398,6 +398,32 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
         domain=None if domain is None else {**domain.to_dict(), "description": domain.describe(),
                                             "ranges_missing": dom["missing"]},
     )
+    check_consistent(report, base["constants"])
+    return report
+
+
+#: Relative slack of :func:`check_consistent`: the attained value is a float64 re-evaluation (a Jacobian norm
+#: by Lanczos or a secant quotient), exact to a few units of 1e-16 relative; an exact bound (a lone linear
+#: layer) may equal it to rounding. Far below every certified margin (ROUNDING_MARGIN is 1e-6 and up).
+CONSISTENCY_SLACK = 1e-9
+
+
+def check_consistent(report: Report, constants: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`~lipgraph.errors.InconsistentBoundsError` when the attained ``report.lower`` exceeds a
+    certified ``report.upper`` (beyond :data:`CONSISTENCY_SLACK`): one of the two is wrong, and a report that
+    contradicts itself must not reach an audit. A user's ``UserConstant(certified=True)`` or a node of an op
+    registered with :func:`register_op` is named as the likely cause when there is one; otherwise it is a defect
+    of lipgraph."""
+    lo, up = report.lower, report.upper
+    if lo is None or not report.certified or lo <= up * (1 + CONSISTENCY_SLACK):
+        return
+    user = sorted(k for k, v in (constants or {}).items() if isinstance(v, UserConstant) and v.certified)
+    user += sorted(n.name for n in report.nodes if n.method == "user-rule")
+    cause = (f"the constants given as certified or by a registered op ({', '.join(map(repr, user))}) are the "
+             "likely cause: check them" if user else
+             "this is a defect of lipgraph: please report the model and these numbers")
+    raise InconsistentBoundsError(f"the attained value {lo:.9g} exceeds the certified upper bound {up:.9g} of "
+                                  f"{report.model}: {cause}")
 
 
 def _domain_relations(base: dict[str, Any], dc: Any, rr: Any, domain: Domain, example: torch.Tensor,

@@ -15,3 +15,8 @@ class ModelLoadError(LipgraphError):
 
 class InputShapeError(LipgraphError):
     """The example input does not fit the model."""
+
+
+class InconsistentBoundsError(LipgraphError):
+    """An attained value exceeds a certified upper bound: a rule or a user-certified constant is wrong. Raised
+    instead of returning a report that contradicts itself (``lower <= upper`` is checked on every analysis)."""

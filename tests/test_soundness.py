@@ -319,6 +319,44 @@ def test_lower_never_exceeds_certified_upper() -> None:
     assert r.lower is not None and r.lower <= r.upper
 
 
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        with torch.no_grad():
+            self.fc.weight.copy_(3.0 * torch.eye(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+def test_a_wrong_certified_constant_is_caught_at_run_time() -> None:
+    """lower <= upper is checked on every analysis, not only here: a certified constant of 0.1 for a layer of norm
+    3 is contradicted by the attained value (about 3), and the error names the key instead of returning a report
+    that contradicts itself."""
+    with pytest.raises(lipgraph.InconsistentBoundsError) as info:
+        lipgraph.analyze(_Scaled(), torch.zeros(1, 6), constants={"fc": lipgraph.UserConstant(0.1, certified=True)},
+                         lower_budget=2)
+    msg = str(info.value)
+    assert "'fc'" in msg and "exceeds the certified upper bound" in msg and "\n" not in msg
+    # the same number as an assumption (not certified) is the user's claim: the report comes back, uncertified
+    r = lipgraph.analyze(_Scaled(), torch.zeros(1, 6), constants={"fc": 0.1}, lower_budget=2)
+    assert not r.certified and r.lower is not None and r.lower > r.upper
+
+
+def test_an_unsound_rule_is_reported_as_a_defect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A built-in rule made unsound on purpose (tanh claimed 0.01-Lipschitz) trips the run-time check."""
+    import dataclasses
+
+    from lipgraph.ops import exact
+    from lipgraph.ops.registry import RULES
+
+    monkeypatch.setitem(RULES, "tanh", dataclasses.replace(
+        RULES["tanh"], lipschitz=lambda node, ctx: exact(0.01, "wrong on purpose"), slope=(0.0, 0.01)))
+    with pytest.raises(lipgraph.InconsistentBoundsError, match="defect of lipgraph"):
+        lipgraph.analyze(_Scaled(), torch.zeros(1, 6), lower_budget=2)
+
+
 def test_analyze_restores_training_mode() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2), nn.ReLU(), nn.Linear(4, 2))
     model.train()
