@@ -53,6 +53,14 @@ def trace(model: nn.Module | str | nx.DiGraph, example_inputs: Any = None, *, le
     return fx_frontend.trace(model, example_inputs, leaves=leaves)
 
 
+def _all_tensors(example_inputs: Any) -> bool:
+    """A tensor or a non-empty tuple/list of tensors (not shapes, not None)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return True
+    return (isinstance(example_inputs, (tuple, list)) and bool(example_inputs)
+            and all(isinstance(x, torch.Tensor) for x in example_inputs))
+
+
 def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -128,8 +136,14 @@ def analyze(
     model, example_input = _widened(model, example_input)
 
     t0 = time.perf_counter()
+    if progress:
+        progress("trace", 0, 1)
     g = trace(model, example_input, leaves=_leaf_keys(constants) if isinstance(model, nn.Module) else ())
     seconds["trace"] = time.perf_counter() - t0
+    if progress:
+        progress("trace", 1, 1)
+    if not isinstance(model, nn.Module) and "example_inputs" in g.graph and not _all_tensors(example_input):
+        example_input = g.graph["example_inputs"]  # an ONNX file given shapes or nothing: the inputs it was read on
     inputs_shapes = [ir.node(g, n).out_shape for n in g.graph["inputs"]]
     unmatched = unmatched_constants(g, constants)
     if unmatched:
@@ -167,10 +181,16 @@ def analyze(
     elif domains is not None and domain_only:  # the caller asked for the domain runs alone
         global_names = [n for n in global_names if not METHODS[n].uses_domain]
     for k, name in enumerate(global_names):
+        stage = f"bounds {k + 1}/{len(global_names)} ({name})"
         if progress:
-            progress(f"bounds ({name})", k, len(global_names))
+            progress(stage, 0, 1)
+            # an algorithm with parts of its own (SeqLip's segments) reports them under its stage's name
+            ctx.extra["progress"] = lambda d, t, _stage=stage: progress(_stage, d, t)
         t0 = time.perf_counter()
         res = METHODS[name].runner()(g, local, ctx)
+        ctx.extra.pop("progress", None)
+        if progress:
+            progress(stage, 1, 1)
         results[name] = res
         if name == "seqlip":
             segments = res.records
@@ -268,7 +288,8 @@ def _widened(model: Any, example_input: Any) -> tuple[Any, Any]:
 
 def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: Domain | None,
               plan: dict[str, int], seed: int, patterns: PatternTargets | None = None,
-              copies: dict[str, Any] | None = None, pattern_budget: int | None = None) -> Any:
+              copies: dict[str, Any] | None = None, pattern_budget: int | None = None,
+              progress: Callable[[int, int], None] | None = None) -> Any:
     """The lower-bound search on the model (its float64 copy re-evaluates the witness), else on the IR (float32
     search, float64 IR re-evaluation): the IR path serves ONNX files and models whose ops lack forward-mode AD
     (PyTorch's fused CPU attention), since the IR runs attention as matmuls and softmax. Where neither has
@@ -306,7 +327,8 @@ def _attained(model: Any, g: nx.DiGraph, xs: tuple[torch.Tensor, ...], domain: D
         for fn, f64 in tries:
             torch.manual_seed(seed)
             try:
-                return lower_bound(fn, xs, **plan, f64=f64, seed=seed, finite_differences=fd, **kw)
+                return lower_bound(fn, xs, **plan, f64=f64, seed=seed, finite_differences=fd, progress=progress,
+                                   **kw)
             except (NotImplementedError, RuntimeError, TypeError, LipgraphError):  # no AD, a dtype refused: next
                 continue
     # no derivative at all (an ONNX op only the reference evaluator runs): secants, searched without gradients
@@ -341,8 +363,6 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
     modules, inputs_shapes = base["modules"], base["inputs_shapes"]
     dom = None
     progress = base["progress"]
-    if progress:
-        progress("bounds", 1, 1)
     if domain is not None:
         if progress:
             progress("domain", 0, 1)
@@ -371,7 +391,8 @@ def _finish(base: dict[str, Any], domain: Domain | None) -> Report:
                 plan = search_plan(work, lower_budget)
                 patterns = dom["patterns"] if dom is not None else None
                 lb = _attained(model, g, xs, domain, plan, seed, patterns, base["float64"],
-                               pattern_passes(work, lower_budget))
+                               pattern_passes(work, lower_budget),
+                               (lambda d, t: progress("lower bound", d, t)) if progress else None)
         finally:
             restore_training_modes(base["modes"])
         lower_value = lb.value if lb is not None else None

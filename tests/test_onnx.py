@@ -725,3 +725,18 @@ def test_selu_with_float32_attributes_keeps_the_files_constants(tmp_path: Path) 
     default = save(tmp_path, "selu", [helper.make_node("Selu", ["x"], ["y"])], [vi("x", [1, 4])], [vi("y", None)],
                    opset=13)
     assert ir.summary(lipgraph.trace(default, x)).get("selu") == 1  # absent attributes: SELU's own constants
+
+
+def test_shapes_as_example_input_give_a_full_seeded_report(tmp_path: Path) -> None:
+    """``analyze("m.onnx", (2, 3))``: a shape in place of a tensor (it crashed the lower-bound search with an
+    AttributeError); the input is drawn with the run's seed, so two runs agree, and a string is refused clearly."""
+    torch.manual_seed(0)
+    path = export(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.randn(2, 3), tmp_path / "m.onnx")
+    runs = [lipgraph.analyze(str(path), shape, lower_budget=2) for shape in ((2, 3), [2, 3], torch.Size([2, 3]))]
+    assert all(r.lower is not None and 0 < r.lower <= r.upper for r in runs)
+    assert len({(r.upper, r.lower) for r in runs}) == 1
+    torch.manual_seed(123)  # the caller's global random state does not enter
+    again = lipgraph.analyze(str(path), (2, 3), lower_budget=2)
+    assert (again.upper, again.lower) == (runs[0].upper, runs[0].lower)
+    with pytest.raises(InputShapeError, match="not the string"):
+        lipgraph.analyze(str(path), "2,3")

@@ -284,8 +284,11 @@ def lower_bound(
     climb_rounds: int = 2,
     pattern_budget: int | None = None,
     finite_differences: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LowerBound:
     """Largest ``||J_f(x)||_2`` found around ``example_inputs`` (an attained value: a lower bound).
+
+    ``progress(done, restarts)`` is called as each restart begins and once at the end.
 
     ``finite_differences``: where an op has no forward-mode derivative (PyTorch's fused CPU attention), the
     search steers by central differences of step ``FD_STEP (1 + max |z|)`` and reverse-mode gradients, and a
@@ -340,7 +343,7 @@ def lower_bound(
         return _lower_bound(f, example_inputs, restarts=restarts, ascent_steps=ascent_steps, power_iters=power_iters,
                             radius=radius, secant_steps=secant_steps, seed=seed, f64=f64, domain=domain,
                             patterns=patterns, pattern_steps=pattern_steps, climb_rounds=climb_rounds,
-                            pattern_budget=pattern_budget)
+                            pattern_budget=pattern_budget, progress=progress)
     finally:
         _FD_ALLOWED.reset(token)
 
@@ -348,12 +351,13 @@ def lower_bound(
 def _lower_bound(f: Callable[..., object], example_inputs: Sequence[torch.Tensor], *, restarts: int,
                  ascent_steps: int, power_iters: int, radius: float, secant_steps: int, seed: int,
                  f64: Callable[..., object] | None, domain: Domain | None, patterns: PatternTargets | None,
-                 pattern_steps: int, climb_rounds: int, pattern_budget: int | None) -> LowerBound:
+                 pattern_steps: int, climb_rounds: int, pattern_budget: int | None,
+                 progress: Callable[[int, int], None] | None = None) -> LowerBound:
     if domain is not None:
         return _lower_on_domain(f, example_inputs, domain, restarts=restarts, ascent_steps=ascent_steps,
                                 power_iters=power_iters, secant_steps=secant_steps, seed=seed, f64=f64,
                                 patterns=patterns, pattern_steps=pattern_steps, climb_rounds=climb_rounds,
-                                pattern_budget=pattern_budget)
+                                pattern_budget=pattern_budget, progress=progress)
     t0 = time.perf_counter()
     shapes = [tuple(x.shape) for x in example_inputs]
     g = _flat_fn(f, shapes)
@@ -365,6 +369,8 @@ def _lower_bound(f: Callable[..., object], example_inputs: Sequence[torch.Tensor
     witness: tuple | None = None
     only_point = restarts == 1 and ascent_steps == 0 and not secant_steps  # the search evaluates one point
     for r in range(restarts):
+        if progress is not None:
+            progress(r, restarts)
         noise = torch.randn(base.shape, generator=gen).to(base.device)
         z = base + (0.0 if r == 0 else radius * scale) * noise
         v = None
@@ -402,6 +408,8 @@ def _lower_bound(f: Callable[..., object], example_inputs: Sequence[torch.Tensor
             points += secant_steps
     if f64 is not None and witness is not None:
         best = _reevaluate(_flat_fn(f64, shapes), witness)
+    if progress is not None:
+        progress(restarts, restarts)
     return LowerBound(best, time.perf_counter() - t0, points)
 
 
@@ -427,8 +435,10 @@ def _lower_on_domain(f: Callable[..., object], example_inputs: Sequence[torch.Te
                      restarts: int, ascent_steps: int, power_iters: int, secant_steps: int, seed: int,
                      f64: Callable[..., object] | None, patterns: PatternTargets | None = None,
                      pattern_steps: int = 100, climb_rounds: int = 2,
-                     pattern_budget: int | None = None) -> LowerBound:
-    """:func:`lower_bound` with every evaluated point in ``domain`` (see its docstring)."""
+                     pattern_budget: int | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> LowerBound:
+    """:func:`lower_bound` with every evaluated point in ``domain`` (see its docstring); ``progress`` counts the
+    restarts, and the pattern search as one more step when it runs."""
     t0 = time.perf_counter()
     if len(example_inputs) != 1:
         raise ValueError(f"a domain is for single-input models, this one has {len(example_inputs)} inputs")
@@ -456,7 +466,10 @@ def _lower_on_domain(f: Callable[..., object], example_inputs: Sequence[torch.Te
         if value > best:
             best, witness = value, (kind, a.detach().clone(), b.detach().clone())
 
-    for start in starts[:restarts]:
+    steps = len(starts[:restarts]) + (1 if patterns is not None and full else 0)
+    for k, start in enumerate(starts[:restarts]):
+        if progress is not None:
+            progress(k, steps)
         z = proj(start.to(dtype).to(dev))
         v = None
         moving = True  # False once the ascent stalls: the remaining steps refine v at the same point
@@ -477,6 +490,8 @@ def _lower_on_domain(f: Callable[..., object], example_inputs: Sequence[torch.Te
                 consider("secant", sec, pair[0], pair[0] + pair[1])
             points += secant_steps
     if patterns is not None and full:
+        if progress is not None:
+            progress(steps - 1, steps)
         budget = PassBudget(pattern_budget)
 
         def norm_at(z: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -496,6 +511,8 @@ def _lower_on_domain(f: Callable[..., object], example_inputs: Sequence[torch.Te
                 points += len(found) + evals
             except (RuntimeError, TypeError, ValueError):  # pre-activations the search cannot run: skip
                 continue
+    if progress is not None:
+        progress(steps, steps)
     if witness is not None:
         g_eval = _flat_fn(f64, [shape]) if f64 is not None else g
         best, witness = _reevaluate_on_domain(g_eval, witness, _flat_projection(domain, shape),

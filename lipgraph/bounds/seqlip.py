@@ -893,7 +893,8 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     to each segment record. With ``settings.neuron_slopes`` (per-neuron derivative intervals on an input
     domain) the inner maxima run over those boxes (local SeqLip): the relations then hold on that domain
     only (``x in D`` keeps every activation's input in its range, so each ``D_i`` lies in its box); their
-    records say ``local`` and their labels ``local segment``.
+    records say ``local`` and their labels ``local segment``. ``settings.extra["progress"]``, when set (by
+    ``analyze``'s ``progress``), is called as ``progress(done, segments)`` as each segment begins.
     """
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
@@ -906,7 +907,10 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     dense_budget = settings.extra.get("seqlip_work", DENSE_WORK) if settings is not None else DENSE_WORK
     costs = [dense_work(g, seg, max_dense) for seg in segments]
     served, spent = serve_cheapest(costs, dense_budget)  # cheapest first, then graph order
+    progress = settings.extra.get("progress") if settings is not None else None
     for i, seg in enumerate(segments):
+        if progress is not None:
+            progress(i, len(segments))
         unstable = _most_unstable(seg, settings) if i in served else 0
         skip = None
         if i not in served:
@@ -929,6 +933,8 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
             where = "local segment" if rec.get("local") else "segment"
             relations.append(Relation(seg.last, (Term(seg.entry, rec["seqlip"], True),), "seqlip",
                                       f"{where} {seg.nodes[0]}..{seg.last}"))
+    if progress is not None:
+        progress(len(segments), len(segments))
     used = sum(1 for r in records if r["certified"])
     return AlgorithmResult(relations, records, time.perf_counter() - t0,
                            {"segments": len(records), "certified_segments": used,

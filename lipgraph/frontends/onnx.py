@@ -533,6 +533,10 @@ def _example_inputs(real: list[onnx.ValueInfoProto], example: Any, path: str) ->
             else:
                 xs.append(torch.zeros(tuple(dims), dtype=dtype))
         return xs
+    if isinstance(example, (str, bytes)):
+        raise InputShapeError(f"the example input of {path} must be a tensor, a shape such as (1, 3, 32, 32) or a "
+                              f"tuple of them, not the string {example!r}")
+    gen = torch.Generator().manual_seed(run_seed(0))
     if isinstance(example, torch.Tensor):
         items: list[Any] = [example]
     elif isinstance(example, (tuple, list)) and example and all(isinstance(d, int) for d in example):
@@ -547,7 +551,7 @@ def _example_inputs(real: list[onnx.ValueInfoProto], example: Any, path: str) ->
             x = item.detach()
         elif isinstance(item, (tuple, list, torch.Size)):
             shape = tuple(int(d) for d in item)
-            x = torch.randn(shape) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+            x = torch.randn(shape, generator=gen) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
         else:
             raise InputShapeError(f"example input for {vi.name!r} must be a tensor or a shape, got {type(item)}")
         if dims and (len(dims) != x.ndim or any(isinstance(d, int) and d != s for d, s in
@@ -619,6 +623,7 @@ def load(path: str | os.PathLike[str], example_inputs: Any = None) -> nx.DiGraph
     # no check of the outputs' values: the weights were checked above, and a NaN output on an example input
     # (shipped test data included) can just mean the input is outside an op's domain (sqrt, log, pow)
     finite.check_graph(b.g, ModelLoadError)
+    b.g.graph["example_inputs"] = tuple(xs)  # what the graph was built on (given, or drawn for shapes, seeded)
     if all(ir.node(b.g, n).op == "constant" for n in out_names):
         raise ModelLoadError(f"{path}: no output depends on the model input")
     from torch.utils import _pytree as pytree  # noqa: PLC0415
