@@ -357,3 +357,33 @@ def test_self_products_in_half_precision_still_trace(dtype) -> None:
     g = trace(model, x)
     torch.testing.assert_close(execute(g, x), model(x))
     assert math.isfinite(analyze(model, x, lower=False, method="autolip").upper)
+
+
+class _WithDefaults(nn.Module):
+    """A forward with non-tensor defaults after the input, as transformer blocks write ``mask=None``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 2.0) -> torch.Tensor:
+        y = self.fc(x)
+        if mask is not None:
+            y = y * mask
+        return y * scale
+
+
+def test_forward_defaults_are_taken_as_the_call_takes_them() -> None:
+    """``forward(x, mask=None, scale=2.0)`` called with x alone: the trace fixes mask and scale at their defaults
+    (it said "takes 3 tensor arguments"); given a mask too, the mask is an input (a product of two inputs: inf)."""
+    m = _WithDefaults()
+    x = torch.randn(2, 4)
+    g = lipgraph.trace(m, x)
+    assert len(g.graph["inputs"]) == 1
+    torch.testing.assert_close(lipgraph.execute(g, x), m(x))
+    r = lipgraph.analyze(m, x, lower=False)
+    w = float(torch.linalg.matrix_norm(m.fc.weight.detach().double(), 2))
+    assert r.certified and 2 * w <= r.upper <= 2 * w * (1 + 1e-5)
+    both = lipgraph.analyze(m, (x, torch.ones(2, 4)), lower=False)
+    assert both.upper == float("inf")

@@ -136,12 +136,31 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
+def _defaults_after(model: nn.Module, n_inputs: int) -> dict[str, Any]:
+    """``forward``'s parameters after the first ``n_inputs`` that have a non-tensor default (``mask=None``,
+    ``scale=2.0``): fixed at that default for the trace, as the example call leaves them, so a branch such as
+    ``if mask is not None:`` is taken as the call takes it (traced as a proxy, ``mask`` is never None). fx keeps
+    a placeholder for each, holding its default, which the count of inputs leaves out."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out: dict[str, Any] = {}
+    for p in params[n_inputs:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        if p.default is None or isinstance(p.default, (bool, int, float, str)):
+            out[p.name] = p.default
+    return out
+
+
 def _trace(model: nn.Module, leaf_paths: set[str], leaf_types: set[type],
            examples: dict[Callable[..., Any], list[fx_windows.Example]] | None = None,
-           write: bool = True) -> fx.GraphModule:
+           write: bool = True, n_inputs: int | None = None) -> fx.GraphModule:
     tracer = _Tracer(leaf_paths, leaf_types, examples, write)
+    concrete = _defaults_after(model, n_inputs) if n_inputs is not None else {}
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear error
         where = _user_frame(exc)
         at = f" at {where}" if where else ""
@@ -480,15 +499,19 @@ def trace(
         frontend = "torch.fx"
         model_output = None  # the model's own output on the example, where calls were written out
         try:
-            gm = _trace(model, leaf_paths, set(), fx_windows.record_shapes(model, example_inputs))
+            gm = _trace(model, leaf_paths, set(), fx_windows.record_shapes(model, example_inputs),
+                        n_inputs=len(example_inputs))
             if gm.meta["decomposed_attention"]:
                 kept, model_output = _written_out_faithfully(gm, model, example_inputs)
-                if not kept:
-                    gm = _trace(model, leaf_paths, set(), write=False)  # each such call one node (inf), as before
+                if not kept:  # each such call one node (inf), as before
+                    gm = _trace(model, leaf_paths, set(), write=False, n_inputs=len(example_inputs))
         except TraceError as fx_error:
             gm = _export(model, example_inputs, leaf_paths, fx_error)
             frontend = "torch.export"
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) > len(example_inputs):  # the rest hold forward's defaults (fixed, not inputs)
+            placeholders = placeholders[:len(example_inputs)] + [
+                p for p in placeholders[len(example_inputs):] if not p.args]
         if len(placeholders) != len(example_inputs):
             raise InputShapeError(
                 f"{type(model).__name__}.forward takes {len(placeholders)} tensor argument(s) "
