@@ -449,14 +449,16 @@ def check_consistent(report: Report, constants: Mapping[str, Any] | None = None)
 
 def _domain_relations(base: dict[str, Any], dc: Any, rr: Any, domain: Domain, example: torch.Tensor,
                       seconds: dict[str, float], once: dict[str, Any] | None = None,
+                      cache: dict[str, Any] | None = None,
                       ) -> tuple[list[Relation], list[dict[str, Any]], list[str]]:
     """The global relations and those of every domain-aware algorithm run on the domain's constants ``dc`` and
     ranges ``rr`` (each algorithm's seconds added to ``seconds``), SeqLip's records, and what failed. ``once``
     keeps the results of the algorithms that do not read the constants (``Method.reads_constants``) between
-    the calls of one domain pass."""
+    the calls of one domain pass; ``cache`` (``Settings.extra["domain_cache"]``) is where an algorithm keeps
+    work that does not depend on the constants between them (the Taylor models)."""
     g, ctx = base["g"], base["ctx"]
-    dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={**ctx.extra, "ranges": rr,
-                                                                            "domain": (domain, example)})
+    dctx = dataclasses.replace(ctx, neuron_slopes=dc.slopes, extra={
+        **ctx.extra, "ranges": rr, "domain": (domain, example), "domain_cache": {} if cache is None else cache})
     relations = list(base["relations"])
     seq_records: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -508,7 +510,8 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
     dc = domain_constants(g, local, rr, ctx)
     seconds["domain:ranges"] = time.perf_counter() - t0
     once: dict[str, Any] = {}
-    relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds, once)
+    cache: dict[str, Any] = {}
+    relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds, once, cache)
     radius = l2_radius(domain, example[0])
     if radius is not None and math.isfinite(radius):
         t0 = time.perf_counter()
@@ -528,7 +531,8 @@ def _domain_pass(base: dict[str, Any], domain: Domain, seconds: dict[str, float]
             if all(dc_next.local[n].partials == dc.local[n].partials for n in dc.local):
                 break  # no constant moved: the algorithms would find the same
             rr, dc = rr_next, dc_next
-            relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds, once)
+            relations, seq_records, failures = _domain_relations(base, dc, rr, domain, example[0], seconds, once,
+                                                                 cache)
     t0 = time.perf_counter()
     cum_auto = combine(g, dc.local)
     cum_best = combine(g, dc.local, relations)

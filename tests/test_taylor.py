@@ -233,24 +233,24 @@ def test_stops_and_skips_are_recorded() -> None:
     assert not res.relations and "third derivatives" in res.records[0]["skipped"]
 
 
-def test_analyze_uses_the_taylor_relation_once_per_domain() -> None:
-    """On the gated model the Taylor relation wins at the output and runs once although the mean-value rounds
-    rerun the other domain algorithms."""
+def test_analyze_builds_the_taylor_models_once_per_domain() -> None:
+    """On the gated model the Taylor relation wins at the output; the models are built once per domain although
+    the mean-value rounds rerun the domain algorithms (each round only carries the remainders again)."""
     torch.manual_seed(0)
     model = Gated().double().eval()
     x = _point((1, 8))
     calls = []
-    orig = taylor.models
+    orig = taylor.build
 
     def counting(*a, **k):
         calls.append(1)
         return orig(*a, **k)
 
-    taylor.models = counting
+    taylor.build = counting
     try:
         rep = lipgraph.analyze(model, x, domain=Ball(x, 0.1), lower=False)
     finally:
-        taylor.models = orig
+        taylor.build = orig
     assert len(calls) == 1
     out = next(nd for nd in rep.nodes if nd.name == "w")
     assert out.domain_via == "taylor"
@@ -307,3 +307,52 @@ def test_scalar_outputs_get_a_model() -> None:
     f = _node_fn(g64, g.graph["output"], x.shape)
     worst = max(float(_jac(f, p.reshape(-1)).norm()) for p in _points(x, 0.2, 40, seed=1))
     assert certified and value >= worst
+
+
+def _carried(model: nn.Module, x: torch.Tensor, radius: float, monkeypatch: pytest.MonkeyPatch):
+    """The models and the domain constants of the last round of ``analyze``'s domain pass on Ball(x, radius)."""
+    seen: list = []
+    orig = taylor.carry_remainders
+
+    def keep(g, built, local):
+        orig(g, built, local)
+        seen.append((g, built, dict(local)))
+
+    monkeypatch.setattr(taylor, "carry_remainders", keep)
+    lipgraph.analyze(model, x, domain=Ball(x, radius), lower=False)
+    assert seen, "the Taylor models did not run"
+    return seen[-1]
+
+
+@pytest.mark.parametrize("key,radius", [("block", 0.1), ("block", 0.02), ("gated", 0.5), ("tanh_square", 0.5),
+                                        ("small_variance_norm", 0.5), ("broadcast", 0.5), ("soft_attn", 0.5)])
+def test_carried_remainders_hold_on_the_domain(key, radius, monkeypatch) -> None:
+    """``norm_remainder`` bounds ``||J_v(x) - (A + G[d] + T[d, d] / 2)||_2`` at sampled points of the ball and at
+    the end of a projected ascent, for every node, with the constants analyze's domain pass gave it (float64
+    autograd Jacobians of the IR, an independent ground truth), and is below the entrywise ``||P||_2`` somewhere
+    (the test would not see a carried remainder otherwise)."""
+    if key == "block":
+        torch.manual_seed(0)
+        model, x = Block().double().eval(), _point((1, 4, 8))
+    else:
+        model, x, _, _ = _setup(key)
+    g, built, _local = _carried(model, x, radius, monkeypatch)
+    g64 = ir.to_float64(g)
+    fout = _node_fn(g64, g.graph["output"], x.shape)
+    pts = _points(x, radius, 10, seed=5) + [_ascent(fout, x, radius, steps=10)]
+    names = [nm for nm, tm in built.tms.items() if ir.node(g, nm).op not in ("input", "constant")]
+    tighter = [nm for nm in names if built.tms[nm].norm_remainder < built.own.get(nm, 0.0)]
+    assert tighter, "no node's carried remainder is below its entrywise one"
+    worst = 0.0
+    for p in pts:
+        d = (p.to(_DT) - x.to(_DT)).reshape(-1)
+        n = d.numel()
+        for name in names:
+            tm = built.tms[name]
+            jac = _jac(_node_fn(g64, name, x.shape), p.reshape(-1).to(_DT)).T.reshape(n, *tm.c.shape)
+            gd = torch.einsum("k,kj...->j...", d, tm.G)
+            tdd = torch.einsum("k,l,klj...->j...", d, d, tm.T)
+            gap = float(torch.linalg.matrix_norm((jac - tm.A - gd - 0.5 * tdd).reshape(n, -1).T, 2))
+            assert gap <= tm.norm_remainder, (name, gap, tm.norm_remainder)
+            worst = max(worst, gap / tm.norm_remainder if tm.norm_remainder > 0 else 0.0)
+    assert worst > 0.0

@@ -15,7 +15,9 @@ Then for every ``x`` of the ball
 
     ``||J_v(x)||_2 <= ||A_v||_2 + rho ||G_v||_flat + rho^2 / 2 ||T_v||_flat + ||P_v||_2``
 
-(certified norms, :func:`lipgraph.norms.dense_norm`). ``G[delta]`` has norm ``sup_{|w|=|u|=1} sum w_i G[k, j, i]
+(certified norms, :func:`lipgraph.norms.dense_norm`); on a domain inside the ball, ``||P_v||_2`` gives way to the
+smaller remainder that the chain rule carries with the domain's constants (:func:`carry_remainders`).
+``G[delta]`` has norm ``sup_{|w|=|u|=1} sum w_i G[k, j, i]
 u_j delta_k``, at most ``rho`` times the norm of either flattening of ``G``, rows ``i`` against columns
 ``(k, j)`` or rows ``j`` against ``(k, i)``, since ``||delta (x) u|| = ||delta|| ||u||``; ``||.||_flat`` is the
 smaller of the two, and likewise for ``T[delta, delta]`` with ``||delta (x) delta (x) u|| = ||delta||^2``. A
@@ -73,7 +75,7 @@ from ..ops import RULES, LocalConstant
 from .jacobian_interval import JACOBIAN_ENTRIES, _keep_constant, _linear_parts
 from .jacobian_interval import _Stop as _PartsStop
 from .mean_value import l2_radius
-from .relations import AlgorithmResult, Relation, Term
+from .relations import AlgorithmResult, Cumulative, Relation, Term, own_rule
 
 SOURCE = "taylor"
 _DT = torch.float64
@@ -124,6 +126,9 @@ class TaylorModel:
     E: torch.Tensor
     P: torch.Tensor
     rho: float
+    #: ``r >= ||F(x)||_2`` on the domain (``inf``: unknown; :func:`models` with ``local`` sets it), the remainder
+    #: of the Jacobian as an operator, carried by the chain rule past the entrywise ``P`` (see :func:`models`).
+    norm_remainder: float = math.inf
 
     @functools.cached_property
     def lin(self) -> torch.Tensor:
@@ -496,9 +501,12 @@ def _step(n: ir.IRNode, tms: list[TaylorModel | None], consts: Mapping[str, torc
     raise _Stop(f"no Taylor-model rule for {n.op}")
 
 
-def bound(tm: TaylorModel) -> tuple[float, bool]:
-    """``sup ||J_v||_2`` on the ball: ``||A|| + rho ||G||_flat + rho^2 / 2 ||T||_flat + ||P||`` (certified when
-    its norms are; see the module doc), rounded up."""
+def _norm_parts(tm: TaylorModel) -> tuple[float, float, float, float, bool]:
+    """Certified ``||A||``, ``||G||_flat``, ``||T||_flat`` and ``||P||_2`` of a model, and whether all four are
+    certified; kept on the model (a domain pass asks for them once per round)."""
+    cached = tm.__dict__.get("_norm_parts")
+    if cached is not None:
+        return cached
     n = tm.A.shape[0]
 
     def smaller(*cands: Any) -> Any:
@@ -508,19 +516,61 @@ def bound(tm: TaylorModel) -> tuple[float, bool]:
     fg = smaller(norms.dense_norm(tm.G.reshape(n * n, -1).T), norms.dense_norm(tm.G.transpose(0, 1).reshape(n, -1)))
     ft = smaller(norms.dense_norm(tm.T.reshape(n ** 3, -1).T), norms.dense_norm(tm.T.movedim(2, 0).reshape(n, -1)))
     p = norms.dense_norm(tm.P.reshape(n, -1).T)
-    value = (a.upper + tm.rho * fg.upper + 0.5 * tm.rho ** 2 * ft.upper + p.upper) * (1 + 16 * _M)
-    return value, all(x.certified for x in (a, fg, ft, p))
+    parts = (a.upper, fg.upper, ft.upper, p.upper if p.certified else math.inf,
+             all(x.certified for x in (a, fg, ft)))
+    tm.__dict__["_norm_parts"] = parts
+    return parts
 
 
-def models(g: nx.DiGraph, center: torch.Tensor, rho: float) -> tuple[dict[str, TaylorModel], dict[str, str]]:
-    """Every node's Taylor model on the ball ``B(center, rho)`` as far as the rules reach, and ``node -> reason``
-    where none (see the module doc)."""
+def bound(tm: TaylorModel) -> tuple[float, bool]:
+    """``sup ||J_v||_2`` on the ball: ``||A|| + rho ||G||_flat + rho^2 / 2 ||T||_flat + ||P||`` (certified when
+    its norms are; see the module doc), rounded up; ``||P||`` is replaced by ``norm_remainder`` where that is
+    smaller (then the bound holds on the domain whose constants gave it: :func:`carry_remainders`)."""
+    a, fg, ft, p, certified = _norm_parts(tm)
+    rem = min(p, tm.norm_remainder)
+    value = (a + tm.rho * fg + 0.5 * tm.rho ** 2 * ft + rem) * (1 + 16 * _M)
+    return value, certified and math.isfinite(rem)
+
+
+def _remainder_norm(m: torch.Tensor) -> float:
+    """A certified ``||m||_2`` of a ``(n, *S)`` remainder tensor as an ``S x n`` matrix, ``inf`` if none."""
+    nm = norms.dense_norm(m.reshape(m.shape[0], -1).T)
+    return nm.upper if nm.certified else math.inf
+
+
+def _fresh_remainder(n: ir.IRNode, ins: list[TaylorModel | None], consts: Mapping[str, torch.Tensor], nin: int,
+                     rho: float, own: float) -> float:
+    """``||P0_v||_2``: the node's entrywise remainder with every input's ``P`` set to 0 (its own part; see
+    :func:`carry_remainders`); ``own`` (``||P_v||_2``) where no input has a remainder to drop."""
+    if all(t is None or not bool(t.P.any()) for t in ins):
+        return own
+    zeroed: list[TaylorModel | None] = [None if t is None else dataclasses.replace(t, P=torch.zeros_like(t.P))
+                                        for t in ins]
+    return _remainder_norm(_step(n, zeroed, consts, nin, rho).P)
+
+
+@dataclasses.dataclass
+class Models:
+    """What :func:`build` computes once per ball (it does not depend on any node's constants): every node's
+    model, ``node -> reason`` where none, and per node ``||P_v||_2`` (``own``) and ``||P0_v||_2`` (``fresh``)."""
+
+    tms: dict[str, TaylorModel]
+    reasons: dict[str, str]
+    own: dict[str, float]
+    fresh: dict[str, float]
+
+
+def build(g: nx.DiGraph, center: torch.Tensor, rho: float) -> Models:
+    """Every node's Taylor model on the ball ``B(center, rho)`` as far as the rules reach (see the module doc),
+    with the remainder norms that :func:`carry_remainders` combines."""
     (inp,) = g.graph["inputs"]
     shape = tuple(ir.node(g, inp).out_shape)
     nin = math.prod(shape)
     tms: dict[str, TaylorModel] = {}
     reasons: dict[str, str] = {}
     consts: dict[str, torch.Tensor] = {}
+    own: dict[str, float] = {}
+    fresh: dict[str, float] = {}
     for n in ir.nodes(g):
         if n.op == "input":
             tm = _constant(center.detach().to(_DT).reshape(shape), nin, rho)
@@ -543,8 +593,12 @@ def models(g: nx.DiGraph, center: torch.Tensor, rho: float) -> tuple[dict[str, T
         if size is None or size > JACOBIAN_ENTRIES:
             reasons[n.name] = f"work limit: third derivatives of {size} entries (limit {JACOBIAN_ENTRIES})"
             continue
+        ins = [tms.get(i) for i in n.inputs]
         try:
-            tm = _step(n, [tms.get(i) for i in n.inputs], consts, nin, rho)
+            tm = _step(n, ins, consts, nin, rho)
+            if n.op != "output":
+                own[n.name] = _remainder_norm(tm.P)
+                fresh[n.name] = _fresh_remainder(n, ins, consts, nin, rho, own[n.name])
         except (_Stop, _PartsStop) as exc:
             reasons[n.name] = str(exc)
             continue
@@ -555,12 +609,61 @@ def models(g: nx.DiGraph, center: torch.Tensor, rho: float) -> tuple[dict[str, T
             reasons[n.name] = "non-finite Taylor model"
             continue
         tms[n.name] = tm
-    return tms, reasons
+    return Models(tms, reasons, own, fresh)
+
+
+def carry_remainders(g: nx.DiGraph, built: Models, local: Mapping[str, LocalConstant]) -> None:
+    """Set every model's ``norm_remainder``: ``r_v >= ||F_v(x)||_2`` for ``x`` in a domain ``D`` inside the ball,
+    from ``local``, every node's constants on ``D`` (``partials[i] >= sup_{x in D} ||D_i f_v(u(x))||_2``).
+
+    The entrywise ``P`` loses what cancels through ``|M|`` and products (a LayerNorm's ``|I - 11^T/n - z
+    z^T/n|`` has norm near 3 where the projection has 1). By the chain rule ``J_v(x) = sum_i D_i f_v(u(x))
+    J_i(x)``, and ``J_i(x) = Jhat_i(x) + F_i(x)`` with ``Jhat_i`` the polynomial part, so ``J_v(x) - Jhat_v(x) =
+    [sum_i D_i f_v(u(x)) Jhat_i(x) - Jhat_v(x)] + sum_i D_i f_v(u(x)) F_i(x)``. The rule run with every input's
+    ``P`` set to 0 bounds the bracket entrywise (``P0_v``: the rule's own case ``F_i = 0``, the value models
+    and their remainders ``E`` unchanged), and the sum has norm at most ``sum_i p_i r_i`` (in ``l2`` for ops
+    that stack their inputs, as AutoLip combines them: :func:`~lipgraph.bounds.relations.own_rule`). So ``r_v =
+    min(||P_v||_2, sum_i p_i r_i + ||P0_v||_2)``, ``r = 0`` at the input and for constants, and ``||P_v||_2``
+    where a node's constant is not certified. It holds on ``D`` only (the partials are ``D``'s), which is
+    where the domain pass uses the relations. Cheap: ``P`` and ``P0`` are :func:`build`'s, so each round of a
+    domain pass (new constants) costs a walk over the graph."""
+    tms = built.tms
+    for n in ir.nodes(g):
+        tm = tms.get(n.name)
+        if tm is None:
+            continue
+        if n.op == "input":
+            tm.norm_remainder = 0.0  # J = I exactly
+            continue
+        if n.op == "output" or n.name not in built.own:
+            continue  # the output's model is its input's, remainder included
+        own = built.own[n.name]
+        lc = local.get(n.name)
+        r = own
+        if lc is not None and lc.certified and len(lc.partials) == len(n.inputs):
+            rs = [tms[i].norm_remainder if i in tms else 0.0 for i in n.inputs]
+            carried = own_rule(lc, [Cumulative(x, True) for x in rs]).value
+            if math.isfinite(carried):
+                r = min(own, (carried + built.fresh[n.name]) * (1 + 4 * _M))
+        tm.norm_remainder = r
+
+
+def models(g: nx.DiGraph, center: torch.Tensor, rho: float, local: Mapping[str, LocalConstant] | None = None,
+           ) -> tuple[dict[str, TaylorModel], dict[str, str]]:
+    """Every node's Taylor model on the ball ``B(center, rho)`` and ``node -> reason`` where none (:func:`build`);
+    with ``local`` (constants on a domain inside the ball) the remainders carried by :func:`carry_remainders`."""
+    built = build(g, center, rho)
+    if local is not None:
+        carry_remainders(g, built, local)
+    return built.tms, built.reasons
 
 
 def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | None = None) -> AlgorithmResult:
     """Relations ``L(v) <= bound(model of v)`` for every node with a Taylor model on the ball of radius ``rho``
-    (:func:`l2_radius`) around the domain's center; none without a domain or where the input is too large."""
+    (:func:`l2_radius`) around the domain's center, its remainder carried with the domain's constants
+    ``local``; none without a domain or where the input is too large. The models are built once per domain
+    pass (``settings.extra["domain_cache"]``, a dict that lives for one pass) and each round with new constants
+    only carries the remainders again."""
     t0 = time.perf_counter()
     settings = settings or Settings()
     domain = settings.extra.get("domain")
@@ -581,23 +684,29 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     rho = l2_radius(dom, example)
     if rho is None or not math.isfinite(rho):
         return skipped("the domain's center is not in its enclosure")
-    center = dom.center(example.detach().to(_DT)).to(_DT)
-    tms, reasons = models(g, center, rho)
+    cache = settings.extra.get("domain_cache")
+    built = cache.get(SOURCE) if cache is not None else None
+    if built is None:
+        built = build(g, dom.center(example.detach().to(_DT)).to(_DT), rho)
+        if cache is not None:
+            cache[SOURCE] = built
+    carry_remainders(g, built, local)
     relations: list[Relation] = []
     records: list[dict[str, Any]] = []
     for n in ir.nodes(g):
-        if n.name not in tms or n.op in ("input", "constant"):
+        if n.name not in built.tms or n.op in ("input", "constant"):
             continue
-        value, certified = bound(tms[n.name])
+        value, certified = bound(built.tms[n.name])
         if not math.isfinite(value):
             continue
         records.append({"node": n.name, "bound": value, "certified": certified})
         relations.append(Relation(n.name, (Term(inp, value, certified),), SOURCE, f"Taylor model at {n.name}"))
-    stopped = {k: v for k, v in reasons.items() if ir.node(g, k).op != "constant"}
+    stopped = {k: v for k, v in built.reasons.items() if ir.node(g, k).op != "constant"}
     if stopped:
         records.append({"method": SOURCE, "stopped": stopped})
     return AlgorithmResult(relations, records, time.perf_counter() - t0,
-                           {"modelled": len(tms), "stopped": len(stopped), "rho": rho})
+                           {"modelled": len(built.tms), "stopped": len(stopped), "rho": rho})
 
 
-__all__ = ["FUNCTION_ERROR", "SOURCE", "TaylorModel", "bound", "models", "run"]
+__all__ = ["FUNCTION_ERROR", "SOURCE", "Models", "TaylorModel", "bound", "build", "carry_remainders", "models",
+           "run"]
