@@ -170,6 +170,28 @@ def combine(
     return cum
 
 
+def _within(g: nx.DiGraph, r: Relation, mset: set[str]) -> bool:
+    """Whether relation ``r`` holds in the sub-DAG ``mset``, whose external inputs vary independently: every
+    path that reaches ``r.node`` without passing one of its entries stays inside ``mset`` (constants aside).
+    A relation proves ``r.node`` a function of its entries through the nodes between them; where one of those
+    lies outside (``x`` feeding a module directly and through ``h = f(x)`` computed outside it), the sub-DAG
+    takes ``h`` as a separate input and the relation's constant (a derivative through ``h``) does not bound it."""
+    stop = {t.entry for t in r.terms}
+    seen: set[str] = set()
+    stack = [r.node]
+    while stack:
+        for p in ir.node(g, stack.pop()).inputs:
+            if p in seen or p in stop:
+                continue
+            seen.add(p)
+            if p not in mset:
+                if ir.node(g, p).op == "constant":
+                    continue
+                return False
+            stack.append(p)
+    return True
+
+
 def subgraph_constant(
     g: nx.DiGraph,
     local: Mapping[str, LocalConstant],
@@ -177,13 +199,15 @@ def subgraph_constant(
     relations: Iterable[Relation] = (),
 ) -> Cumulative:
     """The constant of the sub-DAG ``members``: its external inputs at 1 (constants at 0), its exits (members
-    read from outside, or the model output) combined in l2; relations lying wholly inside it are used.
-    Module clusters and the renderer's boxes are bounded by this one function."""
+    read from outside, or the model output) combined in l2; relations that hold in it are used (their entries
+    inside it or among its inputs, and every node between an entry and the relation's node inside it:
+    :func:`_within`). Module clusters and the renderer's boxes are bounded by this one function."""
     mset = set(members)
     order = [n for n in g.graph["order"] if n in mset]
     outside = {u for m in order for u in ir.node(g, m).inputs if u not in mset}
     entries = {u: Cumulative(0.0 if ir.node(g, u).op == "constant" else 1.0, True) for u in outside}
-    inner = [r for r in relations if r.node in mset and all(t.entry in mset or t.entry in entries for t in r.terms)]
+    inner = [r for r in relations if r.node in mset and all(t.entry in mset or t.entry in entries for t in r.terms)
+             and _within(g, r, mset)]
     cum = combine(g, local, inner, members=order, entries=entries)
     exits = [m for m in order if ir.node(g, m).op == "output" or any(s not in mset for s in g.successors(m))]
     ex = [cum[e] for e in (exits or order[-1:])]
