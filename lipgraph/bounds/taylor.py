@@ -684,12 +684,15 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     rho = l2_radius(dom, example)
     if rho is None or not math.isfinite(rho):
         return skipped("the domain's center is not in its enclosure")
+    center = dom.center(example.detach().to(_DT)).to(_DT)
+    key = (id(g), rho, tuple(center.reshape(-1).tolist()))  # a cache met with another graph or ball is not used
     cache = settings.extra.get("domain_cache")
-    built = cache.get(SOURCE) if cache is not None else None
+    kept = cache.get(SOURCE) if cache is not None else None
+    built = kept[1] if kept is not None and kept[0] == key else None
     if built is None:
-        built = build(g, dom.center(example.detach().to(_DT)).to(_DT), rho)
+        built = build(g, center, rho)
         if cache is not None:
-            cache[SOURCE] = built
+            cache[SOURCE] = (key, built)
     carry_remainders(g, built, local)
     relations: list[Relation] = []
     records: list[dict[str, Any]] = []
