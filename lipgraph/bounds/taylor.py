@@ -159,6 +159,22 @@ class TaylorModel:
     def jac_bound(self) -> torch.Tensor:
         return _up(self.A.abs() + self.g + self.t + self.P)
 
+    @functools.cached_property
+    def norm_parts(self) -> tuple[float, float, float, float, bool]:
+        """Certified ``||A||``, ``||G||_flat``, ``||T||_flat`` and ``||P||_2`` (``inf`` if not certified), and
+        whether the first three are certified (see the module doc); kept, as a domain pass asks once per round."""
+        n = self.A.shape[0]
+
+        def smaller(*cands: Any) -> Any:
+            return min((x for x in cands if x.certified), key=lambda x: x.upper, default=cands[0])
+
+        a = norms.dense_norm(self.A.reshape(n, -1).T)
+        fg = smaller(norms.dense_norm(self.G.reshape(n * n, -1).T),
+                     norms.dense_norm(self.G.transpose(0, 1).reshape(n, -1)))
+        ft = smaller(norms.dense_norm(self.T.reshape(n ** 3, -1).T),
+                     norms.dense_norm(self.T.movedim(2, 0).reshape(n, -1)))
+        return a.upper, fg.upper, ft.upper, _remainder_norm(self.P), all(x.certified for x in (a, fg, ft))
+
     def map(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> TaylorModel:
         """The model with ``fn(tensor, leading dims)`` (a permutation or reshape of the value dims) applied."""
         return TaylorModel(fn(self.c, 0), fn(self.A, 1), fn(self.G, 2), fn(self.T, 3), fn(self.E, 0),
@@ -501,32 +517,11 @@ def _step(n: ir.IRNode, tms: list[TaylorModel | None], consts: Mapping[str, torc
     raise _Stop(f"no Taylor-model rule for {n.op}")
 
 
-def _norm_parts(tm: TaylorModel) -> tuple[float, float, float, float, bool]:
-    """Certified ``||A||``, ``||G||_flat``, ``||T||_flat`` and ``||P||_2`` of a model, and whether all four are
-    certified; kept on the model (a domain pass asks for them once per round)."""
-    cached = tm.__dict__.get("_norm_parts")
-    if cached is not None:
-        return cached
-    n = tm.A.shape[0]
-
-    def smaller(*cands: Any) -> Any:
-        return min((x for x in cands if x.certified), key=lambda x: x.upper, default=cands[0])
-
-    a = norms.dense_norm(tm.A.reshape(n, -1).T)
-    fg = smaller(norms.dense_norm(tm.G.reshape(n * n, -1).T), norms.dense_norm(tm.G.transpose(0, 1).reshape(n, -1)))
-    ft = smaller(norms.dense_norm(tm.T.reshape(n ** 3, -1).T), norms.dense_norm(tm.T.movedim(2, 0).reshape(n, -1)))
-    p = norms.dense_norm(tm.P.reshape(n, -1).T)
-    parts = (a.upper, fg.upper, ft.upper, p.upper if p.certified else math.inf,
-             all(x.certified for x in (a, fg, ft)))
-    tm.__dict__["_norm_parts"] = parts
-    return parts
-
-
 def bound(tm: TaylorModel) -> tuple[float, bool]:
     """``sup ||J_v||_2`` on the ball: ``||A|| + rho ||G||_flat + rho^2 / 2 ||T||_flat + ||P||`` (certified when
     its norms are; see the module doc), rounded up; ``||P||`` is replaced by ``norm_remainder`` where that is
     smaller (then the bound holds on the domain whose constants gave it: :func:`carry_remainders`)."""
-    a, fg, ft, p, certified = _norm_parts(tm)
+    a, fg, ft, p, certified = tm.norm_parts
     rem = min(p, tm.norm_remainder)
     value = (a + tm.rho * fg + 0.5 * tm.rho ** 2 * ft + rem) * (1 + 16 * _M)
     return value, certified and math.isfinite(rem)
@@ -597,7 +592,7 @@ def build(g: nx.DiGraph, center: torch.Tensor, rho: float) -> Models:
         try:
             tm = _step(n, ins, consts, nin, rho)
             if n.op != "output":
-                own[n.name] = _remainder_norm(tm.P)
+                own[n.name] = tm.norm_parts[3]  # kept on the model: bound() reads it again
                 fresh[n.name] = _fresh_remainder(n, ins, consts, nin, rho, own[n.name])
         except (_Stop, _PartsStop) as exc:
             reasons[n.name] = str(exc)

@@ -519,9 +519,9 @@ def _fmt(dims: Sequence[Any]) -> str:
 def _example_inputs(real: list[onnx.ValueInfoProto], example: Any, path: str) -> list[torch.Tensor]:
     declared = [_declared(vi) for vi in real]
     sig = ", ".join(f"{vi.name}{_fmt(d)}" for vi, (d, _) in zip(real, declared, strict=True))
+    gen = torch.Generator().manual_seed(run_seed(0))  # inputs drawn for a missing example or a shape: seeded
     if example is None:
         xs = []
-        gen = torch.Generator().manual_seed(run_seed(0))
         for vi, (dims, dtype) in zip(real, declared, strict=True):
             if any(not isinstance(d, int) for d in dims):
                 raise InputShapeError(
@@ -536,7 +536,6 @@ def _example_inputs(real: list[onnx.ValueInfoProto], example: Any, path: str) ->
     if isinstance(example, (str, bytes)):
         raise InputShapeError(f"the example input of {path} must be a tensor, a shape such as (1, 3, 32, 32) or a "
                               f"tuple of them, not the string {example!r}")
-    gen = torch.Generator().manual_seed(run_seed(0))
     if isinstance(example, torch.Tensor):
         items: list[Any] = [example]
     elif isinstance(example, (tuple, list)) and example and all(isinstance(d, int) for d in example):
