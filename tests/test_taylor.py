@@ -3,7 +3,8 @@
 * The coefficients are the derivatives at the center: ``A``, ``G``, ``T`` against nested
   ``torch.autograd.functional.jacobian`` of the float64 IR (every node).
 * The enclosures hold on the ball: at sampled points (uniform in the ball, on its sphere, and the end points of
-  a projected ascent on ``||J||``) every node's float64 value lies in ``c + A d + G[d, d] / 2 +- E`` and its
+  a projected ascent on ``||J||``) every node's float64 value lies in ``c + A d + G[d, d] / 2 +- E`` and in
+  ``c + A d + G[d, d] / 2 + T[d, d, d] / 6 +- E4``, its
   float64 Jacobian in ``A + G[d] + T[d, d] / 2 +- P``, and the certified bound dominates ``||J||_2``.
 * The constants ``M3``, ``M4`` of sigmoid, tanh and GELU dominate their third and fourth derivatives on a fine
   grid (their derivations are in the module).
@@ -150,6 +151,9 @@ def _check(tm, vals: dict, name: str, p: torch.Tensor, x: torch.Tensor, f) -> No
     tdd = torch.einsum("k,l,klj...->j...", d, d, tm.T)
     pred_v = tm.c + torch.einsum("j,j...->...", d, tm.A) + 0.5 * torch.einsum("j,j...->...", d, gd)
     assert bool(((v - pred_v).abs() <= tm.E).all()), (name, float(((v - pred_v).abs() - tm.E).max()))
+    if tm.E4 is not None:  # past the cubic term
+        pred_v4 = pred_v + torch.einsum("j,j...->...", d, tdd) / 6
+        assert bool(((v - pred_v4).abs() <= tm.E4).all()), (name, float(((v - pred_v4).abs() - tm.E4).max()))
     jac = _jac(f, p.reshape(-1).to(_DT)).T.reshape(n, *tm.c.shape)  # columns first
     pred_j = tm.A + gd + 0.5 * tdd
     assert bool(((jac - pred_j).abs() <= tm.P).all()), (name, float(((jac - pred_j).abs() - tm.P).max()))
