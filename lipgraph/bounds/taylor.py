@@ -48,7 +48,7 @@ Jacobian ``g >= |G[delta]|`` and ``t >= |T[delta, delta]| / 2`` the same way, an
   quad + E) / 2 + M3 dev^3 / 6``; the same expansion of ``s'(c + D)`` one order higher (remainder ``R``) times
   ``J_u`` gives ``P -> |s_1| P + |s_2| lin (t + P) + (|s_2| quad + |s_3| lin^2 / 2)(g + t + P) + R W``; one
   order further, ``E4 -> |s_1| E4 + |s_2| ((quad + E)^2 + 2 lin E) / 2 + |s_3| (quad + E)(dev^2 + dev lin +
-  lin^2) / 6 + M4 dev^4 / 24``. Rules:
+  lin^2) / 6 + M4 dev^4 / 24`` plus the errors of the computed ``s_k`` and the rounding allowance. Rules:
   sigmoid, tanh, exact GELU, SiLU (global ``M3``, ``M4``, derived at :data:`_SMOOTH`), and inside softmax and the
   norms ``exp`` and ``(u + a)^p`` for ``p < 0`` (their higher derivatives are monotone: sups at an end of the
   range).
@@ -127,16 +127,19 @@ def _sym_norms(m: torch.Tensor, lead: int) -> torch.Tensor:
 def _cubic_norms(t: torch.Tensor) -> torch.Tensor:
     """``sup_{||d||_2 <= 1} |t[:, :, :, s][d, d, d]|`` for every value entry ``s``, certified: ``t`` has shape ``(n,
     n, n, *S)``; ``t[d, d, d] = d^T M (d (x) d)`` with ``M`` the ``n x n^2`` flattening and ``||d (x) d|| = 1``, so
-    the smaller of ``M``'s largest singular value plus ``1e-12 n`` times its Frobenius norm (LAPACK's singular
-    values err by a small multiple of ``n u ||M||_2``) and the Frobenius norm, rounded up."""
+    at most ``||M||_2 = sqrt(lambda_max(M M^T))``. The ``n x n`` Gram matrix in float64 errs by at most ``gamma_{n^2}
+    ||M||_F^2`` in norm and LAPACK's symmetric eigenvalues by a small multiple of ``n u ||M M^T||_2`` (the margin
+    ``(n^2 u' + 1e-12 n) ||M||_F^2``, ``u' = 2.3e-16``); the smaller of that and the Frobenius norm, rounded up."""
     n = t.shape[0]
     rest = t.shape[3:]
     m = t.reshape(n, n * n, -1).movedim(-1, 0)  # (numel S, n, n^2)
-    fro = torch.linalg.matrix_norm(m, "fro") * (1 + 4 * _M)
+    fro2 = (m * m).sum(dim=(-1, -2))
+    fro = fro2.sqrt() * (1 + 4 * _M)
     if n <= 1 or m.shape[0] == 0:
         return fro.reshape(rest)
-    top = torch.linalg.matrix_norm(m, 2)
-    return torch.minimum(fro, top + 1e-12 * n * fro + 1e-300).reshape(rest)
+    lam = torch.linalg.eigvalsh(m @ m.transpose(-1, -2)).amax(dim=-1).clamp_min(0.0)
+    top = torch.sqrt(lam + (n * n * 2.3e-16 + 1e-12 * n) * fro2) * (1 + 4 * _M)
+    return torch.minimum(fro, top + 1e-300).reshape(rest)
 
 
 @dataclasses.dataclass
@@ -155,12 +158,14 @@ class TaylorModel:
     #: of the Jacobian as an operator, carried by the chain rule past the entrywise ``P`` (see :func:`models`).
     norm_remainder: float = math.inf
     #: ``>= |v(x) - c - A delta - G[delta, delta] / 2 - T[delta, delta, delta] / 6|`` entrywise: the value's
-    #: remainder past its cubic term (fourth order; ``None``: not tracked). ``E`` is lowered to ``cub + E4``
-    #: where that is smaller (:meth:`__post_init__`), as ``|T[delta, delta, delta]| / 6 <= cub``.
+    #: remainder past its cubic term (fourth order). ``E`` is lowered to ``cub + E4`` where that is smaller
+    #: (:meth:`__post_init__`), as ``|T[delta, delta, delta]| / 6 <= cub``; left out, it is ``E + cub``.
     E4: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.E4 is not None:
+        if self.E4 is None:
+            self.E4 = _up(self.E + self.cub)
+        else:
             self.E = torch.minimum(self.E, _up(self.cub + self.E4))
 
     @functools.cached_property
