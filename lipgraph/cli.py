@@ -202,9 +202,14 @@ class _Progress:
         self.enabled = enabled
         self.stage: str | None = None
         self.bar: Any = None
+        #: The stage whose bar last ran to its end: a later "done" of it (a stage whose algorithm counted its own
+        #: parts, then says 1 of 1) opens no second bar.
+        self.finished: str | None = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
+            return
+        if stage == self.finished and stage != self.stage and done >= total:
             return
         if stage != self.stage:
             self.close()
@@ -220,6 +225,7 @@ class _Progress:
             self.bar.refresh()
             if done >= total:
                 self.close()
+                self.finished = stage
 
     def close(self) -> None:
         if self.bar is not None:

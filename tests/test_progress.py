@@ -58,6 +58,36 @@ def test_cli_progress_bars_go_to_stderr(capsys: pytest.CaptureFixture[str]) -> N
     assert "Lipschitz constant" in cap.out and "lower bound" not in cap.out.split("Lipschitz")[0]
 
 
+def test_cli_opens_one_bar_per_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage whose algorithm counts its own parts (SeqLip's segments: 0 of 1, then k of n, then 1 of 1) gets one
+    bar, not a second one opened and closed by its final 1 of 1; a stage that comes back later gets a new one."""
+    import tqdm
+
+    from lipgraph.cli import _Progress
+
+    opened: list[str] = []
+
+    class Bar:
+        def __init__(self, *a, desc: str = "", total: int = 1, **k) -> None:  # type: ignore[no-untyped-def]
+            opened.append(desc)
+            self.total, self.n = total, 0
+
+        def refresh(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    p = _Progress(True)
+    for done, total in ((0, 1), (0, 3), (1, 3), (2, 3), (3, 3), (1, 1)):
+        p("bounds 2/5 (seqlip)", done, total)
+    p("lower bound", 0, 1)
+    p("lower bound", 1, 1)
+    p("bounds 2/5 (seqlip)", 0, 1)
+    assert opened == ["bounds 2/5 (seqlip)", "lower bound", "bounds 2/5 (seqlip)"], opened
+
+
 def test_domain_search_counts_its_restarts() -> None:
     from lipgraph.domains import Ball
 
