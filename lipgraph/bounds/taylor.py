@@ -3,8 +3,9 @@
 Interval Jacobians (:mod:`lipgraph.bounds.jacobian_interval`) enclose each entry over the box that holds the
 domain, and every product of enclosures widens them again; on an l2 ball in ``n`` dimensions the box is
 ``sqrt(n)`` times wider than the ball, and through attention and LayerNorm the enclosures grow by orders of
-magnitude. A Taylor model keeps every term up to second order in ``delta = x - c`` exact and bounds only what
-is of third order. For every node ``v`` and every ``x = c + delta`` with ``||delta||_2 <= rho``:
+magnitude. A Taylor model keeps every term of the Jacobian up to second order in ``delta = x - c`` exact (of the
+value, up to third) and bounds only what is of higher order. For every node ``v`` and every ``x = c + delta``
+with ``||delta||_2 <= rho``:
 
 * value: ``v(x) = c_v + A_v delta + G_v[delta, delta] / 2 + e``, ``|e| <= E_v`` entrywise, and past the cubic
   term ``v(x) = c_v + A_v delta + G_v[delta, delta] / 2 + T_v[delta, delta, delta] / 6 + e4``, ``|e4| <= E4_v``;
