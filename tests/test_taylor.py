@@ -151,9 +151,8 @@ def _check(tm, vals: dict, name: str, p: torch.Tensor, x: torch.Tensor, f) -> No
     tdd = torch.einsum("k,l,klj...->j...", d, d, tm.T)
     pred_v = tm.c + torch.einsum("j,j...->...", d, tm.A) + 0.5 * torch.einsum("j,j...->...", d, gd)
     assert bool(((v - pred_v).abs() <= tm.E).all()), (name, float(((v - pred_v).abs() - tm.E).max()))
-    if tm.E4 is not None:  # past the cubic term
-        pred_v4 = pred_v + torch.einsum("j,j...->...", d, tdd) / 6
-        assert bool(((v - pred_v4).abs() <= tm.E4).all()), (name, float(((v - pred_v4).abs() - tm.E4).max()))
+    pred_v4 = pred_v + torch.einsum("j,j...->...", d, tdd) / 6  # past the cubic term
+    assert bool(((v - pred_v4).abs() <= tm.E4).all()), (name, float(((v - pred_v4).abs() - tm.E4).max()))
     jac = _jac(f, p.reshape(-1).to(_DT)).T.reshape(n, *tm.c.shape)  # columns first
     pred_j = tm.A + gd + 0.5 * tdd
     assert bool(((jac - pred_j).abs() <= tm.P).all()), (name, float(((jac - pred_j).abs() - tm.P).max()))

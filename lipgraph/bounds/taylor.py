@@ -222,7 +222,7 @@ class TaylorModel:
     def map(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> TaylorModel:
         """The model with ``fn(tensor, leading dims)`` (a permutation or reshape of the value dims) applied."""
         return TaylorModel(fn(self.c, 0), fn(self.A, 1), fn(self.G, 2), fn(self.T, 3), fn(self.E, 0),
-                           fn(self.P, 1), self.rho, E4=None if self.E4 is None else fn(self.E4, 0))
+                           fn(self.P, 1), self.rho, E4=fn(self.E4, 0))
 
 
 # --- affine maps ----------------------------------------------------------------------------------------
