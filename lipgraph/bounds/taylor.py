@@ -101,6 +101,18 @@ FUNCTION_ERROR = 1e-12
 _ROUND = 8 * _M
 
 
+#: Seeds per domain pass at most (:func:`tangent_bounds`: one more build of the seed's descendants each, 2.5 to
+#: 4.5 s on the one-block transformer of ``tests/test_domain_tightness.py``). There, at radius 0.1, the first
+#: LayerNorm and the softmax carry 0.35 and 0.10 of the output's remainder 0.42 through products of partials of
+#: 18.5 and 6.9 where their seeds' ``k`` are 0.44 and 0.62; with two seeds the bound is 0.660, with every seed
+#: of share at least 0.02 (five) 0.554.
+TANGENT_SEEDS = 6
+#: Seeds are tried only where the output's carried remainder is at least this share of the output's bound ...
+SEED_GATE = 0.05
+#: ... and a seed only where its own remainder carries at least this share of that remainder.
+SEED_SHARE = 0.02
+
+
 class _Stop(Exception):  # noqa: N818 - internal signal: no model at this node, with the reason
     """This node gets no Taylor model (the message says why)."""
 
@@ -144,6 +156,69 @@ def _cubic_norms(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass
+class Tangent:
+    """A node's derivative with respect to a perturbation at a seed node (see :func:`tangent_bounds`): with the
+    seed's value ``w`` replaced by ``w + e``, ``K(x) = d v / d e`` at ``e = 0``, for every ``x = c + delta`` of the
+    ball, is ``K0 + K1[delta] + K2[delta, delta] / 2 + R`` with ``|R| <= Q`` entrywise. Shapes: ``K0, Q`` ``(m,
+    *S)`` (``m``: the seed's entries), ``K1`` ``(n, m, *S)``, ``K2`` ``(n, n, m, *S)`` (symmetric in its first
+    two dims)."""
+
+    K0: torch.Tensor
+    K1: torch.Tensor
+    K2: torch.Tensor
+    Q: torch.Tensor
+    rho: float
+
+    @functools.cached_property
+    def k1(self) -> torch.Tensor:
+        """``>= |K1[delta]|`` entrywise."""
+        return _up(self.rho * torch.linalg.vector_norm(self.K1, dim=0))
+
+    @functools.cached_property
+    def k2(self) -> torch.Tensor:
+        """``>= |K2[delta, delta]| / 2`` entrywise."""
+        return _up(0.5 * self.rho ** 2 * _sym_norms(self.K2, 0))
+
+    @functools.cached_property
+    def bound(self) -> torch.Tensor:
+        """``>= |K(x)|`` entrywise on the ball."""
+        return _up(self.K0.abs() + self.k1 + self.k2 + self.Q)
+
+    def map(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Tangent:
+        return Tangent(fn(self.K0, 1), fn(self.K1, 2), fn(self.K2, 3), fn(self.Q, 1), self.rho)
+
+    def norm(self) -> float:
+        """``sup ||K(x)||_2`` on the ball, certified (``inf`` if a norm is not): ``||K0|| + rho ||K1||_flat +
+        rho^2 / 2 ||K2||_flat + ||Q||``, the flattenings as for :meth:`TaylorModel.norm_parts`."""
+        m = self.K0.shape[0]
+        n = self.K1.shape[0]
+        k0 = self.K0.reshape(m, -1).T
+        cands = [[norms.dense_norm(k0)],
+                 [norms.dense_norm(self.K1.reshape(n * m, -1).T),
+                  norms.dense_norm(self.K1.transpose(0, 1).reshape(m, -1))],
+                 [norms.dense_norm(self.K2.reshape(n * n * m, -1).T),
+                  norms.dense_norm(self.K2.movedim(2, 0).reshape(m, -1))],
+                 [norms.dense_norm(self.Q.reshape(m, -1).T)]]
+        parts = [min((x.upper for x in c if x.certified), default=math.inf) for c in cands]
+        value = (parts[0] + self.rho * parts[1] + 0.5 * self.rho ** 2 * parts[2] + parts[3]) * (1 + 16 * _M)
+        return value if math.isfinite(value) else math.inf
+
+
+def _tan_add(a: Tangent | None, b: Tangent | None) -> Tangent | None:
+    if a is None or b is None:
+        return a if b is None else b
+    q = a.Q + b.Q + _ROUND * (a.bound + b.bound)
+    return Tangent(a.K0 + b.K0, a.K1 + b.K1, a.K2 + b.K2, _up(q), a.rho)
+
+
+def seed_tangent(shape: tuple[int, ...], n: int, rho: float) -> Tangent:
+    """The seed's own tangent: ``K = I`` exactly."""
+    m = math.prod(shape)
+    return Tangent(torch.eye(m, dtype=_DT).reshape(m, *shape), torch.zeros((n, m, *shape), dtype=_DT),
+                   torch.zeros((n, n, m, *shape), dtype=_DT), torch.zeros((m, *shape), dtype=_DT), rho)
+
+
+@dataclasses.dataclass
 class TaylorModel:
     """One node's model (see the module doc). Shapes: ``c, E`` the value's ``S``; ``A, P`` ``(n, *S)`` (column
     ``j`` is ``d v / d x_j``); ``G`` ``(n, n, *S)`` (``G[k, j] = d^2 v / dx_k dx_j``); ``T`` ``(n, n, n, *S)``."""
@@ -162,6 +237,9 @@ class TaylorModel:
     #: remainder past its cubic term (fourth order). ``E`` is lowered to ``cub + E4`` where that is smaller
     #: (:meth:`__post_init__`), as ``|T[delta, delta, delta]| / 6 <= cub``; left out, it is ``E + cub``.
     E4: torch.Tensor | None = None
+    #: The derivative with respect to a seed's perturbation (:class:`Tangent`), ``None`` where the node does not
+    #: depend on the seed or no seed is set (:func:`build` with ``seed``).
+    tan: Tangent | None = None
 
     def __post_init__(self) -> None:
         if self.E4 is None:
@@ -222,7 +300,8 @@ class TaylorModel:
     def map(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> TaylorModel:
         """The model with ``fn(tensor, leading dims)`` (a permutation or reshape of the value dims) applied."""
         return TaylorModel(fn(self.c, 0), fn(self.A, 1), fn(self.G, 2), fn(self.T, 3), fn(self.E, 0),
-                           fn(self.P, 1), self.rho, E4=fn(self.E4, 0))
+                           fn(self.P, 1), self.rho, E4=fn(self.E4, 0),
+                           tan=None if self.tan is None else self.tan.map(fn))
 
 
 # --- affine maps ----------------------------------------------------------------------------------------
@@ -235,7 +314,10 @@ def _linear(tm: TaylorModel, lin: Callable[[torch.Tensor], torch.Tensor],
     e = lin_abs(tm.E) + _ROUND * lin_abs(tm.value_bound)
     p = lin_abs(tm.P) + _ROUND * lin_abs(tm.jac_bound)
     e4 = lin_abs(tm.E4) + _ROUND * lin_abs(tm.value_bound + tm.cub)
-    return TaylorModel(lin(tm.c), lin(tm.A), lin(tm.G), lin(tm.T), _up(e), _up(p), tm.rho, E4=_up(e4))
+    k = tm.tan
+    tan = None if k is None else Tangent(lin(k.K0), lin(k.K1), lin(k.K2),
+                                         _up(lin_abs(k.Q) + _ROUND * lin_abs(k.bound)), k.rho)
+    return TaylorModel(lin(tm.c), lin(tm.A), lin(tm.G), lin(tm.T), _up(e), _up(p), tm.rho, E4=_up(e4), tan=tan)
 
 
 def _shift(tm: TaylorModel, b: torch.Tensor) -> TaylorModel:
@@ -244,7 +326,7 @@ def _shift(tm: TaylorModel, b: torch.Tensor) -> TaylorModel:
     e = tm.E + _ROUND * (tm.c.abs() + b.abs())
     e4 = tm.E4 + _ROUND * (tm.c.abs() + b.abs())
     return TaylorModel(c, tm.A, tm.G, tm.T, _up(e.expand_as(c).clone()), tm.P, tm.rho,
-                       E4=_up(e4.expand_as(c).clone()))
+                       E4=_up(e4.expand_as(c).clone()), tan=tm.tan)
 
 
 def _constant(value: torch.Tensor, n: int, rho: float) -> TaylorModel:
@@ -258,7 +340,8 @@ def _add(a: TaylorModel, b: TaylorModel) -> TaylorModel:
     e = a.E + b.E + _ROUND * (a.value_bound + b.value_bound)
     p = a.P + b.P + _ROUND * (a.jac_bound + b.jac_bound)
     e4 = a.E4 + b.E4 + _ROUND * (a.value_bound + b.value_bound + a.cub + b.cub)
-    return TaylorModel(a.c + b.c, a.A + b.A, a.G + b.G, a.T + b.T, _up(e), _up(p), a.rho, E4=_up(e4))
+    return TaylorModel(a.c + b.c, a.A + b.A, a.G + b.G, a.T + b.T, _up(e), _up(p), a.rho, E4=_up(e4),
+                       tan=_tan_add(a.tan, b.tan))
 
 
 def _affine(n: ir.IRNode, tms: list[TaylorModel | None], consts: Mapping[str, torch.Tensor]) -> TaylorModel:
@@ -282,10 +365,13 @@ def _affine(n: ir.IRNode, tms: list[TaylorModel | None], consts: Mapping[str, to
         def apply(t: torch.Tensor, lead: int, m: torch.Tensor) -> torch.Tensor:
             return (t.reshape((*t.shape[:lead], -1)) @ m).reshape((*t.shape[:lead], *out_shape))
 
+        k = tm.tan
+        tan = None if k is None else Tangent(apply(k.K0, 1, mt), apply(k.K1, 2, mt), apply(k.K2, 3, mt),
+                                             _up(apply(k.Q, 1, mabs) + apply(k.bound, 1, slack)), k.rho)
         part = TaylorModel(apply(tm.c, 0, mt), apply(tm.A, 1, mt), apply(tm.G, 2, mt), apply(tm.T, 3, mt),
                            _up(apply(tm.E, 0, mabs) + apply(tm.value_bound, 0, slack)),
                            _up(apply(tm.P, 1, mabs) + apply(tm.jac_bound, 1, slack)), tm.rho,
-                           E4=_up(apply(tm.E4, 0, mabs) + apply(tm.value_bound + tm.cub, 0, slack)))
+                           E4=_up(apply(tm.E4, 0, mabs) + apply(tm.value_bound + tm.cub, 0, slack)), tan=tan)
         total = part if total is None else _add(total, part)
     assert total is not None
     return _shift(total, y0.detach().to(_DT).reshape(out_shape))
@@ -410,7 +496,17 @@ def _elementwise(tm: TaylorModel, d: Derivs, m3: torch.Tensor | float, m4: torch
     e4 = (a1 * tm.E4 + 0.5 * a2 * (dl * dl + 2 * lin * big_e) + a3 * dl * (dev * dev + dev * lin + lin * lin) / 6
           + m4 * dev ** 4 / 24 + e0 + e1 * dev + 0.5 * e2 * dev * dev + e3 * dev ** 3 / 6
           + _ROUND * (s0.abs() + a1 * (lin + quad + tm.cub) + a2 * lin * (lin + quad) + a3 * lin ** 3))
-    return TaylorModel(s0, s1 * tm.A, g_new, t_new, _up(e), _up(p), tm.rho, E4=_up(e4))
+    tan = None
+    if tm.tan is not None:
+        # K_v = s'(u(x)) K_u with s'(u(x)) = s_1 + s_2 L + (s_2 Q + s_3 L^2 / 2) + r as for the Jacobian
+        k = tm.tan
+        k1 = s1 * k.K1 + s2 * tm.A[:, None] * k.K0[None]  # [k, j] += s_2 A[k] K0[j]
+        x = tm.A[:, None, None] * k.K1[None]  # [k, l, j] = A[k] K1[l, j]
+        k2 = (s1 * k.K2 + s2 * (x + x.transpose(0, 1)) + (s2 * tm.G + s3 * aa)[:, :, None] * k.K0[None, None])
+        wk = k.bound
+        q = (a1 * k.Q + b1 * (k.k2 + k.Q) + b2 * (k.k1 + k.k2 + k.Q) + r * wk + _ROUND * (a1 + b1 + b2) * wk)
+        tan = Tangent(s1 * k.K0, k1, k2, _up(q), k.rho)
+    return TaylorModel(s0, s1 * tm.A, g_new, t_new, _up(e), _up(p), tm.rho, E4=_up(e4), tan=tan)
 
 
 def _smooth(op: str, tm: TaylorModel) -> TaylorModel:
@@ -492,7 +588,29 @@ def _bilinear(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Taylo
     v3_a = torch.minimum(a.c.abs() + lin_a + quad_a + cub_a, vab_a + a.E4)
     e4 = (bl(lin_a, 0, cub_b, 0) + bl(quad_a, 0, quad_b + cub_b, 0) + bl(cub_a, 0, lin_b + quad_b + cub_b, 0)
           + bl(v3_a, 0, b.E4, 0) + bl(a.E4, 0, vab_b, 0) + _ROUND * bl(vab_a + cub_a, 0, vab_b + cub_b, 0))
-    return TaylorModel(c, amat, gmat, tmat, _up(e), _up(p), a.rho, E4=_up(e4))
+    tan = _tan_add(_tan_product(bl, a.tan, b, False), _tan_product(bl, b.tan, a, True))
+    return TaylorModel(c, amat, gmat, tmat, _up(e), _up(p), a.rho, E4=_up(e4), tan=tan)
+
+
+def _tan_product(bl: Callable[[torch.Tensor, int, torch.Tensor, int], torch.Tensor], k: Tangent | None,
+                 other: TaylorModel, swapped: bool) -> Tangent | None:
+    """The part ``B(K_a, b)`` of ``K_v = B(K_a, b) + B(a, K_b)`` (``swapped``: ``B(a, K_b)``, ``k`` being ``b``'s
+    tangent and ``other`` the value model of ``a``): the products of the expansions up to second order in
+    ``delta`` kept, the rest bounded as for the Jacobian's remainder."""
+    if k is None:
+        return None
+
+    def op(x: torch.Tensor, lx: int, y: torch.Tensor, ly: int) -> torch.Tensor:
+        return bl(y, ly, x, lx) if swapped else bl(x, lx, y, ly)
+
+    c, a_, g_ = other.c, other.A, other.G
+    k0 = op(k.K0, 1, c, 0)
+    k1 = op(k.K1, 2, c, 0) + op(k.K0[None], 2, a_[:, None], 2)  # [k, j]: B(K1[k, j], c) + B(K0[j], A[k])
+    x = op(k.K1[:, None], 3, a_[None, :, None], 3)  # [k, l, j] = B(K1[k, j], A[l])
+    k2 = op(k.K2, 3, c, 0) + x + x.transpose(0, 1) + op(k.K0[None, None], 3, g_[:, :, None], 3)
+    q = (op(k.Q, 1, other.value_bound, 0) + op(k.bound, 1, other.E, 0) + op(k.k1, 1, other.quad, 0)
+         + op(k.k2, 1, other.lin + other.quad, 0) + _ROUND * op(k.bound, 1, other.value_bound, 0))
+    return Tangent(k0, k1, k2, _up(q), k.rho)
 
 
 def _mul(a: TaylorModel, b: TaylorModel, nd: int) -> TaylorModel:
@@ -617,10 +735,14 @@ class Models:
     fresh: dict[str, float]
 
 
-def build(g: nx.DiGraph, center: torch.Tensor, rho: float) -> Models:
+def build(g: nx.DiGraph, center: torch.Tensor, rho: float, seed: str | None = None,
+          base: Models | None = None) -> Models:
     """Every node's Taylor model on the ball ``B(center, rho)`` as far as the rules reach (see the module doc),
-    with the remainder norms that :func:`carry_remainders` combines."""
+    with the remainder norms that :func:`carry_remainders` combines. With ``seed`` (a node) the models of the
+    seed's descendants also carry their :class:`Tangent` with respect to a perturbation of the seed's value, and
+    no remainder norms are kept; the models of other nodes are ``base``'s where given."""
     (inp,) = g.graph["inputs"]
+    after = nx.descendants(g, seed) if seed is not None else set()
     shape = tuple(ir.node(g, inp).out_shape)
     nin = math.prod(shape)
     tms: dict[str, TaylorModel] = {}
@@ -651,9 +773,17 @@ def build(g: nx.DiGraph, center: torch.Tensor, rho: float) -> Models:
             reasons[n.name] = f"work limit: third derivatives of {size} entries (limit {JACOBIAN_ENTRIES})"
             continue
         ins = [tms.get(i) for i in n.inputs]
+        if seed is not None and base is not None and n.name not in after and n.name != seed:
+            if n.name in base.tms:
+                tms[n.name] = base.tms[n.name]
+            else:
+                reasons[n.name] = base.reasons.get(n.name, "no model")
+            continue
         try:
             tm = _step(n, ins, consts, nin, rho)
-            if n.op != "output":
+            if n.name == seed:
+                tm = dataclasses.replace(tm, tan=seed_tangent(tuple(tm.c.shape), nin, rho))
+            if n.op != "output" and seed is None:
                 own[n.name] = tm.norm_parts[3]  # kept on the model: bound() reads it again
                 fresh[n.name] = _fresh_remainder(n, ins, consts, nin, rho, own[n.name])
         except (_Stop, _PartsStop) as exc:
@@ -662,14 +792,51 @@ def build(g: nx.DiGraph, center: torch.Tensor, rho: float) -> Models:
         except Exception as exc:  # noqa: BLE001 - a rule that cannot handle this node: no model, said why
             reasons[n.name] = f"Taylor model of {n.op} failed ({type(exc).__name__}: {exc})"
             continue
-        if not all(bool(torch.isfinite(x).all()) for x in (tm.c, tm.A, tm.G, tm.T, tm.E, tm.P)):
+        checked = (tm.c, tm.A, tm.G, tm.T, tm.E, tm.P) + (() if tm.tan is None else (tm.tan.K2, tm.tan.Q))
+        if not all(bool(torch.isfinite(x).all()) for x in checked):
             reasons[n.name] = "non-finite Taylor model"
             continue
         tms[n.name] = tm
     return Models(tms, reasons, own, fresh)
 
 
-def carry_remainders(g: nx.DiGraph, built: Models, local: Mapping[str, LocalConstant]) -> None:
+def tangent_bounds(g: nx.DiGraph, center: torch.Tensor, rho: float, seed: str, base: Models) -> dict[str, float]:
+    """``k_v >= sup ||d v / d w||_2`` over the ball for the seed ``w`` and every descendant ``v`` (``inf`` where
+    no :class:`Tangent` reached it): the derivative of ``v`` with respect to a perturbation of ``w``'s value, all
+    other nodes' dependence on the input kept (the chain rule's sum over every path from ``w`` to ``v``), from
+    the seeded :func:`build`. ``k_w = 1``."""
+    seeded = build(g, center, rho, seed=seed, base=base)
+    out: dict[str, float] = {seed: 1.0}
+    for v in nx.descendants(g, seed):
+        tm = seeded.tms.get(v)
+        if ir.node(g, v).op != "output":
+            out[v] = tm.tan.norm() if tm is not None and tm.tan is not None else math.inf
+    return out
+
+
+def contributions(g: nx.DiGraph, built: Models, local: Mapping[str, LocalConstant], target: str,
+                  ) -> dict[str, float]:
+    """Each node's share of the carried remainder at ``target``: ``||P0_w||_2`` carried alone by the domain's
+    constants (without the minima of :func:`carry_remainders`, an estimate used to pick seeds)."""
+    order = [n for n in ir.nodes(g) if n.name in built.own]
+    out: dict[str, float] = {}
+    for w, f in built.fresh.items():
+        if f <= 0 or not math.isfinite(f) or target not in nx.descendants(g, w) | {w}:
+            continue
+        r: dict[str, float] = {w: f}
+        for n in order:
+            lc = local.get(n.name)
+            if n.name == w or lc is None or not lc.certified or len(lc.partials) != len(n.inputs):
+                continue
+            rs = [r.get(i, 0.0) for i in n.inputs]
+            if any(rs):
+                r[n.name] = own_rule(lc, [Cumulative(x, True) for x in rs]).value
+        out[w] = r.get(target, 0.0)
+    return out
+
+
+def carry_remainders(g: nx.DiGraph, built: Models, local: Mapping[str, LocalConstant],
+                     seeds: Mapping[str, Mapping[str, float]] | None = None) -> None:
     """Set every model's ``norm_remainder``: ``r_v >= ||F_v(x)||_2`` for ``x`` in a domain ``D`` inside the ball,
     from ``local``, every node's constants on ``D`` (``partials[i] >= sup_{x in D} ||D_i f_v(u(x))||_2``).
 
@@ -683,25 +850,48 @@ def carry_remainders(g: nx.DiGraph, built: Models, local: Mapping[str, LocalCons
     min(||P_v||_2, sum_i p_i r_i + ||P0_v||_2)``, ``r = 0`` at the input and for constants, and ``||P_v||_2``
     where a node's constant is not certified. It holds on ``D`` only (the partials are ``D``'s), which is
     where the domain pass uses the relations. Cheap: ``P`` and ``P0`` are :func:`build`'s, so each round of a
-    domain pass (new constants) costs a walk over the graph."""
+    domain pass (new constants) costs a walk over the graph.
+
+    ``seeds`` (``w -> v -> k_v``, :func:`tangent_bounds`) take some brackets out of the product of partials:
+    unrolled, the recursion is linear in the brackets, ``F_v(x) = sum_u K_vu(x) B_u(x)`` with ``K_vu = d v / d u``
+    (zero unless ``v`` descends from ``u``), so ``F_v = sum_{w in seeds} K_vw B_w + R_v`` where ``R_v`` solves the
+    same recursion without the seeds' brackets: ``||R_v|| <= min(||P_v|| + s_v, sum_i p_i ||R_i|| + [v not a
+    seed] ||P0_v||)`` with ``s_v = sum_w k_vw ||P0_w||``, and ``r_v`` is also at most ``s_v + ||R_v||``. The
+    seed's ``k`` is the norm of a derivative of the whole sub-graph from ``w`` to ``v``, where the product of
+    partials multiplies norms node by node."""
     tms = built.tms
+    seeds = seeds or {}
+    rest: dict[str, float] = {}
     for n in ir.nodes(g):
         tm = tms.get(n.name)
         if tm is None:
             continue
         if n.op == "input":
             tm.norm_remainder = 0.0  # J = I exactly
+            rest[n.name] = 0.0
             continue
         if n.op == "output" or n.name not in built.own:
             continue  # the output's model is its input's, remainder included
         own = built.own[n.name]
         lc = local.get(n.name)
         r = own
-        if lc is not None and lc.certified and len(lc.partials) == len(n.inputs):
+        carries = lc is not None and lc.certified and len(lc.partials) == len(n.inputs)
+        if carries:
             rs = [tms[i].norm_remainder if i in tms else 0.0 for i in n.inputs]
             carried = own_rule(lc, [Cumulative(x, True) for x in rs]).value
             if math.isfinite(carried):
                 r = min(own, (carried + built.fresh[n.name]) * (1 + 4 * _M))
+        if seeds:
+            part = sum(k[n.name] * built.fresh[w] for w, k in seeds.items() if n.name in k)
+            rest_v = own + part
+            if carries:
+                rr = [rest.get(i, 0.0) for i in n.inputs]
+                carried = own_rule(lc, [Cumulative(x, True) for x in rr]).value
+                fresh = 0.0 if n.name in seeds else built.fresh[n.name]
+                if math.isfinite(carried):
+                    rest_v = min(rest_v, (carried + fresh) * (1 + 4 * _M))
+            rest[n.name] = rest_v * (1 + 4 * _M)
+            r = min(r, (part + rest[n.name]) * (1 + 4 * _M))
         tm.norm_remainder = r
 
 
@@ -751,6 +941,9 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
         if cache is not None:
             cache[SOURCE] = (key, built)
     carry_remainders(g, built, local)
+    seeds = _seeds(g, built, local, center, rho, cache, key)
+    if seeds:
+        carry_remainders(g, built, local, seeds)
     relations: list[Relation] = []
     records: list[dict[str, Any]] = []
     for n in ir.nodes(g):
@@ -765,8 +958,38 @@ def run(g: nx.DiGraph, local: Mapping[str, LocalConstant], settings: Settings | 
     if stopped:
         records.append({"method": SOURCE, "stopped": stopped})
     return AlgorithmResult(relations, records, time.perf_counter() - t0,
-                           {"modelled": len(built.tms), "stopped": len(stopped), "rho": rho})
+                           {"modelled": len(built.tms), "stopped": len(stopped), "rho": rho, "seeds": sorted(seeds)})
 
 
-__all__ = ["FUNCTION_ERROR", "SOURCE", "Models", "TaylorModel", "bound", "build", "carry_remainders", "models",
-           "run"]
+def _seeds(g: nx.DiGraph, built: Models, local: Mapping[str, LocalConstant], center: torch.Tensor, rho: float,
+           cache: dict[str, Any] | None, key: Any) -> dict[str, dict[str, float]]:
+    """The seeds for :func:`carry_remainders`: at most :data:`TANGENT_SEEDS` nodes whose own remainders carry
+    the largest shares (:func:`contributions`, each at least :data:`SEED_SHARE` of the carried remainder) to
+    the output, where that remainder is at least :data:`SEED_GATE` of the output's bound; their
+    :func:`tangent_bounds` kept in the pass's cache (they do not depend on the constants)."""
+    outs = [n for n in ir.nodes(g) if n.op == "output"]
+    if len(outs) != 1 or len(outs[0].inputs) != 1 or outs[0].inputs[0] not in built.own:
+        return {}
+    target = outs[0].inputs[0]
+    tm = built.tms[target]
+    r = tm.norm_remainder
+    value, _ = bound(tm)
+    if not math.isfinite(r) or not math.isfinite(value) or r < SEED_GATE * value:
+        return {}
+    shares = contributions(g, built, local, target)
+    picked = sorted((w for w, c in shares.items() if c >= SEED_SHARE * r), key=lambda w: (-shares[w], w))
+    out: dict[str, dict[str, float]] = {}
+    for w in picked[:TANGENT_SEEDS]:
+        kept = cache.get((SOURCE, w)) if cache is not None else None
+        if kept is not None and kept[0] == key:
+            out[w] = kept[1]
+            continue
+        out[w] = tangent_bounds(g, center, rho, w, built)
+        if cache is not None:
+            cache[(SOURCE, w)] = (key, out[w])
+    return out
+
+
+__all__ = ["FUNCTION_ERROR", "SEED_GATE", "SEED_SHARE", "SOURCE", "TANGENT_SEEDS", "Models", "Tangent",
+           "TaylorModel", "bound", "build", "carry_remainders", "contributions", "models", "run", "seed_tangent",
+           "tangent_bounds"]
