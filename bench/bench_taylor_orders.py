@@ -116,8 +116,8 @@ def main() -> None:
     kept: dict = {}
     carry = taylor.carry_remainders
 
-    def keep(g, built, local):  # the domain pass's last carry: the models and remainders the report used
-        carry(g, built, local)
+    def keep(g, built, local, seeds=None):  # the domain pass's last carry: the models and remainders the report used
+        carry(g, built, local, seeds)
         kept["last"] = (g, built)
 
     taylor.carry_remainders = keep

@@ -75,6 +75,7 @@ register_method("jacobian-interval", "lipgraph.bounds.jacobian_interval",
 register_method("taylor", "lipgraph.bounds.taylor",
                 "second-order Taylor models of every node's Jacobian on the l2 ball around the domain's center: "
                 "||J(c)|| + rho ||d2v(c)|| + rho^2/2 ||d3v(c)|| + remainder, the remainder carried by the chain "
-                "rule with the domain's constants (inputs of at most 44 entries; needs a domain)", uses_domain=True)
+                "rule with the domain's constants and seeded tangents (inputs of at most 44 entries; needs a "
+                "domain)", uses_domain=True)
 
 __all__ = ["METHODS", "Method", "register_method"]

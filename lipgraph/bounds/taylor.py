@@ -32,6 +32,16 @@ nonnegative matrix dominates the norm of every matrix it bounds entrywise. The b
 Lipschitz constant of ``x -> v(x)`` on the ball and on every domain inside it (``rho``:
 :func:`lipgraph.bounds.mean_value.l2_radius`).
 
+The carry multiplies the partials' norms node by node; through attention that product can be far above the norm
+of the derivative it stands for (on the one-block transformer at radius 0.1, 18.5 from the first LayerNorm to
+the output where the derivative's norm is at most 0.44). A *seeded tangent* (:class:`Tangent`,
+:func:`tangent_bounds`) is a second-order model of ``K(x) = d v / d w`` (``w``'s value perturbed, everything
+else as the input gives it) for every descendant ``v`` of a seed ``w``, built by the same rules run on one more
+set of coefficients; :func:`carry_remainders` takes the seeds' own remainders out of the product of partials
+with it. The domain pass seeds the nodes whose own remainders carry the largest shares to the output
+(:data:`TANGENT_SEEDS`, :data:`SEED_SHARE`): on that block the output's remainder falls from 0.42 to 0.046 and
+the bound from 0.927 to 0.554.
+
 Entrywise bounds the rules use: ``lin = rho ||A[:, i]||_2 >= |A delta|``, ``quad = rho^2 ||G[:, :, i]||_2 / 2
 >= |G[delta, delta]| / 2`` (the smaller of the symmetric matrix's largest eigenvalue in absolute value, with a
 margin, and its Frobenius norm), ``dev = lin + quad + E >= |v(x) - c_v|``, ``V = |c_v| + dev >= |v(x)|``; for the
@@ -56,6 +66,11 @@ Jacobian ``g >= |G[delta]|`` and ``t >= |T[delta, delta]| / 2`` the same way, an
 * a bilinear ``B`` (elementwise product with broadcasting, matmul) of two models: the product of the two
   expansions, every term of order at most 2 kept (at most 3 for ``E4``), the others bounded with ``|B(x, y)| <=
   B(|x|, |y|)``.
+* tangents: ``K0, K1, K2, Q`` go through affine ops as ``A, G, T, P`` do; through ``s(u)``, ``K_v = s'(u(x))
+  K_u`` with the same expansion of ``s'(u(x))`` as for the Jacobian (``Q -> |s_1| Q + |s_2| lin (k2 + Q) + (|s_2|
+  quad + |s_3| lin^2 / 2)(k1 + k2 + Q) + R W_K``, ``k1 >= |K1[delta]|``, ``k2 >= |K2[delta, delta]| / 2``,
+  ``W_K >= |K|``); through ``B(a, b)``, ``K_v = B(K_a, b) + B(a, K_b)`` with ``Q -> B(Q_a, V_b) + B(W_Ka, E_b) +
+  B(k1_a, quad_b) + B(k2_a, lin_b + quad_b)`` and the mirror terms. The seed's own tangent is ``I`` exactly.
 * softmax as ``e = exp(u - k)`` (``k``: the center's maximum, a constant) and ``p = e (sum e)^-1``; layer / rms
   norm as ``z = u - mean u`` (``z = u`` for rms), ``q = mean(z z)``, ``y = gamma z (q + eps)^-1/2 + beta``.
 
@@ -882,7 +897,9 @@ def carry_remainders(g: nx.DiGraph, built: Models, local: Mapping[str, LocalCons
             if math.isfinite(carried):
                 r = min(own, (carried + built.fresh[n.name]) * (1 + 4 * _M))
         if seeds:
-            part = sum(k[n.name] * built.fresh[w] for w, k in seeds.items() if n.name in k)
+            fs = {w: built.fresh.get(w, math.inf) for w in seeds}
+            part = sum(k[n.name] * fs[w] for w, k in seeds.items()
+                       if n.name in k and fs[w] > 0 and k[n.name] > 0)  # a zero factor: no inf * 0
             rest_v = own + part
             if carries:
                 rr = [rest.get(i, 0.0) for i in n.inputs]
