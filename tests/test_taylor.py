@@ -487,3 +487,66 @@ def test_block_tangents_hold_on_the_ball() -> None:
     g = lipgraph.trace(model, x)
     assert _check_tangents(g, ir.to_float64(g), x, 0.1, ["ln1", "softmax", "ln2", "mlp_1"], count=3) > 100
 
+
+
+def test_a_tangent_over_the_work_limit_stops_with_its_descendants(monkeypatch) -> None:
+    """A tangent has ``n^2 m`` entries per value entry (``m``: the seed's size), which the limit on third
+    derivatives (``n^3``) does not bound: a seeded build past ``TANGENT_ENTRIES`` stops at that node, and every
+    descendant's ``k`` is ``inf`` (no tangent read as a zero one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 1)).double()
+    x = torch.randn(1, 3, dtype=_DT)
+    g = lipgraph.trace(model, x)
+    base = taylor.build(g, x, 0.1)
+    seed = next(n.name for n in ir.nodes(g) if n.op == "tanh")
+    full = taylor.tangent_bounds(g, x, 0.1, seed, base)
+    assert all(math.isfinite(k) for k in full.values()), full
+    monkeypatch.setattr(taylor, "TANGENT_ENTRIES", 3 * 3 * 40 * 40 - 1)  # the 40-wide nodes' tangents exceed it
+    cut = taylor.tangent_bounds(g, x, 0.1, seed, base)
+    assert cut.keys() == full.keys() and cut[seed] == 1.0
+    assert all(math.isinf(k) for v, k in cut.items() if v != seed), cut
+
+
+def _poly_norm(tm, d: torch.Tensor) -> torch.Tensor:
+    n = d.numel()
+    jac = (tm.A + torch.einsum("k,kj...->j...", d, tm.G) + 0.5 * torch.einsum("k,l,klj...->j...", d, d, tm.T))
+    return torch.linalg.matrix_norm(jac.reshape(n, -1), 2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("rho", [0.05, 0.3, 1.0])
+def test_schur_bound_dominates_the_polynomial_on_the_ball(seed, rho) -> None:
+    """``_schur_bound`` >= ``sup ||A + G[d] + T[d, d] / 2|| + r`` (``r``: the remainder's norm, attained by a
+    remainder along the top singular pair) on random symmetric coefficients, the sup by projected ascent from 20
+    starts; and it beats the triangle inequality where ``J(c)`` has a spectral gap (seeds 0-2 scale one
+    direction up)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, s = 6, (2, 3)
+    a = torch.randn(n, *s, generator=gen, dtype=_DT)
+    if seed < 3:
+        a[:, 0, 0] *= 6.0
+    g = torch.randn(n, n, *s, generator=gen, dtype=_DT)
+    g = 0.5 * (g + g.transpose(0, 1))
+    t = torch.randn(n, n, n, *s, generator=gen, dtype=_DT)
+    t = sum(t.permute(*p, 3, 4) for p in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))) / 6
+    tm = taylor.TaylorModel(torch.zeros(s, dtype=_DT), a, g, t, torch.zeros(s, dtype=_DT),
+                            torch.zeros(n, *s, dtype=_DT), rho)
+    na, fg, ft, _, certified = tm.norm_parts
+    assert certified
+    for rem in (0.0, 0.1):
+        value = taylor._schur_bound(tm, na, fg, ft, rem)
+        best = 0.0
+        for _ in range(20):
+            d = torch.randn(n, generator=gen, dtype=_DT)
+            d = rho * d / d.norm()
+            for _ in range(40):
+                d = d.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(_poly_norm(tm, d), d)
+                with torch.no_grad():
+                    d = d + 0.2 * rho * grad / (grad.norm() + 1e-30)
+                    d = d * min(1.0, rho / float(d.norm()))
+            best = max(best, float(_poly_norm(tm, d.detach())))
+        assert value >= best + rem, (value, best, rem)
+        triangle = na + rho * fg + 0.5 * rho ** 2 * ft + rem
+        if seed < 3 and rho == 0.05:
+            assert value < triangle, (value, triangle)
