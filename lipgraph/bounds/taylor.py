@@ -24,7 +24,7 @@ Then for every ``x`` of the ball
 
 (certified norms, :func:`lipgraph.norms.dense_norm`), or where smaller the Schur-complement bound of
 :func:`_schur_bound`, which charges the first-order term only along the top singular direction of ``A_v``
-(gated model at radius 0.1: 0.182104 -> 0.177979, attained 0.17637); on a domain inside the ball,
+(gated model at radius 0.1: 0.182104 -> 0.177969, attained 0.17637); on a domain inside the ball,
 ``||P_v||_2`` gives way to the smaller remainder that the chain rule carries with the domain's constants
 (:func:`carry_remainders`).
 ``G[delta]`` has norm ``sup_{|w|=|u|=1} sum w_i G[k, j, i]
@@ -43,7 +43,7 @@ else as the input gives it) for every descendant ``v`` of a seed ``w``, built by
 set of coefficients; :func:`carry_remainders` takes the seeds' own remainders out of the product of partials
 with it. The domain pass seeds the nodes whose own remainders carry the largest shares to the output
 (:data:`TANGENT_SEEDS`, :data:`SEED_SHARE`): on that block the output's remainder falls from 0.42 to 0.046 and
-the bound from 0.927 to 0.554.
+the bound from 0.927 to 0.554 (0.549 with the Schur-complement bound of the polynomial part, below).
 
 Entrywise bounds the rules use: ``lin = rho ||A[:, i]||_2 >= |A delta|``, ``quad = rho^2 ||G[:, :, i]||_2 / 2
 >= |G[delta, delta]| / 2`` (the smaller of the symmetric matrix's largest eigenvalue in absolute value, with a
@@ -119,11 +119,11 @@ FUNCTION_ERROR = 1e-12
 _ROUND = 8 * _M
 
 
-#: Seeds per domain pass at most (:func:`tangent_bounds`: one more build of the seed's descendants each, 2.5 to
-#: 4.5 s on the one-block transformer of ``tests/test_domain_tightness.py``). There, at radius 0.1, the first
+#: Seeds per domain pass at most (:func:`tangent_bounds`: one more build of the seed's descendants each, 0.6 to
+#: 4 s on the one-block transformer of ``tests/test_domain_tightness.py``). There, at radius 0.1, the first
 #: LayerNorm and the softmax carry 0.35 and 0.10 of the output's remainder 0.42 through products of partials of
-#: 18.5 and 6.9 where their seeds' ``k`` are 0.44 and 0.62; with two seeds the bound is 0.660, with every seed
-#: of share at least 0.02 (five) 0.554.
+#: 18.5 and 6.9 where their seeds' ``k`` are 0.44 and 0.62; with those two seeds the bound is 0.660, with all six
+#: nodes whose share is at least 0.02, 0.554 (both with the triangle inequality for the polynomial part).
 TANGENT_SEEDS = 6
 #: Entries of one node's second-order tangent coefficients ``K2`` (``n^2 m`` per value entry, ``m``: the seed's
 #: size) at most; a seeded build stops at a node past it. The block's GELU seed needs 4.2e6 (64 MB) at GELU.
@@ -720,14 +720,15 @@ def _step(n: ir.IRNode, tms: list[TaylorModel | None], consts: Mapping[str, torc
 
 def bound(tm: TaylorModel) -> tuple[float, bool]:
     """``sup ||J_v||_2`` on the ball: ``||A|| + rho ||G||_flat + rho^2 / 2 ||T||_flat + ||P||`` (certified when
-    its norms are; see the module doc), rounded up, or :func:`_schur_bound` where that is smaller; ``||P||`` is
-    replaced by ``norm_remainder`` where that is smaller (then the bound holds on the domain whose constants gave
-    it: :func:`carry_remainders`)."""
+    its norms are; see the module doc), rounded up, or where smaller :func:`_schur_bound` of the polynomial part
+    plus the remainder's norm (inside the Schur bound the remainder would also widen its off-diagonal terms: on
+    the block at 0.1, 0.5688 against 0.5484); ``||P||`` is replaced by ``norm_remainder`` where that is smaller
+    (then the bound holds on the domain whose constants gave it: :func:`carry_remainders`)."""
     a, fg, ft, p, certified = tm.norm_parts
     rem = min(p, tm.norm_remainder)
     value = (a + tm.rho * fg + 0.5 * tm.rho ** 2 * ft + rem) * (1 + 16 * _M)
     if certified and math.isfinite(value) and fg > 0:
-        value = min(value, _schur_bound(tm, a, fg, ft, rem))
+        value = min(value, (_schur_bound(tm, a, fg, ft, 0.0) + rem) * (1 + 4 * _M))
     return value, certified and math.isfinite(rem)
 
 
