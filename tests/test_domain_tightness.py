@@ -204,7 +204,7 @@ def test_gated_tightness_on_ball() -> None:
     lipgraph.bounds.taylor with the Schur-complement bound of their polynomial part; 0.182104 with the triangle
     inequality ||A|| + rho ||G|| + rho^2/2 ||T|| + r, 0.18431 with the interval Jacobian's centred form ||J(c)||
     + rho ||[H_1 ... H_n]||, 0.22947 with its plain hull; no seeded tangent: the output's carried remainder is
-    2.6e-5), attained 0.17637 (report.lower; float64 sampling 0.17600): ratio 1.009 (1.033 at stop 34)."""
+    2.6e-5), attained 0.17637 (report.lower; float64 sampling 0.17600): ratio 1.009 (1.033 earlier in stop 34)."""
     upper, attained = _tightness(_build(Gated), _point((1, 8)))
     assert upper >= attained
     assert upper == pytest.approx(0.177969, rel=1e-4)
@@ -218,8 +218,8 @@ def test_block_tightness_on_ball() -> None:
     seeded tangents of lipgraph.bounds.taylor took the remainders of six nodes out of the product of partials,
     1.78295 before the Taylor models kept the value's cubic term, 1.95752 before the remainders were carried by
     the chain rule, 8.9138 before the Taylor models, 57.774 before the mean-value ranges of stop 31), attained
-    0.49777 (report.lower; float64 sampling 0.49544): ratio 1.102 (1.863 at stop 34, 3.58 at stop 33, 17.9 at
-    stop 31, 116.1 before). The issue's 5% is NOT reached here. What moved at stop 35: the carried remainder at
+    0.49777 (report.lower; float64 sampling 0.49544): ratio 1.102 (1.863 earlier in stop 34, 3.58 at stop 33, 17.9 at
+    stop 31, 116.1 before). The issue's 5% is NOT reached here. What moved later in stop 34: the carried remainder at
     the output fell from 0.419 to 0.046 (sampled 1.5e-5): the first LayerNorm's own 0.019 reaches the output
     through k = 0.44 (the norm of the derivative of the output with respect to that node's value, a tangent
     model of the whole sub-graph) where the product of partials was 18.5, the softmax's through 0.62 where it

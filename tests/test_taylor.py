@@ -351,7 +351,7 @@ def test_carried_remainders_hold_on_the_domain(key, radius, monkeypatch) -> None
     else:
         model, x, _, _ = _setup(key)
     g, built, _local, seeds = _carried(model, x, radius, monkeypatch)
-    if (key, radius) == ("block", 0.1):  # the seeded carry is the one checked (its seeds: the nodes of stop 35)
+    if (key, radius) == ("block", 0.1):  # the seeded carry is the one checked (its seeds, as measured at stop 34)
         assert set(seeds) == {"ln1", "softmax", "matmul", "matmul_1", "ln2", "mlp_1"}, sorted(seeds)
     g64 = ir.to_float64(g)
     fout = _node_fn(g64, g.graph["output"], x.shape)
