@@ -176,6 +176,23 @@ def _cubic_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.minimum(fro, top + 1e-300).reshape(rest)
 
 
+def _coefficient_norms(first: torch.Tensor, second: torch.Tensor, third: torch.Tensor) -> tuple[Any, Any, Any]:
+    """``||first||``, ``||second||_flat``, ``||third||_flat`` (:func:`lipgraph.norms.dense_norm` results, the
+    smaller certified flattening where there are two, else the first) of a model's coefficients: ``first`` ``(m,
+    *S)``, ``second`` ``(n, m, *S)`` and ``third`` ``(n, n, m, *S)`` with ``delta`` on the ``n`` dims (``m = n``
+    for a Jacobian's ``A, G, T``; see the module doc)."""
+    m, n = first.shape[0], second.shape[0]
+
+    def smaller(*cands: Any) -> Any:
+        return min((x for x in cands if x.certified), key=lambda x: x.upper, default=cands[0])
+
+    return (norms.dense_norm(first.reshape(m, -1).T),
+            smaller(norms.dense_norm(second.reshape(n * m, -1).T),
+                    norms.dense_norm(second.transpose(0, 1).reshape(m, -1))),
+            smaller(norms.dense_norm(third.reshape(n * n * m, -1).T),
+                    norms.dense_norm(third.movedim(2, 0).reshape(m, -1))))
+
+
 @dataclasses.dataclass
 class Tangent:
     """A node's derivative with respect to a perturbation at a seed node (see :func:`tangent_bounds`): with the
@@ -210,18 +227,9 @@ class Tangent:
 
     def norm(self) -> float:
         """``sup ||K(x)||_2`` on the ball, certified (``inf`` if a norm is not): ``||K0|| + rho ||K1||_flat +
-        rho^2 / 2 ||K2||_flat + ||Q||``, the flattenings as for :meth:`TaylorModel.norm_parts`."""
-        m = self.K0.shape[0]
-        n = self.K1.shape[0]
-        k0 = self.K0.reshape(m, -1).T
-        cands = [[norms.dense_norm(k0)],
-                 [norms.dense_norm(self.K1.reshape(n * m, -1).T),
-                  norms.dense_norm(self.K1.transpose(0, 1).reshape(m, -1))],
-                 [norms.dense_norm(self.K2.reshape(n * n * m, -1).T),
-                  norms.dense_norm(self.K2.movedim(2, 0).reshape(m, -1))],
-                 [norms.dense_norm(self.Q.reshape(m, -1).T)]]
-        parts = [min((x.upper for x in c if x.certified), default=math.inf) for c in cands]
-        value = (parts[0] + self.rho * parts[1] + 0.5 * self.rho ** 2 * parts[2] + parts[3]) * (1 + 16 * _M)
+        rho^2 / 2 ||K2||_flat + ||Q||`` (:func:`_coefficient_norms`, as for :meth:`TaylorModel.norm_parts`)."""
+        k0, k1, k2 = (x.upper if x.certified else math.inf for x in _coefficient_norms(self.K0, self.K1, self.K2))
+        value = (k0 + self.rho * k1 + 0.5 * self.rho ** 2 * k2 + _remainder_norm(self.Q)) * (1 + 16 * _M)
         return value if math.isfinite(value) else math.inf
 
 
@@ -306,17 +314,15 @@ class TaylorModel:
     def norm_parts(self) -> tuple[float, float, float, float, bool]:
         """Certified ``||A||``, ``||G||_flat``, ``||T||_flat`` and ``||P||_2`` (``inf`` if not certified), and
         whether the first three are certified (see the module doc); kept, as a domain pass asks once per round."""
-        n = self.A.shape[0]
-
-        def smaller(*cands: Any) -> Any:
-            return min((x for x in cands if x.certified), key=lambda x: x.upper, default=cands[0])
-
-        a = norms.dense_norm(self.A.reshape(n, -1).T)
-        fg = smaller(norms.dense_norm(self.G.reshape(n * n, -1).T),
-                     norms.dense_norm(self.G.transpose(0, 1).reshape(n, -1)))
-        ft = smaller(norms.dense_norm(self.T.reshape(n ** 3, -1).T),
-                     norms.dense_norm(self.T.movedim(2, 0).reshape(n, -1)))
+        a, fg, ft = _coefficient_norms(self.A, self.G, self.T)
         return a.upper, fg.upper, ft.upper, _remainder_norm(self.P), all(x.certified for x in (a, fg, ft))
+
+    @functools.cached_property
+    def schur_norm(self) -> float:
+        """:func:`_schur_bound` of the polynomial part (no remainder), ``inf`` where the norms are not certified
+        or ``G`` is 0; kept, as it does not depend on the remainder :func:`bound` adds each round."""
+        a, fg, ft, _, certified = self.norm_parts
+        return _schur_bound(self, a, fg, ft, 0.0) if certified and fg > 0 else math.inf
 
     def map(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> TaylorModel:
         """The model with ``fn(tensor, leading dims)`` (a permutation or reshape of the value dims) applied."""
@@ -726,9 +732,8 @@ def bound(tm: TaylorModel) -> tuple[float, bool]:
     (then the bound holds on the domain whose constants gave it: :func:`carry_remainders`)."""
     a, fg, ft, p, certified = tm.norm_parts
     rem = min(p, tm.norm_remainder)
-    value = (a + tm.rho * fg + 0.5 * tm.rho ** 2 * ft + rem) * (1 + 16 * _M)
-    if certified and math.isfinite(value) and fg > 0:
-        value = min(value, (_schur_bound(tm, a, fg, ft, 0.0) + rem) * (1 + 4 * _M))
+    value = min((a + tm.rho * fg + 0.5 * tm.rho ** 2 * ft + rem) * (1 + 16 * _M),
+                (tm.schur_norm + rem) * (1 + 4 * _M))
     return value, certified and math.isfinite(rem)
 
 
@@ -825,7 +830,8 @@ def build(g: nx.DiGraph, center: torch.Tensor, rho: float, seed: str | None = No
     seed's descendants also carry their :class:`Tangent` with respect to a perturbation of the seed's value, and
     no remainder norms are kept; the models of other nodes are ``base``'s where given."""
     (inp,) = g.graph["inputs"]
-    after = nx.descendants(g, seed) if seed is not None else set()
+    after = nx.descendants(g, seed) | {seed} if seed is not None else set()  # the nodes with a tangent
+    seed_size = math.prod(tuple(ir.node(g, seed).out_shape)) if seed is not None else 0
     shape = tuple(ir.node(g, inp).out_shape)
     nin = math.prod(shape)
     tms: dict[str, TaylorModel] = {}
@@ -855,14 +861,13 @@ def build(g: nx.DiGraph, center: torch.Tensor, rho: float, seed: str | None = No
         if size is None or size > JACOBIAN_ENTRIES:
             reasons[n.name] = f"work limit: third derivatives of {size} entries (limit {JACOBIAN_ENTRIES})"
             continue
-        if seed is not None and (n.name in after or n.name == seed):
-            m = math.prod(tuple(ir.node(g, seed).out_shape))
-            tan_size = math.prod(tuple(out)) * nin ** 2 * m
+        if n.name in after:
+            tan_size = math.prod(tuple(out)) * nin ** 2 * seed_size
             if tan_size > TANGENT_ENTRIES:  # no model here, so no tangent (never a zero one) downstream
                 reasons[n.name] = f"work limit: a tangent of {tan_size} entries (limit {TANGENT_ENTRIES})"
                 continue
         ins = [tms.get(i) for i in n.inputs]
-        if seed is not None and base is not None and n.name not in after and n.name != seed:
+        if seed is not None and base is not None and n.name not in after:
             if n.name in base.tms:
                 tms[n.name] = base.tms[n.name]
             else:
@@ -951,6 +956,7 @@ def carry_remainders(g: nx.DiGraph, built: Models, local: Mapping[str, LocalCons
     partials multiplies norms node by node."""
     tms = built.tms
     seeds = seeds or {}
+    fs = {w: built.fresh.get(w, math.inf) for w in seeds}
     rest: dict[str, float] = {}
     for n in ir.nodes(g):
         tm = tms.get(n.name)
@@ -972,7 +978,6 @@ def carry_remainders(g: nx.DiGraph, built: Models, local: Mapping[str, LocalCons
             if math.isfinite(carried):
                 r = min(own, (carried + built.fresh[n.name]) * (1 + 4 * _M))
         if seeds:
-            fs = {w: built.fresh.get(w, math.inf) for w in seeds}
             part = sum(k[n.name] * fs[w] for w, k in seeds.items()
                        if n.name in k and fs[w] > 0 and k[n.name] > 0)  # a zero factor: no inf * 0
             rest_v = own + part
