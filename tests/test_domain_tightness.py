@@ -213,8 +213,10 @@ def test_gated_tightness_on_ball() -> None:
 
 
 def test_block_tightness_on_ball() -> None:
-    """One-block transformer on Ball(x, 0.1): measured certified 0.54857 (0.55414 with the triangle inequality
-    for the polynomial part, where the Schur-complement bound plus the remainder now wins; 0.92739 before the
+    """One-block transformer on Ball(x, 0.1): measured certified 0.53090 (0.54857 before stop 35 added the seeds'
+    brackets entrywise, ||sum_w |K_w| P0_w||, before taking the norm, instead of sum_w k_w ||P0_w||; 0.55414 with
+    the triangle inequality for the polynomial part, where the Schur-complement bound plus the remainder wins;
+    0.92739 before the
     seeded tangents of lipgraph.bounds.taylor took the remainders of six nodes out of the product of partials,
     1.78295 before the Taylor models kept the value's cubic term, 1.95752 before the remainders were carried by
     the chain rule, 8.9138 before the Taylor models, 57.774 before the mean-value ranges of stop 31), attained
@@ -228,9 +230,9 @@ def test_block_tightness_on_ball() -> None:
     Jacobian terms bounded entrywise, give 0.024 of it) times their k."""
     upper, attained = _tightness(_build(Block), _point((1, 4, 8)))
     assert upper >= attained
-    assert upper == pytest.approx(0.54857, rel=1e-3)
+    assert upper == pytest.approx(0.53090, rel=1e-3)
     assert attained == pytest.approx(0.49777, rel=1e-3)
-    assert upper / attained <= 1.11
+    assert upper / attained <= 1.07
 
 
 def test_mean_value_ranges_hold_on_the_ball() -> None:

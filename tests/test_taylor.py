@@ -433,8 +433,8 @@ def _seeded_values(g64, seed: str, names: list[str], shape, p: torch.Tensor):
 
 def _check_tangents(g, g64, x: torch.Tensor, radius: float, seeds: list[str], count: int) -> int:
     """Every descendant's tangent encloses the autograd derivative with respect to the seed's perturbation at
-    ``count`` sampled points and the output's ascent end point, and its certified norm dominates the sampled
-    norms; returns how many (seed, node, point) triples were checked."""
+    ``count`` sampled points and the output's ascent end point, and its certified norm and its entrywise bound
+    dominate the sampled norms and entries; returns how many (seed, node, point) triples were checked."""
     base = taylor.build(g, x.to(_DT), radius)
     fout = _node_fn(g64, g.graph["output"], x.shape)
     pts = [x.to(_DT)] + _points(x, radius, count, seed=5) + [_ascent(fout, x, radius, steps=10)]
@@ -459,6 +459,7 @@ def _check_tangents(g, g64, x: torch.Tensor, radius: float, seeds: list[str], co
                 excess = float(((true - pred).abs() - k.Q).max())
                 assert excess <= 0, (seed, v, excess)
                 assert float(torch.linalg.matrix_norm(true.reshape(m, -1), 2)) <= norms_[v], (seed, v)
+                assert bool((true.abs() <= k.bound).all()), (seed, v)  # the carry's entrywise weight
                 checked += 1
     return checked
 
@@ -500,11 +501,13 @@ def test_a_tangent_over_the_work_limit_stops_with_its_descendants(monkeypatch) -
     base = taylor.build(g, x, 0.1)
     seed = next(n.name for n in ir.nodes(g) if n.op == "tanh")
     full = taylor.tangent_bounds(g, x, 0.1, seed, base)
-    assert all(math.isfinite(k) for k in full.values()), full
+    assert all(math.isfinite(k) for k in full.k.values()), full
+    assert full.weight.keys() == full.k.keys()
     monkeypatch.setattr(taylor, "TANGENT_ENTRIES", 3 * 3 * 40 * 40 - 1)  # the 40-wide nodes' tangents exceed it
     cut = taylor.tangent_bounds(g, x, 0.1, seed, base)
-    assert cut.keys() == full.keys() and cut[seed] == 1.0
-    assert all(math.isinf(k) for v, k in cut.items() if v != seed), cut
+    assert cut.k.keys() == full.k.keys() and cut.k[seed] == 1.0
+    assert all(math.isinf(k) for v, k in cut.k.items() if v != seed), cut
+    assert cut.weight.keys() == {seed}  # no entrywise weight where no tangent reached
 
 
 def _poly_norm(tm, d: torch.Tensor) -> torch.Tensor:
