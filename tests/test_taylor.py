@@ -351,8 +351,9 @@ def test_carried_remainders_hold_on_the_domain(key, radius, monkeypatch) -> None
     else:
         model, x, _, _ = _setup(key)
     g, built, _local, seeds = _carried(model, x, radius, monkeypatch)
-    if (key, radius) == ("block", 0.1):  # the seeded carry is the one checked (its seeds, as measured at stop 34)
-        assert set(seeds) == {"ln1", "softmax", "matmul", "matmul_1", "ln2", "mlp_1"}, sorted(seeds)
+    if (key, radius) == ("block", 0.1):  # the seeded carry is the one checked (its seeds, as measured at stop 35;
+        # GELU's own remainder fell below the 2% share when the value remainders became affine forms)
+        assert set(seeds) == {"ln1", "softmax", "matmul", "matmul_1", "ln2"}, sorted(seeds)
     g64 = ir.to_float64(g)
     fout = _node_fn(g64, g.graph["output"], x.shape)
     pts = _points(x, radius, 10, seed=5) + [_ascent(fout, x, radius, steps=10)]
@@ -553,3 +554,78 @@ def test_schur_bound_dominates_the_polynomial_on_the_ball(seed, rho) -> None:
         triangle = na + rho * fg + 0.5 * rho ** 2 * ft + rem
         if seed < 3 and rho == 0.05:
             assert value < triangle, (value, triangle)
+
+
+# --- the value remainder as an affine form ------------------------------------------------------------------
+
+
+def _remainder_ascent(g64, tm, name: str, x: torch.Tensor, radius: float, start: torch.Tensor,
+                      steps: int = 15) -> float:
+    """Projected ascent from ``start`` on ``max_i |v_i(x) - cubic_i(x)| / E4_i``; the largest ratio seen."""
+    xc = x.reshape(-1).to(_DT)
+    f = _node_fn(g64, name, x.shape)
+    e4 = tm.E4.reshape(-1)
+    keep = e4 > 0
+
+    def ratio(p: torch.Tensor) -> torch.Tensor:
+        d = p - xc
+        gd = torch.einsum("k,kj...->j...", d, tm.G)
+        tdd = torch.einsum("k,l,klj...->j...", d, d, tm.T)
+        pred = (tm.c + torch.einsum("j,j...->...", d, tm.A) + 0.5 * torch.einsum("j,j...->...", d, gd)
+                + torch.einsum("j,j...->...", d, tdd) / 6).reshape(-1)
+        return ((f(p) - pred).abs()[keep] / e4[keep]).max()
+
+    p, best = start.reshape(-1).to(_DT).clone(), 0.0
+    for _ in range(steps):
+        p = p.detach().requires_grad_(True)
+        r = ratio(p)
+        best = max(best, float(r.detach()))
+        (grad,) = torch.autograd.grad(r, p)
+        p = p + 0.3 * radius * grad / (grad.norm() + 1e-30)
+        d = p - xc
+        if d.norm() > radius:
+            p = xc + d * (radius / d.norm())
+    return max(best, float(ratio(p.detach())))
+
+
+@pytest.mark.parametrize("key,radius", [("block", 0.1), ("block", 0.3), ("norm_gelu", 0.1), ("soft_attn", 0.5),
+                                        ("small_variance_norm", 0.5), ("broadcast", 0.5)])
+def test_value_remainders_hold_under_ascent(key, radius) -> None:
+    """``E4``, now lowered by the affine form of the value remainder (symbols shared across nodes), bounds
+    ``|v(x) - (c + A d + G[d, d] / 2 + T[d, d, d] / 6)|`` at the end of projected ascents on that very ratio
+    (from the center pushed out, and from two sampled points), for every node past a product, a norm or an
+    activation."""
+    if key == "block":
+        torch.manual_seed(0)
+        model, x = Block().double().eval(), _point((1, 4, 8))
+        g = lipgraph.trace(model, x)
+        g64 = ir.to_float64(g)
+    else:
+        model, x, g, g64 = _setup(key)
+    tms, _ = taylor.models(g, x.to(_DT), radius)
+    names = [nm for nm, tm in tms.items() if ir.node(g, nm).op not in ("input", "constant", "output")
+             and bool((tm.E4 > 0).any()) and tm.noise]
+    assert names, "no node has value-remainder symbols"
+    starts = _points(x, radius, 2, seed=11) + [x.to(_DT) + 0.5 * radius / math.sqrt(x.numel())]
+    worst = 0.0
+    for name in names[-6:]:
+        for s in starts:
+            worst = max(worst, _remainder_ascent(g64, tms[name], name, x, radius, s))
+    assert worst <= 1.0, worst
+    assert worst > 1e-4, worst  # the ascent sees the remainder at all
+
+
+def test_value_remainder_symbols_cancel_on_the_block(monkeypatch) -> None:
+    """On the one-block transformer at radius 0.1 the affine form takes the value remainder at the second
+    LayerNorm's output from 0.0194 (entrywise, every symbol folded: ``NOISE_ENTRIES = 0``) to 0.00105, and at
+    the MLP's first linear from 0.0291 to 0.00069 (measured at stop 35)."""
+    torch.manual_seed(0)
+    model, x = Block().double().eval(), _point((1, 4, 8))
+    g = lipgraph.trace(model, x)
+    with_symbols, _ = taylor.models(g, x.to(_DT), 0.1)
+    monkeypatch.setattr(taylor, "NOISE_ENTRIES", 0)
+    entrywise, _ = taylor.models(g, x.to(_DT), 0.1)
+    assert not entrywise["ln2"].noise and with_symbols["ln2"].noise
+    for name, before, after in (("ln2", 0.0194, 0.00105), ("mlp_0", 0.0291, 0.00069)):
+        assert float(entrywise[name].E4.max()) == pytest.approx(before, rel=0.02)
+        assert float(with_symbols[name].E4.max()) == pytest.approx(after, rel=0.02)
