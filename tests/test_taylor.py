@@ -629,3 +629,26 @@ def test_value_remainder_symbols_cancel_on_the_block(monkeypatch) -> None:
     for name, before, after in (("ln2", 0.0194, 0.00105), ("mlp_0", 0.0291, 0.00069)):
         assert float(entrywise[name].E4.max()) == pytest.approx(before, rel=0.02)
         assert float(with_symbols[name].E4.max()) == pytest.approx(after, rel=0.02)
+
+
+def test_value_remainder_symbols_fold_past_the_limit(monkeypatch) -> None:
+    """With a small ``NOISE_ENTRIES`` some nodes' symbols fold into their rest part-way through the block: the
+    enclosures still hold at sampled points, and the folded E4 lies between the symbolic and the entrywise."""
+    torch.manual_seed(0)
+    model, x = Block().double().eval(), _point((1, 4, 8))
+    g = lipgraph.trace(model, x)
+    g64 = ir.to_float64(g)
+    full, _ = taylor.models(g, x.to(_DT), 0.1)
+    monkeypatch.setattr(taylor, "NOISE_ENTRIES", 3000)
+    cut, _ = taylor.models(g, x.to(_DT), 0.1)
+    monkeypatch.setattr(taylor, "NOISE_ENTRIES", 0)
+    entrywise, _ = taylor.models(g, x.to(_DT), 0.1)
+    # mlp_0 (16 x 4 entries) would hold 80 symbols: folded; add_1 still has the residual branch's
+    assert full["mlp_0"].noise and not cut["mlp_0"].noise and cut["add_1"].noise and cut["ln2"].noise
+    for name in ("ln2", "mlp_1", "output"):
+        e_full, e_cut, e_entry = (float(m[name].E4.max()) for m in (full, cut, entrywise))
+        assert e_full <= e_cut <= e_entry, (name, e_full, e_cut, e_entry)
+    for p in _points(x, 0.1, 6, seed=8):
+        _, vals = execute(g64, p.to(_DT), keep=True)
+        for name in ("matmul", "softmax", "add", "ln2", "mlp_1", "output"):
+            _check(cut[name], vals, name, p, x, _node_fn(g64, name, x.shape))

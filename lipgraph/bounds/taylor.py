@@ -391,6 +391,16 @@ def _noise_abs(noise: Mapping[int, tuple[torch.Tensor, torch.Tensor]], like: tor
     return _up(total)
 
 
+def _noise_for(tm: TaylorModel, out_numel: int) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]],
+                                                          torch.Tensor]:
+    """``tm``'s symbols and rest, folded into the rest first where mapping them to ``out_numel`` value entries
+    would pass :data:`NOISE_ENTRIES` (checked before the coefficients are computed)."""
+    assert tm.noise is not None and tm.noise_rest is not None
+    if _noise_size(tm.noise) * max(out_numel, 1) > NOISE_ENTRIES:
+        return {}, _up(tm.noise_rest + tm.noise_bound)
+    return tm.noise, tm.noise_rest
+
+
 def _noise_merge(a: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
                  b: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The sum of two affine forms: a symbol in both gets the sum of its coefficients (the same function of x)."""
@@ -427,10 +437,11 @@ def _linear(tm: TaylorModel, lin: Callable[[torch.Tensor], torch.Tensor],
     k = tm.tan
     tan = None if k is None else Tangent(lin(k.K0), lin(k.K1), lin(k.K2),
                                          _up(lin_abs(k.Q) + _ROUND * lin_abs(k.bound)), k.rho)
-    assert tm.noise is not None and tm.noise_rest is not None
-    noise = {key: (box, lin(coef)) for key, (box, coef) in tm.noise.items()}
-    rest = lin_abs(tm.noise_rest) + _ROUND * lin_abs(tm.value_bound + tm.cub + tm.noise_bound)
-    return TaylorModel(lin(tm.c), lin(tm.A), lin(tm.G), lin(tm.T), _up(e), _up(p), tm.rho, E4=_up(e4), tan=tan,
+    c = lin(tm.c)
+    noise, rest = _noise_for(tm, c.numel())
+    rest = lin_abs(rest) + _ROUND * lin_abs(tm.value_bound + tm.cub + tm.noise_bound)
+    noise = {key: (box, lin(coef)) for key, (box, coef) in noise.items()}
+    return TaylorModel(c, lin(tm.A), lin(tm.G), lin(tm.T), _up(e), _up(p), tm.rho, E4=_up(e4), tan=tan,
                        noise=noise, noise_rest=_up(rest))
 
 
@@ -488,13 +499,13 @@ def _affine(n: ir.IRNode, tms: list[TaylorModel | None], consts: Mapping[str, to
         k = tm.tan
         tan = None if k is None else Tangent(apply(k.K0, 1, mt), apply(k.K1, 2, mt), apply(k.K2, 3, mt),
                                              _up(apply(k.Q, 1, mabs) + apply(k.bound, 1, slack)), k.rho)
-        assert tm.noise is not None and tm.noise_rest is not None
+        noise, rest = _noise_for(tm, math.prod(out_shape))
         part = TaylorModel(apply(tm.c, 0, mt), apply(tm.A, 1, mt), apply(tm.G, 2, mt), apply(tm.T, 3, mt),
                            _up(apply(tm.E, 0, mabs) + apply(tm.value_bound, 0, slack)),
                            _up(apply(tm.P, 1, mabs) + apply(tm.jac_bound, 1, slack)), tm.rho,
                            E4=_up(apply(tm.E4, 0, mabs) + apply(tm.value_bound + tm.cub, 0, slack)), tan=tan,
-                           noise={key: (box, apply(coef, 1, mt)) for key, (box, coef) in tm.noise.items()},
-                           noise_rest=_up(apply(tm.noise_rest, 0, mabs)
+                           noise={key: (box, apply(coef, 1, mt)) for key, (box, coef) in noise.items()},
+                           noise_rest=_up(apply(rest, 0, mabs)
                                           + apply(tm.value_bound + tm.cub + tm.noise_bound, 0, slack)))
         total = part if total is None else _add(total, part)
     assert total is not None
@@ -723,12 +734,12 @@ def _bilinear(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: Taylo
                + _ROUND * bl(vab_a + cub_a, 0, vab_b + cub_b, 0))
     e4 = bl(v3_a, 0, b.E4, 0) + bl(a.E4, 0, vab_b, 0) + e4_rest
     # symbols: a3 e4_b + e4_a b = B(c_a, e4_b) + B(e4_a, c_b) + B(a3 - c_a, e4_b) + B(e4_a, b - c_b)
-    assert a.noise is not None and b.noise is not None and a.noise_rest is not None and b.noise_rest is not None
-    na = {k: (box, bl(coef, 1, cb, 0)) for k, (box, coef) in a.noise.items()}
-    nb = {k: (box, bl(ca, 0, coef, 1)) for k, (box, coef) in b.noise.items()}
+    noise_a, rest_a = _noise_for(a, c.numel())
+    noise_b, rest_b = _noise_for(b, c.numel())
+    na = {k: (box, bl(coef, 1, cb, 0)) for k, (box, coef) in noise_a.items()}
+    nb = {k: (box, bl(ca, 0, coef, 1)) for k, (box, coef) in noise_b.items()}
     sym = bl(a.noise_bound, 0, cb.abs(), 0) + bl(ca.abs(), 0, b.noise_bound, 0)
-    noise, rest = _fresh_noise(_noise_merge(na, nb),
-                               bl(a.noise_rest, 0, cb.abs(), 0) + bl(ca.abs(), 0, b.noise_rest, 0),
+    noise, rest = _fresh_noise(_noise_merge(na, nb), bl(rest_a, 0, cb.abs(), 0) + bl(ca.abs(), 0, rest_b, 0),
                                e4_rest + bl(d3_a, 0, b.E4, 0) + bl(a.E4, 0, b.dev, 0) + _ROUND * sym)
     tan = _tan_add(_tan_product(bl, a.tan, b, False), _tan_product(bl, b.tan, a, True))
     return TaylorModel(c, amat, gmat, tmat, _up(e), _up(p), a.rho, E4=_up(e4), tan=tan, noise=noise,
