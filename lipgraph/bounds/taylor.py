@@ -446,8 +446,11 @@ def _linear(tm: TaylorModel, lin: Callable[[torch.Tensor], torch.Tensor],
 
 
 def _shift(tm: TaylorModel, b: torch.Tensor) -> TaylorModel:
-    """``v = u + b`` for a constant ``b`` that broadcasts to ``u``'s shape."""
+    """``v = u + b`` for a constant ``b`` that broadcasts to ``u``'s shape (never past it: the coefficients, the
+    symbols' included, keep ``u``'s shape)."""
     c = tm.c + b
+    if c.shape != tm.c.shape:
+        raise _Stop(f"a constant of shape {tuple(b.shape)} widens a value of shape {tuple(tm.c.shape)}")
     e = tm.E + _ROUND * (tm.c.abs() + b.abs())
     e4 = tm.E4 + _ROUND * (tm.c.abs() + b.abs())
     assert tm.noise_rest is not None
