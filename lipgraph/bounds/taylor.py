@@ -306,8 +306,7 @@ class TaylorModel:
             self.E4 = _up(self.E + self.cub)
         if self.noise is None or self.noise_rest is None:
             self.noise, self.noise_rest = {}, self.E4
-        if _noise_size(self.noise) * max(self.c.numel(), 1) > NOISE_ENTRIES:
-            self.noise, self.noise_rest = {}, _up(self.noise_rest + _noise_abs(self.noise, self.c))
+        self.noise, self.noise_rest = _fold(self.noise, self.noise_rest, self.c, self.c.numel())
         self.E4 = torch.minimum(self.E4, _up(self.noise_rest + self.noise_bound))
         self.E = torch.minimum(self.E, _up(self.cub + self.E4))
 
@@ -391,14 +390,21 @@ def _noise_abs(noise: Mapping[int, tuple[torch.Tensor, torch.Tensor]], like: tor
     return _up(total)
 
 
+def _fold(noise: dict[int, tuple[torch.Tensor, torch.Tensor]], rest: torch.Tensor, like: torch.Tensor,
+          out_numel: int) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The symbols and rest, folded into the rest (``like``'s shape) where their coefficients for ``out_numel``
+    value entries would pass :data:`NOISE_ENTRIES`."""
+    if _noise_size(noise) * max(out_numel, 1) > NOISE_ENTRIES:
+        return {}, _up(rest + _noise_abs(noise, like))
+    return noise, rest
+
+
 def _noise_for(tm: TaylorModel, out_numel: int) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]],
                                                           torch.Tensor]:
-    """``tm``'s symbols and rest, folded into the rest first where mapping them to ``out_numel`` value entries
-    would pass :data:`NOISE_ENTRIES` (checked before the coefficients are computed)."""
+    """``tm``'s symbols and rest, folded first where mapping them to ``out_numel`` value entries would pass
+    :data:`NOISE_ENTRIES` (checked before the coefficients are computed)."""
     assert tm.noise is not None and tm.noise_rest is not None
-    if _noise_size(tm.noise) * max(out_numel, 1) > NOISE_ENTRIES:
-        return {}, _up(tm.noise_rest + tm.noise_bound)
-    return tm.noise, tm.noise_rest
+    return _fold(tm.noise, tm.noise_rest, tm.c, out_numel)
 
 
 def _noise_merge(a: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
